@@ -1,0 +1,14 @@
+"""Fused kernels for Attention-in-Attention (AIA) video modules.
+
+    import aia_kernels
+    aia = aia_kernels.build("CinST->STinC", num_segments=8)   # an nn.Module
+    y = aia(x)                                                # x: (N*T, C, H, W)
+    aia.last_backend                                          # which backend ran
+"""
+from .backends import BACKENDS
+from .modules import C, CinST, ST, STinC, AIACombined, AIAModule, AIAUnit, build
+from .variants import VARIANTS
+
+__all__ = ["VARIANTS", "BACKENDS", "build", "C", "ST", "CinST", "STinC",
+           "AIAModule", "AIAUnit", "AIACombined"]
+__version__ = "0.1.0"
