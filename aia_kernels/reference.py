@@ -20,7 +20,7 @@ AXIS_DIM = {"T": 1, "C": 2, "H": 3, "W": 4}
 CONV_AXES = {"C": "THW", "T": "CHW", "H": "TCW", "W": "THC"}
 
 
-def _gate_permutation(axis: str) -> tuple[int, ...]:
+def gate_permutation(axis: str) -> tuple[int, ...]:
     """Permutation of v's dims to (N, pooled axis, D1, D2, D3)."""
     return (0, AXIS_DIM[axis], *(AXIS_DIM[a] for a in CONV_AXES[axis]))
 
@@ -31,7 +31,7 @@ def pool(v: torch.Tensor, axis: str) -> torch.Tensor:
     ``torch.max`` returns the first maximal index on ties, and its gradient goes
     to that index only; the fused backends follow the same rule.
     """
-    p = v.permute(_gate_permutation(axis))
+    p = v.permute(gate_permutation(axis))
     return torch.cat([p.max(dim=1, keepdim=True).values, p.mean(dim=1, keepdim=True)], dim=1)
 
 
@@ -47,7 +47,7 @@ def axis_weights(u: torch.Tensor, axis: str, unit: nn.Module) -> torch.Tensor:
     """``Y_axis(u)``: the gate of ``axis`` computed from ``u``, broadcastable to ``u``."""
     g = gate(pool(u, axis), getattr(unit, f"{axis}_conv"), getattr(unit, f"{axis}_bn", None))
     # g is laid out as (N, 1, D1, D2, D3); put its dims back in v's order.
-    return g.permute(torch.argsort(torch.tensor(_gate_permutation(axis))).tolist())
+    return g.permute(torch.argsort(torch.tensor(gate_permutation(axis))).tolist())
 
 
 def channel_weights(u: torch.Tensor, unit: nn.Module) -> torch.Tensor:

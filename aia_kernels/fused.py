@@ -1,0 +1,235 @@
+"""The generic fused forward and backward of any AIA variant, as torch.library ops.
+
+One executor serves every variant and every backend: it walks the variant's
+:class:`~aia_kernels.plan.Plan` and calls the backend's primitives
+(``aia_kernels.primitives``). Only ``out`` (forward) and ``grad_x`` (backward)
+are full-size; what the backward needs is kept as small tensors per gate
+(pooled P, argmax, conv output z, folded BN scale/shift) and the input itself.
+
+Ops: ``aia_kernels::fused_forward`` and ``aia_kernels::fused_backward``, with fake
+kernels (the plain-torch primitives on fake tensors) and autograd registered, so
+``torch.compile(fullgraph=True)`` traces modules that use them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import backends
+from .plan import Plan, Weight, build_plan
+from .primitives import BN_BATCH, BN_NONE, BN_RUNNING, GateValue, PooledGrad, WeightValue, gate_shape
+from .primitives.torch_impl import TorchPrimitives
+
+SAVED_PER_GATE = 4  # pooled P, argmax, z, scale_shift
+
+
+def _weight_value(weight: Weight, gates: list[GateValue]) -> WeightValue:
+    return WeightValue(tuple(tuple(gates[i] for i in f) for f in weight.factors), weight.combine)
+
+
+def _view5(x: Tensor, num_segments: int) -> Tensor:
+    nt, c, h, w = x.shape
+    return x.view(nt // num_segments, num_segments, c, h, w)
+
+
+def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, bn_weights, bn_biases,
+                running_means, running_vars, bn_modes, eps):
+    """Returns ``(out, saved, bn_stats)``: ``saved`` holds SAVED_PER_GATE small tensors per
+    gate; ``bn_stats`` (gates, 2) the mean and variance that normalised each gate's z
+    (batch statistics, biased, in train mode; running statistics in eval mode)."""
+    v = _view5(x, num_segments)
+    n_gates = len(plan.gate_axes)
+    gates: list[GateValue | None] = [None] * n_gates
+    saved: list[Tensor | None] = [None] * (SAVED_PER_GATE * n_gates)
+    stats: list[Tensor | None] = [None] * n_gates
+    for stage in plan.stages:
+        pooled = prims.pool(v, _weight_value(stage.weight, gates), stage.axes)
+        for axis, g, (p, argmax) in zip(stage.axes, stage.gates, pooled):
+            if bn_modes[g] == BN_BATCH and p[:, 0].numel() == 1:
+                raise ValueError(f"Expected more than 1 value per channel when training the {axis} gate's "
+                                 f"BatchNorm (its input has shape {tuple(p[:, :1].shape)})")
+            fw = prims.gate_forward(p, conv_weights[g], bn_modes[g], bn_weights[g], bn_biases[g],
+                                    running_means[g], running_vars[g], eps[g])
+            gates[g] = GateValue(axis, fw.z, fw.scale_shift)
+            saved[SAVED_PER_GATE * g:SAVED_PER_GATE * (g + 1)] = [p, argmax, fw.z, fw.scale_shift]
+            stats[g] = fw.bn_stats
+    out = torch.empty_like(x)
+    prims.apply(v, _weight_value(plan.output, gates), out.view(v.shape))
+    return out, saved, torch.stack(stats)
+
+
+def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: int, conv_weights,
+                 bn_weights, bn_modes, eps, saved, bn_stats, needs):
+    """``needs`` = [x] + [conv weight] * G + [bn weight] * G + [bn bias] * G."""
+    v = _view5(x, num_segments)
+    dout = _view5(grad_out, num_segments)
+    n_gates = len(plan.gate_axes)
+    need_x = needs[0]
+    need_conv, need_bn_w, need_bn_b = (needs[1 + k * n_gates:1 + (k + 1) * n_gates] for k in range(3))
+    pooled = saved[0::SAVED_PER_GATE]
+    argmaxes = saved[1::SAVED_PER_GATE]
+    gates = [GateValue(axis, z, ss) for axis, z, ss in
+             zip(plan.gate_axes, saved[2::SAVED_PER_GATE], saved[3::SAVED_PER_GATE])]
+    gate_grads: list[Tensor | None] = [None] * n_gates  # d loss / d gate, summed over its uses
+
+    def add_weight_grads(weight: Weight, upstream) -> None:
+        if not weight.factors:
+            return
+        grads = prims.weight_grad(v, upstream, _weight_value(weight, gates))
+        for ids, factor_grads in zip(weight.factors, grads):
+            for g, grad in zip(ids, factor_grads):
+                gate_grads[g] = grad if gate_grads[g] is None else gate_grads[g] + grad
+
+    add_weight_grads(plan.output, dout)
+    terms = [(plan.output, dout)]
+    d_conv, d_bn_w, d_bn_b = [None] * n_gates, [None] * n_gates, [None] * n_gates
+    # Reverse order: a gate's gradient is complete once every later stage is done.
+    for stage in reversed(plan.stages):
+        need_pooled = need_x or bool(stage.weight.factors)
+        pooled_grads = []
+        for axis, g in zip(stage.axes, stage.gates):
+            grads = prims.gate_backward(gate_grads[g], pooled[g], gates[g], bn_stats[g], conv_weights[g], bn_modes[g],
+                                        bn_weights[g], eps[g],
+                                        (need_pooled, need_conv[g], need_bn_w[g], need_bn_b[g]))
+            d_conv[g], d_bn_w[g], d_bn_b[g] = grads.conv_weight, grads.bn_weight, grads.bn_bias
+            pooled_grads.append(PooledGrad(axis, grads.pooled, argmaxes[g]))
+        if need_pooled:
+            add_weight_grads(stage.weight, pooled_grads)
+            terms.append((stage.weight, pooled_grads))
+    grad_x = None
+    if need_x:
+        grad_x = torch.empty_like(x)
+        prims.input_grad([(_weight_value(w, gates), up) for w, up in terms], grad_x.view(v.shape))
+    return grad_x, d_conv, d_bn_w, d_bn_b
+
+
+def _primitives(backend: str, device: torch.device):
+    return backends.get(backend, device).primitives
+
+
+_EMPTY = torch.empty(0)
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """Ops cannot return None in a list: an empty tensor stands for 'not computed'."""
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("aia_kernels::fused_forward", mutates_args=())
+def fused_forward_op(x: Tensor, variant: str, num_segments: int, backend: str, conv_weights: list[Tensor],
+                     bn_weights: list[Optional[Tensor]], bn_biases: list[Optional[Tensor]],
+                     running_means: list[Optional[Tensor]], running_vars: list[Optional[Tensor]],
+                     bn_modes: list[int], eps: list[float]) -> tuple[Tensor, list[Tensor], Tensor]:
+    with torch.autocast(x.device.type, enabled=False):  # the kernels pick their own precision
+        return run_forward(_primitives(backend, x.device), build_plan(variant), x, num_segments, conv_weights,
+                           bn_weights, bn_biases, running_means, running_vars, bn_modes, eps)
+
+
+@fused_forward_op.register_fake
+def _(x, variant, num_segments, backend, conv_weights, bn_weights, bn_biases, running_means, running_vars,
+      bn_modes, eps):
+    return run_forward(TorchPrimitives(), build_plan(variant), x, num_segments, conv_weights, bn_weights,
+                       bn_biases, running_means, running_vars, bn_modes, eps)
+
+
+@torch.library.custom_op("aia_kernels::fused_backward", mutates_args=())
+def fused_backward_op(grad_out: Tensor, x: Tensor, variant: str, num_segments: int, backend: str,
+                      conv_weights: list[Tensor], bn_weights: list[Optional[Tensor]], bn_modes: list[int], eps: list[float], saved: list[Tensor], bn_stats: Tensor,
+                      needs: list[bool]) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward_impl(_primitives(backend, x.device), grad_out, x, variant, num_segments, conv_weights,
+                              bn_weights, bn_modes, eps, saved, bn_stats, needs)
+
+
+def _backward_impl(prims, grad_out, x, variant, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
+                   bn_stats, needs):
+    gx, d_conv, d_bn_w, d_bn_b = run_backward(prims, build_plan(variant), grad_out, x, num_segments, conv_weights,
+                                              bn_weights, bn_modes, eps, saved, bn_stats, needs)
+    return (_or_empty(gx, x), [_or_empty(t, x) for t in d_conv],
+            [_or_empty(t, x) for t in d_bn_w], [_or_empty(t, x) for t in d_bn_b])
+
+
+@fused_backward_op.register_fake
+def _(grad_out, x, variant, num_segments, backend, conv_weights, bn_weights, bn_modes, eps, saved, bn_stats,
+      needs):
+    return _backward_impl(TorchPrimitives(), grad_out, x, variant, num_segments, conv_weights, bn_weights,
+                          bn_modes, eps, saved, bn_stats, needs)
+
+
+def _setup_context(ctx, inputs, output):
+    x, variant, num_segments, backend, conv_weights, bn_weights, bn_biases, running_means, running_vars, \
+        bn_modes, eps = inputs
+    _, saved, bn_stats = output
+    n = len(conv_weights)
+    ctx.meta = (variant, num_segments, backend, bn_modes, eps, n)
+    # torch.library treats a list input holding only None as one leaf; its gradient must be None too.
+    ctx.list_is_leaf = [all(t is None for t in ts) for ts in (bn_weights, bn_biases, running_means, running_vars)]
+    ctx.needs = ([x.requires_grad] + [w.requires_grad for w in conv_weights]
+                 + [w is not None and w.requires_grad for w in bn_weights]
+                 + [b is not None and b.requires_grad for b in bn_biases])
+    ctx.save_for_backward(x, bn_stats, *conv_weights, *bn_weights, *saved)
+
+
+def _backward(ctx, grad_out, grad_saved, grad_stats):
+    variant, num_segments, backend, bn_modes, eps, n = ctx.meta
+    x, bn_stats, *rest = ctx.saved_tensors
+    conv_weights, bn_weights, saved = rest[:n], rest[n:2 * n], rest[2 * n:]
+    gx, d_conv, d_bn_w, d_bn_b = fused_backward_op(grad_out, x, variant, num_segments, backend, list(conv_weights),
+                                                   list(bn_weights), bn_modes, eps, list(saved), bn_stats,
+                                                   ctx.needs)
+    needs = ctx.needs
+
+    def pick(grads, flags, is_leaf=False):
+        return None if is_leaf else [grad if flag else None for grad, flag in zip(grads, flags)]
+
+    leaf_w, leaf_b, leaf_rm, leaf_rv = ctx.list_is_leaf
+    return (gx if needs[0] else None, None, None, None, pick(d_conv, needs[1:1 + n]),
+            pick(d_bn_w, needs[1 + n:1 + 2 * n], leaf_w), pick(d_bn_b, needs[1 + 2 * n:], leaf_b),
+            pick([None] * n, [False] * n, leaf_rm), pick([None] * n, [False] * n, leaf_rv), None, None)
+
+
+fused_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bn_mode(bn: nn.BatchNorm3d | None) -> int:
+    """How a BN layer normalises now, as ``nn.BatchNorm3d.forward`` decides it."""
+    if bn is None:
+        return BN_NONE
+    if bn.training or bn.running_mean is None:
+        return BN_BATCH
+    return BN_RUNNING
+
+
+def _update_running_stats(bn: nn.BatchNorm3d, stats: Tensor, count: int) -> None:
+    """What ``nn.BatchNorm3d`` does to its buffers in a training step."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
+        mean, var = stats[0], stats[1] * (count / (count - 1))  # running var is unbiased
+        bn.running_mean.mul_(1 - factor).add_(factor * mean.to(bn.running_mean.dtype))
+        bn.running_var.mul_(1 - factor).add_(factor * var.to(bn.running_var.dtype))
+
+
+def fused_forward(module, x: Tensor, backend: str) -> Tensor:
+    """Forward of an AIA module with a fused backend (called by ``AIAModule.forward``)."""
+    gates = module.gates()
+    bns = [bn for _, bn in gates]
+    out, _, bn_stats = torch.ops.aia_kernels.fused_forward(
+        x, module.variant, module.num_segments, backend, [conv.weight for conv, _ in gates],
+        [bn.weight if bn is not None else None for bn in bns],
+        [bn.bias if bn is not None else None for bn in bns],
+        [bn.running_mean if bn is not None else None for bn in bns],
+        [bn.running_var if bn is not None else None for bn in bns],
+        [bn_mode(bn) for bn in bns], [bn.eps if bn is not None else 0.0 for bn in bns])
+    v_shape = (x.shape[0] // module.num_segments, module.num_segments, *x.shape[1:])
+    for (bn, axis, stats) in zip(bns, build_plan(module.variant).gate_axes, bn_stats.unbind(0)):
+        if bn is not None:
+            count = 1
+            for size in gate_shape(v_shape, axis):
+                count *= size
+            _update_running_stats(bn, stats, count)
+    return out
