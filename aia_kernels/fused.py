@@ -217,16 +217,16 @@ def _update_running_stats(bn: nn.BatchNorm3d, stats: Tensor, count: int) -> None
 def fused_forward(module, x: Tensor, backend: str) -> Tensor:
     """Forward of an AIA module with a fused backend (called by ``AIAModule.forward``)."""
     gates = module.gates()
-    bns = [bn for _, bn in gates]
+    bns = [bn for _, _, bn in gates]
     out, _, bn_stats = torch.ops.aia_kernels.fused_forward(
-        x, module.variant, module.num_segments, backend, [conv.weight for conv, _ in gates],
+        x, module.variant, module.num_segments, backend, [conv.weight for _, conv, _ in gates],
         [bn.weight if bn is not None else None for bn in bns],
         [bn.bias if bn is not None else None for bn in bns],
         [bn.running_mean if bn is not None else None for bn in bns],
         [bn.running_var if bn is not None else None for bn in bns],
         [bn_mode(bn) for bn in bns], [bn.eps if bn is not None else 0.0 for bn in bns])
     v_shape = (x.shape[0] // module.num_segments, module.num_segments, *x.shape[1:])
-    for (bn, axis, stats) in zip(bns, build_plan(module.variant).gate_axes, bn_stats.unbind(0)):
+    for (axis, _, bn), stats in zip(gates, bn_stats.unbind(0)):
         if bn is not None:
             count = 1
             for size in gate_shape(v_shape, axis):

@@ -39,9 +39,9 @@ class AIAModule(nn.Module):
     def units(self) -> list[tuple[str, "AIAUnit"]]:
         raise NotImplementedError
 
-    def gates(self) -> list[tuple[nn.Conv3d, nn.BatchNorm3d | None]]:
-        """Every gate's (conv, bn) in state_dict order: the fused kernels' gate numbering."""
-        return [(getattr(unit, f"{g}_conv"), getattr(unit, f"{g}_bn", None))
+    def gates(self) -> list[tuple[str, nn.Conv3d, nn.BatchNorm3d | None]]:
+        """Every gate's (axis, conv, bn) in state_dict order: the fused kernels' gate numbering."""
+        return [(g, getattr(unit, f"{g}_conv"), getattr(unit, f"{g}_bn", None))
                 for kind, unit in self.units() for g in UNIT_GATES[kind]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""Shared helpers: build a reference module and a copy on another backend, run both,
+and compare outputs, every gradient and every buffer."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import aia_kernels
+
+# Small, odd sizes: (N*T, C, H, W) with T = 3.
+NUM_SEGMENTS = 3
+SHAPE = (6, 5, 4, 7)
+
+
+def randomize_bn(module: nn.Module) -> None:
+    """Non-trivial BN parameters and running statistics, so eval mode tests something."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+def make_pair(variant: str, backend: str, *, use_bn: bool = True, train: bool = True,
+              dtype: torch.dtype = torch.float64, num_segments: int = NUM_SEGMENTS, device="cpu"):
+    """(reference module, same weights on ``backend``)."""
+    ref = aia_kernels.build(variant, num_segments=num_segments, use_BN=use_bn, backend="reference")
+    ref = ref.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    randomize_bn(ref)
+    ref.train(train)
+    other = copy.deepcopy(ref)
+    other.backend = backend
+    return ref, other
+
+
+@dataclass
+class Result:
+    out: torch.Tensor
+    grad_x: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+
+def run(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Result:
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    out.backward(grad_out)
+    return Result(out.detach(), x.grad,
+                  {n: p.grad for n, p in module.named_parameters() if p.grad is not None},
+                  {n: b.detach().clone() for n, b in module.named_buffers()})
+
+
+def assert_close_results(a: Result, b: Result, atol: float, rtol: float) -> None:
+    torch.testing.assert_close(b.out.to(a.out.dtype), a.out, atol=atol, rtol=rtol, msg="output")
+    torch.testing.assert_close(b.grad_x.to(a.grad_x.dtype), a.grad_x, atol=atol, rtol=rtol, msg="grad of input")
+    assert a.grads.keys() == b.grads.keys()
+    for name in a.grads:
+        torch.testing.assert_close(b.grads[name].to(a.grads[name].dtype), a.grads[name], atol=atol, rtol=rtol,
+                                   msg=f"grad of {name}")
+    for name in a.buffers:
+        torch.testing.assert_close(b.buffers[name].to(a.buffers[name].dtype), a.buffers[name], atol=atol,
+                                   rtol=rtol, msg=f"buffer {name}")
+
+
+def compare_with_reference(variant: str, backend: str, *, use_bn=True, train=True, dtype=torch.float64,
+                           x: torch.Tensor | None = None, atol=1e-10, rtol=1e-8, device="cpu",
+                           num_segments: int = NUM_SEGMENTS) -> tuple[Result, Result]:
+    """Run ``variant`` on the reference and on ``backend`` and assert they agree.
+
+    For half types the reference runs in float32 on the same (rounded) input, so the
+    tolerance measures the fused backend's own rounding only.
+    """
+    ref, other = make_pair(variant, backend, use_bn=use_bn, train=train, dtype=dtype,
+                           num_segments=num_segments, device=device)
+    if x is None:
+        x = torch.randn(SHAPE, dtype=dtype, device=device)
+    grad_out = torch.randn(x.shape, dtype=dtype, device=device)
+    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    a = run(ref, x.to(ref_dtype), grad_out.to(ref_dtype))
+    b = run(other, x, grad_out)
+    assert other.last_backend == backend
+    assert b.out.dtype == x.dtype and b.out.shape == x.shape
+    assert_close_results(a, b, atol, rtol)
+    return a, b
