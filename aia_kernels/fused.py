@@ -29,6 +29,11 @@ def _weight_value(weight: Weight, gates: list[GateValue]) -> WeightValue:
     return WeightValue(tuple(tuple(gates[i] for i in f) for f in weight.factors), weight.combine)
 
 
+def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    """Parameter gradients in the parameter's dtype, whatever the accumulation dtype."""
+    return grad if grad is None or like is None else grad.to(like.dtype)
+
+
 def _view5(x: Tensor, num_segments: int) -> Tensor:
     nt, c, h, w = x.shape
     return x.view(nt // num_segments, num_segments, c, h, w)
@@ -93,7 +98,9 @@ def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: i
             grads = prims.gate_backward(gate_grads[g], pooled[g], gates[g], bn_stats[g], conv_weights[g], bn_modes[g],
                                         bn_weights[g], eps[g],
                                         (need_pooled, need_conv[g], need_bn_w[g], need_bn_b[g]))
-            d_conv[g], d_bn_w[g], d_bn_b[g] = grads.conv_weight, grads.bn_weight, grads.bn_bias
+            d_conv[g] = _cast(grads.conv_weight, conv_weights[g])
+            d_bn_w[g] = _cast(grads.bn_weight, bn_weights[g])
+            d_bn_b[g] = _cast(grads.bn_bias, bn_weights[g])
             pooled_grads.append(PooledGrad(axis, grads.pooled, argmaxes[g]))
         if need_pooled:
             add_weight_grads(stage.weight, pooled_grads)
@@ -107,9 +114,6 @@ def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: i
 
 def _primitives(backend: str, device: torch.device):
     return backends.get(backend, device).primitives
-
-
-_EMPTY = torch.empty(0)
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
