@@ -95,4 +95,7 @@ def aia_forward(x: torch.Tensor, num_segments: int, combine: str | None,
         out = 0.5 * apply_unit(*units[0], v) + 0.5 * apply_unit(*units[1], v)
     else:
         raise ValueError(f"unknown combination {combine!r}")
-    return out.reshape(x.shape)
+    out = out.reshape(x.shape)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)  # keep the input's memory format
+    return out
