@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import shlex
@@ -24,8 +23,8 @@ import aia_kernels
 
 from . import report
 from .bytes_model import MODES, copy_bytes, design_bytes, design_passes
-from .cases import (DTYPES, FUSED, HEADLINE, IMPL_GROUPS, IMPLS, COMPILE_MODES, make_input, make_module,
-                    make_step, parse_list, parse_shapes, prepare_impl, shape_str, unavailable_reason)
+from .cases import (COMPILE_MODES, DTYPES, FUSED, HEADLINE, IMPL_GROUPS, IMPLS, NUM_SEGMENTS, make_input,
+                    make_module, make_step, parse_list, parse_shapes, prepare_impl, shape_str, unavailable_reason)
 from .timing import Timer, summarize
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -125,6 +124,43 @@ def measure_impl(timer: Timer, base, impl: str, x, mode: str, reps: int, warmup:
     return fields, out
 
 
+def run_case(timer: Timer, variant: str, mode: str, shape, dt: str, impls, reps: int, warmup: int,
+             skip: str | None, budget: dict, compile_budget: float | None) -> list[dict]:
+    """One row per impl for one (variant, mode, shape, dtype); every impl runs a copy of one module.
+    ``skip``: a reason to skip the whole case; ``budget["compile_s"]`` accumulates compile time."""
+    dtype = DTYPES[dt]
+    device = timer.device
+    x = make_input(shape, dtype, device)
+    base = make_module(variant, mode, device)
+    reference, rows = None, []
+    for impl in impls:
+        row = {"variant": variant, "shape": shape_str(shape), "dtype": dt, "mode": mode, "impl": impl,
+               "design_passes": design_passes(variant, mode)["total"],
+               "design_bytes": design_bytes(variant, shape, dtype, mode)}
+        reason = unavailable_reason(impl, device)
+        status = "not available" if reason else "ok"
+        if not reason and skip:
+            status, reason = "skipped", skip
+        if not reason and impl in COMPILE_MODES and compile_budget is not None \
+                and budget["compile_s"] > compile_budget:
+            status, reason = "skipped", f"compile budget ({compile_budget:g} s) used up"
+        if not reason:
+            try:
+                fields, out = measure_impl(timer, base, impl, x, mode, reps, warmup, reference)
+                row.update(fields)
+                if impl == "eager":
+                    reference = out
+                if impl in COMPILE_MODES:
+                    budget["compile_s"] += fields["first_call_s"]
+            except Exception as exc:  # report it, keep going
+                status, reason = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        row["status"], row["reason"] = status, reason
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -144,7 +180,7 @@ def main(argv=None) -> dict:
     reps = args.reps or (30 if cuda else 10)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     meta = machine_meta(device, argv)
-    meta.update(reps=reps, warmup=warmup, num_segments=8, l2_flush=cuda, cpu_threads=torch.get_num_threads(),
+    meta.update(reps=reps, warmup=warmup, num_segments=NUM_SEGMENTS, l2_flush=cuda, cpu_threads=torch.get_num_threads(),
                 timer="cuda events" if cuda else "time.perf_counter")
     if not cuda:
         meta["note"] = CUDA_NOTE
@@ -155,49 +191,19 @@ def main(argv=None) -> dict:
 
     timer = Timer(device)
     payload = {"meta": meta, "copy_bandwidth": [], "results": []}
-    copy_gbps = {}
     for shape in shapes:
         for dt in dtypes:
-            c = measure_copy(timer, shape, DTYPES[dt], device, reps, warmup)
-            payload["copy_bandwidth"].append(c)
-            copy_gbps[(c["shape"], dt)] = c["gbps"]
+            payload["copy_bandwidth"].append(measure_copy(timer, shape, DTYPES[dt], device, reps, warmup))
 
-    start, compile_s = time.perf_counter(), 0.0
+    start, budget = time.perf_counter(), {"compile_s": 0.0}
     for variant in variants:
         for mode in modes:
             for shape in shapes:
                 for dt in dtypes:
-                    dtype = DTYPES[dt]
-                    x = make_input(shape, dtype, device)
-                    base = make_module(variant, mode, device)
-                    reference = None
-                    for impl in impls:
-                        row = {"variant": variant, "shape": shape_str(shape), "dtype": dt, "mode": mode,
-                               "impl": impl, "design_passes": design_passes(variant, mode)["total"],
-                               "design_bytes": design_bytes(variant, shape, dtype, mode)}
-                        reason = unavailable_reason(impl, device)
-                        status = "not available" if reason else "ok"
-                        if not reason and args.time_budget is not None and \
-                                time.perf_counter() - start > args.time_budget:
-                            status, reason = "skipped", f"time budget ({args.time_budget:g} s) used up"
-                        if not reason and impl in COMPILE_MODES and args.compile_budget is not None \
-                                and compile_s > args.compile_budget:
-                            status, reason = "skipped", f"compile budget ({args.compile_budget:g} s) used up"
-                        if not reason:
-                            try:
-                                fields, out = measure_impl(timer, base, impl, x, mode, reps, warmup, reference)
-                                row.update(fields)
-                                if impl == "eager":
-                                    reference = out
-                                if impl in COMPILE_MODES:
-                                    compile_s += fields["first_call_s"]
-                            except Exception as exc:  # report it, keep going
-                                status, reason = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
-                                if cuda:
-                                    torch.cuda.empty_cache()
-                        row["status"], row["reason"] = status, reason
-                        payload["results"].append(row)
-                    del base, x, reference
+                    over = args.time_budget is not None and time.perf_counter() - start > args.time_budget
+                    skip = f"time budget ({args.time_budget:g} s) used up" if over else None
+                    payload["results"] += run_case(timer, variant, mode, shape, dt, impls, reps, warmup,
+                                                   skip, budget, args.compile_budget)
                     _finish(payload, out_dir, plot=False)  # partial results survive a kill
     meta["elapsed_s"] = round(time.perf_counter() - start, 1)
     text = _finish(payload, out_dir, plot=not args.no_plot)
@@ -216,7 +222,10 @@ def _finish(payload: dict, out_dir: Path, plot: bool) -> str:
     (out_dir / "results.md").write_text(text)
     report.write_json(payload, out_dir / "results.json")
     if plot:
-        report.plot(payload, out_dir / "summary.png")
+        try:
+            report.plot(payload, out_dir / "summary.png")
+        except ImportError as exc:  # matplotlib missing: the table and JSON still stand
+            print(f"benchmarks: no plot ({exc})", file=sys.stderr)
     return text
 
 
