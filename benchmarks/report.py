@@ -3,6 +3,7 @@ a markdown table, a JSON file and a PNG plot."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .cases import COMPILE_MODES, FUSED, HEADLINE, SPEC_SHAPES, shape_str
@@ -99,7 +100,12 @@ def markdown(payload: dict) -> str:
               "| variant | shape | dtype | mode | impl | ms [q1, q3] | vs eager | vs compiled | GB/s | "
               "% copy | peak MB | launches | first call s | max abs diff | note |",
               "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    not_run: dict[tuple[str, str], int] = {}
     for r in payload["results"]:
+        if r["status"] == "not available":  # listed once below the table, not once per case
+            key = (r["impl"], r["reason"])
+            not_run[key] = not_run.get(key, 0) + 1
+            continue
         if r["status"] == "ok":
             time = f"{r['median_ms']:.3f} [{r['q1_ms']:.3f}, {r['q3_ms']:.3f}]"
             peak = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**20
@@ -110,6 +116,9 @@ def markdown(payload: dict) -> str:
         else:
             cells = ["-"] * 9 + [f"{r['status']}: {r['reason']}"]
         lines.append("| " + " | ".join([r["variant"], r["shape"], r["dtype"], r["mode"], r["impl"], *cells]) + " |")
+    if not_run:
+        lines += ["", "Not available (not timed):", ""]
+        lines += [f"- `{impl}` ({count} cases): {reason}" for (impl, reason), count in not_run.items()]
     lines += ["", "## Targets", ""]
     checks = [(r, c) for r in payload["results"] for c in r.get("targets", [])]
     if not checks:
@@ -167,3 +176,27 @@ def plot(payload: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def write_all(payload: dict, out_dir: Path, plot_png: bool = True) -> str:
+    """Derive, check targets, and write ``results.md``, ``results.json`` (and ``summary.png``);
+    returns the markdown."""
+    copy_gbps = {(c["shape"], c["dtype"]): c["gbps"] for c in payload["copy_bandwidth"]}
+    add_derived(payload["results"], copy_gbps)
+    for row in payload["results"]:
+        row["targets"] = target_checks(row, payload["meta"]["device_type"])
+    text = markdown(payload)
+    (out_dir / "results.md").write_text(text)
+    write_json(payload, out_dir / "results.json")
+    if plot_png:
+        try:
+            plot(payload, out_dir / "summary.png")
+        except ImportError as exc:  # matplotlib missing: the table and JSON still stand
+            print(f"benchmarks: no plot ({exc})", file=sys.stderr)
+    return text
+
+
+if __name__ == "__main__":  # python -m benchmarks.report DIR: re-render DIR/results.json
+    for arg in sys.argv[1:]:
+        folder = Path(arg)
+        print(write_all(json.loads((folder / "results.json").read_text()), folder))

@@ -204,29 +204,13 @@ def main(argv=None) -> dict:
                     skip = f"time budget ({args.time_budget:g} s) used up" if over else None
                     payload["results"] += run_case(timer, variant, mode, shape, dt, impls, reps, warmup,
                                                    skip, budget, args.compile_budget)
-                    _finish(payload, out_dir, plot=False)  # partial results survive a kill
+                    report.write_all(payload, out_dir, plot_png=False)  # partial results survive a kill
     meta["elapsed_s"] = round(time.perf_counter() - start, 1)
-    text = _finish(payload, out_dir, plot=not args.no_plot)
+    text = report.write_all(payload, out_dir, plot_png=not args.no_plot)
     print(text)
     print(f"benchmarks: wrote {out_dir}/results.md, results.json" + ("" if args.no_plot else ", summary.png"),
           file=sys.stderr)
     return payload
-
-
-def _finish(payload: dict, out_dir: Path, plot: bool) -> str:
-    copy_gbps = {(c["shape"], c["dtype"]): c["gbps"] for c in payload["copy_bandwidth"]}
-    report.add_derived(payload["results"], copy_gbps)
-    for row in payload["results"]:
-        row["targets"] = report.target_checks(row, payload["meta"]["device_type"])
-    text = report.markdown(payload)
-    (out_dir / "results.md").write_text(text)
-    report.write_json(payload, out_dir / "results.json")
-    if plot:
-        try:
-            report.plot(payload, out_dir / "summary.png")
-        except ImportError as exc:  # matplotlib missing: the table and JSON still stand
-            print(f"benchmarks: no plot ({exc})", file=sys.stderr)
-    return text
 
 
 if __name__ == "__main__":
