@@ -11,6 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `benchmarks`
 
+from aia_kernels import backends  # noqa: E402
+from aia_kernels.primitives.torch_impl import TorchPrimitives  # noqa: E402
 from benchmarks import report, run  # noqa: E402
 from benchmarks.bytes_model import design_bytes, design_passes  # noqa: E402
 
@@ -28,9 +30,13 @@ def test_bytes_model_known_variants():
         design_passes("C", "backward")
 
 
-def test_runner_smoke_on_cpu(tmp_path, capsys):
+def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
+    # Stand-in for a fused backend: the plain-torch primitives through the real executor,
+    # so the fused rows' code path runs too (whatever the real "native" backend is).
+    fake = backends.FusedBackend("native", TorchPrimitives(), lambda device: None)
+    monkeypatch.setitem(backends._registry, "native", fake)
     payload = run.main(["--device", "cpu", "--shapes", "tiny", "--variants", "CinST->STinC", "--dtypes", "float32",
-                        "--modes", "fwd-infer,fwd-bwd", "--backends", "eager,triton", "--reps", "2",
+                        "--modes", "fwd-infer,fwd-bwd", "--backends", "eager,triton,native", "--reps", "2",
                         "--warmup", "1", "--threads", "1", "--out", str(tmp_path)])
     stdout = capsys.readouterr().out
     assert "| variant | shape | dtype | mode | impl |" in stdout and "kernel timings need CUDA" in stdout
@@ -42,7 +48,7 @@ def test_runner_smoke_on_cpu(tmp_path, capsys):
     assert "benchmarks.run" in meta["command"] and meta["date"]
     assert [c["shape"] for c in data["copy_bandwidth"]] == ["8x8x8x8"] and data["copy_bandwidth"][0]["gbps"] > 0
     rows = {(r["mode"], r["impl"]): r for r in data["results"]}
-    assert set(rows) == {(m, i) for m in ("fwd-infer", "fwd-bwd") for i in ("eager", "triton")}
+    assert set(rows) == {(m, i) for m in ("fwd-infer", "fwd-bwd") for i in ("eager", "triton", "native")}
     for mode, passes in (("fwd-infer", 6), ("fwd-bwd", 13)):
         eager = rows[(mode, "eager")]
         assert eager["status"] == "ok", eager["reason"]
@@ -53,9 +59,13 @@ def test_runner_smoke_on_cpu(tmp_path, capsys):
         assert eager["peak_mem_bytes"] is None and eager["targets"] == []
         # triton never times on CPU: missing, or only its interpreter -> reported, not run
         assert rows[(mode, "triton")]["status"] == "not available" and rows[(mode, "triton")]["reason"]
+        fused = rows[(mode, "native")]
+        assert fused["status"] == "ok", fused["reason"]
+        assert fused["note"] == "ran native" and fused["max_abs_diff"] < 1e-4  # output / grad_x vs eager
+        assert fused["speedup_eager"] > 0 and fused["speedup_compiled"] is None and fused["targets"] == []
 
     md = (tmp_path / "results.md").read_text()
-    assert md.count("| CinST->STinC | 8x8x8x8 | float32 |") == 2 and "No target applies" in md
+    assert md.count("| CinST->STinC | 8x8x8x8 | float32 |") == 4 and "No target applies" in md
     assert "- `triton` (2 cases): " in md  # not-available backends: listed once, not as rows
     png = (tmp_path / "summary.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
