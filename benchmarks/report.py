@@ -171,11 +171,40 @@ def plot(payload: dict, path: Path) -> None:
                 ax.axhline(TARGET_ROOFLINE, color="red", ls="--", lw=0.8, label="target")
             if impls:
                 ax.legend(fontsize=7)
+    _save(fig, payload, path)
+    if len(variants) > 1:
+        _plot_variants(plt, payload, ok, variants, modes, path.with_name("variants.png"))
+
+
+def _save(fig, payload: dict, path: Path) -> None:
     meta = payload["meta"]
     fig.suptitle(f"AIA benchmark on {meta['device_name']} ({meta['device_type']}), {meta['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def _plot_variants(plt, payload: dict, ok: list[dict], variants: list[str], modes: list[str], path: Path) -> None:
+    """Speedup over eager of every variant, per mode, at the first shape and dtype of the run."""
+    shape, dtype = payload["results"][0]["shape"], payload["results"][0]["dtype"]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(13, 3.2 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
+        rows = [r for r in ok if r["mode"] == mode and r["shape"] == shape and r["dtype"] == dtype]
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        width = 0.8 / max(len(impls), 1)
+        ax = axes[i][0]
+        for j, impl in enumerate(impls):
+            values = {r["variant"]: r.get("speedup_eager") for r in rows if r["impl"] == impl}
+            ax.bar([v + j * width for v in range(len(variants))], [values.get(v) or 0.0 for v in variants],
+                   width, label=impl)
+        ax.set_xticks([v + 0.4 - width / 2 for v in range(len(variants))], variants, fontsize=7)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_ylabel("speedup over eager (x)")
+        ax.set_title(f"all variants, {mode}, {shape} {dtype}", fontsize=9)
+        if impls:
+            ax.legend(fontsize=7)
+    _save(fig, payload, path)
 
 
 def write_all(payload: dict, out_dir: Path, plot_png: bool = True) -> str:

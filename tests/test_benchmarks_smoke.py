@@ -93,3 +93,16 @@ def test_speedups_and_target_checks():
     assert [c["target"] for c in small] == ["fwd+bwd speedup over eager", "fwd+bwd speedup over the compiled peer"]
     assert small[0]["met"] is None and "not measured" in small[0]["verdict"]
     assert report.target_checks(triton, "cpu") == [] and report.target_checks(rows[0], "cuda") == []
+
+
+def test_bf16_input_runs_on_the_fp32_module():
+    """bf16 cases feed a bf16 input to the module as-is (fp32 parameters); every mode works."""
+    from benchmarks.cases import make_input, make_module, make_step, prepare_impl
+    for mode in ("fwd-infer", "fwd-train", "fwd-bwd"):
+        module, fn = prepare_impl(make_module("CinST->STinC", mode, torch.device("cpu")), "eager")
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+        result = make_step(module, fn, make_input((8, 4, 5, 6), torch.bfloat16, torch.device("cpu")), mode)()
+        out = result[0] if mode == "fwd-bwd" else result
+        assert out.dtype == torch.bfloat16 and out.shape == (8, 4, 5, 6) and torch.isfinite(out.float()).all()
+        if mode == "fwd-bwd":  # grad_x, then every parameter's gradient, in the parameter's dtype
+            assert all(g.dtype == torch.float32 for g in result[1:]) and len(result) == 1 + 4 * 2 * 3
