@@ -162,8 +162,17 @@ def run_case(timer: Timer, variant: str, mode: str, shape, dt: str, impls, reps:
 
 
 def main(argv=None) -> dict:
+    """Run the benchmarks of ``argv`` (default ``sys.argv[1:]``), write the report, return its payload."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # --threads applies to this run only
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if not cuda:
