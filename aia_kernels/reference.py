@@ -46,8 +46,10 @@ def gate(pooled: torch.Tensor, conv: nn.Conv3d, bn: nn.BatchNorm3d | None) -> to
 def axis_weights(u: torch.Tensor, axis: str, unit: nn.Module) -> torch.Tensor:
     """``Y_axis(u)``: the gate of ``axis`` computed from ``u``, broadcastable to ``u``."""
     g = gate(pool(u, axis), getattr(unit, f"{axis}_conv"), getattr(unit, f"{axis}_bn", None))
-    # g is laid out as (N, 1, D1, D2, D3); put its dims back in v's order.
-    return g.permute(torch.argsort(torch.tensor(gate_permutation(axis))).tolist())
+    # g is laid out as (N, 1, D1, D2, D3); put its dims back in v's order (inverse
+    # permutation, computed in Python so that torch.compile traces it without a graph break).
+    perm = gate_permutation(axis)
+    return g.permute(tuple(perm.index(d) for d in range(len(perm))))
 
 
 def channel_weights(u: torch.Tensor, unit: nn.Module) -> torch.Tensor:

@@ -1,0 +1,226 @@
+"""Command-line benchmark runner: ``python -m benchmarks.run --help``.
+
+Times every requested (variant, shape, dtype, mode) on every requested implementation
+in one process, measures the copy bandwidth of each (shape, dtype), and writes
+``results.md`` (also printed), ``results.json`` and ``summary.png`` to ``--out``.
+Without CUDA it says so and runs on CPU (default shapes: ``small``, N*T = 8).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import aia_kernels
+
+from . import report
+from .bytes_model import MODES, copy_bytes, design_bytes, design_passes
+from .cases import (COMPILE_MODES, DTYPES, FUSED, HEADLINE, IMPL_GROUPS, IMPLS, NUM_SEGMENTS, make_input,
+                    make_module, make_step, parse_list, parse_shapes, prepare_impl, shape_str, unavailable_reason)
+from .timing import Timer, summarize
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CUDA_NOTE = ("no CUDA device: kernel timings need CUDA; running on CPU (reference and any backend "
+             "that runs on CPU) as a smoke run, not a performance result")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=HEADLINE,
+                   help=f"comma-separated variants or 'all' (default {HEADLINE})")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated: spec (the four ResNet-50 shapes), small (same with N*T=8), tiny, "
+                        "or NTxCxHxW (default: spec on CUDA, small on CPU)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="float32, bfloat16 or all")
+    p.add_argument("--modes", default=",".join(MODES), help=f"{', '.join(MODES)} or all (in this order)")
+    p.add_argument("--backends", default="all",
+                   help=f"implementations: {', '.join(IMPLS)}; groups: {', '.join(IMPL_GROUPS)}")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 30 CUDA, 10 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5 CUDA, 2 CPU)")
+    p.add_argument("--out", default=None, help="output dir (default benchmarks/results/<date>_<device>)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; cases not started by then are reported as skipped")
+    p.add_argument("--compile-budget", type=float, default=None,
+                   help="seconds of torch.compile time; after it, compile cases are reported as skipped")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return p.parse_args(argv)
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_meta(device: torch.device, argv) -> dict:
+    """Device, versions, date and a machine description without the hostname."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {
+        "device_type": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        (platform.processor() or platform.machine() or "cpu"),
+        "driver": _nvidia_driver() if device.type == "cuda" else None,
+        "cuda_runtime": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "aia_kernels": os.path.dirname(aia_kernels.__file__),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, "-m", "benchmarks.run", *argv]),
+        "bytes_model": "full-size passes from the plan (benchmarks/bytes_model.py); small tensors ignored",
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        meta["sm_count"] = props.multi_processor_count
+    return meta
+
+
+def _first_tensor(result):
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def measure_copy(timer: Timer, shape, dtype, device, reps: int, warmup: int) -> dict:
+    x = make_input(shape, dtype, device)
+    stats = summarize(timer.times_ms(lambda: x.clone(), reps, warmup))
+    gbps = copy_bytes(shape, dtype) / (stats["median_ms"] * 1e-3) / 1e9
+    return {"shape": shape_str(shape), "dtype": str(dtype).removeprefix("torch."), **stats, "gbps": gbps}
+
+
+def measure_impl(timer: Timer, base, impl: str, x, mode: str, reps: int, warmup: int, reference):
+    """Time one implementation; returns (row fields, first-call output for the next comparison)."""
+    module, fn = prepare_impl(base, impl)
+    step = make_step(module, fn, x, mode)
+    first_s, out = timer.first_call(step)
+    out = _first_tensor(out).detach()
+    fields = {"first_call_s": first_s}
+    fields["max_abs_diff"] = None if reference is None else \
+        (out.float() - reference.float()).abs().max().item()
+    fields.update(summarize(timer.times_ms(step, reps, warmup)))
+    fields["peak_mem_bytes"] = timer.peak_memory_bytes(step)
+    fields["launches"], fields["launches_kind"] = timer.launches(step)
+    if impl in FUSED:
+        fields["note"] = f"ran {getattr(module, 'last_backend', None)}"
+    return fields, out
+
+
+def run_case(timer: Timer, variant: str, mode: str, shape, dt: str, impls, reps: int, warmup: int,
+             skip: str | None, budget: dict, compile_budget: float | None) -> list[dict]:
+    """One row per impl for one (variant, mode, shape, dtype); every impl runs a copy of one module.
+    ``skip``: a reason to skip the whole case; ``budget["compile_s"]`` accumulates compile time."""
+    dtype = DTYPES[dt]
+    device = timer.device
+    x = make_input(shape, dtype, device)
+    base = make_module(variant, mode, device)
+    reference, rows = None, []
+    for impl in impls:
+        row = {"variant": variant, "shape": shape_str(shape), "dtype": dt, "mode": mode, "impl": impl,
+               "design_passes": design_passes(variant, mode)["total"],
+               "design_bytes": design_bytes(variant, shape, dtype, mode)}
+        reason = unavailable_reason(impl, device)
+        status = "not available" if reason else "ok"
+        if not reason and skip:
+            status, reason = "skipped", skip
+        if not reason and impl in COMPILE_MODES and compile_budget is not None \
+                and budget["compile_s"] > compile_budget:
+            status, reason = "skipped", f"compile budget ({compile_budget:g} s) used up"
+        if not reason:
+            try:
+                fields, out = measure_impl(timer, base, impl, x, mode, reps, warmup, reference)
+                row.update(fields)
+                if impl == "eager":
+                    reference = out
+                if impl in COMPILE_MODES:
+                    budget["compile_s"] += fields["first_call_s"]
+            except Exception as exc:  # report it, keep going
+                status, reason = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        row["status"], row["reason"] = status, reason
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> dict:
+    """Run the benchmarks of ``argv`` (default ``sys.argv[1:]``), write the report, return its payload."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # --threads applies to this run only
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if not cuda:
+        print(f"benchmarks: {CUDA_NOTE}", file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = parse_list(args.variants, aia_kernels.VARIANTS, name="variant")
+    shapes = parse_shapes(args.shapes or ("spec" if cuda else "small"))
+    dtypes = parse_list(args.dtypes, tuple(DTYPES), name="dtype")
+    modes = parse_list(args.modes, MODES, name="mode")
+    impls = parse_list(args.backends, IMPLS, {k: v for k, v in IMPL_GROUPS.items() if k != "all"}, "backend")
+    if "eager" not in impls:
+        impls.insert(0, "eager")  # the baseline of every speedup
+    reps = args.reps or (30 if cuda else 10)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    meta = machine_meta(device, argv)
+    meta.update(reps=reps, warmup=warmup, num_segments=NUM_SEGMENTS, l2_flush=cuda, cpu_threads=torch.get_num_threads(),
+                timer="cuda events" if cuda else "time.perf_counter")
+    if not cuda:
+        meta["note"] = CUDA_NOTE
+    out_dir = Path(args.out) if args.out else RESULTS_DIR / (
+        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d") + "_" +
+        "".join(c if c.isalnum() else "-" for c in meta["device_name"]).strip("-").lower())
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    timer = Timer(device)
+    payload = {"meta": meta, "copy_bandwidth": [], "results": []}
+    for shape in shapes:
+        for dt in dtypes:
+            payload["copy_bandwidth"].append(measure_copy(timer, shape, DTYPES[dt], device, reps, warmup))
+
+    start, budget = time.perf_counter(), {"compile_s": 0.0}
+    for variant in variants:
+        for mode in modes:
+            for shape in shapes:
+                for dt in dtypes:
+                    over = args.time_budget is not None and time.perf_counter() - start > args.time_budget
+                    skip = f"time budget ({args.time_budget:g} s) used up" if over else None
+                    payload["results"] += run_case(timer, variant, mode, shape, dt, impls, reps, warmup,
+                                                   skip, budget, args.compile_budget)
+                    report.write_all(payload, out_dir, plot_png=False)  # partial results survive a kill
+    meta["elapsed_s"] = round(time.perf_counter() - start, 1)
+    text = report.write_all(payload, out_dir, plot_png=not args.no_plot)
+    print(text)
+    print(f"benchmarks: wrote {out_dir}/results.md, results.json" + ("" if args.no_plot else ", summary.png"),
+          file=sys.stderr)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
