@@ -14,7 +14,9 @@ Counted analytically from the shapes seen in one forward on the ``meta`` device
   (two adds and a scale) each time it is formed at full size; 3 per element for the
   ``A+B`` blend; the gates' own BN and sigmoid (on pooled-size tensors) are included;
 * ``other elementwise``: the network's BN (2 per element), ReLU, residual adds,
-  max/avg pooling (one op per input element read), the TSN average.
+  max/avg pooling (one op per input element read); the TSN average (negligible) is not counted;
+* ``paper-style``: MACs (conv/fc and AIA conv3d) plus 2 ops per BatchNorm output element,
+  network and gates (thop's convention): this reproduces the paper's Table I.
 """
 from __future__ import annotations
 
