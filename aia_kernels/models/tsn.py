@@ -68,34 +68,25 @@ def load_imagenet(model: TSN, path_or_state_dict) -> None:
     load_state_dict_checked(model.base_model, state, expected_keys=expected)
 
 
-def _build(arch: str, num_classes: int, num_segments: int, variant: str | None, backend: str,
-           dropout: float, shift: bool, pretrained: str | os.PathLike | dict | None) -> TSN:
-    base = ResNet(RESNET_LAYERS[arch], variant=variant, num_segments=num_segments, backend=backend, shift=shift)
-    model = TSN(base, num_classes, num_segments, dropout)
-    if pretrained is not None:
-        load_imagenet(model, pretrained)
-    return model
+def _builder(name: str, arch: str, shift: bool, doc: str):
+    def build(num_classes: int, num_segments: int = 8, variant: str | None = "CinST->STinC",
+              backend: str = "auto", dropout: float = 0.5, pretrained: str | os.PathLike | dict | None = None) -> TSN:
+        base = ResNet(RESNET_LAYERS[arch], variant=variant, num_segments=num_segments, backend=backend, shift=shift)
+        model = TSN(base, num_classes, num_segments, dropout)
+        if pretrained is not None:
+            load_imagenet(model, pretrained)
+        return model
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc + """
+
+    ``variant=None`` gives the plain backbone; ``pretrained``: a local torchvision-format
+    ImageNet state_dict (path or dict) for the ResNet (no download)."""
+    return build
 
 
-def tsn_resnet50(num_classes: int, num_segments: int = 8, variant: str | None = "CinST->STinC",
-                 backend: str = "auto", dropout: float = 0.5, pretrained=None) -> TSN:
-    """TSN-ResNet-50 with AIA ``variant`` in every Bottleneck (``None``: plain TSN)."""
-    return _build("resnet50", num_classes, num_segments, variant, backend, dropout, False, pretrained)
-
-
-def tsn_resnet101(num_classes: int, num_segments: int = 8, variant: str | None = "CinST->STinC",
-                  backend: str = "auto", dropout: float = 0.5, pretrained=None) -> TSN:
-    """TSN-ResNet-101; its 23-block stage carries AIA in every other block."""
-    return _build("resnet101", num_classes, num_segments, variant, backend, dropout, False, pretrained)
-
-
-def tsm_resnet50(num_classes: int, num_segments: int = 8, variant: str | None = "CinST->STinC",
-                 backend: str = "auto", dropout: float = 0.5, pretrained=None) -> TSN:
-    """TSM-ResNet-50: TSN plus the temporal shift in the blocks that carry AIA."""
-    return _build("resnet50", num_classes, num_segments, variant, backend, dropout, True, pretrained)
-
-
-def tsm_resnet101(num_classes: int, num_segments: int = 8, variant: str | None = "CinST->STinC",
-                  backend: str = "auto", dropout: float = 0.5, pretrained=None) -> TSN:
-    """TSM-ResNet-101."""
-    return _build("resnet101", num_classes, num_segments, variant, backend, dropout, True, pretrained)
+tsn_resnet50 = _builder("tsn_resnet50", "resnet50", False, "TSN-ResNet-50 with AIA ``variant`` in every Bottleneck.")
+tsn_resnet101 = _builder("tsn_resnet101", "resnet101", False,
+                         "TSN-ResNet-101; its 23-block stage carries AIA in every other block.")
+tsm_resnet50 = _builder("tsm_resnet50", "resnet50", True,
+                        "TSM-ResNet-50: TSN plus the temporal shift in the blocks that carry AIA.")
+tsm_resnet101 = _builder("tsm_resnet101", "resnet101", True, "TSM-ResNet-101.")
