@@ -172,3 +172,11 @@ def test_temporal_shift():
     assert torch.equal(out[:, :2, 0:2], v[:, 1:, 0:2]) and torch.equal(out[:, 2, 0:2], torch.zeros(2, 2))
     assert torch.equal(out[:, 1:, 2:4], v[:, :2, 2:4]) and torch.equal(out[:, 0, 2:4], torch.zeros(2, 2))
     assert torch.equal(out[:, :, 4:], v[:, :, 4:])
+
+
+def test_tsm_wrapper_keys_are_read():
+    """TSM's released code wraps a shifted block's conv1 as ``conv1.net``."""
+    model = tsm_resnet50(5, num_segments=3, variant="C", backend="reference")
+    state = {k.replace(".conv1.", ".conv1.net.") if ".layer" in k else k: v for k, v in model.state_dict().items()}
+    assert any(".conv1.net." in k for k in state)
+    assert load_checkpoint(model, {"state_dict": state}).ok
