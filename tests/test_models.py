@@ -180,3 +180,16 @@ def test_tsm_wrapper_keys_are_read():
     state = {k.replace(".conv1.", ".conv1.net.") if ".layer" in k else k: v for k, v in model.state_dict().items()}
     assert any(".conv1.net." in k for k in state)
     assert load_checkpoint(model, {"state_dict": state}).ok
+
+
+def test_channels_last_inference_matches():
+    torch.manual_seed(0)
+    model = TSN(ResNet((1, 1), (8, 16), variant="CinST->STinC", num_segments=3, backend="reference", shift=True),
+                num_classes=4, num_segments=3).eval()
+    x = torch.randn(6, 3, 32, 32)
+    expected = model(x)
+    for m in model.modules():  # model.to(memory_format=...) refuses the gates' 5D Conv3d weights
+        if isinstance(m, torch.nn.Conv2d):
+            m.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), expected,
+                               rtol=1e-4, atol=1e-5)
