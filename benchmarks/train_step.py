@@ -82,7 +82,10 @@ def main(argv=None) -> int:
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
             model = tsn_resnet50(174, args.frames, args.variant if variant else None, backend)
-            model = model.to(device, memory_format=memory_format).train()
+            model = model.to(device).train()
+            for m in model.modules():  # model.to(memory_format=...) refuses the gates' 5D Conv3d weights
+                if isinstance(m, nn.Conv2d):
+                    m.to(memory_format=memory_format)
             try:
                 ms, peak = time_steps(model, x, y, dtype, args.warmup, args.iters)
             except (NotImplementedError, RuntimeError) as err:
