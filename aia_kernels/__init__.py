@@ -6,9 +6,10 @@
     aia.last_backend                                          # which backend ran
 """
 from .backends import BACKENDS
+from .convert import convert
 from .modules import C, CinST, ST, STinC, AIACombined, AIAModule, AIAUnit, build
 from .variants import VARIANTS
 
 __all__ = ["VARIANTS", "BACKENDS", "build", "C", "ST", "CinST", "STinC",
-           "AIAModule", "AIAUnit", "AIACombined"]
+           "AIAModule", "AIAUnit", "AIACombined", "convert"]
 __version__ = "0.1.0"

@@ -47,11 +47,24 @@ class AIAModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_segments, self.parameters())
         name = backends.resolve(self.backend, x.device)
+        if name != "reference" and self._syncs_bn_statistics():
+            backends.warn_once("sync-bn", "aia_kernels: a gate BatchNorm is a SyncBatchNorm in training mode "
+                               "across ranks; the fused backends would not sync its batch statistics, so "
+                               "this module runs the reference path")
+            name = "reference"
         self.last_backend = name
         if name == "reference":
             return reference.aia_forward(x, self.num_segments, self.combine, self.units())
         from .fused import fused_forward
         return fused_forward(self, x, name)
+
+    def _syncs_bn_statistics(self) -> bool:
+        """A gate BN is a training SyncBatchNorm (torch's, or one marked ``is_sync_batchnorm``)
+        and torch.distributed runs more than one rank."""
+        dist = torch.distributed
+        return (dist.is_available() and dist.is_initialized()
+                and any((isinstance(bn, nn.SyncBatchNorm) or getattr(bn, "is_sync_batchnorm", False)) and bn.training
+                        and dist.get_world_size(bn.process_group) > 1 for _, _, bn in self.gates()))
 
     def extra_repr(self) -> str:
         return (f"variant={self.variant!r}, num_segments={self.num_segments}, "

@@ -1,0 +1,126 @@
+"""Parameters and multiply-adds of TSN-ResNet-50 with each AIA variant.
+
+    python -m aia_kernels.models.report [--frames 8] [--size 224] [--classes 174]
+
+Counted analytically from the shapes seen in one forward on the ``meta`` device
+(nothing is computed, so it takes about a second per model):
+
+* ``conv/fc MACs``: multiply-adds of every Conv2d (out elements x in channels/groups x
+  kernel area) and Linear (batch x in x out): the usual "FLOPs" of ResNet papers;
+* ``AIA conv3d MACs``: the gates' ``Conv3d(2, 1, 3)`` (54 multiply-adds per output);
+* ``AIA elementwise``: per gate, 2 ops per input element for its max and mean pooling;
+  1 per element for each full-size product (applying weights, and the inner product
+  ``Y_C(v) * v`` / ``Y_ST(v) * v`` of CinST / STinC); 3 per element for ``Y_ST``
+  (two adds and a scale) each time it is formed at full size; 3 per element for the
+  ``A+B`` blend; the gates' own BN and sigmoid (on pooled-size tensors) are included;
+* ``other elementwise``: the network's BN (2 per element), ReLU, residual adds,
+  max/avg pooling (one op per input element read); the TSN average (negligible) is not counted;
+* ``paper-style``: MACs (conv/fc and AIA conv3d) plus 2 ops per BatchNorm output element,
+  network and gates (thop's convention): this reproduces the paper's Table I.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..modules import AIACombined, AIAModule
+from ..variants import VARIANTS
+from .resnet import Bottleneck
+from .tsn import tsn_resnet50
+
+# The paper's Table I, GFLOPs of TSN-ResNet-50 at 8 x 224 x 224.
+PAPER_TABLE_I = {"plain": 32.88, "CinST": 33.01, "CinST->STinC": 33.15}
+
+# Full-size elementwise ops of one unit per input element (see the module docstring).
+UNIT_ELEMENTWISE = {"C": 2 + 1, "ST": 6 + 3 + 1, "CinST": 2 + 1 + 6 + 3 + 1, "STinC": 6 + 3 + 1 + 2 + 1}
+
+
+def count(model: nn.Module, frames: int, size: int) -> dict[str, float]:
+    """Operation counts of one clip of ``frames`` frames of ``size`` x ``size`` (see the module docstring)."""
+    counts: dict[str, float] = defaultdict(float)
+    aia_parts = {id(m) for a in model.modules() if isinstance(a, AIAModule) for m in a.modules()}
+    units_of_combined = {id(u) for a in model.modules() if isinstance(a, AIACombined) for u in (a.eft1, a.eft2)}
+
+    def hook(module, inputs, y):
+        x = inputs[0]
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            k = module.in_channels // module.groups
+            for s in module.kernel_size:
+                k *= s
+            if isinstance(module, nn.Conv3d):
+                counts["AIA conv3d MACs"] += y.numel() * k
+                counts["AIA elementwise"] += y.numel()  # the gate's sigmoid
+            else:
+                counts["conv/fc MACs"] += y.numel() * k
+        elif isinstance(module, nn.Linear):
+            counts["conv/fc MACs"] += y.numel() * module.in_features
+        elif isinstance(module, AIAModule):
+            units = [module.eft1.kind, module.eft2.kind] if isinstance(module, AIACombined) else [module.kind]
+            ops = sum(UNIT_ELEMENTWISE[k] for k in units) + (3 if module.combine == "+" else 0)
+            counts["AIA elementwise"] += ops * x.numel()
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            counts["AIA BN elements" if id(module) in aia_parts else "BN elements"] += y.numel()
+        elif isinstance(module, nn.ReLU):
+            counts["other elementwise"] += y.numel()
+        elif isinstance(module, Bottleneck):
+            counts["other elementwise"] += y.numel()  # the residual add
+        elif isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
+            counts["other elementwise"] += x.numel()
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if id(m) not in units_of_combined]
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, frames, 3, size, size, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return dict(counts)
+
+
+def report(frames: int = 8, size: int = 224, classes: int = 174) -> list[dict]:
+    """One row per model (plain, then the ten variants): parameters and operation counts."""
+    rows = []
+    for variant in (None, *VARIANTS):
+        model = tsn_resnet50(classes, num_segments=frames, variant=variant, backend="reference").to("meta").eval()
+        c = defaultdict(float, count(model, frames, size))
+        macs = c["conv/fc MACs"] + c["AIA conv3d MACs"]
+        rows.append({"variant": variant or "plain", "params": sum(p.numel() for p in model.parameters()),
+                     "conv/fc MACs": c["conv/fc MACs"], "AIA conv3d MACs": c["AIA conv3d MACs"], "MACs": macs,
+                     # thop's convention: MACs plus 2 ops per BatchNorm output element
+                     "paper-style": macs + 2 * (c["BN elements"] + c["AIA BN elements"]),
+                     "AIA elementwise": c["AIA elementwise"] + 2 * c["AIA BN elements"],
+                     "other elementwise": c["other elementwise"] + 2 * c["BN elements"]})
+    return rows
+
+
+def format_report(rows: list[dict], frames: int, size: int, classes: int) -> str:
+    plain = rows[0]
+    out = [f"TSN-ResNet-50, {classes} classes, one clip of {frames} frames x {size}x{size}; G = 1e9",
+           f"{'variant':<14}{'params':>12}{'+AIA':>7}{'conv/fc':>9}{'AIA c3d':>9}{'MACs':>9}{'+AIA':>7}"
+           f"{'paper-style':>12}{'Table I':>8}{'AIA elem':>9}{'other elem':>11}",
+           f"{'':<14}{'':>12}{'params':>7}{'GMACs':>9}{'GMACs':>9}{'G':>9}{'%':>7}{'G':>12}{'G':>8}"
+           f"{'G':>9}{'G':>11}"]
+    for r in rows:
+        paper = PAPER_TABLE_I.get(r["variant"])
+        out.append(f"{r['variant']:<14}{r['params']:>12,}{r['params'] - plain['params']:>7,}"
+                   f"{r['conv/fc MACs'] / 1e9:>9.3f}{r['AIA conv3d MACs'] / 1e9:>9.4f}{r['MACs'] / 1e9:>9.3f}"
+                   f"{100 * (r['MACs'] - plain['MACs']) / plain['MACs']:>7.2f}{r['paper-style'] / 1e9:>12.3f}"
+                   f"{'-' if paper is None else f'{paper:.2f}':>8}{r['AIA elementwise'] / 1e9:>9.3f}"
+                   f"{r['other elementwise'] / 1e9:>11.3f}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=174)
+    args = parser.parse_args(argv)
+    print(format_report(report(args.frames, args.size, args.classes), args.frames, args.size, args.classes))
+
+
+if __name__ == "__main__":
+    main()
