@@ -1,0 +1,170 @@
+"""The gate on small pooled tensors: Conv3d(2 -> 1, 3x3x3, padding 1, no bias), BN
+folded into (scale, shift), and their backward. Sigmoid is applied by consumers
+(``weights.gate_at``), so the only outputs are z and two scalars.
+
+Every reduction across programs goes through per-program partials summed in a
+fixed order: the BN batch statistics as per-program (count, mean, M2) merged by
+Chan's formula in ``bn_fold_kernel`` (robust, no E[z^2] - E[z]^2 cancellation),
+the BN backward sums and the conv weight gradient as per-program rows summed by
+the host with ``torch.sum`` of a small tensor. Deterministic, no atomics.
+"""
+import triton
+import triton.language as tl
+
+BN_NONE, BN_BATCH, BN_RUNNING = 0, 1, 2  # primitives.BN_* (kept literal for constexpr use)
+
+
+@triton.jit
+def _positions(i, D1, D2, D3):
+    d3 = i % D3
+    d2 = (i // D3) % D2
+    d1 = (i // (D2 * D3)) % D1
+    n = i // (D1 * D2 * D3)
+    return n, d1, d2, d3
+
+
+@triton.jit
+def _shifted(n, d1, d2, d3, k1, k2, k3, SIGN: tl.constexpr, D1, D2, D3, mask):
+    """Offset inside one (D1, D2, D3) volume of the position shifted by SIGN * (k - 1), and its mask."""
+    e1 = d1 + SIGN * (k1 - 1)
+    e2 = d2 + SIGN * (k2 - 1)
+    e3 = d3 + SIGN * (k3 - 1)
+    valid = mask & (e1 >= 0) & (e1 < D1) & (e2 >= 0) & (e2 < D2) & (e3 >= 0) & (e3 < D3)
+    return (e1 * D2 + e2) * D3 + e3, valid
+
+
+@triton.jit
+def conv_forward_kernel(p_ptr, w_ptr, z_ptr, part_ptr, M, D1, D2, D3,
+                        STATS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """z[n, d] = sum_{ci, k} w[ci, k] * P[n, ci, d + k - 1]; with STATS also this
+    program's (count, mean, M2) of z for the BN batch statistics."""
+    pid = tl.program_id(0)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = i < M
+    n, d1, d2, d3 = _positions(i, D1, D2, D3)
+    volume = D1 * D2 * D3
+    z = tl.zeros([BLOCK], ACC)
+    for ci in tl.static_range(2):
+        for k1 in tl.static_range(3):
+            for k2 in tl.static_range(3):
+                for k3 in tl.static_range(3):
+                    off, valid = _shifted(n, d1, d2, d3, k1, k2, k3, 1, D1, D2, D3, mask)
+                    x = tl.load(p_ptr + (2 * n + ci) * volume + off, mask=valid, other=0.0).to(ACC)
+                    z += tl.load(w_ptr + ci * 27 + k1 * 9 + k2 * 3 + k3).to(ACC) * x
+    tl.store(z_ptr + i, z, mask=mask)
+    if STATS:
+        count = tl.sum(mask.to(ACC), axis=0)
+        mean = tl.sum(z, axis=0) / count
+        centered = tl.where(mask, z - mean, 0.0)
+        tl.store(part_ptr + 3 * pid, count)
+        tl.store(part_ptr + 3 * pid + 1, mean)
+        tl.store(part_ptr + 3 * pid + 2, tl.sum(centered * centered, axis=0))
+
+
+@triton.jit
+def bn_fold_kernel(part_ptr, num_parts, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, ss_ptr, stats_ptr, eps,
+                   MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """One program: the statistics that normalise z, and (scale, shift) with
+    gate = sigmoid(scale * z + shift). MODE none gives (1, 0) and zero stats."""
+    if MODE == 0:
+        tl.store(ss_ptr, tl.full([], 1.0, ACC))
+        tl.store(ss_ptr + 1, tl.full([], 0.0, ACC))
+        tl.store(stats_ptr, tl.full([], 0.0, ACC))
+        tl.store(stats_ptr + 1, tl.full([], 0.0, ACC))
+    else:
+        if MODE == 1:
+            # Chan et al.: merge chunk (count, mean, M2) triples in a fixed order.
+            count = tl.full([], 0.0, ACC)
+            mean = tl.full([], 0.0, ACC)
+            m2 = tl.full([], 0.0, ACC)
+            for start in range(0, num_parts, BLOCK):
+                j = start + tl.arange(0, BLOCK)
+                valid = j < num_parts
+                cnt = tl.load(part_ptr + 3 * j, mask=valid, other=0.0)
+                mu = tl.load(part_ptr + 3 * j + 1, mask=valid, other=0.0)
+                q = tl.load(part_ptr + 3 * j + 2, mask=valid, other=0.0)
+                chunk_count = tl.sum(cnt, axis=0)
+                chunk_mean = tl.sum(cnt * mu, axis=0) / chunk_count
+                chunk_m2 = tl.sum(q + cnt * (mu - chunk_mean) * (mu - chunk_mean), axis=0)
+                total = count + chunk_count
+                delta = chunk_mean - mean
+                mean = mean + delta * (chunk_count / total)
+                m2 = m2 + chunk_m2 + delta * delta * (count * chunk_count / total)
+                count = total
+            var = m2 / count
+        else:
+            mean = tl.load(rmean_ptr).to(ACC)
+            var = tl.load(rvar_ptr).to(ACC)
+        scale = 1.0 / tl.sqrt(var + eps)
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr).to(ACC)
+        shift = -mean * scale
+        if HAS_BETA:
+            shift = shift + tl.load(beta_ptr).to(ACC)
+        tl.store(ss_ptr, scale)
+        tl.store(ss_ptr + 1, shift)
+        tl.store(stats_ptr, mean)
+        tl.store(stats_ptr + 1, var)
+
+
+@triton.jit
+def bn_backward_kernel(gg_ptr, z_ptr, ss_ptr, stats_ptr, gamma_ptr, sums_ptr, out_ptr, M, eps,
+                       MODE: tl.constexpr, PHASE: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Backward of sigmoid(BN(z)). PHASE 0: this program's (sum dy, sum dy * zhat) into
+    out[pid] (dy = d loss / d BN output). PHASE 1: dz, given the global sums."""
+    pid = tl.program_id(0)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = i < M
+    z = tl.load(z_ptr + i, mask=mask, other=0.0)
+    g = 1.0 / (1.0 + tl.exp(-(tl.load(ss_ptr) * z + tl.load(ss_ptr + 1))))
+    dy = tl.where(mask, tl.load(gg_ptr + i, mask=mask, other=0.0).to(ACC) * g * (1.0 - g), 0.0)
+    if MODE == 0:
+        tl.store(out_ptr + i, dy, mask=mask)
+    else:
+        rstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
+        zhat = (z - tl.load(stats_ptr)) * rstd
+        if PHASE == 0:
+            tl.store(out_ptr + 2 * pid, tl.sum(dy, axis=0))
+            tl.store(out_ptr + 2 * pid + 1, tl.sum(dy * zhat, axis=0))
+        else:
+            if HAS_GAMMA:
+                gamma = tl.load(gamma_ptr).to(ACC)
+            else:
+                gamma = 1.0
+            if MODE == 1:  # batch statistics depend on z too
+                dz = gamma * rstd * (dy - tl.load(sums_ptr) / M - zhat * (tl.load(sums_ptr + 1) / M))
+            else:
+                dz = gamma * rstd * dy
+            tl.store(out_ptr + i, dz, mask=mask)
+
+
+@triton.jit
+def conv_backward_kernel(p_ptr, w_ptr, dz_ptr, dp_ptr, dw_part_ptr, M, D1, D2, D3,
+                         NEED_INPUT: tl.constexpr, NEED_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """dP[n, ci, d] = sum_k w[ci, k] * dz[n, d - k + 1] (the transposed conv), and this
+    program's row of dw[ci, k] = sum_d P[n, ci, d + k - 1] * dz[n, d]."""
+    pid = tl.program_id(0)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = i < M
+    n, d1, d2, d3 = _positions(i, D1, D2, D3)
+    volume = D1 * D2 * D3
+    dz = tl.load(dz_ptr + i, mask=mask, other=0.0)
+    for ci in tl.static_range(2):
+        dp = tl.zeros([BLOCK], ACC)
+        for k1 in tl.static_range(3):
+            for k2 in tl.static_range(3):
+                for k3 in tl.static_range(3):
+                    k = ci * 27 + k1 * 9 + k2 * 3 + k3
+                    if NEED_WEIGHT:
+                        off, valid = _shifted(n, d1, d2, d3, k1, k2, k3, 1, D1, D2, D3, mask)
+                        x = tl.load(p_ptr + (2 * n + ci) * volume + off, mask=valid, other=0.0)
+                        tl.store(dw_part_ptr + pid * 54 + k, tl.sum(x * dz, axis=0))
+                    if NEED_INPUT:
+                        off, valid = _shifted(n, d1, d2, d3, k1, k2, k3, -1, D1, D2, D3, mask)
+                        dzk = tl.load(dz_ptr + n * volume + off, mask=valid, other=0.0)
+                        dp += tl.load(w_ptr + k).to(ACC) * dzk
+        if NEED_INPUT:
+            tl.store(dp_ptr + (2 * n + ci) * volume + d1 * D2 * D3 + d2 * D3 + d3, dp, mask=mask)
