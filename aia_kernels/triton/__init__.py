@@ -19,7 +19,7 @@ import triton.language as tl
 from .. import backends
 from ..primitives import BN_BATCH, BN_NONE, GateForward, GateGrads, PooledGrad, WeightValue, acc_dtype
 from . import tiles
-from .elementwise import weighted_kernel
+from .elementwise import TERM_CODE_BITS, term_code, weighted_sum_kernel
 from .gate import bn_backward_kernel, bn_fold_kernel, conv_backward_kernel, conv_forward_kernel
 from .reduce_channels import channel_reduce_kernel
 from .reduce_spatiotemporal import spatiotemporal_reduce_kernel
@@ -153,27 +153,27 @@ class TritonPrimitives:
                 grads.append([out[:, 0] for out, _ in self._reduce_spatiotemporal(v, weight, upstream, False, i)])
         return grads
 
-    def _weighted(self, out, weight, source, accumulate: bool):
+    def _weighted_sum(self, out, terms):
         n, t, c, h, w = out.shape
         dummy = _Dummies(out.device, acc_dtype(out.dtype))
-        w_args, w_flags = _weight_args(weight, dummy)
-        u_args, u_flags = _upstream_args(source, dummy)
+        term_args, code = [], 0
+        for k, (weight, source) in enumerate(terms):
+            w_args, w_flags = _weight_args(weight, dummy)
+            u_args, u_flags = _upstream_args(source, dummy)
+            term_args.append(tuple(w_args + u_args))
+            code |= term_code(w_flags["F0"], w_flags["F1"], w_flags["MEAN"], u_flags["UP"]) << (TERM_CODE_BITS * k)
         block_c, block_hw = tiles.channel_tile(out)
         grid = (n * t, triton.cdiv(h * w, block_hw), triton.cdiv(c, block_c))
-        weighted_kernel[grid](out, *out.stride(), *w_args, *u_args, t, c, h, w, ACCUMULATE=accumulate,
-                              ACC=_tl_acc(out.dtype), BLOCK_C=block_c, BLOCK_HW=block_hw,
-                              num_warps=tiles.num_warps(block_c * block_hw), **w_flags, **u_flags)
+        weighted_sum_kernel[grid](out, *out.stride(), tuple(term_args), t, c, h, w, CODE=code,
+                                  NUM_TERMS=len(term_args), ACC=_tl_acc(out.dtype), BLOCK_C=block_c,
+                                  BLOCK_HW=block_hw, num_warps=tiles.num_warps(block_c * block_hw))
 
     def apply(self, v, weight, out):
-        self._weighted(out, weight, v, False)
+        self._weighted_sum(out, [(weight, v)])
 
     def input_grad(self, terms, out):
-        """One launch per term: the first writes ``out``, each later one reads it back and
-        adds (full-size traffic: 1 read of a full upstream + 1 write, plus 1 read + 1 write
-        per further term; pooled upstreams are small)."""
-        terms = sorted(terms, key=lambda term: not isinstance(term[1], torch.Tensor))  # full upstream first
-        for k, (weight, upstream) in enumerate(terms):
-            self._weighted(out, weight, upstream, k > 0)
+        """All terms in one pass: full-size traffic is the read of grad_out and the write of out."""
+        self._weighted_sum(out, terms)
 
     # -- small gate tensors -------------------------------------------------------------
     def gate_forward(self, pooled, conv_weight, bn_mode, bn_weight, bn_bias, running_mean, running_var, eps):

@@ -24,13 +24,10 @@ def _positions(i, D1, D2, D3):
 
 
 @triton.jit
-def _shifted(n, d1, d2, d3, k1, k2, k3, SIGN: tl.constexpr, D1, D2, D3, mask):
-    """Offset inside one (D1, D2, D3) volume of the position shifted by SIGN * (k - 1), and its mask."""
-    e1 = d1 + SIGN * (k1 - 1)
-    e2 = d2 + SIGN * (k2 - 1)
-    e3 = d3 + SIGN * (k3 - 1)
-    valid = mask & (e1 >= 0) & (e1 < D1) & (e2 >= 0) & (e2 < D2) & (e3 >= 0) & (e3 < D3)
-    return (e1 * D2 + e2) * D3 + e3, valid
+def _inside(d, k, SIGN: tl.constexpr, D):
+    """Whether position d + SIGN * (k - 1) along one axis is inside [0, D)."""
+    e = d + SIGN * (k - 1)
+    return (e >= 0) & (e < D)
 
 
 @triton.jit
@@ -39,17 +36,22 @@ def conv_forward_kernel(p_ptr, w_ptr, z_ptr, part_ptr, M, D1, D2, D3,
     """z[n, d] = sum_{ci, k} w[ci, k] * P[n, ci, d + k - 1]; with STATS also this
     program's (count, mean, M2) of z for the BN batch statistics."""
     pid = tl.program_id(0)
-    i = pid * BLOCK + tl.arange(0, BLOCK)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no overflow on huge gates
     mask = i < M
     n, d1, d2, d3 = _positions(i, D1, D2, D3)
     volume = D1 * D2 * D3
+    rel = i - n * volume
     z = tl.zeros([BLOCK], ACC)
-    for ci in tl.static_range(2):
-        for k1 in tl.static_range(3):
-            for k2 in tl.static_range(3):
-                for k3 in tl.static_range(3):
-                    off, valid = _shifted(n, d1, d2, d3, k1, k2, k3, 1, D1, D2, D3, mask)
-                    x = tl.load(p_ptr + (2 * n + ci) * volume + off, mask=valid, other=0.0).to(ACC)
+    # A tap's neighbour is a constant offset away in memory; only its validity varies.
+    for k1 in tl.static_range(3):
+        in1 = mask & _inside(d1, k1, 1, D1)
+        for k2 in tl.static_range(3):
+            in12 = in1 & _inside(d2, k2, 1, D2)
+            for k3 in tl.static_range(3):
+                valid = in12 & _inside(d3, k3, 1, D3)
+                shift = ((k1 - 1) * D2 + (k2 - 1)) * D3 + (k3 - 1)
+                for ci in tl.static_range(2):
+                    x = tl.load(p_ptr + (2 * n + ci) * volume + rel + shift, mask=valid, other=0.0).to(ACC)
                     z += tl.load(w_ptr + ci * 27 + k1 * 9 + k2 * 3 + k3).to(ACC) * x
     tl.store(z_ptr + i, z, mask=mask)
     if STATS:
@@ -115,7 +117,7 @@ def bn_backward_kernel(gg_ptr, z_ptr, ss_ptr, stats_ptr, gamma_ptr, sums_ptr, ou
     """Backward of sigmoid(BN(z)). PHASE 0: this program's (sum dy, sum dy * zhat) into
     out[pid] (dy = d loss / d BN output). PHASE 1: dz, given the global sums."""
     pid = tl.program_id(0)
-    i = pid * BLOCK + tl.arange(0, BLOCK)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no overflow on huge gates
     mask = i < M
     z = tl.load(z_ptr + i, mask=mask, other=0.0)
     g = 1.0 / (1.0 + tl.exp(-(tl.load(ss_ptr) * z + tl.load(ss_ptr + 1))))
@@ -147,24 +149,33 @@ def conv_backward_kernel(p_ptr, w_ptr, dz_ptr, dp_ptr, dw_part_ptr, M, D1, D2, D
     """dP[n, ci, d] = sum_k w[ci, k] * dz[n, d - k + 1] (the transposed conv), and this
     program's row of dw[ci, k] = sum_d P[n, ci, d + k - 1] * dz[n, d]."""
     pid = tl.program_id(0)
-    i = pid * BLOCK + tl.arange(0, BLOCK)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no overflow on huge gates
     mask = i < M
     n, d1, d2, d3 = _positions(i, D1, D2, D3)
     volume = D1 * D2 * D3
+    rel = i - n * volume
     dz = tl.load(dz_ptr + i, mask=mask, other=0.0)
-    for ci in tl.static_range(2):
-        dp = tl.zeros([BLOCK], ACC)
-        for k1 in tl.static_range(3):
-            for k2 in tl.static_range(3):
-                for k3 in tl.static_range(3):
-                    k = ci * 27 + k1 * 9 + k2 * 3 + k3
-                    if NEED_WEIGHT:
-                        off, valid = _shifted(n, d1, d2, d3, k1, k2, k3, 1, D1, D2, D3, mask)
-                        x = tl.load(p_ptr + (2 * n + ci) * volume + off, mask=valid, other=0.0)
-                        tl.store(dw_part_ptr + pid * 54 + k, tl.sum(x * dz, axis=0))
-                    if NEED_INPUT:
-                        off, valid = _shifted(n, d1, d2, d3, k1, k2, k3, -1, D1, D2, D3, mask)
-                        dzk = tl.load(dz_ptr + n * volume + off, mask=valid, other=0.0)
-                        dp += tl.load(w_ptr + k).to(ACC) * dzk
-        if NEED_INPUT:
-            tl.store(dp_ptr + (2 * n + ci) * volume + d1 * D2 * D3 + d2 * D3 + d3, dp, mask=mask)
+    dp0 = tl.zeros([BLOCK], ACC)
+    dp1 = tl.zeros([BLOCK], ACC)
+    for k1 in tl.static_range(3):
+        fw1 = mask & _inside(d1, k1, 1, D1)
+        bw1 = mask & _inside(d1, k1, -1, D1)
+        for k2 in tl.static_range(3):
+            fw12 = fw1 & _inside(d2, k2, 1, D2)
+            bw12 = bw1 & _inside(d2, k2, -1, D2)
+            for k3 in tl.static_range(3):
+                shift = ((k1 - 1) * D2 + (k2 - 1)) * D3 + (k3 - 1)
+                k = k1 * 9 + k2 * 3 + k3
+                if NEED_WEIGHT:
+                    fw = fw12 & _inside(d3, k3, 1, D3)
+                    for ci in tl.static_range(2):
+                        x = tl.load(p_ptr + (2 * n + ci) * volume + rel + shift, mask=fw, other=0.0)
+                        tl.store(dw_part_ptr + pid * 54 + ci * 27 + k, tl.sum(x * dz, axis=0))
+                if NEED_INPUT:
+                    bw = bw12 & _inside(d3, k3, -1, D3)
+                    dzk = tl.load(dz_ptr + i - shift, mask=bw, other=0.0)
+                    dp0 += tl.load(w_ptr + k).to(ACC) * dzk
+                    dp1 += tl.load(w_ptr + 27 + k).to(ACC) * dzk
+    if NEED_INPUT:
+        tl.store(dp_ptr + 2 * n * volume + rel, dp0, mask=mask)
+        tl.store(dp_ptr + (2 * n + 1) * volume + rel, dp1, mask=mask)
