@@ -15,12 +15,15 @@ BN_NONE, BN_BATCH, BN_RUNNING = 0, 1, 2  # primitives.BN_* (kept literal for con
 
 
 @triton.jit
-def _positions(i, D1, D2, D3):
-    d3 = i % D3
-    d2 = (i // D3) % D2
-    d1 = (i // (D2 * D3)) % D1
-    n = i // (D1 * D2 * D3)
-    return n, d1, d2, d3
+def _gate_block(M, D1, D2, D3, BLOCK: tl.constexpr):
+    """This program's block of positions of an (N, D1, D2, D3) gate tensor: flat index
+    (int64: no overflow on huge gates), mask, batch item, offset inside the item's
+    volume, coordinates, volume."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    volume = D1 * D2 * D3
+    n = i // volume
+    rel = i - n * volume
+    return i, i < M, n, rel, rel // (D2 * D3), (rel // D3) % D2, rel % D3, volume
 
 
 @triton.jit
@@ -36,11 +39,7 @@ def conv_forward_kernel(p_ptr, w_ptr, z_ptr, part_ptr, M, D1, D2, D3,
     """z[n, d] = sum_{ci, k} w[ci, k] * P[n, ci, d + k - 1]; with STATS also this
     program's (count, mean, M2) of z for the BN batch statistics."""
     pid = tl.program_id(0)
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no overflow on huge gates
-    mask = i < M
-    n, d1, d2, d3 = _positions(i, D1, D2, D3)
-    volume = D1 * D2 * D3
-    rel = i - n * volume
+    i, mask, n, rel, d1, d2, d3, volume = _gate_block(M, D1, D2, D3, BLOCK)
     z = tl.zeros([BLOCK], ACC)
     # A tap's neighbour is a constant offset away in memory; only its validity varies.
     for k1 in tl.static_range(3):
@@ -117,7 +116,7 @@ def bn_backward_kernel(gg_ptr, z_ptr, ss_ptr, stats_ptr, gamma_ptr, sums_ptr, ou
     """Backward of sigmoid(BN(z)). PHASE 0: this program's (sum dy, sum dy * zhat) into
     out[pid] (dy = d loss / d BN output). PHASE 1: dz, given the global sums."""
     pid = tl.program_id(0)
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no overflow on huge gates
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < M
     z = tl.load(z_ptr + i, mask=mask, other=0.0)
     g = 1.0 / (1.0 + tl.exp(-(tl.load(ss_ptr) * z + tl.load(ss_ptr + 1))))
@@ -149,11 +148,7 @@ def conv_backward_kernel(p_ptr, w_ptr, dz_ptr, dp_ptr, dw_part_ptr, M, D1, D2, D
     """dP[n, ci, d] = sum_k w[ci, k] * dz[n, d - k + 1] (the transposed conv), and this
     program's row of dw[ci, k] = sum_d P[n, ci, d + k - 1] * dz[n, d]."""
     pid = tl.program_id(0)
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no overflow on huge gates
-    mask = i < M
-    n, d1, d2, d3 = _positions(i, D1, D2, D3)
-    volume = D1 * D2 * D3
-    rel = i - n * volume
+    i, mask, n, rel, d1, d2, d3, volume = _gate_block(M, D1, D2, D3, BLOCK)
     dz = tl.load(dz_ptr + i, mask=mask, other=0.0)
     dp0 = tl.zeros([BLOCK], ACC)
     dp1 = tl.zeros([BLOCK], ACC)

@@ -38,7 +38,8 @@ def spatiotemporal_tile(v) -> tuple[int, int, int]:
     _, _, c, h, w = v.shape
     block_w = _pow2(w)
     if _channels_last(v):
-        block_c = min(_pow2(c), 16)
+        # 8 channels = one 32-byte sector of float32 per (h, w): full sectors, more rows per tile.
+        block_c = min(_pow2(c), 8)
         return block_c, min(_pow2(h), max(1, 4096 // (block_w * block_c))), block_w
     block_h = min(_pow2(h), max(1, 4096 // block_w))
     return min(_pow2(c), max(1, 1024 // (block_h * block_w))), block_h, block_w
