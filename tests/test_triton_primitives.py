@@ -29,8 +29,8 @@ def random_weight(spec: str, v_shape=V_SHAPE, dtype=torch.float64) -> WeightValu
     return WeightValue(factors, combine)
 
 
-WEIGHTS = [":prod", "C:prod", "THW:prod", "C,THW:prod", "THW,C:prod", "THW,THW:prod", "C,THW:mean",
-           "THW,C:mean"]
+WEIGHTS = [":prod", "C:prod", "THW:prod", "C,THW:prod", "THW,C:prod", "THW,THW:prod", "C,C:prod", "C,THW:mean",
+           "THW,C:mean", "THW,THW:mean", "C,C:mean"]
 
 
 def random_v(layout="contiguous", shape=V_SHAPE, dtype=torch.float64):
@@ -60,7 +60,7 @@ def assert_lists_close(a, b, **tol):
         if isinstance(x, (list, tuple)):
             assert_lists_close(x, y, **tol)
         else:
-            assert x.dtype == y.dtype and x.shape == y.shape
+            assert x.dtype == y.dtype and x.shape == y.shape and x.is_contiguous()
             torch.testing.assert_close(x, y, **tol)
 
 
@@ -100,8 +100,9 @@ def test_pool_multi_block(small_tiles, axes):
     assert_lists_close(TRI.pool(v, weight, axes), REF.pool(v, weight, axes), atol=1e-12, rtol=1e-10)
 
 
-def test_weight_grad_multi_block(small_tiles):
-    v, weight, up = random_v(), random_weight("C,THW:prod"), torch.randn(V_SHAPE, dtype=torch.float64)
+@pytest.mark.parametrize("spec", ["C,THW:prod", "THW,THW:prod", "C,C:mean"])
+def test_weight_grad_multi_block(small_tiles, spec):
+    v, weight, up = random_v(), random_weight(spec), torch.randn(V_SHAPE, dtype=torch.float64, device=DEVICE)
     assert_lists_close(TRI.weight_grad(v, up, weight), REF.weight_grad(v, up, weight), atol=1e-12, rtol=1e-10)
 
 

@@ -86,32 +86,34 @@ class TritonPrimitives:
     name = "triton"
 
     # -- full-size passes ---------------------------------------------------------------
-    def _reduce_channels(self, v, weight, upstream, pool: bool, exclude: int):
+    def _reduce_channels(self, v, weight, upstream, pool: bool, exclude: int, both: bool = False):
         n, t, c, h, w = v.shape
         acc = acc_dtype(v.dtype)
         dummy = _Dummies(v.device, acc)
-        out = torch.empty((n, 2 if pool else 1, t, h, w), dtype=acc, device=v.device)
+        shape = (n, 2, t, h, w) if pool else (1 + both, n, t, h, w)
+        out = torch.empty(shape, dtype=acc, device=v.device)
         arg = torch.empty((n, t, h, w), dtype=torch.int32, device=v.device) if pool else dummy.int
         w_args, w_flags = _weight_args(weight, dummy)
         u_args, u_flags = _upstream_args(upstream, dummy)
         block_c, block_hw = tiles.channel_tile(v)
         grid = (n * t, triton.cdiv(h * w, block_hw))
-        channel_reduce_kernel[grid](v, *v.stride(), *w_args, *u_args, out, arg, t, c, h, w,
-                                    EXCLUDE=exclude, POOL=pool, ACC=_tl_acc(v.dtype), BLOCK_C=block_c,
-                                    BLOCK_HW=block_hw, num_warps=tiles.num_warps(block_c * block_hw),
-                                    **w_flags, **u_flags)
+        channel_reduce_kernel[grid](v, *v.stride(), *w_args, *u_args, out, arg, n, t, c, h, w,
+                                    EXCLUDE=exclude, POOL=pool, BOTH=both, ACC=_tl_acc(v.dtype),
+                                    BLOCK_C=block_c, BLOCK_HW=block_hw,
+                                    num_warps=tiles.num_warps(block_c * block_hw), **w_flags, **u_flags)
         return out, arg
 
-    def _reduce_spatiotemporal(self, v, weight, upstream, pool: bool, exclude: int):
+    def _reduce_spatiotemporal(self, v, weight, upstream, pool: bool, exclude: int, both: bool = False):
+        """[(T result, argmax), (H ...), (W ...)]; results (N, 2, ...) pooled, (K, N, ...) gradients."""
         n, t, c, h, w = v.shape
         acc = acc_dtype(v.dtype)
         dummy = _Dummies(v.device, acc)
-        k = 2 if pool else 1
+        lead = (n, 2) if pool else (1 + both, n)
         block_c, block_h, block_w = tiles.spatiotemporal_tile(v)
         h_blocks = triton.cdiv(h, block_h)
-        out_t = torch.empty((n, k, c, h, w), dtype=acc, device=v.device)
-        out_h = torch.empty((h_blocks, n, k, t, c, w), dtype=acc, device=v.device)
-        out_w = torch.empty((n, k, t, h, c), dtype=acc, device=v.device)
+        out_t = torch.empty((*lead, c, h, w), dtype=acc, device=v.device)
+        out_h = torch.empty((h_blocks, *lead, t, c, w), dtype=acc, device=v.device)
+        out_w = torch.empty((*lead, t, h, c), dtype=acc, device=v.device)
         arg_t, arg_h, arg_w = dummy.int, dummy.int, dummy.int
         if pool:
             arg_t = torch.empty((n, c, h, w), dtype=torch.int32, device=v.device)
@@ -121,7 +123,7 @@ class TritonPrimitives:
         u_args, u_flags = _upstream_args(upstream, dummy)
         grid = (n, triton.cdiv(c, block_c), h_blocks)
         spatiotemporal_reduce_kernel[grid](v, *v.stride(), *w_args, *u_args, out_t, arg_t, out_h, arg_h,
-                                           out_w, arg_w, n, t, c, h, w, EXCLUDE=exclude, POOL=pool,
+                                           out_w, arg_w, n, t, c, h, w, EXCLUDE=exclude, POOL=pool, BOTH=both,
                                            ACC=_tl_acc(v.dtype), BLOCK_C=block_c, BLOCK_H=block_h,
                                            BLOCK_W=block_w,
                                            num_warps=tiles.num_warps(block_c * block_h * block_w),
@@ -143,14 +145,20 @@ class TritonPrimitives:
         raise ValueError(f"pool axes are 'C' or 'THW', got {axes!r}")
 
     def weight_grad(self, v, upstream, weight):
-        """One pass per factor: a C reduction for a C factor, a T/H/W one for an ST factor."""
+        """A C reduction for C factors, a T/H/W one for ST factors; two factors of the same
+        kind share one pass (one read of v and of a full upstream)."""
+        kinds = [len(f) for f in weight.factors]
+        both = len(kinds) == 2 and kinds[0] == kinds[1]
         grads = []
-        for i, factor in enumerate(weight.factors):
-            if len(factor) == 1:
-                out, _ = self._reduce_channels(v, weight, upstream, False, i)
-                grads.append([out[:, 0]])
+        for i, kind in enumerate(kinds):
+            if both and i == 1:
+                break
+            if kind == 1:
+                out, _ = self._reduce_channels(v, weight, upstream, False, i, both)
+                grads += [[out[k]] for k in range(out.shape[0])]
             else:
-                grads.append([out[:, 0] for out, _ in self._reduce_spatiotemporal(v, weight, upstream, False, i)])
+                outs = [out for out, _ in self._reduce_spatiotemporal(v, weight, upstream, False, i, both)]
+                grads += [[out[k] for out in outs] for k in range(outs[0].shape[0])]
         return grads
 
     def _weighted_sum(self, out, terms):

@@ -127,3 +127,15 @@ def upstream_at(UP: tl.constexpr, u0, u1, u2, a0, a1, a2, sun, sut, suc, suh, su
                  + pooled_grad_at(u1, a1, 2, n, t, c, h, w, T, C, H, W, mask, ACC)
                  + pooled_grad_at(u2, a2, 3, n, t, c, h, w, T, C, H, W, mask, ACC))
     return value
+
+
+@triton.jit
+def result_block(n, k, N, POOL: tl.constexpr):
+    """Block index of batch item n, channel k in a reduction's result. Pooled tensors are
+    (N, 2, ...) = [max, mean] (the conv's input layout); gradients are (K, N, ...) so
+    that each factor's gradient (K = 2 when one pass serves two factors) is contiguous."""
+    if POOL:
+        index = 2 * n + k
+    else:
+        index = k * N + n
+    return index
