@@ -5,8 +5,8 @@
 A program owns one (n, t) frame and a block of H*W positions and walks C in
 chunks of BLOCK_C; the tile is (BLOCK_C, BLOCK_HW), so loads are coalesced along
 H*W for contiguous inputs and along C for channels_last (block sizes follow the
-strides, see ``tiles.py``). Results land directly in the (N, K, T, H, W) output:
-no partial buffers, no atomics.
+strides, see ``tiles.py``). Results land directly in their output, (N, 2, T, H, W)
+pooled or (K, N, T, H, W) gradients: no partial buffers, no atomics.
 """
 import triton
 import triton.language as tl
