@@ -11,8 +11,6 @@ the host with ``torch.sum`` of a small tensor. Deterministic, no atomics.
 import triton
 import triton.language as tl
 
-BN_NONE, BN_BATCH, BN_RUNNING = 0, 1, 2  # primitives.BN_* (kept literal for constexpr use)
-
 
 @triton.jit
 def _gate_block(M, D1, D2, D3, BLOCK: tl.constexpr):
@@ -67,7 +65,8 @@ def bn_fold_kernel(part_ptr, num_parts, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr
                    MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr):
     """One program: the statistics that normalise z, and (scale, shift) with
-    gate = sigmoid(scale * z + shift). MODE none gives (1, 0) and zero stats."""
+    gate = sigmoid(scale * z + shift). MODE is primitives.BN_*: 0 none ((1, 0), zero
+    stats), 1 batch statistics, 2 running statistics."""
     if MODE == 0:
         tl.store(ss_ptr, tl.full([], 1.0, ACC))
         tl.store(ss_ptr + 1, tl.full([], 0.0, ACC))

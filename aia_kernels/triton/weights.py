@@ -16,8 +16,6 @@ pointer and argmax pointer per axis).
 import triton
 import triton.language as tl
 
-# Axis codes, in the order of the gate-layout table.
-AXIS_C, AXIS_T, AXIS_H, AXIS_W = 0, 1, 2, 3
 NO_FACTOR, C_FACTOR, ST_FACTOR = 0, 1, 2
 UP_FULL, UP_C, UP_THW = 0, 1, 2
 # Which factor's gradient a reduction computes (weight_grad); -1 in forward passes.
@@ -26,7 +24,8 @@ NO_EXCLUDE = -1
 
 @triton.jit
 def gate_offset(AXIS: tl.constexpr, n, t, c, h, w, T, C, H, W):
-    """(offset of one batch item's block, offset inside it, block size) in the gate layout."""
+    """(offset inside one batch item's block, block size) in the gate layout of AXIS:
+    0 = C, 1 = T, 2 = H, 3 = W."""
     if AXIS == 0:    # C gate: (N, T, H, W)
         rel = (t * H + h) * W + w
         size = T * H * W
