@@ -212,7 +212,8 @@ def _update_running_stats(bn: nn.BatchNorm3d, stats: Tensor, count: int) -> None
         return
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
-        factor = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
+        # momentum=None: cumulative average; the factor in the buffers' dtype (1 / int64 tensor is float32)
+        factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype) if bn.momentum is None else bn.momentum
         mean, var = stats[0], stats[1] * (count / (count - 1))  # running var is unbiased
         bn.running_mean.mul_(1 - factor).add_(factor * mean.to(bn.running_mean.dtype))
         bn.running_var.mul_(1 - factor).add_(factor * var.to(bn.running_var.dtype))
