@@ -53,7 +53,10 @@ def main(argv=None) -> list[dict]:
     for name, reason in skipped.items():
         if reason:
             print(f"[{name}] not run: {reason}")
-    print(f"input {tuple(args.shape)} on {device}, num_segments={args.segments}, float32, train mode\n")
+    print(f"input {tuple(args.shape)} on {device}, num_segments={args.segments}, float32, train mode")
+    if device.type == "cpu" and not skipped.get("triton"):
+        print("note: on the CPU, triton runs through Triton's interpreter: its times are not kernel timings")
+    print()
     print(f"{'variant':14s} {'backend':10s} {'max|dy|':>10s} {'max|dx|':>10s} {'fwd+bwd ms':>11s}")
     rows = []
     for variant in args.variants:
