@@ -88,6 +88,50 @@ void gate_plane(int axis, const acc_t* gate, const Dims& d, int64_t n, int64_t t
   }
 }
 
+// Row reductions with kLanes independent accumulators, so that they vectorise without
+// -ffast-math; the summation order is fixed, so results stay deterministic.
+constexpr int kLanes = 8;
+
+template <typename acc_t>
+acc_t lane_total(const acc_t* lane) {
+  acc_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += lane[l];
+  return s;
+}
+
+// lane += a[i] * b[i] over [0, len) (b == nullptr: lane += a[i]).
+template <typename acc_t>
+void lane_dot(const acc_t* a, const acc_t* b, int64_t len, acc_t* lane) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += a[i + l] * (b ? b[i + l] : acc_t(1));
+  for (; i < len; ++i) lane[0] += a[i] * (b ? b[i] : acc_t(1));
+}
+
+// Max (first index on ties), and sum of a row.
+template <typename acc_t>
+void row_max_sum(const acc_t* row, int64_t len, acc_t& mx, int32_t& arg, acc_t& sum) {
+  acc_t lmax[kLanes], lsum[kLanes] = {};
+  for (int l = 0; l < kLanes; ++l) lmax[l] = row[0];
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      lmax[l] = row[i + l] > lmax[l] ? row[i + l] : lmax[l];
+      lsum[l] += row[i + l];
+    }
+  }
+  for (; i < len; ++i) {
+    lmax[0] = row[i] > lmax[0] ? row[i] : lmax[0];
+    lsum[0] += row[i];
+  }
+  mx = lmax[0];
+  for (int l = 1; l < kLanes; ++l) mx = lmax[l] > mx ? lmax[l] : mx;
+  arg = 0;
+  while (arg < len && !(row[arg] == mx)) ++arg;
+  if (arg == len) arg = 0;  // NaN row
+  sum = lane_total(lsum);
+}
+
 // Per-thread buffers of HW elements, and the weight of the current plane.
 template <typename acc_t>
 struct PlaneScratch {
@@ -163,19 +207,19 @@ void upstream_plane(const Upstream<scalar_t, acc_t>& up, const Dims& d, int64_t 
     const acc_t* gmax = up.grad[i] + pooled_max_offset(g, n, sample);
     const acc_t* gmean = up.grad[i] + pooled_mean_offset(g, n, sample);
     const int32_t* arg = up.argmax[i] + g;
-    const acc_t len = acc_t(axis_length(axis, d));
+    const acc_t inv_len = acc_t(1) / acc_t(axis_length(axis, d));
     if (axis == kAxisC || axis == kAxisT) {
       const int32_t pos = static_cast<int32_t>(axis == kAxisC ? c : t);
-      for (int64_t j = 0; j < HW; ++j) out[j] += gmean[j] / len + (arg[j] == pos ? gmax[j] : acc_t(0));
+      for (int64_t j = 0; j < HW; ++j) out[j] += gmean[j] * inv_len + (arg[j] == pos ? gmax[j] : acc_t(0));
     } else if (axis == kAxisH) {
       for (int64_t h = 0; h < H; ++h) {
         acc_t* o = out + h * W;
-        for (int64_t w = 0; w < W; ++w) o[w] += gmean[w] / len + (arg[w] == h ? gmax[w] : acc_t(0));
+        for (int64_t w = 0; w < W; ++w) o[w] += gmean[w] * inv_len + (arg[w] == h ? gmax[w] : acc_t(0));
       }
     } else {
       for (int64_t h = 0; h < H; ++h) {
         acc_t* o = out + h * W;
-        const acc_t spread = gmean[h * d.C] / len;
+        const acc_t spread = gmean[h * d.C] * inv_len;
         for (int64_t w = 0; w < W; ++w) o[w] += spread;
         o[arg[h * d.C]] += gmax[h * d.C];
       }
@@ -271,16 +315,9 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
         if (P[kAxisW] != nullptr) {
           acc_t* pm = P[kAxisW];
           for (int64_t h = 0; h < H; ++h) {
-            const acc_t* row = y + h * W;
-            acc_t m = row[0], sum = row[0];
-            int32_t a = 0;
-            for (int64_t w = 1; w < W; ++w) {
-              if (row[w] > m) {
-                m = row[w];
-                a = static_cast<int32_t>(w);
-              }
-              sum += row[w];
-            }
+            acc_t m, sum;
+            int32_t a;
+            row_max_sum(y + h * W, W, m, a, sum);
             const int64_t g = gate_offset(kAxisW, d, n, t, c, h, 0);
             pm[pooled_max_offset(g, n, sW)] = m;
             pm[pooled_mean_offset(g, n, sW)] = sum / acc_t(W);
@@ -416,9 +453,9 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
               }
               default: {
                 for (int64_t h = 0; h < H; ++h) {
-                  acc_t sum = 0;
-                  for (int64_t w = 0; w < W; ++w) sum += r[h * W + w];
-                  out[gate_offset(kAxisW, d, n, t, c, h, 0)] = sum;
+                  acc_t lane[kLanes] = {};
+                  lane_dot<acc_t>(r + h * W, nullptr, W, lane);
+                  out[gate_offset(kAxisW, d, n, t, c, h, 0)] = lane_total(lane);
                 }
               }
             }
@@ -550,16 +587,16 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
       tap_range(k1 - 1, d.D1, a0, a1);
       tap_range(k2 - 1, d.D2, b0, b1);
       tap_range(k3 - 1, d.D3, c0, c1);
-      double total = 0;
+      double total = 0;  // lanes summed per (n, a) slab, slabs in double
       for (int64_t n = 0; n < d.N; ++n) {
         for (int64_t a = a0; a < a1; ++a) {
+          acc_t lane[kLanes] = {};
           for (int64_t b = b0; b < b1; ++b) {
             const acc_t* g = dz + n * D123 + a * D23 + b * d.D3;
             const acc_t* p = P + (n * 2 + ci) * D123 + (a + k1 - 1) * D23 + (b + k2 - 1) * d.D3 + (k3 - 1);
-            acc_t row = 0;
-            for (int64_t c = c0; c < c1; ++c) row += g[c] * p[c];
-            total += static_cast<double>(row);
+            lane_dot(g + c0, p + c0, c1 - c0, lane);
           }
+          total += static_cast<double>(lane_total(lane));
         }
       }
       dw[tap] = static_cast<acc_t>(total);
