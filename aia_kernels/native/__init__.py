@@ -25,7 +25,8 @@ from ..primitives import GateForward, GateGrads, PooledGrad, WeightValue, gate_s
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("aia_ops.cpp", "aia_cpu.cpp")
 CUDA_SOURCES = ("aia_cuda.cu",)
-CXX_FLAGS = ["-O3"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "").split()
+# -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
+CXX_FLAGS = ["-O3"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
 
 _lock = threading.Lock()
