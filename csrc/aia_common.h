@@ -60,6 +60,30 @@ AIA_HD int64_t gate_offset(int axis, const Dims& d, int64_t n, int64_t t, int64_
   }
 }
 
+struct Coords {
+  int64_t n, t, c, h, w;
+};
+
+// Inverse of gate_offset: element `pos` along the pooled axis of gate entry `g`.
+AIA_HD Coords gate_coords(int axis, const Dims& d, int64_t g, int64_t pos) {
+  Coords x;
+  switch (axis) {
+    case kAxisC: x.w = g % d.W; x.h = g / d.W % d.H; x.t = g / (d.W * d.H) % d.T; x.n = g / (d.W * d.H * d.T); x.c = pos; break;
+    case kAxisT: x.w = g % d.W; x.h = g / d.W % d.H; x.c = g / (d.W * d.H) % d.C; x.n = g / (d.W * d.H * d.C); x.t = pos; break;
+    case kAxisH: x.w = g % d.W; x.c = g / d.W % d.C; x.t = g / (d.W * d.C) % d.T; x.n = g / (d.W * d.C * d.T); x.h = pos; break;
+    default:     x.c = g % d.C; x.h = g / d.C % d.H; x.t = g / (d.C * d.H) % d.T; x.n = g / (d.C * d.H * d.T); x.w = pos;
+  }
+  return x;
+}
+
+// Logical (n, t, c, h, w) of a flat index into the (N, T, C, H, W) shape.
+AIA_HD Coords element_coords(const Dims& d, int64_t i) {
+  Coords x;
+  x.w = i % d.W; x.h = i / d.W % d.H; x.c = i / (d.W * d.H) % d.C; x.t = i / (d.W * d.H * d.C) % d.T;
+  x.n = i / (d.W * d.H * d.C * d.T);
+  return x;
+}
+
 // Offsets of the max and mean channels of a pooled tensor (N, 2, D1, D2, D3) for
 // gate offset `g` of sample n.
 AIA_HD int64_t pooled_max_offset(int64_t g, int64_t n, int64_t sample) { return g + n * sample; }

@@ -27,7 +27,7 @@ CPU_SOURCES = ("aia_ops.cpp", "aia_cpu.cpp")
 CUDA_SOURCES = ("aia_cuda.cu",)
 # -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
 CXX_FLAGS = ["-O3"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "error": build failure message, "cuda": built with CUDA
