@@ -504,100 +504,108 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
   });
 }
 
-// ---- Conv3d(2 -> 1, 3x3x3, padding 1): row-wise (vectorisable along D3) ----
+// ---- Conv3d(2 -> 1, 3x3x3, padding 1) ----
+// Inputs are copied into zero-padded volumes (D1 + 2, D2 + 2, D3 + 2), and a (D2, D3)
+// slice is handled as one flat run with row pitch R = D3 + 2: each tap is then a
+// single long contiguous loop (no bounds checks, vectorisable even for 7x7 slices);
+// the two pitch columns past D3 hold garbage (forward) or zeros (weight gradient).
 
-// Valid output range [lo, hi) of a tap with offset `off` (-1, 0, 1) along an axis of length n.
-inline void tap_range(int off, int64_t n, int64_t& lo, int64_t& hi) {
-  lo = std::max<int64_t>(0, -off);
-  hi = std::min<int64_t>(n, n - off);
+struct Padded {
+  int64_t R, slice, volume;  // row pitch, padded (D2, D3) slice, padded volume
+  int64_t run;               // flat length covering every valid (b, c): (D2 - 1) * R + D3
+};
+
+Padded padded(const ConvDims& d) {
+  Padded p;
+  p.R = d.D3 + 2;
+  p.slice = (d.D2 + 2) * p.R;
+  p.volume = (d.D1 + 2) * p.slice;
+  p.run = (d.D2 - 1) * p.R + d.D3;
+  return p;
 }
 
+// `count` volumes (D1, D2, D3) -> zero-padded volumes.
+template <typename acc_t>
+std::vector<acc_t> pad_volumes(const acc_t* src, int64_t count, const ConvDims& d) {
+  const Padded p = padded(d);
+  std::vector<acc_t> dst(static_cast<size_t>(count * p.volume), acc_t(0));
+  for (int64_t v = 0; v < count; ++v)
+    for (int64_t a = 0; a < d.D1; ++a)
+      for (int64_t b = 0; b < d.D2; ++b)
+        std::copy(src + ((v * d.D1 + a) * d.D2 + b) * d.D3, src + ((v * d.D1 + a) * d.D2 + b + 1) * d.D3,
+                  dst.data() + v * p.volume + (a + 1) * p.slice + (b + 1) * p.R + 1);
+  return dst;
+}
+
+// out[b * R + c] (pitched) -> dst[b * D3 + c]
+template <typename acc_t>
+void unpitch(const acc_t* out, const ConvDims& d, int64_t R, acc_t* dst) {
+  for (int64_t b = 0; b < d.D2; ++b) std::copy(out + b * R, out + b * R + d.D3, dst + b * d.D3);
+}
+
+// z[n, a] = sum_{ci, k} w[ci, k] * Ppad[n, ci, a + k1, k2 + b, k3 + c]
 template <typename acc_t>
 void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z) {
-  const int64_t D23 = d.D2 * d.D3, D123 = d.D1 * D23;
-  at::parallel_for(0, d.N * d.D1, grain_for(54 * D23), [&](int64_t begin, int64_t end) {
+  const Padded p = padded(d);
+  const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d);
+  at::parallel_for(0, d.N * d.D1, grain_for(54 * p.slice), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> out(static_cast<size_t>(p.slice));
     for (int64_t na = begin; na < end; ++na) {
       const int64_t n = na / d.D1, a = na % d.D1;
-      acc_t* zrow = z + na * D23;
-      std::fill(zrow, zrow + D23, acc_t(0));
-      for (int ci = 0; ci < 2; ++ci) {
-        for (int k1 = 0; k1 < 3; ++k1) {
-          const int64_t i1 = a + k1 - 1;
-          if (!in_range(i1, d.D1)) continue;
-          const acc_t* p = P + (n * 2 + ci) * D123 + i1 * D23;
-          for (int k2 = 0; k2 < 3; ++k2) {
-            int64_t b0, b1;
-            tap_range(k2 - 1, d.D2, b0, b1);
-            for (int k3 = 0; k3 < 3; ++k3) {
-              int64_t c0, c1;
-              tap_range(k3 - 1, d.D3, c0, c1);
-              const acc_t w = wt[((ci * 3 + k1) * 3 + k2) * 3 + k3];
-              for (int64_t b = b0; b < b1; ++b) {
-                acc_t* zr = zrow + b * d.D3;
-                const acc_t* pr = p + (b + k2 - 1) * d.D3 + (k3 - 1);
-                for (int64_t c = c0; c < c1; ++c) zr[c] += w * pr[c];
-              }
-            }
-          }
-        }
+      std::fill(out.begin(), out.end(), acc_t(0));
+      for (int tap = 0; tap < 54; ++tap) {
+        const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
+        const acc_t w = wt[tap];
+        const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
+        for (int64_t i = 0; i < p.run; ++i) out[i] += w * src[i];
       }
+      unpitch(out.data(), d, p.R, z + na * d.D2 * d.D3);
     }
   });
 }
 
+// dP[n, ci, a] = sum_k w[ci, k] * dzpad[n, a + 2 - k1, 2 - k2 + b, 2 - k3 + c]
 template <typename acc_t>
 void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d, acc_t* dP) {
-  const int64_t D23 = d.D2 * d.D3, D123 = d.D1 * D23;
-  at::parallel_for(0, d.N * 2 * d.D1, grain_for(27 * D23), [&](int64_t begin, int64_t end) {
+  const Padded p = padded(d);
+  const std::vector<acc_t> dzpad = pad_volumes(dz, d.N, d);
+  at::parallel_for(0, d.N * 2 * d.D1, grain_for(27 * p.slice), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> out(static_cast<size_t>(p.slice));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t a = item % d.D1, ci = item / d.D1 % 2, n = item / (2 * d.D1);
-      acc_t* out = dP + item * D23;
-      std::fill(out, out + D23, acc_t(0));
-      for (int k1 = 0; k1 < 3; ++k1) {
-        const int64_t i1 = a - k1 + 1;
-        if (!in_range(i1, d.D1)) continue;
-        const acc_t* g = dz + n * D123 + i1 * D23;
-        for (int k2 = 0; k2 < 3; ++k2) {
-          int64_t b0, b1;
-          tap_range(1 - k2, d.D2, b0, b1);
-          for (int k3 = 0; k3 < 3; ++k3) {
-            int64_t c0, c1;
-            tap_range(1 - k3, d.D3, c0, c1);
-            const acc_t w = wt[((ci * 3 + k1) * 3 + k2) * 3 + k3];
-            for (int64_t b = b0; b < b1; ++b) {
-              acc_t* o = out + b * d.D3;
-              const acc_t* gr = g + (b - k2 + 1) * d.D3 + (1 - k3);
-              for (int64_t c = c0; c < c1; ++c) o[c] += w * gr[c];
-            }
-          }
-        }
+      std::fill(out.begin(), out.end(), acc_t(0));
+      for (int k = 0; k < 27; ++k) {
+        const int k1 = k / 9, k2 = k / 3 % 3, k3 = k % 3;
+        const acc_t w = wt[ci * 27 + k];
+        const acc_t* src = dzpad.data() + n * p.volume + (a + 2 - k1) * p.slice + (2 - k2) * p.R + (2 - k3);
+        for (int64_t i = 0; i < p.run; ++i) out[i] += w * src[i];
       }
+      unpitch(out.data(), d, p.R, dP + item * d.D2 * d.D3);
     }
   });
 }
 
+// dw[ci, k] = sum_{n, a} sum_run Ppad[n, ci, a + k1, k2 + ., k3 + .] * dz_pitched[n, a, .]
 template <typename acc_t>
 void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d, acc_t* dw) {
-  const int64_t D23 = d.D2 * d.D3, D123 = d.D1 * D23;
-  // One tap per task; rows summed in a fixed order, in double for float32 too.
+  const Padded p = padded(d);
+  const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d);
+  // dz with row pitch R and zero pitch columns, one (D2, D3) slice per (n, a).
+  std::vector<acc_t> dzp(static_cast<size_t>(d.N * d.D1 * p.slice), acc_t(0));
+  for (int64_t na = 0; na < d.N * d.D1; ++na)
+    for (int64_t b = 0; b < d.D2; ++b)
+      std::copy(dz + (na * d.D2 + b) * d.D3, dz + (na * d.D2 + b + 1) * d.D3, dzp.data() + na * p.slice + b * p.R);
+  // One tap per task; lanes summed per (n, a) slice, slices in double: fixed order.
   at::parallel_for(0, 54, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tap = begin; tap < end; ++tap) {
-      const int ci = static_cast<int>(tap / 27), k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
-      int64_t a0, a1, b0, b1, c0, c1;
-      tap_range(k1 - 1, d.D1, a0, a1);
-      tap_range(k2 - 1, d.D2, b0, b1);
-      tap_range(k3 - 1, d.D3, c0, c1);
-      double total = 0;  // lanes summed per (n, a) slab, slabs in double
-      for (int64_t n = 0; n < d.N; ++n) {
-        for (int64_t a = a0; a < a1; ++a) {
-          acc_t lane[kLanes] = {};
-          for (int64_t b = b0; b < b1; ++b) {
-            const acc_t* g = dz + n * D123 + a * D23 + b * d.D3;
-            const acc_t* p = P + (n * 2 + ci) * D123 + (a + k1 - 1) * D23 + (b + k2 - 1) * d.D3 + (k3 - 1);
-            lane_dot(g + c0, p + c0, c1 - c0, lane);
-          }
-          total += static_cast<double>(lane_total(lane));
-        }
+      const int64_t ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
+      double total = 0;
+      for (int64_t na = 0; na < d.N * d.D1; ++na) {
+        const int64_t n = na / d.D1, a = na % d.D1;
+        const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
+        acc_t lane[kLanes] = {};
+        lane_dot(src, dzp.data() + na * p.slice, p.run, lane);
+        total += static_cast<double>(lane_total(lane));
       }
       dw[tap] = static_cast<acc_t>(total);
     }
