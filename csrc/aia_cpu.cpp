@@ -90,22 +90,40 @@ void gate_plane(int axis, const acc_t* gate, const Dims& d, int64_t n, int64_t t
 
 // Row reductions with kLanes independent accumulators, so that they vectorise without
 // -ffast-math; the summation order is fixed, so results stay deterministic.
+// kLanes for rows (often short, W <= 56); kRunLanes for long runs: several independent
+// vector accumulators hide the add latency.
 constexpr int kLanes = 8;
+constexpr int kRunLanes = 32;
 
-template <typename acc_t>
+template <int L = kLanes, typename acc_t>
 acc_t lane_total(const acc_t* lane) {
   acc_t s = 0;
-  for (int l = 0; l < kLanes; ++l) s += lane[l];
+  for (int l = 0; l < L; ++l) s += lane[l];
   return s;
 }
 
-// lane += a[i] * b[i] over [0, len) (b == nullptr: lane += a[i]).
-template <typename acc_t>
+// lane += a[i] * b[i] over [0, len). (Local accumulators: `lane` might alias a or b.)
+template <int L, typename acc_t>
 void lane_dot(const acc_t* a, const acc_t* b, int64_t len, acc_t* lane) {
+  acc_t s[L];
+  for (int l = 0; l < L; ++l) s[l] = lane[l];
+  int64_t i = 0;
+  for (; i + L <= len; i += L)
+    for (int l = 0; l < L; ++l) s[l] += a[i + l] * b[i + l];
+  for (; i < len; ++i) s[0] += a[i] * b[i];
+  for (int l = 0; l < L; ++l) lane[l] = s[l];
+}
+
+// lane += a[i] over [0, len).
+template <typename acc_t>
+void lane_sum(const acc_t* a, int64_t len, acc_t* lane) {
+  acc_t s[kLanes];
+  for (int l = 0; l < kLanes; ++l) s[l] = lane[l];
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += a[i + l] * (b ? b[i + l] : acc_t(1));
-  for (; i < len; ++i) lane[0] += a[i] * (b ? b[i] : acc_t(1));
+    for (int l = 0; l < kLanes; ++l) s[l] += a[i + l];
+  for (; i < len; ++i) s[0] += a[i];
+  for (int l = 0; l < kLanes; ++l) lane[l] = s[l];
 }
 
 // Max (first index on ties), and sum of a row.
@@ -454,7 +472,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
               default: {
                 for (int64_t h = 0; h < H; ++h) {
                   acc_t lane[kLanes] = {};
-                  lane_dot<acc_t>(r + h * W, nullptr, W, lane);
+                  lane_sum(r + h * W, W, lane);
                   out[gate_offset(kAxisW, d, n, t, c, h, 0)] = lane_total(lane);
                 }
               }
@@ -595,21 +613,27 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
   for (int64_t na = 0; na < d.N * d.D1; ++na)
     for (int64_t b = 0; b < d.D2; ++b)
       std::copy(dz + (na * d.D2 + b) * d.D3, dz + (na * d.D2 + b + 1) * d.D3, dzp.data() + na * p.slice + b * p.R);
-  // One tap per task; lanes summed per (n, a) slice, slices in double: fixed order.
-  at::parallel_for(0, 54, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tap = begin; tap < end; ++tap) {
-      const int64_t ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
-      double total = 0;
-      for (int64_t na = 0; na < d.N * d.D1; ++na) {
-        const int64_t n = na / d.D1, a = na % d.D1;
+  // Per (n, a) slice, all 54 taps while the slice is in cache; then the slices' sums
+  // are added in a fixed order (in double), whatever the thread count.
+  const int64_t slices = d.N * d.D1;
+  std::vector<double> partial(static_cast<size_t>(slices * 54));
+  at::parallel_for(0, slices, grain_for(54 * p.slice), [&](int64_t begin, int64_t end) {
+    for (int64_t na = begin; na < end; ++na) {
+      const int64_t n = na / d.D1, a = na % d.D1;
+      for (int tap = 0; tap < 54; ++tap) {
+        const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
         const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
-        acc_t lane[kLanes] = {};
-        lane_dot(src, dzp.data() + na * p.slice, p.run, lane);
-        total += static_cast<double>(lane_total(lane));
+        acc_t lane[kRunLanes] = {};
+        lane_dot<kRunLanes>(src, dzp.data() + na * p.slice, p.run, lane);
+        partial[na * 54 + tap] = static_cast<double>(lane_total<kRunLanes>(lane));
       }
-      dw[tap] = static_cast<acc_t>(total);
     }
   });
+  for (int tap = 0; tap < 54; ++tap) {
+    double total = 0;
+    for (int64_t na = 0; na < slices; ++na) total += partial[na * 54 + tap];
+    dw[tap] = static_cast<acc_t>(total);
+  }
 }
 
 ConvDims conv_dims(const at::Tensor& t) {  // t: (N, ., D1, D2, D3) or (N, D1, D2, D3)
