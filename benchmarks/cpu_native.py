@@ -82,6 +82,11 @@ def main() -> None:
         row = {"shape": list(shape)}
         row["eager_ms"] = 1e3 * statistics.median(time_fwd_bwd(ref, x, grad, args.reps, args.warmup))
         if not args.no_compile:
+            # The reference calls one gate function per (unit, axis): allow its recompiles,
+            # and start each shape afresh, so nothing falls back to eager silently.
+            torch._dynamo.reset()
+            torch._dynamo.config.recompile_limit = 256
+            torch._dynamo.config.accumulated_recompile_limit = 4096
             compiled = torch.compile(ref)
             start = time.perf_counter()
             time_fwd_bwd(compiled, x, grad, 1, 0)

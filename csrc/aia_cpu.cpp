@@ -41,6 +41,10 @@ StridedPlane<scalar_t> plane_of(scalar_t* data, const Strides5& s, int64_t n, in
 
 template <typename scalar_t, typename acc_t>
 void load_plane(const StridedPlane<const scalar_t>& p, int64_t H, int64_t W, acc_t* out) {
+  if (p.sw == 1 && p.sh == W) {  // contiguous plane: one flat loop (small planes vectorise too)
+    for (int64_t i = 0; i < H * W; ++i) out[i] = static_cast<acc_t>(p.base[i]);
+    return;
+  }
   for (int64_t h = 0; h < H; ++h) {
     const scalar_t* row = p.base + h * p.sh;
     acc_t* o = out + h * W;
@@ -54,6 +58,10 @@ void load_plane(const StridedPlane<const scalar_t>& p, int64_t H, int64_t W, acc
 
 template <typename scalar_t, typename acc_t>
 void store_plane(const acc_t* in, int64_t H, int64_t W, const StridedPlane<scalar_t>& p) {
+  if (p.sw == 1 && p.sh == W) {
+    for (int64_t i = 0; i < H * W; ++i) p.base[i] = static_cast<scalar_t>(in[i]);
+    return;
+  }
   for (int64_t h = 0; h < H; ++h) {
     scalar_t* row = p.base + h * p.sh;
     const acc_t* x = in + h * W;
@@ -71,13 +79,14 @@ void gate_plane(int axis, const acc_t* gate, const Dims& d, int64_t n, int64_t t
                 bool accumulate) {
   const int64_t H = d.H, W = d.W;
   const acc_t* g = gate + gate_offset(axis, d, n, t, c, 0, 0);
+  if (axis == kAxisC || axis == kAxisT) {  // a full, contiguous (H, W) plane of the gate
+    if (accumulate) for (int64_t i = 0; i < H * W; ++i) out[i] += g[i];
+    else            for (int64_t i = 0; i < H * W; ++i) out[i] = g[i];
+    return;
+  }
   for (int64_t h = 0; h < H; ++h) {
     acc_t* o = out + h * W;
-    if (axis == kAxisC || axis == kAxisT) {  // a full (H, W) plane of the gate
-      const acc_t* row = g + h * W;
-      if (accumulate) for (int64_t w = 0; w < W; ++w) o[w] += row[w];
-      else            for (int64_t w = 0; w < W; ++w) o[w] = row[w];
-    } else if (axis == kAxisH) {  // one value per w, the same in every row
+    if (axis == kAxisH) {  // one value per w, the same in every row
       if (accumulate) for (int64_t w = 0; w < W; ++w) o[w] += g[w];
       else            for (int64_t w = 0; w < W; ++w) o[w] = g[w];
     } else {  // W gate: one value per h (stride C in its layout)
