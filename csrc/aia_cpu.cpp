@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "aia_host.h"
@@ -719,6 +720,55 @@ at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz) {
     conv_weight_grad_kernel(pooled.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), d, dw.data_ptr<scalar_t>());
   });
   return dw;
+}
+
+BatchStats batch_stats(const at::Tensor& z) {
+  BatchStats st{0, 0};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_batch_stats_cpu", [&] {
+    const scalar_t* p = z.data_ptr<scalar_t>();
+    const int64_t m = z.numel();
+    double sum = 0, sq = 0;
+    for (int64_t i = 0; i < m; ++i) sum += p[i];
+    st.mean = sum / m;
+    for (int64_t i = 0; i < m; ++i) sq += (p[i] - st.mean) * (p[i] - st.mean);
+    st.var = sq / m;
+  });
+  return st;
+}
+
+GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, double scale, double shift, bool has_bn,
+                      bool batch, double mean, double var, double gamma, double eps) {
+  const at::Tensor g = (z * scale).add_(shift).sigmoid_();  // ATen's vectorised sigmoid
+  const at::Tensor gg = gate_grad.to(z.scalar_type()).contiguous();
+  at::Tensor dz = at::empty_like(z);
+  GateZGrad out{dz, 0, 0};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_gate_z_grad_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* gp = g.data_ptr<acc_t>();
+    const acc_t* ggp = gg.data_ptr<acc_t>();
+    const acc_t* zp = z.data_ptr<acc_t>();
+    acc_t* dzp = dz.data_ptr<acc_t>();
+    const int64_t m = z.numel();
+    for (int64_t i = 0; i < m; ++i) dzp[i] = ggp[i] * gp[i] * (acc_t(1) - gp[i]);  // dy
+    if (!has_bn) return;
+    const double rstd = 1.0 / std::sqrt(var + eps);
+    double sum_dy = 0, sum_dy_zhat = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      sum_dy += dzp[i];
+      sum_dy_zhat += dzp[i] * ((zp[i] - mean) * rstd);
+    }
+    out.dbn_weight = sum_dy_zhat;
+    out.dbn_bias = sum_dy;
+    const acc_t k = static_cast<acc_t>(gamma * rstd);
+    if (batch) {  // mean and var depend on z too
+      const acc_t mean_dy = static_cast<acc_t>(sum_dy / m), mean_dy_zhat = static_cast<acc_t>(sum_dy_zhat / m);
+      const acc_t mu = static_cast<acc_t>(mean), r = static_cast<acc_t>(rstd);
+      for (int64_t i = 0; i < m; ++i) dzp[i] = k * (dzp[i] - mean_dy - (zp[i] - mu) * r * mean_dy_zhat);
+    } else {
+      for (int64_t i = 0; i < m; ++i) dzp[i] *= k;
+    }
+  });
+  return out;
 }
 
 }  // namespace cpu

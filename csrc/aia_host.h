@@ -114,6 +114,23 @@ Upstream<scalar_t, acc_t> make_upstream(const UpstreamSpec& spec) {
 
 namespace cpu {
 AIA_DECLARE_DEVICE_ENTRY_POINTS
+
+// CPU fast paths of the gate's BN on the small conv output (the CUDA path composes
+// ATen ops in aia_ops.cpp): sequential double sums, so fixed order and few passes.
+struct BatchStats {
+  double mean, var;  // biased variance, as BatchNorm normalises
+};
+BatchStats batch_stats(const at::Tensor& z);
+
+// d loss / d z of gate = sigmoid(scale * z + shift), where BN folded into (scale, shift)
+// normalised z with (mean, var) (batch: they depend on z too). Also the BN parameter
+// gradients: sum(dy * zhat) and sum(dy), dy = d loss / d (BN output).
+struct GateZGrad {
+  at::Tensor dz;
+  double dbn_weight, dbn_bias;
+};
+GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, double scale, double shift, bool has_bn,
+                      bool batch, double mean, double var, double gamma, double eps);
 }
 namespace cuda {
 AIA_DECLARE_DEVICE_ENTRY_POINTS

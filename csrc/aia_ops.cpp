@@ -10,6 +10,7 @@
 //             int[] up_counts = per term -1 (next dout) or the number of pooled items
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -222,14 +223,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
   if (bn_mode == kBnNone) {
     return {z, at::tensor({1.0, 0.0}, z.options()), at::zeros({2}, z.options())};
   }
+  TORCH_CHECK(bn_mode == kBnBatch || bn_mode == kBnRunning, "aia_native: unknown bn_mode ", bn_mode);
+  TORCH_CHECK(bn_mode == kBnBatch || (running_mean.has_value() && running_var.has_value()),
+              "aia_native: eval BN needs running stats");
+  TORCH_CHECK(bn_mode != kBnBatch || z.numel() > 1, "aia_native: batch statistics need more than one value");
+  if (!z.is_cuda()) {  // CPU: the few scalars on the host, no small ATen ops
+    const auto value = [](const c10::optional<at::Tensor>& t, double fallback) {
+      return t.has_value() && t->defined() ? t->item<double>() : fallback;
+    };
+    double mean, var;
+    if (bn_mode == kBnBatch) {
+      const cpu::BatchStats st = cpu::batch_stats(z);
+      mean = st.mean;
+      var = st.var;
+    } else {
+      mean = value(running_mean, 0.0);
+      var = value(running_var, 1.0);
+    }
+    const double scale = value(bn_weight, 1.0) / std::sqrt(var + eps);
+    const double shift = value(bn_bias, 0.0) - mean * scale;
+    return {z, at::tensor({scale, shift}, z.options()), at::tensor({mean, var}, z.options())};
+  }
   at::Tensor mean, var;
   if (bn_mode == kBnBatch) {
-    TORCH_CHECK(z.numel() > 1, "aia_native: batch statistics need more than one value");
     mean = z.mean();
     var = (z - mean).square().mean();  // biased, as BatchNorm normalises
   } else {
-    TORCH_CHECK(bn_mode == kBnRunning, "aia_native: unknown bn_mode ", bn_mode);
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value(), "aia_native: eval BN needs running stats");
     mean = scalar_of(running_mean, z, 0.0);
     var = scalar_of(running_var, z, 1.0);
   }
@@ -247,21 +266,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
   TORCH_CHECK(z.dim() == 4 && z.size(0) == pooled.size(0) && z.sizes().slice(1) == pooled.sizes().slice(2),
               "aia_native: z must be (N, D1, D2, D3) of pooled");
   TORCH_CHECK(gate_grad.sizes() == z.sizes(), "aia_native: gate_grad must have z's shape");
-  const at::Tensor gz = gate_grad.to(z.scalar_type());
-  const at::Tensor g = at::sigmoid(z * scale_shift[0] + scale_shift[1]);
-  const at::Tensor dy = gz * g * (1 - g);  // d loss / d (BN output)
-  at::Tensor dz = dy, dbn_w, dbn_b;
-  if (bn_mode != kBnNone) {
-    const at::Tensor mean = bn_stats[0], rstd = at::rsqrt(bn_stats[1] + eps);
-    const at::Tensor zhat = (z - mean) * rstd;
-    const at::Tensor dzhat = dy * scalar_of(bn_weight, z, 1.0);
-    if (bn_mode == kBnBatch) {  // mean and var depend on z too
-      dz = rstd * (dzhat - dzhat.mean() - zhat * (dzhat * zhat).mean());
-    } else {
-      dz = dzhat * rstd;
+  at::Tensor dz, dbn_w, dbn_b;
+  if (!z.is_cuda()) {
+    const at::Tensor ss = scale_shift.to(at::kDouble), stats = bn_stats.to(at::kDouble);
+    const double* s2 = ss.data_ptr<double>();
+    const double* st = stats.data_ptr<double>();
+    const double gamma = bn_weight.has_value() && bn_weight->defined() ? bn_weight->item<double>() : 1.0;
+    const cpu::GateZGrad r = cpu::gate_z_grad(gate_grad, z, s2[0], s2[1], bn_mode != kBnNone,
+                                              bn_mode == kBnBatch, st[0], st[1], gamma, eps);
+    dz = r.dz;
+    if (bn_mode != kBnNone && needs[2]) dbn_w = at::full({1}, r.dbn_weight, z.options());
+    if (bn_mode != kBnNone && needs[3]) dbn_b = at::full({1}, r.dbn_bias, z.options());
+  } else {  // the same formulas as ATen ops (device-generic)
+    const at::Tensor g = at::sigmoid(z * scale_shift[0] + scale_shift[1]);
+    const at::Tensor dy = gate_grad.to(z.scalar_type()) * g * (1 - g);  // d loss / d (BN output)
+    dz = dy;
+    if (bn_mode != kBnNone) {
+      const at::Tensor mean = bn_stats[0], rstd = at::rsqrt(bn_stats[1] + eps);
+      const at::Tensor zhat = (z - mean) * rstd;
+      const at::Tensor dzhat = dy * scalar_of(bn_weight, z, 1.0);
+      if (bn_mode == kBnBatch) {  // mean and var depend on z too
+        dz = rstd * (dzhat - dzhat.mean() - zhat * (dzhat * zhat).mean());
+      } else {
+        dz = dzhat * rstd;
+      }
+      if (needs[2]) dbn_w = (dy * zhat).sum().reshape({1});
+      if (needs[3]) dbn_b = dy.sum().reshape({1});
     }
-    if (needs[2]) dbn_w = (dy * zhat).sum().reshape({1});
-    if (needs[3]) dbn_b = dy.sum().reshape({1});
   }
   dz = dz.contiguous();
   const auto empty = [&] { return at::empty({0}, z.options()); };
