@@ -120,6 +120,8 @@ void lane_dot(const acc_t* a, const acc_t* b, int64_t len, acc_t* lane) {
   int64_t i = 0;
   for (; i + L <= len; i += L)
     for (int l = 0; l < L; ++l) s[l] += a[i + l] * b[i + l];
+  for (; i + kLanes <= len; i += kLanes)  // short runs: narrower chunks before the scalar tail
+    for (int l = 0; l < kLanes; ++l) s[l] += a[i + l] * b[i + l];
   for (; i < len; ++i) s[0] += a[i] * b[i];
   for (int l = 0; l < L; ++l) lane[l] = s[l];
 }
@@ -623,25 +625,31 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
   for (int64_t na = 0; na < d.N * d.D1; ++na)
     for (int64_t b = 0; b < d.D2; ++b)
       std::copy(dz + (na * d.D2 + b) * d.D3, dz + (na * d.D2 + b + 1) * d.D3, dzp.data() + na * p.slice + b * p.R);
-  // Per (n, a) slice, all 54 taps while the slice is in cache; then the slices' sums
-  // are added in a fixed order (in double), whatever the thread count.
+  // Slices (n, a) in fixed chunks of about 4K elements (set by the shape, not by the
+  // thread count): per chunk and tap, lanes run over the chunk's slices while they are
+  // in cache; the chunks' sums are then added in order, in double. Deterministic.
   const int64_t slices = d.N * d.D1;
-  std::vector<double> partial(static_cast<size_t>(slices * 54));
-  at::parallel_for(0, slices, grain_for(54 * p.slice), [&](int64_t begin, int64_t end) {
-    for (int64_t na = begin; na < end; ++na) {
-      const int64_t n = na / d.D1, a = na % d.D1;
+  const int64_t per_chunk = std::max<int64_t>(1, 4096 / p.run);
+  const int64_t chunks = (slices + per_chunk - 1) / per_chunk;
+  std::vector<double> partial(static_cast<size_t>(chunks * 54));
+  at::parallel_for(0, chunks, grain_for(54 * per_chunk * p.slice), [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * per_chunk, last = std::min(slices, first + per_chunk);
       for (int tap = 0; tap < 54; ++tap) {
         const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
-        const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
         acc_t lane[kRunLanes] = {};
-        lane_dot<kRunLanes>(src, dzp.data() + na * p.slice, p.run, lane);
-        partial[na * 54 + tap] = static_cast<double>(lane_total<kRunLanes>(lane));
+        for (int64_t na = first; na < last; ++na) {
+          const int64_t n = na / d.D1, a = na % d.D1;
+          const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
+          lane_dot<kRunLanes>(src, dzp.data() + na * p.slice, p.run, lane);
+        }
+        partial[chunk * 54 + tap] = static_cast<double>(lane_total<kRunLanes>(lane));
       }
     }
   });
   for (int tap = 0; tap < 54; ++tap) {
     double total = 0;
-    for (int64_t na = 0; na < slices; ++na) total += partial[na * 54 + tap];
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partial[chunk * 54 + tap];
     dw[tap] = static_cast<acc_t>(total);
   }
 }
