@@ -138,30 +138,6 @@ void lane_sum(const acc_t* a, int64_t len, acc_t* lane) {
   for (int l = 0; l < kLanes; ++l) lane[l] = s[l];
 }
 
-// Max (first index on ties), and sum of a row.
-template <typename acc_t>
-void row_max_sum(const acc_t* row, int64_t len, acc_t& mx, int32_t& arg, acc_t& sum) {
-  acc_t lmax[kLanes], lsum[kLanes] = {};
-  for (int l = 0; l < kLanes; ++l) lmax[l] = row[0];
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      lmax[l] = row[i + l] > lmax[l] ? row[i + l] : lmax[l];
-      lsum[l] += row[i + l];
-    }
-  }
-  for (; i < len; ++i) {
-    lmax[0] = row[i] > lmax[0] ? row[i] : lmax[0];
-    lsum[0] += row[i];
-  }
-  mx = lmax[0];
-  for (int l = 1; l < kLanes; ++l) mx = lmax[l] > mx ? lmax[l] : mx;
-  arg = 0;
-  while (arg < len && !(row[arg] == mx)) ++arg;
-  if (arg == len) arg = 0;  // NaN row
-  sum = lane_total(lsum);
-}
-
 // Per-thread buffers of HW elements, and the weight of the current plane.
 template <typename acc_t>
 struct PlaneScratch {
@@ -276,6 +252,26 @@ void reduce_step(const acc_t* y, int64_t len, int32_t pos, bool first, acc_t* mx
   }
 }
 
+// Max (first index on ties), argmax and sum of every row of an (H, W) plane. Rows are
+// the inner loop, so it is branch-free and the sums keep their sequential order.
+template <typename acc_t>
+void pool_rows(const acc_t* y, int64_t H, int64_t W, acc_t* mx, acc_t* sum, int32_t* arg) {
+  for (int64_t h = 0; h < H; ++h) {
+    mx[h] = y[h * W];
+    sum[h] = y[h * W];
+    arg[h] = 0;
+  }
+  for (int64_t w = 1; w < W; ++w) {
+    for (int64_t h = 0; h < H; ++h) {
+      const acc_t x = y[h * W + w];
+      const bool greater = x > mx[h];
+      mx[h] = greater ? x : mx[h];
+      arg[h] = greater ? static_cast<int32_t>(w) : arg[h];
+      sum[h] += x;
+    }
+  }
+}
+
 // Writes max and mean at gate offset g (a contiguous run of `len` entries).
 template <typename acc_t>
 void write_pooled(const acc_t* mx, const acc_t* sum, const int32_t* arg, int64_t len, acc_t axis_len, acc_t* P,
@@ -329,8 +325,8 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
   at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
     PlaneScratch<acc_t> s(HW);
-    std::vector<acc_t> tmx(HW), tsum(HW), hmx(W), hsum(W);
-    std::vector<int32_t> targ(HW), harg(W);
+    std::vector<acc_t> tmx(HW), tsum(HW), hmx(W), hsum(W), wmx(H), wsum(H);
+    std::vector<int32_t> targ(HW), harg(W), warg(H);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / d.C, c = nc % d.C;
       for (int64_t t = 0; t < d.T; ++t) {
@@ -343,15 +339,14 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                        gate_offset(kAxisH, d, n, t, c, 0, 0), n, sH);
         }
         if (P[kAxisW] != nullptr) {
+          pool_rows(y, H, W, wmx.data(), wsum.data(), warg.data());
           acc_t* pm = P[kAxisW];
-          for (int64_t h = 0; h < H; ++h) {
-            acc_t m, sum;
-            int32_t a;
-            row_max_sum(y + h * W, W, m, a, sum);
-            const int64_t g = gate_offset(kAxisW, d, n, t, c, h, 0);
-            pm[pooled_max_offset(g, n, sW)] = m;
-            pm[pooled_mean_offset(g, n, sW)] = sum / acc_t(W);
-            A[kAxisW][g] = a;
+          const int64_t g0 = gate_offset(kAxisW, d, n, t, c, 0, 0);
+          for (int64_t h = 0; h < H; ++h) {  // entries of consecutive h are C apart
+            const int64_t g = g0 + h * d.C;
+            pm[pooled_max_offset(g, n, sW)] = wmx[h];
+            pm[pooled_mean_offset(g, n, sW)] = wsum[h] / acc_t(W);
+            A[kAxisW][g] = warg[h];
           }
         }
       }
