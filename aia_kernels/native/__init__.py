@@ -26,7 +26,9 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("aia_ops.cpp", "aia_cpu.cpp")
 CUDA_SOURCES = ("aia_cuda.cu",)
 # -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
-CXX_FLAGS = ["-O3"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
+# -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
+CXX_FLAGS = ["-O3", "-fopenmp"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
+LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 _lock = threading.Lock()
@@ -61,7 +63,7 @@ def load(verbose: bool = False) -> None:
         defines = ["-DAIA_WITH_CUDA"] if cuda else []
         try:
             load_extension(name="aia_native_cuda" if cuda else "aia_native", sources=sources,
-                           extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines,
+                           extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines, extra_ldflags=LD_FLAGS,
                            extra_include_paths=[str(CSRC)], build_directory=build_directory(),
                            is_python_module=False, verbose=verbose)
         except Exception as exc:  # the message carries the compiler's output
