@@ -58,7 +58,20 @@ GateSet make_gates(at::TensorList gate_z, at::TensorList gate_ss, c10::string_vi
   for (size_t i = 0; i < gate_z.size(); ++i) {
     check_small(gate_z[i], gate_shape(gates.axis[i], d), v, acc, "gate z");
     check_small(gate_ss[i], {2}, v, acc, "gate scale_shift");
-    gates.values.push_back(at::sigmoid(gate_z[i] * gate_ss[i][0] + gate_ss[i][1]).contiguous());
+    // A gate used by several weights of one call (input_grad) is evaluated once.
+    at::Tensor value;
+    for (size_t j = 0; j < i && !value.defined(); ++j) {
+      if (gate_z[j].is_same(gate_z[i]) && gate_ss[j].is_same(gate_ss[i])) value = gates.values[j];
+    }
+    if (!value.defined()) {
+      if (v.is_cuda()) {
+        value = at::sigmoid(gate_z[i] * gate_ss[i][0] + gate_ss[i][1]);
+      } else {  // host scalars: no small select ops per gate
+        const at::Tensor ss = gate_ss[i].to(at::kDouble);
+        value = (gate_z[i] * ss.data_ptr<double>()[0]).add_(ss.data_ptr<double>()[1]).sigmoid_();
+      }
+    }
+    gates.values.push_back(value.contiguous());
   }
   return gates;
 }
