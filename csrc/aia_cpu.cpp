@@ -98,10 +98,9 @@ void gate_plane(int axis, const acc_t* gate, const Dims& d, int64_t n, int64_t t
   }
 }
 
-// Row reductions with kLanes independent accumulators, so that they vectorise without
-// -ffast-math; the summation order is fixed, so results stay deterministic.
-// kLanes for rows (often short, W <= 56); kRunLanes for long runs: several independent
-// vector accumulators hide the add latency.
+// Dot products with independent lane accumulators, so that they vectorise without
+// -ffast-math; the summation order is fixed, so results stay deterministic. kRunLanes
+// (several vectors) hides the add latency on long runs; kLanes chunks short tails.
 constexpr int kLanes = 8;
 constexpr int kRunLanes = 32;
 
@@ -124,18 +123,6 @@ void lane_dot(const acc_t* a, const acc_t* b, int64_t len, acc_t* lane) {
     for (int l = 0; l < kLanes; ++l) s[l] += a[i + l] * b[i + l];
   for (; i < len; ++i) s[0] += a[i] * b[i];
   for (int l = 0; l < L; ++l) lane[l] = s[l];
-}
-
-// lane += a[i] over [0, len).
-template <typename acc_t>
-void lane_sum(const acc_t* a, int64_t len, acc_t* lane) {
-  acc_t s[kLanes];
-  for (int l = 0; l < kLanes; ++l) s[l] = lane[l];
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) s[l] += a[i + l];
-  for (; i < len; ++i) s[0] += a[i];
-  for (int l = 0; l < kLanes; ++l) lane[l] = s[l];
 }
 
 // Per-thread buffers of HW elements, and the weight of the current plane.
@@ -270,6 +257,14 @@ void pool_rows(const acc_t* y, int64_t H, int64_t W, acc_t* mx, acc_t* sum, int3
       sum[h] += x;
     }
   }
+}
+
+// Sum of every row of an (H, W) plane, rows innermost (no per-row setup; sequential order).
+template <typename acc_t>
+void row_sums(const acc_t* y, int64_t H, int64_t W, acc_t* sum) {
+  for (int64_t h = 0; h < H; ++h) sum[h] = y[h * W];
+  for (int64_t w = 1; w < W; ++w)
+    for (int64_t h = 0; h < H; ++h) sum[h] += y[h * W + w];
 }
 
 // Writes max and mean at gate offset g (a contiguous run of `len` entries).
@@ -451,7 +446,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   if (!any_thw) return;
   at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
     PlaneScratch<acc_t> s(HW);
-    std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors);
+    std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(H);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / d.C, c = nc % d.C;
       std::fill(tsums.begin(), tsums.end(), acc_t(0));
@@ -477,11 +472,9 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
                 break;
               }
               default: {
-                for (int64_t h = 0; h < H; ++h) {
-                  acc_t lane[kLanes] = {};
-                  lane_sum(r + h * W, W, lane);
-                  out[gate_offset(kAxisW, d, n, t, c, h, 0)] = lane_total(lane);
-                }
+                row_sums(r, H, W, wsums.data());
+                const int64_t g0 = gate_offset(kAxisW, d, n, t, c, 0, 0);
+                for (int64_t h = 0; h < H; ++h) out[g0 + h * d.C] = wsums[h];
               }
             }
           }
