@@ -1,0 +1,222 @@
+"""The native backend: C++ (CPU) and CUDA kernels of the six primitives, from ``csrc/``.
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja)
+into the default torch extensions directory, or into ``$AIA_KERNELS_BUILD_DIR``. A
+CPU-only torch builds only the C++ sources; the CUDA sources are added when
+``torch.cuda.is_available()`` and a CUDA toolkit (``CUDA_HOME``) exist.
+
+The CUDA kernels have never run on a GPU: ``unavailable_reason`` refuses CUDA devices
+unless ``AIA_NATIVE_CUDA=1`` is set, so ``backend="auto"`` never picks them.
+
+:class:`NativePrimitives` adapts the primitive contract (``aia_kernels.primitives``)
+to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from .. import backends
+from ..primitives import GateForward, GateGrads, PooledGrad, WeightValue, gate_shape
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ("aia_ops.cpp", "aia_cpu.cpp")
+CUDA_SOURCES = ("aia_cuda.cu",)
+# -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
+# -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
+CXX_FLAGS = ["-O3", "-fopenmp"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
+LD_FLAGS = ["-fopenmp"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "error": build failure message, "cuda": built with CUDA
+
+
+def _with_cuda() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def build_directory() -> str | None:
+    """``$AIA_KERNELS_BUILD_DIR`` (created if missing), else torch's default extensions dir."""
+    path = os.environ.get("AIA_KERNELS_BUILD_DIR")
+    if not path:
+        return None
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def load(verbose: bool = False) -> None:
+    """Compile (once per build dir) and load the extension; raises RuntimeError with the
+    compiler's message if the build fails."""
+    with _lock:
+        if "loaded" in _state:
+            return
+        if "error" in _state:
+            raise RuntimeError(_state["error"])
+        from torch.utils.cpp_extension import load as load_extension
+        cuda = _with_cuda()
+        sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
+        defines = ["-DAIA_WITH_CUDA"] if cuda else []
+        try:
+            load_extension(name="aia_native_cuda" if cuda else "aia_native", sources=sources,
+                           extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines, extra_ldflags=LD_FLAGS,
+                           extra_include_paths=[str(CSRC)], build_directory=build_directory(),
+                           is_python_module=False, verbose=verbose)
+        except Exception as exc:  # the message carries the compiler's output
+            _state["error"] = f"building the aia_kernels native extension from {CSRC} failed: {exc}"
+            raise RuntimeError(_state["error"]) from exc
+        _register_fakes()
+        _state["cuda"] = cuda
+        _state["loaded"] = True
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return f"no native kernels for device type {device.type!r}"
+    if device.type == "cuda" and os.environ.get("AIA_NATIVE_CUDA") != "1":
+        return ("the native CUDA kernels are compiled but untested on a GPU; set AIA_NATIVE_CUDA=1 "
+                "to use them anyway")
+    try:
+        load()
+    except RuntimeError as exc:
+        return str(exc)
+    if device.type == "cuda" and not _state["cuda"]:
+        return "the native extension was built without CUDA (no GPU or no CUDA toolkit at build time)"
+    return None
+
+
+# ---- the contract, flattened for the op schemas ----
+
+class _Flat:
+    """Gates, weights and upstream gradients as the ops' flat argument lists."""
+
+    def __init__(self):
+        self.gate_z, self.gate_ss, self.gate_axes, self.weight_desc = [], [], [], []
+        self.douts, self.up_grads, self.up_argmax, self.up_axes, self.up_counts = [], [], [], [], []
+
+    def add_weight(self, weight: WeightValue) -> None:
+        self.weight_desc += [1 if weight.combine == "mean" else 0, len(weight.factors)]
+        for factor in weight.factors:
+            self.weight_desc.append(len(factor))
+            for gate in factor:
+                self.gate_z.append(gate.z)
+                self.gate_ss.append(gate.scale_shift)
+                self.gate_axes.append(gate.axis)
+
+    def add_upstream(self, upstream, dtype: torch.dtype) -> None:
+        if isinstance(upstream, torch.Tensor):
+            self.douts.append(upstream if upstream.dtype == dtype else upstream.to(dtype))
+            self.up_counts.append(-1)
+            return
+        self.up_counts.append(len(upstream))
+        for item in upstream:
+            self.up_grads.append(item.grad)
+            self.up_argmax.append(item.argmax)
+            self.up_axes.append(item.axis)
+
+    def gates(self):
+        return self.gate_z, self.gate_ss, "".join(self.gate_axes), self.weight_desc
+
+    def upstreams(self):
+        return self.douts, self.up_grads, self.up_argmax, "".join(self.up_axes), self.up_counts
+
+
+def _weight_only(weight: WeightValue) -> _Flat:
+    flat = _Flat()
+    flat.add_weight(weight)
+    return flat
+
+
+def _none_if_empty(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
+    """The ops return empty tensors for gradients not computed (BN ones without BN)."""
+    return t if needed and t.numel() > 0 else None
+
+
+class NativePrimitives:
+    name = "native"
+
+    def pool(self, v, weight, axes):
+        out = torch.ops.aia_native.pool(v, *_weight_only(weight).gates(), axes)
+        return [(out[2 * i], out[2 * i + 1]) for i in range(len(axes))]
+
+    def gate_forward(self, pooled, conv_weight, bn_mode, bn_weight, bn_bias, running_mean, running_var, eps):
+        return GateForward(*torch.ops.aia_native.gate_forward(pooled, conv_weight, bn_mode, bn_weight, bn_bias,
+                                                             running_mean, running_var, eps))
+
+    def apply(self, v, weight, out):
+        torch.ops.aia_native.apply(v, *_weight_only(weight).gates(), out)
+
+    def weight_grad(self, v, upstream, weight):
+        flat = _weight_only(weight)
+        flat.add_upstream(upstream, v.dtype)
+        grads = torch.ops.aia_native.weight_grad(v, *flat.upstreams(), *flat.gates())
+        result, pos = [], 0
+        for factor in weight.factors:
+            result.append(list(grads[pos:pos + len(factor)]))
+            pos += len(factor)
+        return result
+
+    def gate_backward(self, gate_grad, pooled, gate, bn_stats, conv_weight, bn_mode, bn_weight, eps, needs):
+        grads = torch.ops.aia_native.gate_backward(gate_grad, pooled, gate.z, gate.scale_shift, bn_stats,
+                                                   conv_weight, bn_mode, bn_weight, eps, [int(n) for n in needs])
+        return GateGrads(*(_none_if_empty(g, n) for g, n in zip(grads, needs)))
+
+    def input_grad(self, terms, out):
+        flat = _Flat()
+        for weight, upstream in terms:
+            flat.add_weight(weight)
+            flat.add_upstream(upstream, out.dtype)
+        torch.ops.aia_native.input_grad(*flat.upstreams(), *flat.gates(), out)
+
+
+# ---- fake (meta) kernels, so the ops trace under torch.compile and pass opcheck ----
+
+_AXIS_CHARS = "CTHW"
+
+
+def _register_fakes() -> None:
+    lib = "aia_native::"
+
+    def acc(v):
+        return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake(lib + "pool")
+    def _(v, gate_z, gate_ss, gate_axes, weight_desc, axes):
+        out = []
+        for axis in axes:
+            shape = gate_shape(v.shape, axis)
+            out.append(v.new_empty((shape[0], 2, *shape[1:]), dtype=acc(v)))
+            out.append(v.new_empty(shape, dtype=torch.int32))
+        return out
+
+    @torch.library.register_fake(lib + "apply")
+    def _(v, gate_z, gate_ss, gate_axes, weight_desc, out):
+        return None
+
+    @torch.library.register_fake(lib + "weight_grad")
+    def _(v, douts, up_grads, up_argmax, up_axes, up_counts, gate_z, gate_ss, gate_axes, weight_desc):
+        return [v.new_empty(gate_shape(v.shape, axis), dtype=acc(v)) for axis in gate_axes]
+
+    @torch.library.register_fake(lib + "input_grad")
+    def _(douts, up_grads, up_argmax, up_axes, up_counts, gate_z, gate_ss, gate_axes, weight_desc, out):
+        return None
+
+    @torch.library.register_fake(lib + "gate_forward")
+    def _(pooled, conv_weight, bn_mode, bn_weight, bn_bias, running_mean, running_var, eps):
+        z = pooled.new_empty((pooled.shape[0], *pooled.shape[2:]))
+        return z, pooled.new_empty(2), pooled.new_empty(2)
+
+    @torch.library.register_fake(lib + "gate_backward")
+    def _(gate_grad, pooled, z, scale_shift, bn_stats, conv_weight, bn_mode, bn_weight, eps, needs):
+        def maybe(flag, shape):
+            return pooled.new_empty(shape if flag else (0,))
+        return (maybe(needs[0], pooled.shape), maybe(needs[1], (1, 2, 3, 3, 3)),
+                maybe(needs[2] and bn_mode != 0, (1,)), maybe(needs[3] and bn_mode != 0, (1,)))
+
+
+backends.register(backends.FusedBackend("native", NativePrimitives(), unavailable_reason))

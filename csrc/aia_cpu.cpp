@@ -1,0 +1,781 @@
+// CPU kernels of the AIA primitives.
+//
+// The unit of work is a "plane": the (H, W) slice of v at fixed (n, t, c). Every
+// gate is constant or a row/column along a plane, so the weight of a plane is built
+// in a small buffer with contiguous (vectorisable) loops, then used by the full-size
+// pass. Reductions are parallelised over slices that own their outputs, so results
+// are bitwise deterministic (no atomics, fixed summation order):
+//   - pooling / gradient along C: parallel over (n, t), loop over c inside;
+//   - pooling / gradient along T, H, W: parallel over (n, c), loop over t inside.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "aia_host.h"
+
+namespace aia {
+namespace cpu {
+namespace {
+
+// Work items below this many elements are not worth a thread.
+constexpr int64_t kGrainElements = 1 << 15;
+
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+}
+
+// A plane's location in a strided (N, T, C, H, W) tensor.
+template <typename scalar_t>
+struct StridedPlane {
+  scalar_t* base;
+  int64_t sh, sw;
+};
+
+template <typename scalar_t>
+StridedPlane<scalar_t> plane_of(scalar_t* data, const Strides5& s, int64_t n, int64_t t, int64_t c) {
+  return {data + n * s.n + t * s.t + c * s.c, s.h, s.w};
+}
+
+template <typename scalar_t, typename acc_t>
+void load_plane(const StridedPlane<const scalar_t>& p, int64_t H, int64_t W, acc_t* out) {
+  if (p.sw == 1 && p.sh == W) {  // contiguous plane: one flat loop (small planes vectorise too)
+    for (int64_t i = 0; i < H * W; ++i) out[i] = static_cast<acc_t>(p.base[i]);
+    return;
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* row = p.base + h * p.sh;
+    acc_t* o = out + h * W;
+    if (p.sw == 1) {
+      for (int64_t w = 0; w < W; ++w) o[w] = static_cast<acc_t>(row[w]);
+    } else {
+      for (int64_t w = 0; w < W; ++w) o[w] = static_cast<acc_t>(row[w * p.sw]);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_plane(const acc_t* in, int64_t H, int64_t W, const StridedPlane<scalar_t>& p) {
+  if (p.sw == 1 && p.sh == W) {
+    for (int64_t i = 0; i < H * W; ++i) p.base[i] = static_cast<scalar_t>(in[i]);
+    return;
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    scalar_t* row = p.base + h * p.sh;
+    const acc_t* x = in + h * W;
+    if (p.sw == 1) {
+      for (int64_t w = 0; w < W; ++w) row[w] = static_cast<scalar_t>(x[w]);
+    } else {
+      for (int64_t w = 0; w < W; ++w) row[w * p.sw] = static_cast<scalar_t>(x[w]);
+    }
+  }
+}
+
+// out (=|+=) the values of one gate over plane (n, t, c).
+template <typename acc_t>
+void gate_plane(int axis, const acc_t* gate, const Dims& d, int64_t n, int64_t t, int64_t c, acc_t* out,
+                bool accumulate) {
+  const int64_t H = d.H, W = d.W;
+  const acc_t* g = gate + gate_offset(axis, d, n, t, c, 0, 0);
+  if (axis == kAxisC || axis == kAxisT) {  // a full, contiguous (H, W) plane of the gate
+    if (accumulate) for (int64_t i = 0; i < H * W; ++i) out[i] += g[i];
+    else            for (int64_t i = 0; i < H * W; ++i) out[i] = g[i];
+    return;
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    acc_t* o = out + h * W;
+    if (axis == kAxisH) {  // one value per w, the same in every row
+      if (accumulate) for (int64_t w = 0; w < W; ++w) o[w] += g[w];
+      else            for (int64_t w = 0; w < W; ++w) o[w] = g[w];
+    } else {  // W gate: one value per h (stride C in its layout)
+      const acc_t x = g[h * d.C];
+      if (accumulate) for (int64_t w = 0; w < W; ++w) o[w] += x;
+      else            for (int64_t w = 0; w < W; ++w) o[w] = x;
+    }
+  }
+}
+
+// Dot products with independent lane accumulators, so that they vectorise without
+// -ffast-math; the summation order is fixed, so results stay deterministic. kRunLanes
+// (several vectors) hides the add latency on long runs; kLanes chunks short tails.
+constexpr int kLanes = 8;
+constexpr int kRunLanes = 32;
+
+template <int L = kLanes, typename acc_t>
+acc_t lane_total(const acc_t* lane) {
+  acc_t s = 0;
+  for (int l = 0; l < L; ++l) s += lane[l];
+  return s;
+}
+
+// lane += a[i] * b[i] over [0, len). (Local accumulators: `lane` might alias a or b.)
+template <int L, typename acc_t>
+void lane_dot(const acc_t* a, const acc_t* b, int64_t len, acc_t* lane) {
+  acc_t s[L];
+  for (int l = 0; l < L; ++l) s[l] = lane[l];
+  int64_t i = 0;
+  for (; i + L <= len; i += L)
+    for (int l = 0; l < L; ++l) s[l] += a[i + l] * b[i + l];
+  for (; i + kLanes <= len; i += kLanes)  // short runs: narrower chunks before the scalar tail
+    for (int l = 0; l < kLanes; ++l) s[l] += a[i + l] * b[i + l];
+  for (; i < len; ++i) s[0] += a[i] * b[i];
+  for (int l = 0; l < L; ++l) lane[l] = s[l];
+}
+
+// Per-thread buffers of HW elements, and the weight of the current plane.
+template <typename acc_t>
+struct PlaneScratch {
+  int64_t HW;
+  std::vector<acc_t> storage;
+  acc_t* factor[kMaxFactors];
+  acc_t* weight;   // combined weight (== factor[0] when there is one factor)
+  acc_t* x;        // v (later y = weight * v)
+  acc_t* up;       // upstream gradient
+  acc_t* tmp;
+
+  explicit PlaneScratch(int64_t hw) : HW(hw), storage(static_cast<size_t>(hw) * 6) {
+    factor[0] = storage.data();
+    factor[1] = factor[0] + hw;
+    weight = factor[1] + hw;
+    x = weight + hw;
+    up = x + hw;
+    tmp = up + hw;
+  }
+};
+
+template <typename acc_t>
+void factor_plane(const Weight<acc_t>& wt, int k, const Dims& d, int64_t n, int64_t t, int64_t c, acc_t* out) {
+  if (wt.size[k] == 1) {
+    gate_plane(wt.axis[k][0], wt.gate[k][0], d, n, t, c, out, false);
+    return;
+  }
+  // (T + H + W) / 3 in one pass over the plane (the parser guarantees the T, H, W order):
+  // the T gate is a plane, the H gate a row repeated over h, the W gate a value per h.
+  const acc_t* gt = wt.gate[k][0] + gate_offset(kAxisT, d, n, t, c, 0, 0);
+  const acc_t* gh = wt.gate[k][1] + gate_offset(kAxisH, d, n, t, c, 0, 0);
+  const acc_t* gw = wt.gate[k][2] + gate_offset(kAxisW, d, n, t, c, 0, 0);
+  const acc_t inv = acc_t(1) / acc_t(3);
+  for (int64_t h = 0; h < d.H; ++h) {
+    const acc_t x = gw[h * d.C];
+    const acc_t* row = gt + h * d.W;
+    acc_t* o = out + h * d.W;
+    for (int64_t w = 0; w < d.W; ++w) o[w] = (row[w] + gh[w] + x) * inv;
+  }
+}
+
+// Fills s.factor[*] and s.weight for plane (n, t, c); returns false when the weight is 1.
+template <typename acc_t>
+bool weight_plane(const Weight<acc_t>& wt, const Dims& d, int64_t n, int64_t t, int64_t c, PlaneScratch<acc_t>& s) {
+  const int64_t HW = s.HW;
+  for (int k = 0; k < wt.n_factors; ++k) factor_plane(wt, k, d, n, t, c, s.factor[k]);
+  if (wt.n_factors == 0) return false;
+  if (wt.n_factors == 1) {
+    s.weight = s.factor[0];
+    return true;
+  }
+  s.weight = s.tmp;
+  const acc_t* f0 = s.factor[0];
+  const acc_t* f1 = s.factor[1];
+  if (wt.mean) for (int64_t i = 0; i < HW; ++i) s.weight[i] = (f0[i] + f1[i]) * acc_t(0.5);
+  else         for (int64_t i = 0; i < HW; ++i) s.weight[i] = f0[i] * f1[i];
+  return true;
+}
+
+// s.x = weight * v over plane (n, t, c).
+template <typename scalar_t, typename acc_t>
+void weighted_plane(const Weight<acc_t>& wt, const scalar_t* v, const Strides5& vs, const Dims& d, int64_t n,
+                    int64_t t, int64_t c, PlaneScratch<acc_t>& s) {
+  load_plane(plane_of(v, vs, n, t, c), d.H, d.W, s.x);
+  if (weight_plane(wt, d, n, t, c, s)) {
+    for (int64_t i = 0; i < s.HW; ++i) s.x[i] *= s.weight[i];
+  }
+}
+
+// out = the upstream gradient over plane (n, t, c).
+template <typename scalar_t, typename acc_t>
+void upstream_plane(const Upstream<scalar_t, acc_t>& up, const Dims& d, int64_t n, int64_t t, int64_t c, acc_t* out) {
+  const int64_t H = d.H, W = d.W, HW = H * W;
+  if (up.dout != nullptr) {
+    load_plane(plane_of(up.dout, up.dout_strides, n, t, c), H, W, out);
+    return;
+  }
+  std::fill(out, out + HW, acc_t(0));
+  for (int i = 0; i < up.n_items; ++i) {
+    const int axis = up.axis[i];
+    const int64_t g = gate_offset(axis, d, n, t, c, 0, 0);
+    const int64_t sample = gate_sample_size(axis, d);
+    const acc_t* gmax = up.grad[i] + pooled_max_offset(g, n, sample);
+    const acc_t* gmean = up.grad[i] + pooled_mean_offset(g, n, sample);
+    const int32_t* arg = up.argmax[i] + g;
+    const acc_t inv_len = acc_t(1) / acc_t(axis_length(axis, d));
+    if (axis == kAxisC || axis == kAxisT) {
+      const int32_t pos = static_cast<int32_t>(axis == kAxisC ? c : t);
+      for (int64_t j = 0; j < HW; ++j) out[j] += gmean[j] * inv_len + (arg[j] == pos ? gmax[j] : acc_t(0));
+    } else if (axis == kAxisH) {
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t* o = out + h * W;
+        for (int64_t w = 0; w < W; ++w) o[w] += gmean[w] * inv_len + (arg[w] == h ? gmax[w] : acc_t(0));
+      }
+    } else {
+      for (int64_t h = 0; h < H; ++h) {
+        acc_t* o = out + h * W;
+        const acc_t spread = gmean[h * d.C] * inv_len;
+        for (int64_t w = 0; w < W; ++w) o[w] += spread;
+        o[arg[h * d.C]] += gmax[h * d.C];
+      }
+    }
+  }
+}
+
+// Running max (first maximum wins) and sum along a pooled axis.
+template <typename acc_t>
+void reduce_step(const acc_t* y, int64_t len, int32_t pos, bool first, acc_t* mx, acc_t* sum, int32_t* arg) {
+  if (first) {
+    for (int64_t i = 0; i < len; ++i) {
+      mx[i] = y[i];
+      sum[i] = y[i];
+      arg[i] = pos;
+    }
+    return;
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const bool greater = y[i] > mx[i];
+    mx[i] = greater ? y[i] : mx[i];
+    arg[i] = greater ? pos : arg[i];
+    sum[i] += y[i];
+  }
+}
+
+// Max (first index on ties), argmax and sum of every row of an (H, W) plane. Rows are
+// the inner loop, so it is branch-free and the sums keep their sequential order.
+template <typename acc_t>
+void pool_rows(const acc_t* y, int64_t H, int64_t W, acc_t* mx, acc_t* sum, int32_t* arg) {
+  for (int64_t h = 0; h < H; ++h) {
+    mx[h] = y[h * W];
+    sum[h] = y[h * W];
+    arg[h] = 0;
+  }
+  for (int64_t w = 1; w < W; ++w) {
+    for (int64_t h = 0; h < H; ++h) {
+      const acc_t x = y[h * W + w];
+      const bool greater = x > mx[h];
+      mx[h] = greater ? x : mx[h];
+      arg[h] = greater ? static_cast<int32_t>(w) : arg[h];
+      sum[h] += x;
+    }
+  }
+}
+
+// Sum of every row of an (H, W) plane, rows innermost (no per-row setup; sequential order).
+template <typename acc_t>
+void row_sums(const acc_t* y, int64_t H, int64_t W, acc_t* sum) {
+  for (int64_t h = 0; h < H; ++h) sum[h] = y[h * W];
+  for (int64_t w = 1; w < W; ++w)
+    for (int64_t h = 0; h < H; ++h) sum[h] += y[h * W + w];
+}
+
+// Writes max and mean at gate offset g (a contiguous run of `len` entries).
+template <typename acc_t>
+void write_pooled(const acc_t* mx, const acc_t* sum, const int32_t* arg, int64_t len, acc_t axis_len, acc_t* P,
+                  int32_t* argmax, int64_t g, int64_t n, int64_t sample) {
+  acc_t* pm = P + pooled_max_offset(g, n, sample);
+  acc_t* pa = P + pooled_mean_offset(g, n, sample);
+  for (int64_t i = 0; i < len; ++i) {
+    pm[i] = mx[i];
+    pa[i] = sum[i] / axis_len;
+    argmax[g + i] = arg[i];
+  }
+}
+
+struct PoolOut {
+  at::Tensor P, argmax;
+};
+
+template <typename scalar_t>
+void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const std::vector<int>& axes,
+                 std::vector<PoolOut>& outs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims d = dims_of(v);
+  const Strides5 vs = strides_of(v);
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const Weight<acc_t> wt = make_weight<acc_t>(gates, spec);
+  const int64_t H = d.H, W = d.W, HW = H * W;
+  acc_t* P[4] = {nullptr, nullptr, nullptr, nullptr};
+  int32_t* A[4] = {nullptr, nullptr, nullptr, nullptr};
+  for (size_t i = 0; i < axes.size(); ++i) {
+    P[axes[i]] = outs[i].P.data_ptr<acc_t>();
+    A[axes[i]] = outs[i].argmax.data_ptr<int32_t>();
+  }
+  if (P[kAxisC] != nullptr) {
+    const int64_t sample = gate_sample_size(kAxisC, d);
+    at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
+      PlaneScratch<acc_t> s(HW);
+      std::vector<acc_t> mx(HW), sum(HW);
+      std::vector<int32_t> arg(HW);
+      for (int64_t nt = begin; nt < end; ++nt) {
+        const int64_t n = nt / d.T, t = nt % d.T;
+        for (int64_t c = 0; c < d.C; ++c) {
+          weighted_plane(wt, vp, vs, d, n, t, c, s);
+          reduce_step(s.x, HW, static_cast<int32_t>(c), c == 0, mx.data(), sum.data(), arg.data());
+        }
+        write_pooled(mx.data(), sum.data(), arg.data(), HW, acc_t(d.C), P[kAxisC], A[kAxisC],
+                     gate_offset(kAxisC, d, n, t, 0, 0, 0), n, sample);
+      }
+    });
+  }
+  if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
+  const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
+  at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
+    PlaneScratch<acc_t> s(HW);
+    std::vector<acc_t> tmx(HW), tsum(HW), hmx(W), hsum(W), wmx(H), wsum(H);
+    std::vector<int32_t> targ(HW), harg(W), warg(H);
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / d.C, c = nc % d.C;
+      for (int64_t t = 0; t < d.T; ++t) {
+        weighted_plane(wt, vp, vs, d, n, t, c, s);
+        const acc_t* y = s.x;
+        if (P[kAxisT] != nullptr) reduce_step(y, HW, static_cast<int32_t>(t), t == 0, tmx.data(), tsum.data(), targ.data());
+        if (P[kAxisH] != nullptr) {
+          for (int64_t h = 0; h < H; ++h) reduce_step(y + h * W, W, static_cast<int32_t>(h), h == 0, hmx.data(), hsum.data(), harg.data());
+          write_pooled(hmx.data(), hsum.data(), harg.data(), W, acc_t(H), P[kAxisH], A[kAxisH],
+                       gate_offset(kAxisH, d, n, t, c, 0, 0), n, sH);
+        }
+        if (P[kAxisW] != nullptr) {
+          pool_rows(y, H, W, wmx.data(), wsum.data(), warg.data());
+          acc_t* pm = P[kAxisW];
+          const int64_t g0 = gate_offset(kAxisW, d, n, t, c, 0, 0);
+          for (int64_t h = 0; h < H; ++h) {  // entries of consecutive h are C apart
+            const int64_t g = g0 + h * d.C;
+            pm[pooled_max_offset(g, n, sW)] = wmx[h];
+            pm[pooled_mean_offset(g, n, sW)] = wsum[h] / acc_t(W);
+            A[kAxisW][g] = warg[h];
+          }
+        }
+      }
+      if (P[kAxisT] != nullptr) {
+        write_pooled(tmx.data(), tsum.data(), targ.data(), HW, acc_t(d.T), P[kAxisT], A[kAxisT],
+                     gate_offset(kAxisT, d, n, 0, c, 0, 0), n, sT);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims d = dims_of(v);
+  const Strides5 vs = strides_of(v), os = strides_of(out);
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const Weight<acc_t> wt = make_weight<acc_t>(gates, spec);
+  const int64_t HW = d.H * d.W;
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(HW), [&](int64_t begin, int64_t end) {
+    PlaneScratch<acc_t> s(HW);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
+      weighted_plane(wt, vp, vs, d, n, t, c, s);
+      store_plane(s.x, d.H, d.W, plane_of(op, os, n, t, c));
+    }
+  });
+}
+
+// q * (d weight / d factor_k) / size_k over a plane: the gradient that each gate of
+// factor k receives from this plane before its reduction.
+template <typename acc_t>
+void factor_grad_plane(const Weight<acc_t>& wt, int k, const acc_t* q, PlaneScratch<acc_t>& s, acc_t* out) {
+  const acc_t inv = acc_t(1) / acc_t(wt.size[k]);
+  if (!wt.mean && wt.n_factors == 2) {
+    const acc_t* other = s.factor[1 - k];
+    for (int64_t i = 0; i < s.HW; ++i) out[i] = q[i] * other[i] * inv;
+  } else {
+    const acc_t scale = (wt.mean ? acc_t(1) / acc_t(wt.n_factors) : acc_t(1)) * inv;
+    for (int64_t i = 0; i < s.HW; ++i) out[i] = q[i] * scale;
+  }
+}
+
+// s.up = upstream * v over plane (n, t, c); factor planes filled when a product needs them.
+template <typename scalar_t, typename acc_t>
+void grad_plane(const Weight<acc_t>& wt, const Upstream<scalar_t, acc_t>& up, const scalar_t* v, const Strides5& vs,
+                const Dims& d, int64_t n, int64_t t, int64_t c, PlaneScratch<acc_t>& s) {
+  upstream_plane(up, d, n, t, c, s.up);
+  load_plane(plane_of(v, vs, n, t, c), d.H, d.W, s.x);
+  for (int64_t i = 0; i < s.HW; ++i) s.up[i] *= s.x[i];
+  if (!wt.mean && wt.n_factors == 2) {
+    for (int k = 0; k < 2; ++k) factor_plane(wt, k, d, n, t, c, s.factor[k]);
+  }
+}
+
+template <typename scalar_t>
+void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& gates, std::vector<at::Tensor>& outs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims d = dims_of(v);
+  const Strides5 vs = strides_of(v);
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const Weight<acc_t> wt = make_weight<acc_t>(gates, term.weight);
+  const Upstream<scalar_t, acc_t> up = make_upstream<scalar_t, acc_t>(term.upstream);
+  const int64_t H = d.H, W = d.W, HW = H * W;
+  // out_ptr[k][j]: gradient of gate j of factor k.
+  acc_t* out_ptr[kMaxFactors][kMaxFactorGates] = {};
+  bool any_c = false, any_thw = false;
+  {
+    size_t o = 0;
+    for (int k = 0; k < wt.n_factors; ++k) {
+      for (int j = 0; j < wt.size[k]; ++j) {
+        out_ptr[k][j] = outs[o++].data_ptr<acc_t>();
+        (wt.axis[k][j] == kAxisC ? any_c : any_thw) = true;
+      }
+    }
+  }
+  if (any_c) {
+    at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
+      PlaneScratch<acc_t> s(HW);
+      std::vector<acc_t> sums(static_cast<size_t>(HW) * kMaxFactors);
+      for (int64_t nt = begin; nt < end; ++nt) {
+        const int64_t n = nt / d.T, t = nt % d.T;
+        std::fill(sums.begin(), sums.end(), acc_t(0));
+        for (int64_t c = 0; c < d.C; ++c) {
+          grad_plane(wt, up, vp, vs, d, n, t, c, s);
+          for (int k = 0; k < wt.n_factors; ++k) {
+            if (wt.axis[k][0] != kAxisC) continue;
+            factor_grad_plane(wt, k, s.up, s, s.tmp);
+            acc_t* sum = sums.data() + k * HW;
+            for (int64_t i = 0; i < HW; ++i) sum[i] += s.tmp[i];
+          }
+        }
+        for (int k = 0; k < wt.n_factors; ++k) {
+          if (wt.axis[k][0] != kAxisC) continue;
+          std::copy(sums.begin() + k * HW, sums.begin() + (k + 1) * HW,
+                    out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0));
+        }
+      }
+    });
+  }
+  if (!any_thw) return;
+  at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
+    PlaneScratch<acc_t> s(HW);
+    std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(H);
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / d.C, c = nc % d.C;
+      std::fill(tsums.begin(), tsums.end(), acc_t(0));
+      for (int64_t t = 0; t < d.T; ++t) {
+        grad_plane(wt, up, vp, vs, d, n, t, c, s);
+        for (int k = 0; k < wt.n_factors; ++k) {
+          if (wt.axis[k][0] == kAxisC) continue;
+          factor_grad_plane(wt, k, s.up, s, s.tmp);
+          const acc_t* r = s.tmp;
+          for (int j = 0; j < wt.size[k]; ++j) {
+            acc_t* out = out_ptr[k][j];
+            switch (wt.axis[k][j]) {
+              case kAxisT: {
+                acc_t* sum = tsums.data() + k * HW;
+                for (int64_t i = 0; i < HW; ++i) sum[i] += r[i];
+                break;
+              }
+              case kAxisH: {
+                acc_t* o = out + gate_offset(kAxisH, d, n, t, c, 0, 0);
+                for (int64_t w = 0; w < W; ++w) o[w] = r[w];
+                for (int64_t h = 1; h < H; ++h)
+                  for (int64_t w = 0; w < W; ++w) o[w] += r[h * W + w];
+                break;
+              }
+              default: {
+                row_sums(r, H, W, wsums.data());
+                const int64_t g0 = gate_offset(kAxisW, d, n, t, c, 0, 0);
+                for (int64_t h = 0; h < H; ++h) out[g0 + h * d.C] = wsums[h];
+              }
+            }
+          }
+        }
+      }
+      for (int k = 0; k < wt.n_factors; ++k) {
+        for (int j = 0; j < wt.size[k]; ++j) {
+          if (wt.axis[k][j] != kAxisT) continue;
+          std::copy(tsums.begin() + k * HW, tsums.begin() + (k + 1) * HW,
+                    out_ptr[k][j] + gate_offset(kAxisT, d, n, 0, c, 0, 0));
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims d = dims_of(out);
+  const Strides5 os = strides_of(out);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  std::vector<Weight<acc_t>> weights;
+  std::vector<Upstream<scalar_t, acc_t>> ups;
+  for (const Term& term : terms) {
+    weights.push_back(make_weight<acc_t>(gates, term.weight));
+    ups.push_back(make_upstream<scalar_t, acc_t>(term.upstream));
+  }
+  const int64_t HW = d.H * d.W;
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(HW), [&](int64_t begin, int64_t end) {
+    PlaneScratch<acc_t> s(HW);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
+      std::fill(s.x, s.x + HW, acc_t(0));
+      for (size_t k = 0; k < terms.size(); ++k) {
+        upstream_plane(ups[k], d, n, t, c, s.up);
+        if (weight_plane(weights[k], d, n, t, c, s)) {
+          for (int64_t j = 0; j < HW; ++j) s.x[j] += s.weight[j] * s.up[j];
+        } else {
+          for (int64_t j = 0; j < HW; ++j) s.x[j] += s.up[j];
+        }
+      }
+      store_plane(s.x, d.H, d.W, plane_of(op, os, n, t, c));
+    }
+  });
+}
+
+// ---- Conv3d(2 -> 1, 3x3x3, padding 1) ----
+// Inputs are copied into zero-padded volumes (D1 + 2, D2 + 2, D3 + 2), and a (D2, D3)
+// slice is handled as one flat run with row pitch R = D3 + 2: each tap is then a
+// single long contiguous loop (no bounds checks, vectorisable even for 7x7 slices);
+// the two pitch columns past D3 hold garbage (forward) or zeros (weight gradient).
+
+struct Padded {
+  int64_t R, slice, volume;  // row pitch, padded (D2, D3) slice, padded volume
+  int64_t run;               // flat length covering every valid (b, c): (D2 - 1) * R + D3
+};
+
+Padded padded(const ConvDims& d) {
+  Padded p;
+  p.R = d.D3 + 2;
+  p.slice = (d.D2 + 2) * p.R;
+  p.volume = (d.D1 + 2) * p.slice;
+  p.run = (d.D2 - 1) * p.R + d.D3;
+  return p;
+}
+
+// `count` volumes (D1, D2, D3) -> zero-padded volumes.
+template <typename acc_t>
+std::vector<acc_t> pad_volumes(const acc_t* src, int64_t count, const ConvDims& d) {
+  const Padded p = padded(d);
+  std::vector<acc_t> dst(static_cast<size_t>(count * p.volume), acc_t(0));
+  for (int64_t v = 0; v < count; ++v)
+    for (int64_t a = 0; a < d.D1; ++a)
+      for (int64_t b = 0; b < d.D2; ++b)
+        std::copy(src + ((v * d.D1 + a) * d.D2 + b) * d.D3, src + ((v * d.D1 + a) * d.D2 + b + 1) * d.D3,
+                  dst.data() + v * p.volume + (a + 1) * p.slice + (b + 1) * p.R + 1);
+  return dst;
+}
+
+// out[b * R + c] (pitched) -> dst[b * D3 + c]
+template <typename acc_t>
+void unpitch(const acc_t* out, const ConvDims& d, int64_t R, acc_t* dst) {
+  for (int64_t b = 0; b < d.D2; ++b) std::copy(out + b * R, out + b * R + d.D3, dst + b * d.D3);
+}
+
+// z[n, a] = sum_{ci, k} w[ci, k] * Ppad[n, ci, a + k1, k2 + b, k3 + c]
+template <typename acc_t>
+void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z) {
+  const Padded p = padded(d);
+  const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d);
+  at::parallel_for(0, d.N * d.D1, grain_for(54 * p.slice), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> out(static_cast<size_t>(p.slice));
+    for (int64_t na = begin; na < end; ++na) {
+      const int64_t n = na / d.D1, a = na % d.D1;
+      std::fill(out.begin(), out.end(), acc_t(0));
+      for (int tap = 0; tap < 54; ++tap) {
+        const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
+        const acc_t w = wt[tap];
+        const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
+        for (int64_t i = 0; i < p.run; ++i) out[i] += w * src[i];
+      }
+      unpitch(out.data(), d, p.R, z + na * d.D2 * d.D3);
+    }
+  });
+}
+
+// dP[n, ci, a] = sum_k w[ci, k] * dzpad[n, a + 2 - k1, 2 - k2 + b, 2 - k3 + c]
+template <typename acc_t>
+void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d, acc_t* dP) {
+  const Padded p = padded(d);
+  const std::vector<acc_t> dzpad = pad_volumes(dz, d.N, d);
+  at::parallel_for(0, d.N * 2 * d.D1, grain_for(27 * p.slice), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> out(static_cast<size_t>(p.slice));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t a = item % d.D1, ci = item / d.D1 % 2, n = item / (2 * d.D1);
+      std::fill(out.begin(), out.end(), acc_t(0));
+      for (int k = 0; k < 27; ++k) {
+        const int k1 = k / 9, k2 = k / 3 % 3, k3 = k % 3;
+        const acc_t w = wt[ci * 27 + k];
+        const acc_t* src = dzpad.data() + n * p.volume + (a + 2 - k1) * p.slice + (2 - k2) * p.R + (2 - k3);
+        for (int64_t i = 0; i < p.run; ++i) out[i] += w * src[i];
+      }
+      unpitch(out.data(), d, p.R, dP + item * d.D2 * d.D3);
+    }
+  });
+}
+
+// dw[ci, k] = sum_{n, a} sum_run Ppad[n, ci, a + k1, k2 + ., k3 + .] * dz_pitched[n, a, .]
+template <typename acc_t>
+void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d, acc_t* dw) {
+  const Padded p = padded(d);
+  const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d);
+  // dz with row pitch R and zero pitch columns, one (D2, D3) slice per (n, a).
+  std::vector<acc_t> dzp(static_cast<size_t>(d.N * d.D1 * p.slice), acc_t(0));
+  for (int64_t na = 0; na < d.N * d.D1; ++na)
+    for (int64_t b = 0; b < d.D2; ++b)
+      std::copy(dz + (na * d.D2 + b) * d.D3, dz + (na * d.D2 + b + 1) * d.D3, dzp.data() + na * p.slice + b * p.R);
+  // Slices (n, a) in fixed chunks of about 4K elements (set by the shape, not by the
+  // thread count): per chunk and tap, lanes run over the chunk's slices while they are
+  // in cache; the chunks' sums are then added in order, in double. Deterministic.
+  const int64_t slices = d.N * d.D1;
+  const int64_t per_chunk = std::max<int64_t>(1, 4096 / p.run);
+  const int64_t chunks = (slices + per_chunk - 1) / per_chunk;
+  std::vector<double> partial(static_cast<size_t>(chunks * 54));
+  at::parallel_for(0, chunks, grain_for(54 * per_chunk * p.slice), [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * per_chunk, last = std::min(slices, first + per_chunk);
+      for (int tap = 0; tap < 54; ++tap) {
+        const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
+        acc_t lane[kRunLanes] = {};
+        for (int64_t na = first; na < last; ++na) {
+          const int64_t n = na / d.D1, a = na % d.D1;
+          const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
+          lane_dot<kRunLanes>(src, dzp.data() + na * p.slice, p.run, lane);
+        }
+        partial[chunk * 54 + tap] = static_cast<double>(lane_total<kRunLanes>(lane));
+      }
+    }
+  });
+  for (int tap = 0; tap < 54; ++tap) {
+    double total = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partial[chunk * 54 + tap];
+    dw[tap] = static_cast<acc_t>(total);
+  }
+}
+
+ConvDims conv_dims(const at::Tensor& t) {  // t: (N, ., D1, D2, D3) or (N, D1, D2, D3)
+  const int64_t r = t.dim();
+  return ConvDims{t.size(0), t.size(r - 3), t.size(r - 2), t.size(r - 1)};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
+                             const std::vector<int>& axes) {
+  const Dims d = dims_of(v);
+  const auto acc = v.options().dtype(acc_type(v.scalar_type()));
+  std::vector<PoolOut> outs;
+  for (int axis : axes) {
+    std::vector<int64_t> shape = gate_shape(axis, d);
+    at::Tensor argmax = at::empty(shape, v.options().dtype(at::kInt));
+    shape.insert(shape.begin() + 1, 2);
+    outs.push_back({at::empty(shape, acc), argmax});
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_pool_cpu",
+                                  [&] { pool_kernel<scalar_t>(v, gates, weight, axes, outs); });
+  std::vector<at::Tensor> result;
+  for (auto& o : outs) {
+    result.push_back(o.P);
+    result.push_back(o.argmax);
+  }
+  return result;
+}
+
+void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_apply_cpu",
+                                  [&] { apply_kernel<scalar_t>(v, gates, weight, out); });
+}
+
+std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const GateSet& gates) {
+  const Dims d = dims_of(v);
+  const auto acc = v.options().dtype(acc_type(v.scalar_type()));
+  std::vector<at::Tensor> outs;
+  for (const auto& factor : term.weight.factors)
+    for (int id : factor) outs.push_back(at::empty(gate_shape(gates.axis[id], d), acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_weight_grad_cpu",
+                                  [&] { weight_grad_kernel<scalar_t>(v, term, gates, outs); });
+  return outs;
+}
+
+void input_grad(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aia_native_input_grad_cpu",
+                                  [&] { input_grad_kernel<scalar_t>(terms, gates, out); });
+}
+
+at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight) {
+  const ConvDims d = conv_dims(pooled);
+  at::Tensor z = at::empty({d.N, d.D1, d.D2, d.D3}, pooled.options());
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "aia_native_conv_cpu", [&] {
+    conv_forward_kernel(pooled.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, z.data_ptr<scalar_t>());
+  });
+  return z;
+}
+
+at::Tensor conv_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
+  const ConvDims d = conv_dims(dz);
+  at::Tensor dP = at::empty({d.N, 2, d.D1, d.D2, d.D3}, dz.options());
+  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "aia_native_conv_input_grad_cpu", [&] {
+    conv_input_grad_kernel(dz.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, dP.data_ptr<scalar_t>());
+  });
+  return dP;
+}
+
+at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz) {
+  const ConvDims d = conv_dims(dz);
+  at::Tensor dw = at::empty({1, 2, 3, 3, 3}, dz.options());
+  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "aia_native_conv_weight_grad_cpu", [&] {
+    conv_weight_grad_kernel(pooled.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), d, dw.data_ptr<scalar_t>());
+  });
+  return dw;
+}
+
+BatchStats batch_stats(const at::Tensor& z) {
+  BatchStats st{0, 0};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_batch_stats_cpu", [&] {
+    const scalar_t* p = z.data_ptr<scalar_t>();
+    const int64_t m = z.numel();
+    double sum = 0, sq = 0;
+    for (int64_t i = 0; i < m; ++i) sum += p[i];
+    st.mean = sum / m;
+    for (int64_t i = 0; i < m; ++i) sq += (p[i] - st.mean) * (p[i] - st.mean);
+    st.var = sq / m;
+  });
+  return st;
+}
+
+GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, double scale, double shift, bool has_bn,
+                      bool batch, double mean, double var, double gamma, double eps) {
+  const at::Tensor g = (z * scale).add_(shift).sigmoid_();  // ATen's vectorised sigmoid
+  const at::Tensor gg = gate_grad.to(z.scalar_type()).contiguous();
+  at::Tensor dz = at::empty_like(z);
+  GateZGrad out{dz, 0, 0};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_gate_z_grad_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* gp = g.data_ptr<acc_t>();
+    const acc_t* ggp = gg.data_ptr<acc_t>();
+    const acc_t* zp = z.data_ptr<acc_t>();
+    acc_t* dzp = dz.data_ptr<acc_t>();
+    const int64_t m = z.numel();
+    for (int64_t i = 0; i < m; ++i) dzp[i] = ggp[i] * gp[i] * (acc_t(1) - gp[i]);  // dy
+    if (!has_bn) return;
+    const double rstd = 1.0 / std::sqrt(var + eps);
+    double sum_dy = 0, sum_dy_zhat = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      sum_dy += dzp[i];
+      sum_dy_zhat += dzp[i] * ((zp[i] - mean) * rstd);
+    }
+    out.dbn_weight = sum_dy_zhat;
+    out.dbn_bias = sum_dy;
+    const acc_t k = static_cast<acc_t>(gamma * rstd);
+    if (batch) {  // mean and var depend on z too
+      const acc_t mean_dy = static_cast<acc_t>(sum_dy / m), mean_dy_zhat = static_cast<acc_t>(sum_dy_zhat / m);
+      const acc_t mu = static_cast<acc_t>(mean), r = static_cast<acc_t>(rstd);
+      for (int64_t i = 0; i < m; ++i) dzp[i] = k * (dzp[i] - mean_dy - (zp[i] - mu) * r * mean_dy_zhat);
+    } else {
+      for (int64_t i = 0; i < m; ++i) dzp[i] *= k;
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace aia

@@ -1,0 +1,270 @@
+// CUDA kernels of the AIA primitives. COMPILED IN CI, NEVER RUN ON A GPU (see README):
+// the Python loader refuses CUDA devices unless AIA_NATIVE_CUDA=1.
+//
+// Straightforward, deterministic kernels built on the per-element formulas of
+// aia_common.h (shared with the CPU code): one thread per output entry, each
+// reducing its pooled axis in a fixed order; no atomics. The conv weight gradient
+// (54 sums over the whole pooled tensor) uses one block per tap with a fixed tree.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "aia_host.h"
+
+namespace aia {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8)); }
+
+#define AIA_GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
+
+// One thread per gate entry: max (first index), argmax and mean of weight * v along `axis`.
+template <typename scalar_t, typename acc_t>
+__global__ void pool_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d, Weight<acc_t> wt, int axis,
+                            acc_t* __restrict__ P, int32_t* __restrict__ argmax, int64_t entries) {
+  const int64_t len = axis_length(axis, d);
+  const int64_t sample = gate_sample_size(axis, d);
+  AIA_GRID_STRIDE(g, entries) {
+    acc_t mx = 0, sum = 0;
+    int32_t arg = 0;
+    for (int64_t p = 0; p < len; ++p) {
+      const Coords x = gate_coords(axis, d, g, p);
+      const acc_t y = weight_at(wt, d, x.n, x.t, x.c, x.h, x.w) *
+                      static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]);
+      if (p == 0 || y > mx) {
+        mx = y;
+        arg = static_cast<int32_t>(p);
+      }
+      sum += y;
+    }
+    const int64_t n = gate_coords(axis, d, g, 0).n;
+    P[pooled_max_offset(g, n, sample)] = mx;
+    P[pooled_mean_offset(g, n, sample)] = sum / acc_t(len);
+    argmax[g] = arg;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void apply_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d, Weight<acc_t> wt,
+                             scalar_t* __restrict__ out, Strides5 os, int64_t elements) {
+  AIA_GRID_STRIDE(i, elements) {
+    const Coords x = element_coords(d, i);
+    const acc_t y = weight_at(wt, d, x.n, x.t, x.c, x.h, x.w) *
+                    static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]);
+    out[offset5(os, x.n, x.t, x.c, x.h, x.w)] = static_cast<scalar_t>(y);
+  }
+}
+
+// One thread per entry of gate j of factor k: sum over its axis of
+// upstream * v * (d weight / d factor_k) / size_k.
+template <typename scalar_t, typename acc_t>
+__global__ void weight_grad_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d, Weight<acc_t> wt,
+                                   Upstream<scalar_t, acc_t> up, int k, int j, acc_t* __restrict__ out,
+                                   int64_t entries) {
+  const int axis = wt.axis[k][j];
+  const int64_t len = axis_length(axis, d);
+  const acc_t inv_size = acc_t(1) / acc_t(wt.size[k]);
+  AIA_GRID_STRIDE(g, entries) {
+    acc_t sum = 0;
+    for (int64_t p = 0; p < len; ++p) {
+      const Coords x = gate_coords(axis, d, g, p);
+      acc_t f[kMaxFactors] = {acc_t(1), acc_t(1)};
+      for (int q = 0; q < wt.n_factors; ++q) f[q] = factor_at(wt, q, d, x.n, x.t, x.c, x.h, x.w);
+      sum += upstream_at(up, d, x.n, x.t, x.c, x.h, x.w) * static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]) *
+             factor_partial(wt, k, f) * inv_size;
+    }
+    out[g] = sum;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct Terms {
+  int count;
+  Weight<acc_t> weight[kMaxTerms];
+  Upstream<scalar_t, acc_t> upstream[kMaxTerms];
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void input_grad_kernel(Terms<scalar_t, acc_t> terms, Dims d, scalar_t* __restrict__ out, Strides5 os,
+                                  int64_t elements) {
+  AIA_GRID_STRIDE(i, elements) {
+    const Coords x = element_coords(d, i);
+    acc_t sum = 0;
+    for (int k = 0; k < terms.count; ++k) {
+      sum += weight_at(terms.weight[k], d, x.n, x.t, x.c, x.h, x.w) *
+             upstream_at(terms.upstream[k], d, x.n, x.t, x.c, x.h, x.w);
+    }
+    out[offset5(os, x.n, x.t, x.c, x.h, x.w)] = static_cast<scalar_t>(sum);
+  }
+}
+
+template <typename acc_t>
+__global__ void conv_forward_kernel(const acc_t* __restrict__ P, const acc_t* __restrict__ wt, ConvDims d,
+                                    acc_t* __restrict__ z, int64_t entries) {
+  AIA_GRID_STRIDE(i, entries) {
+    const int64_t c = i % d.D3, b = i / d.D3 % d.D2, a = i / (d.D3 * d.D2) % d.D1, n = i / (d.D3 * d.D2 * d.D1);
+    z[i] = conv_output_at(P, wt, d, n, a, b, c);
+  }
+}
+
+template <typename acc_t>
+__global__ void conv_input_grad_kernel(const acc_t* __restrict__ dz, const acc_t* __restrict__ wt, ConvDims d,
+                                       acc_t* __restrict__ dP, int64_t entries) {
+  AIA_GRID_STRIDE(i, entries) {
+    const int64_t c = i % d.D3, b = i / d.D3 % d.D2, a = i / (d.D3 * d.D2) % d.D1;
+    const int ci = static_cast<int>(i / (d.D3 * d.D2 * d.D1) % 2);
+    const int64_t n = i / (d.D3 * d.D2 * d.D1 * 2);
+    dP[i] = conv_input_grad_at(dz, wt, d, n, ci, a, b, c);
+  }
+}
+
+// Block `tap` sums its terms: each thread a strided range, then a fixed shared-memory tree.
+template <typename acc_t>
+__global__ void conv_weight_grad_kernel(const acc_t* __restrict__ P, const acc_t* __restrict__ dz, ConvDims d,
+                                        acc_t* __restrict__ dw) {
+  __shared__ double partial[kThreads];
+  const int tap = blockIdx.x;
+  const int64_t total = d.N * d.D1 * d.D2 * d.D3;
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) s += conv_weight_grad_term(P, dz, d, tap, i);
+  partial[threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) dw[tap] = static_cast<acc_t>(partial[0]);
+}
+
+ConvDims conv_dims(const at::Tensor& t) {
+  const int64_t r = t.dim();
+  return ConvDims{t.size(0), t.size(r - 3), t.size(r - 2), t.size(r - 1)};
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+}  // namespace
+
+std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
+                             const std::vector<int>& axes) {
+  const c10::cuda::CUDAGuard guard(v.device());
+  const Dims d = dims_of(v);
+  const auto acc = v.options().dtype(acc_type(v.scalar_type()));
+  std::vector<at::Tensor> result;
+  for (int axis : axes) {
+    std::vector<int64_t> shape = gate_shape(axis, d);
+    at::Tensor argmax = at::empty(shape, v.options().dtype(at::kInt));
+    shape.insert(shape.begin() + 1, 2);
+    at::Tensor P = at::empty(shape, acc);
+    const int64_t entries = argmax.numel();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_pool_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      pool_kernel<scalar_t, acc_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
+          v.data_ptr<scalar_t>(), strides_of(v), d, make_weight<acc_t>(gates, weight), axis, P.data_ptr<acc_t>(),
+          argmax.data_ptr<int32_t>(), entries);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    result.push_back(P);
+    result.push_back(argmax);
+  }
+  return result;
+}
+
+void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(v.device());
+  const int64_t elements = v.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_apply_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    apply_kernel<scalar_t, acc_t><<<blocks_for(elements), kThreads, 0, stream()>>>(
+        v.data_ptr<scalar_t>(), strides_of(v), dims_of(v), make_weight<acc_t>(gates, weight),
+        out.data_ptr<scalar_t>(), strides_of(out), elements);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const GateSet& gates) {
+  const c10::cuda::CUDAGuard guard(v.device());
+  const Dims d = dims_of(v);
+  const auto acc = v.options().dtype(acc_type(v.scalar_type()));
+  std::vector<at::Tensor> outs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_weight_grad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Weight<acc_t> wt = make_weight<acc_t>(gates, term.weight);
+    const Upstream<scalar_t, acc_t> up = make_upstream<scalar_t, acc_t>(term.upstream);
+    for (int k = 0; k < wt.n_factors; ++k) {
+      for (int j = 0; j < wt.size[k]; ++j) {
+        at::Tensor out = at::empty(gate_shape(wt.axis[k][j], d), acc);
+        const int64_t entries = out.numel();
+        weight_grad_kernel<scalar_t, acc_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
+            v.data_ptr<scalar_t>(), strides_of(v), d, wt, up, k, j, out.data_ptr<acc_t>(), entries);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        outs.push_back(out);
+      }
+    }
+  });
+  return outs;
+}
+
+void input_grad(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t elements = out.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aia_native_input_grad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Terms<scalar_t, acc_t> packed{};
+    packed.count = static_cast<int>(terms.size());
+    for (size_t k = 0; k < terms.size(); ++k) {
+      packed.weight[k] = make_weight<acc_t>(gates, terms[k].weight);
+      packed.upstream[k] = make_upstream<scalar_t, acc_t>(terms[k].upstream);
+    }
+    input_grad_kernel<scalar_t, acc_t><<<blocks_for(elements), kThreads, 0, stream()>>>(
+        packed, dims_of(out), out.data_ptr<scalar_t>(), strides_of(out), elements);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight) {
+  const c10::cuda::CUDAGuard guard(pooled.device());
+  const ConvDims d = conv_dims(pooled);
+  at::Tensor z = at::empty({d.N, d.D1, d.D2, d.D3}, pooled.options());
+  const int64_t entries = z.numel();
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "aia_native_conv_cuda", [&] {
+    conv_forward_kernel<scalar_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
+        pooled.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, z.data_ptr<scalar_t>(), entries);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return z;
+}
+
+at::Tensor conv_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
+  const c10::cuda::CUDAGuard guard(dz.device());
+  const ConvDims d = conv_dims(dz);
+  at::Tensor dP = at::empty({d.N, 2, d.D1, d.D2, d.D3}, dz.options());
+  const int64_t entries = dP.numel();
+  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "aia_native_conv_input_grad_cuda", [&] {
+    conv_input_grad_kernel<scalar_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
+        dz.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, dP.data_ptr<scalar_t>(), entries);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dP;
+}
+
+at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz) {
+  const c10::cuda::CUDAGuard guard(dz.device());
+  const ConvDims d = conv_dims(dz);
+  at::Tensor dw = at::empty({1, 2, 3, 3, 3}, dz.options());
+  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "aia_native_conv_weight_grad_cuda", [&] {
+    conv_weight_grad_kernel<scalar_t><<<54, kThreads, 0, stream()>>>(
+        pooled.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), d, dw.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dw;
+}
+
+}  // namespace cuda
+}  // namespace aia

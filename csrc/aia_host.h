@@ -1,0 +1,139 @@
+// Host-side descriptions of the primitives' arguments (parsed once from the op
+// schemas in aia_ops.cpp) and the device entry points each backend file defines:
+// aia_cpu.cpp (namespace aia::cpu) and aia_cuda.cu (namespace aia::cuda).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "aia_common.h"
+
+namespace aia {
+
+// Gates of one call: their values sigmoid(a * z + b) (accumulation dtype, contiguous)
+// and pooled axes, indexed by the gate ids that WeightSpec uses.
+struct GateSet {
+  std::vector<at::Tensor> values;
+  std::vector<int> axis;
+};
+
+struct WeightSpec {
+  bool mean = false;
+  std::vector<std::vector<int>> factors;  // gate ids per factor
+};
+
+// Upstream gradient: `dout` when defined, else pooled-gradient items.
+struct UpstreamSpec {
+  at::Tensor dout;
+  std::vector<at::Tensor> grad, argmax;
+  std::vector<int> axis;
+};
+
+struct Term {
+  WeightSpec weight;
+  UpstreamSpec upstream;
+};
+
+inline int axis_code(char a) {
+  switch (a) {
+    case 'C': return kAxisC;
+    case 'T': return kAxisT;
+    case 'H': return kAxisH;
+    case 'W': return kAxisW;
+  }
+  TORCH_CHECK(false, "aia_native: unknown axis '", a, "'");
+}
+
+// Accumulation dtype of the small tensors: float64 for float64 inputs, else float32.
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline Dims dims_of(const at::Tensor& v) {
+  return Dims{v.size(0), v.size(1), v.size(2), v.size(3), v.size(4)};
+}
+
+inline Strides5 strides_of(const at::Tensor& t) {
+  return Strides5{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+inline std::vector<int64_t> gate_shape(int axis, const Dims& d) {
+  switch (axis) {
+    case kAxisC: return {d.N, d.T, d.H, d.W};
+    case kAxisT: return {d.N, d.C, d.H, d.W};
+    case kAxisH: return {d.N, d.T, d.C, d.W};
+    default:     return {d.N, d.T, d.H, d.C};
+  }
+}
+
+template <typename acc_t>
+Weight<acc_t> make_weight(const GateSet& gates, const WeightSpec& spec) {
+  Weight<acc_t> w{};
+  w.n_factors = static_cast<int>(spec.factors.size());
+  w.mean = spec.mean;
+  for (int k = 0; k < w.n_factors; ++k) {
+    w.size[k] = static_cast<int>(spec.factors[k].size());
+    for (int j = 0; j < w.size[k]; ++j) {
+      const int id = spec.factors[k][j];
+      w.axis[k][j] = gates.axis[id];
+      w.gate[k][j] = gates.values[id].data_ptr<acc_t>();
+    }
+  }
+  return w;
+}
+
+template <typename scalar_t, typename acc_t>
+Upstream<scalar_t, acc_t> make_upstream(const UpstreamSpec& spec) {
+  Upstream<scalar_t, acc_t> u{};
+  if (spec.dout.defined()) {
+    u.dout = spec.dout.data_ptr<scalar_t>();
+    u.dout_strides = strides_of(spec.dout);
+    return u;
+  }
+  u.n_items = static_cast<int>(spec.grad.size());
+  for (int i = 0; i < u.n_items; ++i) {
+    u.axis[i] = spec.axis[i];
+    u.grad[i] = spec.grad[i].data_ptr<acc_t>();
+    u.argmax[i] = spec.argmax[i].data_ptr<int32_t>();
+  }
+  return u;
+}
+
+// Entry points, one set per device. Full-size tensors are (N, T, C, H, W) views with
+// any strides; pooled/gate tensors are contiguous in the accumulation dtype.
+#define AIA_DECLARE_DEVICE_ENTRY_POINTS                                                                      \
+  /* For each axis: P (N, 2, D1, D2, D3) and argmax (N, D1, D2, D3) of weight * v. */                       \
+  std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,         \
+                               const std::vector<int>& axes);                                              \
+  void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out);    \
+  /* d loss / d gate for every gate of every factor, in factor order. */                                   \
+  std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const GateSet& gates);         \
+  void input_grad(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out);             \
+  at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight);                              \
+  at::Tensor conv_input_grad(const at::Tensor& dz, const at::Tensor& weight);                               \
+  at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz);
+
+namespace cpu {
+AIA_DECLARE_DEVICE_ENTRY_POINTS
+
+// CPU fast paths of the gate's BN on the small conv output (the CUDA path composes
+// ATen ops in aia_ops.cpp): sequential double sums, so fixed order and few passes.
+struct BatchStats {
+  double mean, var;  // biased variance, as BatchNorm normalises
+};
+BatchStats batch_stats(const at::Tensor& z);
+
+// d loss / d z of gate = sigmoid(scale * z + shift), where BN folded into (scale, shift)
+// normalised z with (mean, var) (batch: they depend on z too). Also the BN parameter
+// gradients: sum(dy * zhat) and sum(dy), dy = d loss / d (BN output).
+struct GateZGrad {
+  at::Tensor dz;
+  double dbn_weight, dbn_bias;
+};
+GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, double scale, double shift, bool has_bn,
+                      bool batch, double mean, double var, double gamma, double eps);
+}
+namespace cuda {
+AIA_DECLARE_DEVICE_ENTRY_POINTS
+}
+
+}  // namespace aia

@@ -1,0 +1,237 @@
+"""The native backend (csrc/, C++ on CPU) against the reference: every variant, modes,
+dtypes, layouts, gradients, determinism, bad inputs, the op schemas (opcheck), and
+what backend="auto" picks. The extension is built on first use (the first test pays)."""
+import os
+import warnings
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import aia_kernels
+from aia_kernels import backends
+
+from aia_testing import SHAPE, compare_with_reference, make_pair, run
+
+native = pytest.importorskip("aia_kernels.native")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    native.load()  # a build failure fails here, with the compiler's message
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("use_bn", [True, False], ids=["bn", "nobn"])
+def test_float64_matches_reference(variant, train, use_bn):
+    compare_with_reference(variant, "native", use_bn=use_bn, train=train, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_float32_matches_reference(variant, train):
+    # Same math, different summation order (row lanes, fused passes): float32 rounding only.
+    compare_with_reference(variant, "native", train=train, dtype=torch.float32, atol=2e-4, rtol=2e-4)
+
+
+# Half inputs: pooling, gates and gradients accumulate in float32 on both sides (the
+# reference runs in float32 on the same rounded input and upstream gradient), so only
+# the final rounding of `out` and `grad_x` to the half type differs: one ulp of the
+# half type (bf16 2**-8 = 3.9e-3, fp16 2**-11 = 4.9e-4) relative, plus a little for
+# values that round across a gate's sigmoid. Parameter gradients stay near float32.
+@pytest.mark.parametrize("variant", ["C", "ST", "CinST->STinC", "CinST+STinC"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)], ids=["bf16", "fp16"])
+def test_half_inputs(variant, dtype, tol):
+    _, out = compare_with_reference(variant, "native", dtype=dtype, atol=tol, rtol=tol)
+    assert out.grad_x.dtype == dtype
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+@pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST"])
+def test_strided_inputs(variant, layout):
+    """Any strides are read in place (the kernels take the strides); the output keeps x's layout."""
+    base = torch.randn(SHAPE, dtype=torch.float64)
+    if layout == "channels_last":
+        x = base.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = base.transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        x = torch.randn(SHAPE[0], SHAPE[1] * 2, SHAPE[2], SHAPE[3] + 3, dtype=torch.float64)[:, ::2, :, 1:-2]
+    assert x.shape == SHAPE
+    _, out = compare_with_reference(variant, "native", x=x, atol=1e-10, rtol=1e-8)
+    if layout == "channels_last":
+        assert out.out.is_contiguous(memory_format=torch.channels_last)
+
+
+def _gradcheck_module(variant: str, use_bn: bool):
+    torch.manual_seed(1)
+    module = aia_kernels.build(variant, num_segments=2, use_BN=use_bn, backend="native").double().train()
+    names, params = zip(*module.named_parameters())
+    x = torch.randn(4, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return functional_call(module, dict(zip(names, ps)), (x,))
+
+    # BN running statistics change on every call; they do not feed the train-mode output.
+    assert torch.autograd.gradcheck(f, (x, *[p.detach().requires_grad_() for p in params]), eps=1e-6,
+                                    atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+def test_gradcheck_train(variant):
+    _gradcheck_module(variant, use_bn=True)
+
+
+def test_gradcheck_without_bn():
+    _gradcheck_module("CinST->STinC", use_bn=False)
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    """Bitwise equal results run to run and with 1 or 2 threads: every parallel task owns
+    its outputs (no atomics) and reductions are split in fixed chunks, not per thread."""
+    ref, module = make_pair("CinST->STinC", "native", dtype=torch.float32, num_segments=4)
+    x = torch.randn(16, 24, 9, 10)
+    g = torch.randn_like(x)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (2, 2, 1):
+            torch.set_num_threads(threads)
+            module.load_state_dict(ref.state_dict())
+            results.append(run(module, x, g))
+    finally:
+        torch.set_num_threads(old)
+    first = results[0]
+    for other in results[1:]:
+        assert torch.equal(first.out, other.out) and torch.equal(first.grad_x, other.grad_x)
+        for name in first.grads:
+            assert torch.equal(first.grads[name], other.grads[name]), name
+
+
+def test_auto_uses_native_on_cpu():
+    module = aia_kernels.build("CinST->STinC", num_segments=3, backend="auto")
+    module(torch.randn(SHAPE))
+    assert module.last_backend == "native"
+
+
+def test_auto_falls_back_to_reference_with_warning(monkeypatch):
+    monkeypatch.setitem(backends._registry, "native",
+                        backends.FusedBackend("native", native.NativePrimitives(), lambda device: "not built"))
+    monkeypatch.setattr(backends, "_warned", set())
+    module = aia_kernels.build("C", num_segments=3, backend="auto")
+    with pytest.warns(RuntimeWarning, match="reference"):
+        module(torch.randn(SHAPE))
+    assert module.last_backend == "reference"
+
+
+def test_cuda_refused_unless_opted_in(monkeypatch):
+    """The CUDA kernels are compiled but have never run on a GPU: auto must not pick them."""
+    monkeypatch.delenv("AIA_NATIVE_CUDA", raising=False)
+    assert "untested" in native.unavailable_reason(torch.device("cuda"))
+    assert native.unavailable_reason(torch.device("cpu")) is None
+
+
+def test_build_failure_reports_compiler_message(monkeypatch, tmp_path):
+    (tmp_path / "broken.cpp").write_text("int main() { return undeclared_name_xyz; }\n")
+    monkeypatch.setattr(native, "CSRC", tmp_path)
+    monkeypatch.setattr(native, "CPU_SOURCES", ("broken.cpp",))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("AIA_KERNELS_BUILD_DIR", str(tmp_path / "build"))
+    with pytest.raises(RuntimeError, match="undeclared_name_xyz"):
+        native.load()
+    reason = native.unavailable_reason(torch.device("cpu"))
+    assert "undeclared_name_xyz" in reason and os.path.isdir(tmp_path / "build")
+
+
+# ---- the ops directly ----
+
+def _sample_gate_args(v):
+    """A C factor and an ST factor with random gates, as the ops' flat arguments."""
+    from aia_kernels.primitives import gate_shape
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    axes = "CTHW"
+    zs = [torch.randn(gate_shape(v.shape, a), dtype=acc) for a in axes]
+    ss = [torch.tensor([1.5, -0.2], dtype=acc) for _ in axes]
+    return zs, ss, axes, [0, 2, 1, 3]  # product of (C) and (T, H, W)
+
+
+def _sample_pooled(v, axes):
+    from aia_kernels.primitives import gate_shape
+    grads, argmaxes = [], []
+    for a in axes:
+        shape = gate_shape(v.shape, a)
+        length = v.shape[{"T": 1, "C": 2, "H": 3, "W": 4}[a]]
+        grads.append(torch.randn(shape[0], 2, *shape[1:], dtype=v.dtype))
+        argmaxes.append(torch.randint(0, length, shape, dtype=torch.int32))
+    return grads, argmaxes
+
+
+def test_opcheck_native_ops():
+    ops = torch.ops.aia_native
+    v = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64)
+    zs, ss, axes, desc = _sample_gate_args(v)
+    opcheck = torch.library.opcheck
+    opcheck(ops.pool.default, (v, zs, ss, axes, desc, "THW"))
+    opcheck(ops.pool.default, (v, [], [], "", [0, 0], "C"))
+    opcheck(ops.apply.default, (v, zs, ss, axes, desc, torch.empty_like(v)))
+    grads, argmaxes = _sample_pooled(v, "THW")
+    opcheck(ops.weight_grad.default, (v, [torch.randn_like(v)], [], [], "", [-1], zs, ss, axes, desc))
+    opcheck(ops.weight_grad.default, (v, [], grads, argmaxes, "THW", [3], zs, ss, axes, desc))
+    opcheck(ops.input_grad.default, ([torch.randn_like(v)], grads, argmaxes, "THW", [-1, 3], zs + zs, ss + ss,
+                                     axes + axes, desc + desc, torch.empty_like(v)))
+    pooled = torch.randn(2, 2, 3, 5, 6, dtype=torch.float64)
+    w = torch.randn(1, 2, 3, 3, 3, dtype=torch.float64)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    for mode in (0, 1, 2):
+        opcheck(ops.gate_forward.default, (pooled, w, mode, one, zero, zero, one, 1e-5))
+    z, scale_shift, stats = ops.gate_forward(pooled, w, 1, one, zero, None, None, 1e-5)
+    opcheck(ops.gate_backward.default, (torch.randn_like(z), pooled, z, scale_shift, stats, w, 1, one, 1e-5,
+                                        [1, 1, 1, 1]))
+
+
+def test_primitives_match_torch_primitives():
+    """pool's argmax and every small output equal the plain-torch primitives exactly in float64."""
+    from aia_kernels.primitives import GateValue, WeightValue
+    from aia_kernels.primitives.torch_impl import TorchPrimitives
+    v = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64).transpose(3, 4).contiguous().transpose(3, 4)
+    zs, ss, axes, _ = _sample_gate_args(v)
+    gates = [GateValue(a, z, s) for a, z, s in zip(axes, zs, ss)]
+    for weight in (WeightValue((), "prod"), WeightValue(((gates[0],), tuple(gates[1:])), "mean")):
+        for stage_axes in ("C", "THW"):
+            for (p1, a1), (p2, a2) in zip(native.NativePrimitives().pool(v, weight, stage_axes),
+                                          TorchPrimitives().pool(v, weight, stage_axes)):
+                torch.testing.assert_close(p1, p2, atol=1e-12, rtol=1e-12)
+                assert torch.equal(a1, a2)
+
+
+@pytest.mark.parametrize("case", ["rank", "gate_shape", "axis", "dout_dtype", "desc", "pooled_dtype"])
+def test_bad_op_arguments(case):
+    ops = torch.ops.aia_native
+    v = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64)
+    zs, ss, axes, desc = _sample_gate_args(v)
+    with pytest.raises(RuntimeError, match="aia_native"):
+        if case == "rank":
+            ops.pool(v[0], [], [], "", [0, 0], "C")
+        elif case == "gate_shape":
+            ops.pool(v, [zs[1]] + zs[1:], ss, axes, desc, "C")
+        elif case == "axis":
+            ops.pool(v, [], [], "", [0, 0], "X")
+        elif case == "dout_dtype":
+            ops.weight_grad(v, [torch.randn_like(v).float()], [], [], "", [-1], zs, ss, axes, desc)
+        elif case == "desc":
+            ops.pool(v, zs, ss, axes, [0, 1, 2], "C")
+        else:
+            ops.gate_forward(torch.randn(1, 2, 3, 3, 3, dtype=torch.float16), torch.randn(1, 2, 3, 3, 3), 0,
+                             None, None, None, None, 1e-5)
+
+
+def test_bad_module_inputs():
+    module = aia_kernels.build("C", num_segments=3, backend="native")
+    with pytest.raises(TypeError):
+        module(torch.zeros(SHAPE, dtype=torch.int64))
+    with pytest.raises(ValueError):
+        module(torch.randn(5, 5, 4, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module(torch.randn(SHAPE))
