@@ -13,7 +13,9 @@ to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import threading
 from pathlib import Path
 
@@ -40,6 +42,20 @@ def _with_cuda() -> bool:
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
+def _extension_name(cuda: bool) -> str:
+    """torch caches builds by name, sources and flags, not by CPU: with -march=native the
+    name carries a fingerprint of this CPU so another CPU never loads this build."""
+    name = "aia_native_cuda" if cuda else "aia_native"
+    if "-march=native" not in CXX_FLAGS:
+        return name
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        cpu = platform.processor() or platform.machine()
+    return f"{name}_{hashlib.sha1(cpu.encode()).hexdigest()[:10]}"
+
+
 def build_directory() -> str | None:
     """``$AIA_KERNELS_BUILD_DIR`` (created if missing), else torch's default extensions dir."""
     path = os.environ.get("AIA_KERNELS_BUILD_DIR")
@@ -62,7 +78,7 @@ def load(verbose: bool = False) -> None:
         sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
         defines = ["-DAIA_WITH_CUDA"] if cuda else []
         try:
-            load_extension(name="aia_native_cuda" if cuda else "aia_native", sources=sources,
+            load_extension(name=_extension_name(cuda), sources=sources,
                            extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines, extra_ldflags=LD_FLAGS,
                            extra_include_paths=[str(CSRC)], build_directory=build_directory(),
                            is_python_module=False, verbose=verbose)
