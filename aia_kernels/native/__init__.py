@@ -24,7 +24,9 @@ import torch
 from .. import backends
 from ..primitives import GateForward, GateGrads, PooledGrad, WeightValue, gate_shape
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# The source tree's csrc/, or the copy a regular install puts inside the package.
+CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
+             if p.is_dir()), Path(__file__).resolve().parents[2] / "csrc")
 CPU_SOURCES = ("aia_ops.cpp", "aia_cpu.cpp")
 CUDA_SOURCES = ("aia_cuda.cu",)
 # -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
