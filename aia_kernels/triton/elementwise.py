@@ -38,10 +38,11 @@ def weighted_sum_kernel(out_ptr, son, sot, soc, soh, sow, terms, T, C, H, W,
     total = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
     for k in tl.static_range(NUM_TERMS):
         a = terms[k]
-        code: tl.constexpr = (CODE >> (8 * k)) & 255
-        source = upstream_at((code >> 5) & 3, a[12], a[13], a[14], a[15], a[16], a[17],
+        # Term k's bits, inlined: a constexpr named inside the loop could not be
+        # reassigned on the next iteration (the compiler rejects it; the interpreter does not).
+        source = upstream_at((CODE >> (8 * k + 5)) & 3, a[12], a[13], a[14], a[15], a[16], a[17],
                              a[18], a[19], a[20], a[21], a[22], n, t, c, h, w, T, C, H, W, mask, ACC)
         total += source * weight_at(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11],
-                                    code & 3, (code >> 2) & 3, (code >> 4) & 1, -1,
+                                    (CODE >> (8 * k)) & 3, (CODE >> (8 * k + 2)) & 3, (CODE >> (8 * k + 4)) & 1, -1,
                                     n, t, c, h, w, T, C, H, W, mask, ACC)
     tl.store(out_ptr + n * son + t * sot + c * soc + h * soh + w * sow, total, mask=mask)
