@@ -214,11 +214,12 @@ void upstream_plane(const Upstream<scalar_t, acc_t>& up, const Dims& d, int64_t 
     if (axis == kAxisC || axis == kAxisT) {
       const int32_t pos = static_cast<int32_t>(axis == kAxisC ? c : t);
       for (int64_t j = 0; j < HW; ++j) out[j] += gmean[j] * inv_len + (arg[j] == pos ? gmax[j] : acc_t(0));
-    } else if (axis == kAxisH) {
+    } else if (axis == kAxisH) {  // the mean part is one row repeated; the max part one entry per column
       for (int64_t h = 0; h < H; ++h) {
         acc_t* o = out + h * W;
-        for (int64_t w = 0; w < W; ++w) o[w] += gmean[w] * inv_len + (arg[w] == h ? gmax[w] : acc_t(0));
+        for (int64_t w = 0; w < W; ++w) o[w] += gmean[w] * inv_len;
       }
+      for (int64_t w = 0; w < W; ++w) out[arg[w] * W + w] += gmax[w];
     } else {
       for (int64_t h = 0; h < H; ++h) {
         acc_t* o = out + h * W;
