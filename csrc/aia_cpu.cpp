@@ -242,10 +242,10 @@ void reduce_step(const acc_t* y, int64_t len, int32_t pos, bool first, acc_t* mx
     }
     return;
   }
-  for (int64_t i = 0; i < len; ++i) {
-    const bool greater = y[i] > mx[i];
-    mx[i] = greater ? y[i] : mx[i];
-    arg[i] = greater ? pos : arg[i];
+  for (int64_t i = 0; i < len; ++i) {  // branch-free: short rows (7x7 planes) mispredict a branch
+    const int32_t greater = -static_cast<int32_t>(y[i] > mx[i]);
+    mx[i] = std::max(mx[i], y[i]);  // == (y > mx ? y : mx), NaNs included
+    arg[i] += (pos - arg[i]) & greater;
     sum[i] += y[i];
   }
 }
@@ -260,11 +260,11 @@ void pool_rows(const acc_t* y, int64_t H, int64_t W, acc_t* mx, acc_t* sum, int3
     arg[h] = 0;
   }
   for (int64_t w = 1; w < W; ++w) {
-    for (int64_t h = 0; h < H; ++h) {
+    for (int64_t h = 0; h < H; ++h) {  // branch-free, as in reduce_step
       const acc_t x = y[h * W + w];
-      const bool greater = x > mx[h];
-      mx[h] = greater ? x : mx[h];
-      arg[h] = greater ? static_cast<int32_t>(w) : arg[h];
+      const int32_t greater = -static_cast<int32_t>(x > mx[h]);
+      mx[h] = std::max(mx[h], x);
+      arg[h] += (static_cast<int32_t>(w) - arg[h]) & greater;
       sum[h] += x;
     }
   }
