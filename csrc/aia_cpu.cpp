@@ -214,11 +214,12 @@ void upstream_plane(const Upstream<scalar_t, acc_t>& up, const Dims& d, int64_t 
     if (axis == kAxisC || axis == kAxisT) {
       const int32_t pos = static_cast<int32_t>(axis == kAxisC ? c : t);
       for (int64_t j = 0; j < HW; ++j) out[j] += gmean[j] * inv_len + (arg[j] == pos ? gmax[j] : acc_t(0));
-    } else if (axis == kAxisH) {
+    } else if (axis == kAxisH) {  // the mean part is one row repeated; the max part one entry per column
       for (int64_t h = 0; h < H; ++h) {
         acc_t* o = out + h * W;
-        for (int64_t w = 0; w < W; ++w) o[w] += gmean[w] * inv_len + (arg[w] == h ? gmax[w] : acc_t(0));
+        for (int64_t w = 0; w < W; ++w) o[w] += gmean[w] * inv_len;
       }
+      for (int64_t w = 0; w < W; ++w) out[arg[w] * W + w] += gmax[w];
     } else {
       for (int64_t h = 0; h < H; ++h) {
         acc_t* o = out + h * W;
@@ -241,10 +242,10 @@ void reduce_step(const acc_t* y, int64_t len, int32_t pos, bool first, acc_t* mx
     }
     return;
   }
-  for (int64_t i = 0; i < len; ++i) {
-    const bool greater = y[i] > mx[i];
-    mx[i] = greater ? y[i] : mx[i];
-    arg[i] = greater ? pos : arg[i];
+  for (int64_t i = 0; i < len; ++i) {  // branch-free: short rows (7x7 planes) mispredict a branch
+    const int32_t greater = -static_cast<int32_t>(y[i] > mx[i]);
+    mx[i] = std::max(mx[i], y[i]);  // == (y > mx ? y : mx), NaNs included
+    arg[i] += (pos - arg[i]) & greater;
     sum[i] += y[i];
   }
 }
@@ -259,11 +260,11 @@ void pool_rows(const acc_t* y, int64_t H, int64_t W, acc_t* mx, acc_t* sum, int3
     arg[h] = 0;
   }
   for (int64_t w = 1; w < W; ++w) {
-    for (int64_t h = 0; h < H; ++h) {
+    for (int64_t h = 0; h < H; ++h) {  // branch-free, as in reduce_step
       const acc_t x = y[h * W + w];
-      const bool greater = x > mx[h];
-      mx[h] = greater ? x : mx[h];
-      arg[h] = greater ? static_cast<int32_t>(w) : arg[h];
+      const int32_t greater = -static_cast<int32_t>(x > mx[h]);
+      mx[h] = std::max(mx[h], x);
+      arg[h] += (static_cast<int32_t>(w) - arg[h]) & greater;
       sum[h] += x;
     }
   }
@@ -571,23 +572,42 @@ void unpitch(const acc_t* out, const ConvDims& d, int64_t R, acc_t* dst) {
   for (int64_t b = 0; b < d.D2; ++b) std::copy(out + b * R, out + b * R + d.D3, dst + b * d.D3);
 }
 
+// Consecutive slices a of one volume are `slice` apart in the padded input and in the
+// pitched output, so a block of them is one flat run: each tap is a single long loop
+// even when a slice is tiny (7x7 gates); the padding rows between slices are garbage
+// and dropped by unpitch. Every output sums its taps in the same order whatever the
+// blocking, so results do not depend on it (or on the thread count).
+struct SliceBlocks {
+  int64_t per_block, blocks_per_volume;
+  int64_t run(const Padded& p, int64_t count) const { return (count - 1) * p.slice + p.run; }
+};
+
+SliceBlocks slice_blocks(const ConvDims& d, const Padded& p) {
+  const int64_t per_block = std::max<int64_t>(1, std::min<int64_t>(d.D1, 4096 / p.slice));
+  return {per_block, (d.D1 + per_block - 1) / per_block};
+}
+
 // z[n, a] = sum_{ci, k} w[ci, k] * Ppad[n, ci, a + k1, k2 + b, k3 + c]
 template <typename acc_t>
 void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z) {
   const Padded p = padded(d);
+  const SliceBlocks sb = slice_blocks(d, p);
   const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d);
-  at::parallel_for(0, d.N * d.D1, grain_for(54 * p.slice), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> out(static_cast<size_t>(p.slice));
-    for (int64_t na = begin; na < end; ++na) {
-      const int64_t n = na / d.D1, a = na % d.D1;
-      std::fill(out.begin(), out.end(), acc_t(0));
+  at::parallel_for(0, d.N * sb.blocks_per_volume, grain_for(54 * sb.per_block * p.slice),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / sb.blocks_per_volume, a0 = item % sb.blocks_per_volume * sb.per_block;
+      const int64_t count = std::min(sb.per_block, d.D1 - a0), run = sb.run(p, count);
+      std::fill(out.begin(), out.begin() + run, acc_t(0));
       for (int tap = 0; tap < 54; ++tap) {
         const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
         const acc_t w = wt[tap];
-        const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
-        for (int64_t i = 0; i < p.run; ++i) out[i] += w * src[i];
+        const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a0 + k1) * p.slice + k2 * p.R + k3;
+        for (int64_t i = 0; i < run; ++i) out[i] += w * src[i];
       }
-      unpitch(out.data(), d, p.R, z + na * d.D2 * d.D3);
+      for (int64_t a = 0; a < count; ++a)
+        unpitch(out.data() + a * p.slice, d, p.R, z + (n * d.D1 + a0 + a) * d.D2 * d.D3);
     }
   });
 }
@@ -596,19 +616,24 @@ void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc
 template <typename acc_t>
 void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d, acc_t* dP) {
   const Padded p = padded(d);
+  const SliceBlocks sb = slice_blocks(d, p);
   const std::vector<acc_t> dzpad = pad_volumes(dz, d.N, d);
-  at::parallel_for(0, d.N * 2 * d.D1, grain_for(27 * p.slice), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> out(static_cast<size_t>(p.slice));
+  at::parallel_for(0, d.N * 2 * sb.blocks_per_volume, grain_for(27 * sb.per_block * p.slice),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice));
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t a = item % d.D1, ci = item / d.D1 % 2, n = item / (2 * d.D1);
-      std::fill(out.begin(), out.end(), acc_t(0));
+      const int64_t a0 = item % sb.blocks_per_volume * sb.per_block, ci = item / sb.blocks_per_volume % 2,
+                    n = item / (2 * sb.blocks_per_volume);
+      const int64_t count = std::min(sb.per_block, d.D1 - a0), run = sb.run(p, count);
+      std::fill(out.begin(), out.begin() + run, acc_t(0));
       for (int k = 0; k < 27; ++k) {
         const int k1 = k / 9, k2 = k / 3 % 3, k3 = k % 3;
         const acc_t w = wt[ci * 27 + k];
-        const acc_t* src = dzpad.data() + n * p.volume + (a + 2 - k1) * p.slice + (2 - k2) * p.R + (2 - k3);
-        for (int64_t i = 0; i < p.run; ++i) out[i] += w * src[i];
+        const acc_t* src = dzpad.data() + n * p.volume + (a0 + 2 - k1) * p.slice + (2 - k2) * p.R + (2 - k3);
+        for (int64_t i = 0; i < run; ++i) out[i] += w * src[i];
       }
-      unpitch(out.data(), d, p.R, dP + item * d.D2 * d.D3);
+      for (int64_t a = 0; a < count; ++a)
+        unpitch(out.data() + a * p.slice, d, p.R, dP + ((n * 2 + ci) * d.D1 + a0 + a) * d.D2 * d.D3);
     }
   });
 }
@@ -636,10 +661,13 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
       for (int tap = 0; tap < 54; ++tap) {
         const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
         acc_t lane[kRunLanes] = {};
-        for (int64_t na = first; na < last; ++na) {
+        // Consecutive slices of one volume are one flat run (dz's pitch rows are zero).
+        for (int64_t na = first; na < last;) {
           const int64_t n = na / d.D1, a = na % d.D1;
+          const int64_t count = std::min(last - na, d.D1 - a);
           const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
-          lane_dot<kRunLanes>(src, dzp.data() + na * p.slice, p.run, lane);
+          lane_dot<kRunLanes>(src, dzp.data() + na * p.slice, (count - 1) * p.slice + p.run, lane);
+          na += count;
         }
         partial[chunk * 54 + tap] = static_cast<double>(lane_total<kRunLanes>(lane));
       }

@@ -8,6 +8,7 @@
 //             gates in factor 0, ...]; gate uses are consumed in order
 //   upstream: Tensor[] douts, Tensor[] up_grads, Tensor[] up_argmax, str up_axes,
 //             int[] up_counts = per term -1 (next dout) or the number of pooled items
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -66,9 +67,17 @@ GateSet make_gates(at::TensorList gate_z, at::TensorList gate_ss, c10::string_vi
     if (!value.defined()) {
       if (v.is_cuda()) {
         value = at::sigmoid(gate_z[i] * gate_ss[i][0] + gate_ss[i][1]);
-      } else {  // host scalars: no small select ops per gate
-        const at::Tensor ss = gate_ss[i].to(at::kDouble);
-        value = (gate_z[i] * ss.data_ptr<double>()[0]).add_(ss.data_ptr<double>()[1]).sigmoid_();
+      } else {  // host scalars, a * z + b in one loop, then ATen's vectorised sigmoid
+        const at::Tensor ss = gate_ss[i].to(at::kDouble), z = gate_z[i].contiguous();
+        value = at::empty_like(z, at::MemoryFormat::Contiguous);
+        AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_gate_value_cpu", [&] {
+          const scalar_t a = static_cast<scalar_t>(ss.data_ptr<double>()[0]);
+          const scalar_t b = static_cast<scalar_t>(ss.data_ptr<double>()[1]);
+          const scalar_t* zp = z.data_ptr<scalar_t>();
+          scalar_t* out = value.data_ptr<scalar_t>();
+          for (int64_t k = 0, m = z.numel(); k < m; ++k) out[k] = zp[k] * a + b;
+        });
+        value.sigmoid_();
       }
     }
     gates.values.push_back(value.contiguous());
