@@ -9,7 +9,6 @@ Shapes: ``x`` is ``(N*T, C, H, W)``; ``v`` is its view ``(N, T, C, H, W)``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Dimension of each axis in v = (N, T, C, H, W).

@@ -8,7 +8,6 @@ SyncBatchNorm gates and run the reference path (which syncs) instead.
 import socket
 import warnings
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

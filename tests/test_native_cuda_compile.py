@@ -3,7 +3,6 @@ catches syntax and type errors in csrc/aia_cuda.cu on CI machines without a GPU.
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 

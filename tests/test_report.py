@@ -2,7 +2,7 @@
 import pytest
 
 from aia_kernels.models import tsn_resnet50
-from aia_kernels.models.report import PAPER_TABLE_I, count, format_report, main
+from aia_kernels.models.report import PAPER_TABLE_I, count, main
 
 
 @pytest.mark.parametrize("variant,params", [(None, 23_864_558), ("CinST", None), ("CinST->STinC", 23_871_726)])

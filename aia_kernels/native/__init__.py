@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import backends
-from ..primitives import GateForward, GateGrads, PooledGrad, WeightValue, gate_shape
+from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
 
 # The source tree's csrc/, or the copy a regular install puts inside the package.
 CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
