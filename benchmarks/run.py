@@ -66,8 +66,9 @@ def _nvidia_driver() -> str | None:
         return None
 
 
-def machine_meta(device: torch.device, argv) -> dict:
-    """Device, versions, date and a machine description without the hostname."""
+def machine_meta(device: torch.device, argv, entry: tuple[str, ...] = ("-m", "benchmarks.run")) -> dict:
+    """Device, versions, date, a machine description without the hostname, and the exact
+    command (``python <entry> <argv>``)."""
     try:
         import triton
         triton_version = triton.__version__
@@ -86,8 +87,7 @@ def machine_meta(device: torch.device, argv) -> dict:
         "cpu_count": os.cpu_count(),
         "aia_kernels": os.path.dirname(aia_kernels.__file__),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, "-m", "benchmarks.run", *argv]),
-        "bytes_model": "full-size passes from the plan (benchmarks/bytes_model.py); small tensors ignored",
+        "command": shlex.join([sys.executable, *entry, *argv]),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -189,6 +189,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
     reps = args.reps or (30 if cuda else 10)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     meta = machine_meta(device, argv)
+    meta["bytes_model"] = "full-size passes from the plan (benchmarks/bytes_model.py); small tensors ignored"
     meta.update(reps=reps, warmup=warmup, num_segments=NUM_SEGMENTS, l2_flush=cuda, cpu_threads=torch.get_num_threads(),
                 timer="cuda events" if cuda else "time.perf_counter")
     if not cuda:

@@ -22,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's aia_kernels
 from aia_kernels.models import tsn_resnet50  # noqa: E402
+from benchmarks.run import machine_meta  # noqa: E402  (device, driver, versions, date, command)
 
 CONFIGS = (("plain TSN", None, "reference"), ("AIA eager (reference)", "variant", "reference"),
            ("AIA fused (auto)", "variant", "auto"))
@@ -100,8 +101,9 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
-                       "results": rows}, f, indent=1)
+            meta = machine_meta(torch.device("cuda"), sys.argv[1:] if argv is None else argv,
+                                entry=("benchmarks/train_step.py",))
+            json.dump({**meta, "args": vars(args), "results": rows}, f, indent=1)
     return 0
 
 
