@@ -98,33 +98,6 @@ void gate_plane(int axis, const acc_t* gate, const Dims& d, int64_t n, int64_t t
   }
 }
 
-// Dot products with independent lane accumulators, so that they vectorise without
-// -ffast-math; the summation order is fixed, so results stay deterministic. kRunLanes
-// (several vectors) hides the add latency on long runs; kLanes chunks short tails.
-constexpr int kLanes = 8;
-constexpr int kRunLanes = 32;
-
-template <int L = kLanes, typename acc_t>
-acc_t lane_total(const acc_t* lane) {
-  acc_t s = 0;
-  for (int l = 0; l < L; ++l) s += lane[l];
-  return s;
-}
-
-// lane += a[i] * b[i] over [0, len). (Local accumulators: `lane` might alias a or b.)
-template <int L, typename acc_t>
-void lane_dot(const acc_t* a, const acc_t* b, int64_t len, acc_t* lane) {
-  acc_t s[L];
-  for (int l = 0; l < L; ++l) s[l] = lane[l];
-  int64_t i = 0;
-  for (; i + L <= len; i += L)
-    for (int l = 0; l < L; ++l) s[l] += a[i + l] * b[i + l];
-  for (; i + kLanes <= len; i += kLanes)  // short runs: narrower chunks before the scalar tail
-    for (int l = 0; l < kLanes; ++l) s[l] += a[i + l] * b[i + l];
-  for (; i < len; ++i) s[0] += a[i] * b[i];
-  for (int l = 0; l < L; ++l) lane[l] = s[l];
-}
-
 // Per-thread buffers of HW elements, and the weight of the current plane.
 template <typename acc_t>
 struct PlaneScratch {
@@ -536,8 +509,25 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
 // ---- Conv3d(2 -> 1, 3x3x3, padding 1) ----
 // Inputs are copied into zero-padded volumes (D1 + 2, D2 + 2, D3 + 2), and a (D2, D3)
 // slice is handled as one flat run with row pitch R = D3 + 2: each tap is then a
-// single long contiguous loop (no bounds checks, vectorisable even for 7x7 slices);
-// the two pitch columns past D3 hold garbage (forward) or zeros (weight gradient).
+// constant offset into one long contiguous run (no bounds checks, vectorisable even
+// for 7x7 slices); the two pitch columns past D3 hold garbage (forward) or zeros
+// (weight gradient).
+//
+// The runs are computed in registers with GCC/Clang vector types (one 64-byte vector
+// = 16 floats or 8 doubles; the compiler splits it where the CPU's vectors are
+// narrower): each output block is loaded and stored once for all taps, and in the
+// weight gradient each dz vector is loaded once for 9 taps. Summation orders are fixed
+// by the shape alone, so results are deterministic whatever the thread count.
+
+template <typename acc_t>
+struct Vec {
+  static constexpr int kLanes = 64 / sizeof(acc_t);
+  typedef acc_t type __attribute__((vector_size(64), aligned(sizeof(acc_t))));  // unaligned loads/stores
+  static type load(const acc_t* p) { return *reinterpret_cast<const type*>(p); }
+  static void store(acc_t* p, const type& v) { *reinterpret_cast<type*>(p) = v; }
+};
+
+constexpr int kTapBlock = 128;  // outputs per register block in tap_sums (8 vectors of floats)
 
 struct Padded {
   int64_t R, slice, volume;  // row pitch, padded (D2, D3) slice, padded volume
@@ -553,17 +543,36 @@ Padded padded(const ConvDims& d) {
   return p;
 }
 
-// `count` volumes (D1, D2, D3) -> zero-padded volumes.
+// `count` volumes (D1, D2, D3) -> zero-padded volumes, plus `slack` zeros at the end
+// (tap_sums reads up to a block past a run's end).
 template <typename acc_t>
-std::vector<acc_t> pad_volumes(const acc_t* src, int64_t count, const ConvDims& d) {
+std::vector<acc_t> pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int64_t slack = 0) {
   const Padded p = padded(d);
-  std::vector<acc_t> dst(static_cast<size_t>(count * p.volume), acc_t(0));
+  std::vector<acc_t> dst(static_cast<size_t>(count * p.volume + slack), acc_t(0));
   for (int64_t v = 0; v < count; ++v)
     for (int64_t a = 0; a < d.D1; ++a)
       for (int64_t b = 0; b < d.D2; ++b)
         std::copy(src + ((v * d.D1 + a) * d.D2 + b) * d.D3, src + ((v * d.D1 + a) * d.D2 + b + 1) * d.D3,
                   dst.data() + v * p.volume + (a + 1) * p.slice + (b + 1) * p.R + 1);
   return dst;
+}
+
+// out[i] = sum over taps k (in order) of w[k] * src[k][i], for i in [0, run) rounded up
+// to whole blocks: `out` and every src[k] must have kTapBlock - 1 entries of slack.
+template <typename acc_t>
+void tap_sums(const acc_t* const* src, const acc_t* w, int taps, int64_t run, acc_t* out) {
+  using V = Vec<acc_t>;
+  constexpr int kVecs = kTapBlock / V::kLanes;  // 8 vectors of floats, 16 of doubles
+  for (int64_t i0 = 0; i0 < run; i0 += kTapBlock) {
+    typename V::type acc[kVecs];
+    for (int j = 0; j < kVecs; ++j) acc[j] = typename V::type{};
+    for (int k = 0; k < taps; ++k) {
+      const acc_t wk = w[k];
+      const acc_t* s = src[k] + i0;
+      for (int j = 0; j < kVecs; ++j) acc[j] += wk * V::load(s + j * V::kLanes);
+    }
+    for (int j = 0; j < kVecs; ++j) V::store(out + i0 + j * V::kLanes, acc[j]);
+  }
 }
 
 // out[b * R + c] (pitched) -> dst[b * D3 + c]
@@ -575,8 +584,7 @@ void unpitch(const acc_t* out, const ConvDims& d, int64_t R, acc_t* dst) {
 // Consecutive slices a of one volume are `slice` apart in the padded input and in the
 // pitched output, so a block of them is one flat run: each tap is a single long loop
 // even when a slice is tiny (7x7 gates); the padding rows between slices are garbage
-// and dropped by unpitch. Every output sums its taps in the same order whatever the
-// blocking, so results do not depend on it (or on the thread count).
+// and dropped by unpitch.
 struct SliceBlocks {
   int64_t per_block, blocks_per_volume;
   int64_t run(const Padded& p, int64_t count) const { return (count - 1) * p.slice + p.run; }
@@ -592,20 +600,19 @@ template <typename acc_t>
 void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z) {
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
-  const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d);
+  const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d, kTapBlock);
   at::parallel_for(0, d.N * sb.blocks_per_volume, grain_for(54 * sb.per_block * p.slice),
                    [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice));
+    std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / sb.blocks_per_volume, a0 = item % sb.blocks_per_volume * sb.per_block;
-      const int64_t count = std::min(sb.per_block, d.D1 - a0), run = sb.run(p, count);
-      std::fill(out.begin(), out.begin() + run, acc_t(0));
+      const int64_t count = std::min(sb.per_block, d.D1 - a0);
+      const acc_t* src[54];
       for (int tap = 0; tap < 54; ++tap) {
         const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
-        const acc_t w = wt[tap];
-        const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a0 + k1) * p.slice + k2 * p.R + k3;
-        for (int64_t i = 0; i < run; ++i) out[i] += w * src[i];
+        src[tap] = Ppad.data() + (n * 2 + ci) * p.volume + (a0 + k1) * p.slice + k2 * p.R + k3;
       }
+      tap_sums(src, wt, 54, sb.run(p, count), out.data());
       for (int64_t a = 0; a < count; ++a)
         unpitch(out.data() + a * p.slice, d, p.R, z + (n * d.D1 + a0 + a) * d.D2 * d.D3);
     }
@@ -617,21 +624,20 @@ template <typename acc_t>
 void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d, acc_t* dP) {
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
-  const std::vector<acc_t> dzpad = pad_volumes(dz, d.N, d);
+  const std::vector<acc_t> dzpad = pad_volumes(dz, d.N, d, kTapBlock);
   at::parallel_for(0, d.N * 2 * sb.blocks_per_volume, grain_for(27 * sb.per_block * p.slice),
                    [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice));
+    std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t a0 = item % sb.blocks_per_volume * sb.per_block, ci = item / sb.blocks_per_volume % 2,
                     n = item / (2 * sb.blocks_per_volume);
-      const int64_t count = std::min(sb.per_block, d.D1 - a0), run = sb.run(p, count);
-      std::fill(out.begin(), out.begin() + run, acc_t(0));
+      const int64_t count = std::min(sb.per_block, d.D1 - a0);
+      const acc_t* src[27];
       for (int k = 0; k < 27; ++k) {
         const int k1 = k / 9, k2 = k / 3 % 3, k3 = k % 3;
-        const acc_t w = wt[ci * 27 + k];
-        const acc_t* src = dzpad.data() + n * p.volume + (a0 + 2 - k1) * p.slice + (2 - k2) * p.R + (2 - k3);
-        for (int64_t i = 0; i < run; ++i) out[i] += w * src[i];
+        src[k] = dzpad.data() + n * p.volume + (a0 + 2 - k1) * p.slice + (2 - k2) * p.R + (2 - k3);
       }
+      tap_sums(src, wt + ci * 27, 27, sb.run(p, count), out.data());
       for (int64_t a = 0; a < count; ++a)
         unpitch(out.data() + a * p.slice, d, p.R, dP + ((n * 2 + ci) * d.D1 + a0 + a) * d.D2 * d.D3);
     }
@@ -641,6 +647,7 @@ void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d,
 // dw[ci, k] = sum_{n, a} sum_run Ppad[n, ci, a + k1, k2 + ., k3 + .] * dz_pitched[n, a, .]
 template <typename acc_t>
 void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d, acc_t* dw) {
+  using V = Vec<acc_t>;
   const Padded p = padded(d);
   const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d);
   // dz with row pitch R and zero pitch columns, one (D2, D3) slice per (n, a).
@@ -649,8 +656,9 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
     for (int64_t b = 0; b < d.D2; ++b)
       std::copy(dz + (na * d.D2 + b) * d.D3, dz + (na * d.D2 + b + 1) * d.D3, dzp.data() + na * p.slice + b * p.R);
   // Slices (n, a) in fixed chunks of about 4K elements (set by the shape, not by the
-  // thread count): per chunk and tap, lanes run over the chunk's slices while they are
-  // in cache; the chunks' sums are then added in order, in double. Deterministic.
+  // thread count). Per chunk, the 9 taps of one (ci, k1) share each dz vector: one
+  // vector accumulator per tap, a scalar one for the tail of each run. The chunks'
+  // sums are then added in order, in double.
   const int64_t slices = d.N * d.D1;
   const int64_t per_chunk = std::max<int64_t>(1, 4096 / p.run);
   const int64_t chunks = (slices + per_chunk - 1) / per_chunk;
@@ -658,18 +666,33 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
   at::parallel_for(0, chunks, grain_for(54 * per_chunk * p.slice), [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * per_chunk, last = std::min(slices, first + per_chunk);
-      for (int tap = 0; tap < 54; ++tap) {
-        const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
-        acc_t lane[kRunLanes] = {};
+      for (int group = 0; group < 6; ++group) {  // taps (ci, k1, 0..2, 0..2)
+        const int ci = group / 3, k1 = group % 3;
+        int64_t offset[9];
+        for (int k = 0; k < 9; ++k) offset[k] = (k / 3) * p.R + k % 3;
+        typename V::type acc[9];
+        acc_t tail[9] = {};
+        for (int k = 0; k < 9; ++k) acc[k] = typename V::type{};
         // Consecutive slices of one volume are one flat run (dz's pitch rows are zero).
         for (int64_t na = first; na < last;) {
           const int64_t n = na / d.D1, a = na % d.D1;
-          const int64_t count = std::min(last - na, d.D1 - a);
-          const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice + k2 * p.R + k3;
-          lane_dot<kRunLanes>(src, dzp.data() + na * p.slice, (count - 1) * p.slice + p.run, lane);
+          const int64_t count = std::min(last - na, d.D1 - a), len = (count - 1) * p.slice + p.run;
+          const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice;
+          const acc_t* g = dzp.data() + na * p.slice;
+          int64_t i = 0;
+          for (; i + V::kLanes <= len; i += V::kLanes) {
+            const typename V::type gv = V::load(g + i);
+            for (int k = 0; k < 9; ++k) acc[k] += gv * V::load(src + offset[k] + i);
+          }
+          for (; i < len; ++i)
+            for (int k = 0; k < 9; ++k) tail[k] += g[i] * src[offset[k] + i];
           na += count;
         }
-        partial[chunk * 54 + tap] = static_cast<double>(lane_total<kRunLanes>(lane));
+        for (int k = 0; k < 9; ++k) {
+          acc_t s = tail[k];
+          for (int l = 0; l < V::kLanes; ++l) s += acc[k][l];
+          partial[chunk * 54 + group * 9 + k] = static_cast<double>(s);
+        }
       }
     }
   });
