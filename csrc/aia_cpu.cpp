@@ -13,13 +13,76 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "aia_host.h"
 
 namespace aia {
 namespace cpu {
 namespace {
+
+template <typename acc_t>
+struct Vec {
+  static constexpr int kLanes = 64 / sizeof(acc_t);
+  typedef acc_t type __attribute__((vector_size(64), aligned(sizeof(acc_t))));  // unaligned loads/stores
+  // Same-width integers: lane masks of comparisons, lane indices.
+  using int_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
+  typedef int_t itype __attribute__((vector_size(64)));
+  static itype iota() {
+    itype v;
+    for (int l = 0; l < kLanes; ++l) v[l] = l;
+    return v;
+  }
+  static type load(const acc_t* p) { return *reinterpret_cast<const type*>(p); }
+  static void store(acc_t* p, const type& v) { *reinterpret_cast<type*>(p) = v; }
+};
+
+// A plane row of W <= Vec::kLanes entries held in one vector. Rows of 7x7 and 14x14
+// planes are shorter than the vector width, so plain loops over them run scalar; with
+// AVX-512 a row is one masked load/store, elsewhere an element loop fills the vector.
+template <typename acc_t>
+struct Row {
+  using V = Vec<acc_t>;
+  using vec = typename V::type;
+  int64_t W;
+  static bool fits(int64_t W) { return W <= V::kLanes; }
+#if defined(__AVX512F__)
+  vec load(const acc_t* p) const {
+    if constexpr (sizeof(acc_t) == 4) return (vec)_mm512_maskz_loadu_ps(mask(), p);
+    else return (vec)_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask()), p);
+  }
+  void store(acc_t* p, const vec& v) const {
+    if constexpr (sizeof(acc_t) == 4) _mm512_mask_storeu_ps(p, mask(), (__m512)v);
+    else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask()), (__m512d)v);
+  }
+  __mmask16 mask() const { return static_cast<__mmask16>((1u << W) - 1u); }
+  typename V::itype load_index(const int32_t* p) const {
+    if constexpr (sizeof(acc_t) == 4) return (typename V::itype)_mm512_maskz_loadu_epi32(mask(), p);
+    else return load_index_loop(p);
+  }
+#else
+  typename V::itype load_index(const int32_t* p) const { return load_index_loop(p); }
+  vec load(const acc_t* p) const {
+    vec v{};
+    for (int64_t w = 0; w < W; ++w) v[w] = p[w];
+    return v;
+  }
+  void store(acc_t* p, const vec& v) const {
+    for (int64_t w = 0; w < W; ++w) p[w] = v[w];
+  }
+#endif
+  typename V::itype load_index_loop(const int32_t* p) const {
+    typename V::itype v{};
+    for (int64_t w = 0; w < W; ++w) v[w] = p[w];
+    return v;
+  }
+};
 
 // Work items below this many elements are not worth a thread.
 constexpr int64_t kGrainElements = 1 << 15;
@@ -131,6 +194,12 @@ void factor_plane(const Weight<acc_t>& wt, int k, const Dims& d, int64_t n, int6
   const acc_t* gh = wt.gate[k][1] + gate_offset(kAxisH, d, n, t, c, 0, 0);
   const acc_t* gw = wt.gate[k][2] + gate_offset(kAxisW, d, n, t, c, 0, 0);
   const acc_t inv = acc_t(1) / acc_t(3);
+  if (Row<acc_t>::fits(d.W)) {
+    const Row<acc_t> row{d.W};
+    const typename Row<acc_t>::vec hv = row.load(gh);
+    for (int64_t h = 0; h < d.H; ++h) row.store(out + h * d.W, (row.load(gt + h * d.W) + hv + gw[h * d.C]) * inv);
+    return;
+  }
   for (int64_t h = 0; h < d.H; ++h) {
     const acc_t x = gw[h * d.C];
     const acc_t* row = gt + h * d.W;
@@ -188,12 +257,34 @@ void upstream_plane(const Upstream<scalar_t, acc_t>& up, const Dims& d, int64_t 
       const int32_t pos = static_cast<int32_t>(axis == kAxisC ? c : t);
       for (int64_t j = 0; j < HW; ++j) out[j] += gmean[j] * inv_len + (arg[j] == pos ? gmax[j] : acc_t(0));
     } else if (axis == kAxisH) {  // the mean part is one row repeated; the max part one entry per column
+      if (Row<acc_t>::fits(W)) {  // the max part as a lane select: no scalar write after a vector store
+        using V = Vec<acc_t>;
+        const Row<acc_t> row{W};
+        const typename V::type mean = row.load(gmean) * inv_len, mx = row.load(gmax), zero{};
+        const typename V::itype rows = row.load_index(arg);
+        for (int64_t h = 0; h < H; ++h)
+          row.store(out + h * W, row.load(out + h * W) + mean + (rows == typename V::int_t(h) ? mx : zero));
+        continue;
+      }
       for (int64_t h = 0; h < H; ++h) {
         acc_t* o = out + h * W;
         for (int64_t w = 0; w < W; ++w) o[w] += gmean[w] * inv_len;
       }
       for (int64_t w = 0; w < W; ++w) out[arg[w] * W + w] += gmax[w];
     } else {
+      if (Row<acc_t>::fits(W)) {
+        using V = Vec<acc_t>;
+        const Row<acc_t> row{W};
+        const typename V::itype lanes = V::iota();
+        const typename V::type zero{};
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t spread = gmean[h * d.C] * inv_len;
+          const typename V::type mx = zero + gmax[h * d.C];
+          const typename V::int_t at = arg[h * d.C];
+          row.store(out + h * W, row.load(out + h * W) + spread + (lanes == at ? mx : zero));
+        }
+        continue;
+      }
       for (int64_t h = 0; h < H; ++h) {
         acc_t* o = out + h * W;
         const acc_t spread = gmean[h * d.C] * inv_len;
@@ -450,6 +541,13 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
               }
               case kAxisH: {
                 acc_t* o = out + gate_offset(kAxisH, d, n, t, c, 0, 0);
+                if (Row<acc_t>::fits(W)) {
+                  const Row<acc_t> row{W};
+                  typename Row<acc_t>::vec sum = row.load(r);
+                  for (int64_t h = 1; h < H; ++h) sum += row.load(r + h * W);
+                  row.store(o, sum);
+                  break;
+                }
                 for (int64_t w = 0; w < W; ++w) o[w] = r[w];
                 for (int64_t h = 1; h < H; ++h)
                   for (int64_t w = 0; w < W; ++w) o[w] += r[h * W + w];
@@ -518,14 +616,6 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
 // narrower): each output block is loaded and stored once for all taps, and in the
 // weight gradient each dz vector is loaded once for 9 taps. Summation orders are fixed
 // by the shape alone, so results are deterministic whatever the thread count.
-
-template <typename acc_t>
-struct Vec {
-  static constexpr int kLanes = 64 / sizeof(acc_t);
-  typedef acc_t type __attribute__((vector_size(64), aligned(sizeof(acc_t))));  // unaligned loads/stores
-  static type load(const acc_t* p) { return *reinterpret_cast<const type*>(p); }
-  static void store(acc_t* p, const type& v) { *reinterpret_cast<type*>(p) = v; }
-};
 
 constexpr int kTapBlock = 128;  // outputs per register block in tap_sums (8 vectors of floats)
 
