@@ -1,10 +1,14 @@
 // CPU kernels of the AIA primitives.
 //
-// The unit of work is a "plane": the (H, W) slice of v at fixed (n, t, c). Every
-// gate is constant or a row/column along a plane, so the weight of a plane is built
-// in a small buffer with contiguous (vectorisable) loops, then used by the full-size
-// pass. Reductions are parallelised over slices that own their outputs, so results
-// are bitwise deterministic (no atomics, fixed summation order):
+// The unit of work is a "plane": the (H, W) slice of v at fixed (n, t, c), walked in
+// chunks, a piece of one row of up to one vector (16 floats, 8 doubles). Every gate is
+// constant, a row or a column over a plane, so a chunk's weight, upstream gradient,
+// product with v and contributions to the reductions are computed in registers and
+// each full-size tensor is read or written once per chunk. (Building whole weight and
+// gradient planes in buffers first was slow at 7x7 and 14x14: rows shorter than a
+// vector run scalar, and loading a plane that was just stored row by row stalls.)
+// Reductions are parallelised over slices that own their outputs, so results are
+// bitwise deterministic (no atomics, fixed summation order):
 //   - pooling / gradient along C: parallel over (n, t), loop over c inside;
 //   - pooling / gradient along T, H, W: parallel over (n, c), loop over t inside.
 #include <ATen/Dispatch.h>
@@ -23,10 +27,15 @@
 
 #include "aia_host.h"
 
+#define AIA_INLINE inline __attribute__((always_inline))
+#define AIA_LAMBDA_INLINE __attribute__((always_inline))
+
 namespace aia {
 namespace cpu {
 namespace {
 
+// One 64-byte vector (GCC/Clang vector extensions; the compiler splits it where the
+// CPU's vectors are narrower).
 template <typename acc_t>
 struct Vec {
   static constexpr int kLanes = 64 / sizeof(acc_t);
@@ -34,53 +43,60 @@ struct Vec {
   // Same-width integers: lane masks of comparisons, lane indices.
   using int_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
   typedef int_t itype __attribute__((vector_size(64)));
+  static type load(const acc_t* p) { return *reinterpret_cast<const type*>(p); }
+  static void store(acc_t* p, const type& v) { *reinterpret_cast<type*>(p) = v; }
   static itype iota() {
     itype v;
     for (int l = 0; l < kLanes; ++l) v[l] = l;
     return v;
   }
-  static type load(const acc_t* p) { return *reinterpret_cast<const type*>(p); }
-  static void store(acc_t* p, const type& v) { *reinterpret_cast<type*>(p) = v; }
 };
 
-// A plane row of W <= Vec::kLanes entries held in one vector. Rows of 7x7 and 14x14
-// planes are shorter than the vector width, so plain loops over them run scalar; with
-// AVX-512 a row is one masked load/store, elsewhere an element loop fills the vector.
+// A chunk: W <= Vec::kLanes consecutive entries of a row, held in one vector. With
+// AVX-512 it is one masked load/store, elsewhere an element loop fills the vector.
 template <typename acc_t>
 struct Row {
   using V = Vec<acc_t>;
   using vec = typename V::type;
+  using ivec = typename V::itype;
   int64_t W;
-  static bool fits(int64_t W) { return W <= V::kLanes; }
 #if defined(__AVX512F__)
-  vec load(const acc_t* p) const {
+  __mmask16 mask() const { return static_cast<__mmask16>((1u << W) - 1u); }
+  AIA_INLINE vec load(const acc_t* p) const {
     if constexpr (sizeof(acc_t) == 4) return (vec)_mm512_maskz_loadu_ps(mask(), p);
     else return (vec)_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask()), p);
   }
-  void store(acc_t* p, const vec& v) const {
+  AIA_INLINE void store(acc_t* p, const vec& v) const {
     if constexpr (sizeof(acc_t) == 4) _mm512_mask_storeu_ps(p, mask(), (__m512)v);
     else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask()), (__m512d)v);
   }
-  __mmask16 mask() const { return static_cast<__mmask16>((1u << W) - 1u); }
-  typename V::itype load_index(const int32_t* p) const {
-    if constexpr (sizeof(acc_t) == 4) return (typename V::itype)_mm512_maskz_loadu_epi32(mask(), p);
+  AIA_INLINE ivec load_index(const int32_t* p) const {
+    if constexpr (sizeof(acc_t) == 4) return (ivec)_mm512_maskz_loadu_epi32(mask(), p);
     else return load_index_loop(p);
   }
+  AIA_INLINE void store_index(int32_t* p, const ivec& v) const {
+    if constexpr (sizeof(acc_t) == 4) _mm512_mask_storeu_epi32(p, mask(), (__m512i)v);
+    else store_index_loop(p, v);
+  }
 #else
-  typename V::itype load_index(const int32_t* p) const { return load_index_loop(p); }
-  vec load(const acc_t* p) const {
+  AIA_INLINE vec load(const acc_t* p) const {
     vec v{};
     for (int64_t w = 0; w < W; ++w) v[w] = p[w];
     return v;
   }
-  void store(acc_t* p, const vec& v) const {
+  AIA_INLINE void store(acc_t* p, const vec& v) const {
     for (int64_t w = 0; w < W; ++w) p[w] = v[w];
   }
+  AIA_INLINE ivec load_index(const int32_t* p) const { return load_index_loop(p); }
+  AIA_INLINE void store_index(int32_t* p, const ivec& v) const { store_index_loop(p, v); }
 #endif
-  typename V::itype load_index_loop(const int32_t* p) const {
-    typename V::itype v{};
+  AIA_INLINE ivec load_index_loop(const int32_t* p) const {
+    ivec v{};
     for (int64_t w = 0; w < W; ++w) v[w] = p[w];
     return v;
+  }
+  AIA_INLINE void store_index_loop(int32_t* p, const ivec& v) const {
+    for (int64_t w = 0; w < W; ++w) p[w] = static_cast<int32_t>(v[w]);
   }
 };
 
@@ -91,255 +107,229 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
 }
 
-// A plane's location in a strided (N, T, C, H, W) tensor.
+// A chunk of a strided full-size tensor, converted to / from the accumulation type.
+template <typename scalar_t, typename acc_t>
+AIA_INLINE typename Vec<acc_t>::type load_chunk(const scalar_t* p, int64_t stride, const Row<acc_t>& row) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride == 1) return row.load(p);
+  }
+  typename Vec<acc_t>::type v{};
+  for (int64_t w = 0; w < row.W; ++w) v[w] = static_cast<acc_t>(p[w * stride]);
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+AIA_INLINE void store_chunk(scalar_t* p, int64_t stride, const Row<acc_t>& row, const typename Vec<acc_t>::type& v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride == 1) return row.store(p, v);
+  }
+  for (int64_t w = 0; w < row.W; ++w) p[w * stride] = static_cast<scalar_t>(v[w]);
+}
+
+// A plane of a strided (N, T, C, H, W) tensor; chunk (h, w0) starts at at(h, w0).
 template <typename scalar_t>
-struct StridedPlane {
+struct PlaneAt {
   scalar_t* base;
   int64_t sh, sw;
+  scalar_t* at(int64_t h, int64_t w0) const { return base + h * sh + w0 * sw; }
 };
 
 template <typename scalar_t>
-StridedPlane<scalar_t> plane_of(scalar_t* data, const Strides5& s, int64_t n, int64_t t, int64_t c) {
+PlaneAt<scalar_t> plane_at(scalar_t* data, const Strides5& s, int64_t n, int64_t t, int64_t c) {
   return {data + n * s.n + t * s.t + c * s.c, s.h, s.w};
 }
 
-template <typename scalar_t, typename acc_t>
-void load_plane(const StridedPlane<const scalar_t>& p, int64_t H, int64_t W, acc_t* out) {
-  if (p.sw == 1 && p.sh == W) {  // contiguous plane: one flat loop (small planes vectorise too)
-    for (int64_t i = 0; i < H * W; ++i) out[i] = static_cast<acc_t>(p.base[i]);
-    return;
-  }
+// Calls f(h, w0, row) for every chunk of an (H, W) plane, row by row.
+template <typename acc_t, typename F>
+AIA_INLINE void for_each_chunk(int64_t H, int64_t W, F&& f) {
+  constexpr int64_t L = Vec<acc_t>::kLanes;
   for (int64_t h = 0; h < H; ++h) {
-    const scalar_t* row = p.base + h * p.sh;
-    acc_t* o = out + h * W;
-    if (p.sw == 1) {
-      for (int64_t w = 0; w < W; ++w) o[w] = static_cast<acc_t>(row[w]);
-    } else {
-      for (int64_t w = 0; w < W; ++w) o[w] = static_cast<acc_t>(row[w * p.sw]);
-    }
+    for (int64_t w0 = 0; w0 < W; w0 += L) f(h, w0, Row<acc_t>{std::min(L, W - w0)});
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void store_plane(const acc_t* in, int64_t H, int64_t W, const StridedPlane<scalar_t>& p) {
-  if (p.sw == 1 && p.sh == W) {
-    for (int64_t i = 0; i < H * W; ++i) p.base[i] = static_cast<scalar_t>(in[i]);
-    return;
-  }
-  for (int64_t h = 0; h < H; ++h) {
-    scalar_t* row = p.base + h * p.sh;
-    const acc_t* x = in + h * W;
-    if (p.sw == 1) {
-      for (int64_t w = 0; w < W; ++w) row[w] = static_cast<scalar_t>(x[w]);
-    } else {
-      for (int64_t w = 0; w < W; ++w) row[w * p.sw] = static_cast<scalar_t>(x[w]);
-    }
-  }
-}
+// Reductions along h walk a plane in column groups of up to kGroupStrips chunks (64
+// floats: every ResNet plane width is one group), rows inside a group, so a group's
+// running values along h stay in registers and each group is still read row by row.
+constexpr int kGroupStrips = 4;
 
-// out (=|+=) the values of one gate over plane (n, t, c).
 template <typename acc_t>
-void gate_plane(int axis, const acc_t* gate, const Dims& d, int64_t n, int64_t t, int64_t c, acc_t* out,
-                bool accumulate) {
-  const int64_t H = d.H, W = d.W;
-  const acc_t* g = gate + gate_offset(axis, d, n, t, c, 0, 0);
-  if (axis == kAxisC || axis == kAxisT) {  // a full, contiguous (H, W) plane of the gate
-    if (accumulate) for (int64_t i = 0; i < H * W; ++i) out[i] += g[i];
-    else            for (int64_t i = 0; i < H * W; ++i) out[i] = g[i];
-    return;
-  }
-  for (int64_t h = 0; h < H; ++h) {
-    acc_t* o = out + h * W;
-    if (axis == kAxisH) {  // one value per w, the same in every row
-      if (accumulate) for (int64_t w = 0; w < W; ++w) o[w] += g[w];
-      else            for (int64_t w = 0; w < W; ++w) o[w] = g[w];
-    } else {  // W gate: one value per h (stride C in its layout)
-      const acc_t x = g[h * d.C];
-      if (accumulate) for (int64_t w = 0; w < W; ++w) o[w] += x;
-      else            for (int64_t w = 0; w < W; ++w) o[w] = x;
-    }
-  }
-}
+struct StripGroup {
+  int64_t w0;  // first column
+  int strips;  // chunks per row (1 to kGroupStrips)
+  Row<acc_t> row[kGroupStrips];
 
-// Per-thread buffers of HW elements, and the weight of the current plane.
+  StripGroup(int64_t first, int64_t W) : w0(first), strips(0), row{} {
+    constexpr int64_t L = Vec<acc_t>::kLanes;
+    for (int s = 0; s < kGroupStrips && first + s * L < W; ++s, ++strips) row[s] = Row<acc_t>{std::min(L, W - first - s * L)};
+  }
+  int64_t width() const { return (strips - 1) * Vec<acc_t>::kLanes + row[strips - 1].W; }
+};
+
+// ---- weights over a plane ----
+
+// A factor's gates at one plane: a C gate's (H, W) plane, or for (T + H + W) / 3 the T
+// gate's plane, the H gate's row and the W gate's column (entries C apart).
 template <typename acc_t>
-struct PlaneScratch {
-  int64_t HW;
-  std::vector<acc_t> storage;
-  acc_t* factor[kMaxFactors];
-  acc_t* weight;   // combined weight (== factor[0] when there is one factor)
-  acc_t* x;        // v (later y = weight * v)
-  acc_t* up;       // upstream gradient
-  acc_t* tmp;
-
-  explicit PlaneScratch(int64_t hw) : HW(hw), storage(static_cast<size_t>(hw) * 6) {
-    factor[0] = storage.data();
-    factor[1] = factor[0] + hw;
-    weight = factor[1] + hw;
-    x = weight + hw;
-    up = x + hw;
-    tmp = up + hw;
-  }
+struct FactorAt {
+  const acc_t* plane;
+  const acc_t* hrow;  // nullptr for a C factor
+  const acc_t* wcol;
 };
 
 template <typename acc_t>
-void factor_plane(const Weight<acc_t>& wt, int k, const Dims& d, int64_t n, int64_t t, int64_t c, acc_t* out) {
-  if (wt.size[k] == 1) {
-    gate_plane(wt.axis[k][0], wt.gate[k][0], d, n, t, c, out, false);
-    return;
-  }
-  // (T + H + W) / 3 in one pass over the plane (the parser guarantees the T, H, W order):
-  // the T gate is a plane, the H gate a row repeated over h, the W gate a value per h.
-  const acc_t* gt = wt.gate[k][0] + gate_offset(kAxisT, d, n, t, c, 0, 0);
-  const acc_t* gh = wt.gate[k][1] + gate_offset(kAxisH, d, n, t, c, 0, 0);
-  const acc_t* gw = wt.gate[k][2] + gate_offset(kAxisW, d, n, t, c, 0, 0);
-  const acc_t inv = acc_t(1) / acc_t(3);
-  if (Row<acc_t>::fits(d.W)) {
-    const Row<acc_t> row{d.W};
-    const typename Row<acc_t>::vec hv = row.load(gh);
-    for (int64_t h = 0; h < d.H; ++h) row.store(out + h * d.W, (row.load(gt + h * d.W) + hv + gw[h * d.C]) * inv);
-    return;
-  }
-  for (int64_t h = 0; h < d.H; ++h) {
-    const acc_t x = gw[h * d.C];
-    const acc_t* row = gt + h * d.W;
-    acc_t* o = out + h * d.W;
-    for (int64_t w = 0; w < d.W; ++w) o[w] = (row[w] + gh[w] + x) * inv;
-  }
-}
+struct WeightAt {
+  int n_factors;
+  bool mean;
+  FactorAt<acc_t> f[kMaxFactors];
+};
 
-// Fills s.factor[*] and s.weight for plane (n, t, c); returns false when the weight is 1.
+// The parser guarantees a factor is one C gate or the T, H, W gates in that order.
 template <typename acc_t>
-bool weight_plane(const Weight<acc_t>& wt, const Dims& d, int64_t n, int64_t t, int64_t c, PlaneScratch<acc_t>& s) {
-  const int64_t HW = s.HW;
-  for (int k = 0; k < wt.n_factors; ++k) factor_plane(wt, k, d, n, t, c, s.factor[k]);
-  if (wt.n_factors == 0) return false;
-  if (wt.n_factors == 1) {
-    s.weight = s.factor[0];
-    return true;
+WeightAt<acc_t> weight_at(const Weight<acc_t>& wt, const Dims& d, int64_t n, int64_t t, int64_t c) {
+  WeightAt<acc_t> a{wt.n_factors, wt.mean, {}};
+  for (int k = 0; k < wt.n_factors; ++k) {
+    if (wt.size[k] == 1) {
+      a.f[k] = {wt.gate[k][0] + gate_offset(kAxisC, d, n, t, c, 0, 0), nullptr, nullptr};
+    } else {
+      a.f[k] = {wt.gate[k][0] + gate_offset(kAxisT, d, n, t, c, 0, 0),
+                wt.gate[k][1] + gate_offset(kAxisH, d, n, t, c, 0, 0),
+                wt.gate[k][2] + gate_offset(kAxisW, d, n, t, c, 0, 0)};
+    }
   }
-  s.weight = s.tmp;
-  const acc_t* f0 = s.factor[0];
-  const acc_t* f1 = s.factor[1];
-  if (wt.mean) for (int64_t i = 0; i < HW; ++i) s.weight[i] = (f0[i] + f1[i]) * acc_t(0.5);
-  else         for (int64_t i = 0; i < HW; ++i) s.weight[i] = f0[i] * f1[i];
-  return true;
+  return a;
 }
 
-// s.x = weight * v over plane (n, t, c).
-template <typename scalar_t, typename acc_t>
-void weighted_plane(const Weight<acc_t>& wt, const scalar_t* v, const Strides5& vs, const Dims& d, int64_t n,
-                    int64_t t, int64_t c, PlaneScratch<acc_t>& s) {
-  load_plane(plane_of(v, vs, n, t, c), d.H, d.W, s.x);
-  if (weight_plane(wt, d, n, t, c, s)) {
-    for (int64_t i = 0; i < s.HW; ++i) s.x[i] *= s.weight[i];
-  }
+template <typename acc_t>
+AIA_INLINE typename Vec<acc_t>::type factor_chunk(const FactorAt<acc_t>& f, const Dims& d, int64_t h, int64_t w0,
+                                                  const Row<acc_t>& row) {
+  const int64_t off = h * d.W + w0;
+  if (f.hrow == nullptr) return row.load(f.plane + off);
+  return (row.load(f.plane + off) + row.load(f.hrow + w0) + f.wcol[h * d.C]) * (acc_t(1) / acc_t(3));
 }
 
-// out = the upstream gradient over plane (n, t, c).
+// The weight over a chunk (n_factors > 0); f[] receives the factor values.
+template <typename acc_t>
+AIA_INLINE typename Vec<acc_t>::type weight_chunk(const WeightAt<acc_t>& a, const Dims& d, int64_t h, int64_t w0,
+                                                  const Row<acc_t>& row, typename Vec<acc_t>::type* f) {
+  for (int k = 0; k < a.n_factors; ++k) f[k] = factor_chunk(a.f[k], d, h, w0, row);
+  if (a.n_factors == 1) return f[0];
+  return a.mean ? (f[0] + f[1]) * acc_t(0.5) : f[0] * f[1];
+}
+
+// weight * v over a chunk.
 template <typename scalar_t, typename acc_t>
-void upstream_plane(const Upstream<scalar_t, acc_t>& up, const Dims& d, int64_t n, int64_t t, int64_t c, acc_t* out) {
-  const int64_t H = d.H, W = d.W, HW = H * W;
+AIA_INLINE typename Vec<acc_t>::type weighted_chunk(const WeightAt<acc_t>& a, const PlaneAt<const scalar_t>& v,
+                                                    const Dims& d, int64_t h, int64_t w0, const Row<acc_t>& row) {
+  const typename Vec<acc_t>::type x = load_chunk(v.at(h, w0), v.sw, row);
+  if (a.n_factors == 0) return x;
+  typename Vec<acc_t>::type f[kMaxFactors];
+  return x * weight_chunk(a, d, h, w0, row, f);
+}
+
+// ---- upstream gradients over a plane ----
+
+// A full tensor `dout`, or pooled-gradient items expanded on the fly: the mean part
+// spread evenly over the pooled axis, the max part to the argmax.
+template <typename scalar_t, typename acc_t>
+struct UpstreamAt {
+  PlaneAt<const scalar_t> dout;  // base == nullptr when the items are used
+  int n_items;
+  int axis[kMaxItems];
+  const acc_t* gmax[kMaxItems];
+  const acc_t* gmean[kMaxItems];
+  const int32_t* arg[kMaxItems];
+  acc_t inv_len[kMaxItems];
+  int32_t pos[kMaxItems];  // c (C item) or t (T item): where this plane lies on the pooled axis
+};
+
+template <typename scalar_t, typename acc_t>
+UpstreamAt<scalar_t, acc_t> upstream_at(const Upstream<scalar_t, acc_t>& up, const Dims& d, int64_t n, int64_t t,
+                                        int64_t c) {
+  UpstreamAt<scalar_t, acc_t> u{};
   if (up.dout != nullptr) {
-    load_plane(plane_of(up.dout, up.dout_strides, n, t, c), H, W, out);
-    return;
+    u.dout = plane_at(up.dout, up.dout_strides, n, t, c);
+    return u;
   }
-  std::fill(out, out + HW, acc_t(0));
+  u.n_items = up.n_items;
   for (int i = 0; i < up.n_items; ++i) {
     const int axis = up.axis[i];
-    const int64_t g = gate_offset(axis, d, n, t, c, 0, 0);
-    const int64_t sample = gate_sample_size(axis, d);
-    const acc_t* gmax = up.grad[i] + pooled_max_offset(g, n, sample);
-    const acc_t* gmean = up.grad[i] + pooled_mean_offset(g, n, sample);
-    const int32_t* arg = up.argmax[i] + g;
-    const acc_t inv_len = acc_t(1) / acc_t(axis_length(axis, d));
-    if (axis == kAxisC || axis == kAxisT) {
-      const int32_t pos = static_cast<int32_t>(axis == kAxisC ? c : t);
-      for (int64_t j = 0; j < HW; ++j) out[j] += gmean[j] * inv_len + (arg[j] == pos ? gmax[j] : acc_t(0));
-    } else if (axis == kAxisH) {  // the mean part is one row repeated; the max part one entry per column
-      if (Row<acc_t>::fits(W)) {  // the max part as a lane select: no scalar write after a vector store
-        using V = Vec<acc_t>;
-        const Row<acc_t> row{W};
-        const typename V::type mean = row.load(gmean) * inv_len, mx = row.load(gmax), zero{};
-        const typename V::itype rows = row.load_index(arg);
-        for (int64_t h = 0; h < H; ++h)
-          row.store(out + h * W, row.load(out + h * W) + mean + (rows == typename V::int_t(h) ? mx : zero));
-        continue;
+    const int64_t g = gate_offset(axis, d, n, t, c, 0, 0), sample = gate_sample_size(axis, d);
+    u.axis[i] = axis;
+    u.gmax[i] = up.grad[i] + pooled_max_offset(g, n, sample);
+    u.gmean[i] = up.grad[i] + pooled_mean_offset(g, n, sample);
+    u.arg[i] = up.argmax[i] + g;
+    u.inv_len[i] = acc_t(1) / acc_t(axis_length(axis, d));
+    u.pos[i] = static_cast<int32_t>(axis == kAxisC ? c : t);
+  }
+  return u;
+}
+
+template <typename scalar_t, typename acc_t>
+AIA_INLINE typename Vec<acc_t>::type upstream_chunk(const UpstreamAt<scalar_t, acc_t>& u, const Dims& d, int64_t h,
+                                                    int64_t w0, const Row<acc_t>& row) {
+  using V = Vec<acc_t>;
+  if (u.dout.base != nullptr) return load_chunk(u.dout.at(h, w0), u.dout.sw, row);
+  const typename V::type zero{};
+  typename V::type acc{};
+  for (int i = 0; i < u.n_items; ++i) {
+    switch (u.axis[i]) {
+      case kAxisC:
+      case kAxisT: {  // a full (H, W) plane of the gate
+        const int64_t off = h * d.W + w0;
+        acc += row.load(u.gmean[i] + off) * u.inv_len[i] +
+               (row.load_index(u.arg[i] + off) == u.pos[i] ? row.load(u.gmax[i] + off) : zero);
+        break;
       }
-      for (int64_t h = 0; h < H; ++h) {
-        acc_t* o = out + h * W;
-        for (int64_t w = 0; w < W; ++w) o[w] += gmean[w] * inv_len;
-      }
-      for (int64_t w = 0; w < W; ++w) out[arg[w] * W + w] += gmax[w];
-    } else {
-      if (Row<acc_t>::fits(W)) {
-        using V = Vec<acc_t>;
-        const Row<acc_t> row{W};
-        const typename V::itype lanes = V::iota();
-        const typename V::type zero{};
-        for (int64_t h = 0; h < H; ++h) {
-          const acc_t spread = gmean[h * d.C] * inv_len;
-          const typename V::type mx = zero + gmax[h * d.C];
-          const typename V::int_t at = arg[h * d.C];
-          row.store(out + h * W, row.load(out + h * W) + spread + (lanes == at ? mx : zero));
-        }
-        continue;
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        acc_t* o = out + h * W;
-        const acc_t spread = gmean[h * d.C] * inv_len;
-        for (int64_t w = 0; w < W; ++w) o[w] += spread;
-        o[arg[h * d.C]] += gmax[h * d.C];
+      case kAxisH:  // one row, the same for every h; the max part where argmax == h
+        acc += row.load(u.gmean[i] + w0) * u.inv_len[i] +
+               (row.load_index(u.arg[i] + w0) == typename V::int_t(h) ? row.load(u.gmax[i] + w0) : zero);
+        break;
+      default: {  // W: one value per h (entries C apart); the max part at w == argmax
+        const int64_t e = h * d.C;
+        acc += (zero + u.gmean[i][e] * u.inv_len[i]) +
+               (V::iota() + typename V::int_t(w0) == typename V::int_t(u.arg[i][e]) ? zero + u.gmax[i][e] : zero);
       }
     }
   }
+  return acc;
 }
 
-// Running max (first maximum wins) and sum along a pooled axis.
+// ---- reductions ----
+
+// Running max (the first maximum wins: strict >, so ties and NaNs keep the earlier
+// entry, as in the reference's order) and sum of chunks along a pooled axis, kept in
+// buffers at `mx`, `sum`, `arg`.
 template <typename acc_t>
-void reduce_step(const acc_t* y, int64_t len, int32_t pos, bool first, acc_t* mx, acc_t* sum, int32_t* arg) {
+AIA_INLINE void running_max_sum(const Row<acc_t>& row, const typename Vec<acc_t>::type& y, int32_t pos, bool first,
+                                acc_t* mx, acc_t* sum, int32_t* arg) {
+  using V = Vec<acc_t>;
+  const typename V::itype at = typename V::itype{} + typename V::int_t(pos);
   if (first) {
-    for (int64_t i = 0; i < len; ++i) {
-      mx[i] = y[i];
-      sum[i] = y[i];
-      arg[i] = pos;
-    }
+    row.store(mx, y);
+    row.store(sum, y);
+    row.store_index(arg, at);
     return;
   }
-  for (int64_t i = 0; i < len; ++i) {  // branch-free: short rows (7x7 planes) mispredict a branch
-    const int32_t greater = -static_cast<int32_t>(y[i] > mx[i]);
-    mx[i] = std::max(mx[i], y[i]);  // == (y > mx ? y : mx), NaNs included
-    arg[i] += (pos - arg[i]) & greater;
-    sum[i] += y[i];
-  }
+  const typename V::type m = row.load(mx);
+  const typename V::itype greater = y > m;
+  row.store(mx, greater ? y : m);
+  row.store_index(arg, greater ? at : row.load_index(arg));
+  row.store(sum, row.load(sum) + y);
 }
 
-// Max (first index on ties), argmax and sum of every row of an (H, W) plane. Rows are
-// the inner loop, so it is branch-free and the sums keep their sequential order.
+// The same for one value at a time (reductions along a row, in increasing w).
 template <typename acc_t>
-void pool_rows(const acc_t* y, int64_t H, int64_t W, acc_t* mx, acc_t* sum, int32_t* arg) {
-  for (int64_t h = 0; h < H; ++h) {
-    mx[h] = y[h * W];
-    sum[h] = y[h * W];
-    arg[h] = 0;
+AIA_INLINE void running_max_sum(acc_t y, int32_t pos, bool first, acc_t& mx, acc_t& sum, int32_t& arg) {
+  if (first) {
+    mx = sum = y;
+    arg = pos;
+    return;
   }
-  for (int64_t w = 1; w < W; ++w) {
-    for (int64_t h = 0; h < H; ++h) {  // branch-free, as in reduce_step
-      const acc_t x = y[h * W + w];
-      const int32_t greater = -static_cast<int32_t>(x > mx[h]);
-      mx[h] = std::max(mx[h], x);
-      arg[h] += (static_cast<int32_t>(w) - arg[h]) & greater;
-      sum[h] += x;
-    }
-  }
-}
-
-// Sum of every row of an (H, W) plane, rows innermost (no per-row setup; sequential order).
-template <typename acc_t>
-void row_sums(const acc_t* y, int64_t H, int64_t W, acc_t* sum) {
-  for (int64_t h = 0; h < H; ++h) sum[h] = y[h * W];
-  for (int64_t w = 1; w < W; ++w)
-    for (int64_t h = 0; h < H; ++h) sum[h] += y[h * W + w];
+  const int32_t greater = -static_cast<int32_t>(y > mx);  // branch-free: short rows mispredict a branch
+  mx = y > mx ? y : mx;
+  arg += (pos - arg) & greater;
+  sum += y;
 }
 
 // Writes max and mean at gate offset g (a contiguous run of `len` entries).
@@ -363,6 +353,7 @@ template <typename scalar_t>
 void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const std::vector<int>& axes,
                  std::vector<PoolOut>& outs) {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
   const Dims d = dims_of(v);
   const Strides5 vs = strides_of(v);
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -377,14 +368,18 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   if (P[kAxisC] != nullptr) {
     const int64_t sample = gate_sample_size(kAxisC, d);
     at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
-      PlaneScratch<acc_t> s(HW);
       std::vector<acc_t> mx(HW), sum(HW);
       std::vector<int32_t> arg(HW);
       for (int64_t nt = begin; nt < end; ++nt) {
         const int64_t n = nt / d.T, t = nt % d.T;
         for (int64_t c = 0; c < d.C; ++c) {
-          weighted_plane(wt, vp, vs, d, n, t, c, s);
-          reduce_step(s.x, HW, static_cast<int32_t>(c), c == 0, mx.data(), sum.data(), arg.data());
+          const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+          const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+          for_each_chunk<acc_t>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
+            const int64_t off = h * W + w0;
+            running_max_sum(row, weighted_chunk(wa, vpl, d, h, w0, row), static_cast<int32_t>(c), c == 0,
+                            mx.data() + off, sum.data() + off, arg.data() + off);
+          });
         }
         write_pooled(mx.data(), sum.data(), arg.data(), HW, acc_t(d.C), P[kAxisC], A[kAxisC],
                      gate_offset(kAxisC, d, n, t, 0, 0, 0), n, sample);
@@ -394,22 +389,54 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
   const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
   at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
-    PlaneScratch<acc_t> s(HW);
-    std::vector<acc_t> tmx(HW), tsum(HW), hmx(W), hsum(W), wmx(H), wsum(H);
-    std::vector<int32_t> targ(HW), harg(W), warg(H);
+    constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
+    std::vector<acc_t> tmx(HW), tsum(HW), wmx(H), wsum(H), strip(static_cast<size_t>(H) * kGroupWidth);
+    std::vector<int32_t> targ(HW), warg(H);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / d.C, c = nc % d.C;
       for (int64_t t = 0; t < d.T; ++t) {
-        weighted_plane(wt, vp, vs, d, n, t, c, s);
-        const acc_t* y = s.x;
-        if (P[kAxisT] != nullptr) reduce_step(y, HW, static_cast<int32_t>(t), t == 0, tmx.data(), tsum.data(), targ.data());
-        if (P[kAxisH] != nullptr) {
-          for (int64_t h = 0; h < H; ++h) reduce_step(y + h * W, W, static_cast<int32_t>(h), h == 0, hmx.data(), hsum.data(), harg.data());
-          write_pooled(hmx.data(), hsum.data(), harg.data(), W, acc_t(H), P[kAxisH], A[kAxisH],
-                       gate_offset(kAxisH, d, n, t, c, 0, 0), n, sH);
+        const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+        const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+        for (int64_t g0 = 0; g0 < W; g0 += kGroupStrips * V::kLanes) {
+          const StripGroup<acc_t> group(g0, W);
+          typename V::type hmx[kGroupStrips] = {}, hsum[kGroupStrips] = {};  // along h, per chunk column
+          typename V::itype harg[kGroupStrips] = {};
+          for (int64_t h = 0; h < H; ++h) {
+            for (int s = 0; s < kGroupStrips; ++s) {
+              if (s == group.strips) break;
+              const int64_t w0 = g0 + s * V::kLanes;
+              const Row<acc_t>& row = group.row[s];
+              const typename V::type y = weighted_chunk(wa, vpl, d, h, w0, row);
+              if (P[kAxisT] != nullptr) {
+                const int64_t off = h * W + w0;
+                running_max_sum(row, y, static_cast<int32_t>(t), t == 0, tmx.data() + off, tsum.data() + off,
+                                targ.data() + off);
+              }
+              if (P[kAxisH] != nullptr) {
+                const typename V::itype greater = h == 0 ? ~typename V::itype{} : (y > hmx[s]);
+                hmx[s] = greater ? y : hmx[s];
+                harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
+                hsum[s] = h == 0 ? y : hsum[s] + y;
+              }
+              if (P[kAxisW] != nullptr) V::store(strip.data() + h * kGroupWidth + s * V::kLanes, y);
+            }
+          }
+          if (P[kAxisH] != nullptr) {
+            for (int s = 0; s < group.strips; ++s) {
+              const int64_t g = gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes;
+              group.row[s].store(P[kAxisH] + pooled_max_offset(g, n, sH), hmx[s]);
+              group.row[s].store(P[kAxisH] + pooled_mean_offset(g, n, sH), hsum[s] / acc_t(H));
+              group.row[s].store_index(A[kAxisH] + g, harg[s]);
+            }
+          }
+          if (P[kAxisW] != nullptr) {  // along w: rows innermost, so the H running values are independent
+            for (int64_t l = 0; l < group.width(); ++l)
+              for (int64_t h = 0; h < H; ++h)
+                running_max_sum(strip[h * kGroupWidth + l], static_cast<int32_t>(g0 + l), g0 + l == 0, wmx[h],
+                                wsum[h], warg[h]);
+          }
         }
         if (P[kAxisW] != nullptr) {
-          pool_rows(y, H, W, wmx.data(), wsum.data(), warg.data());
           acc_t* pm = P[kAxisW];
           const int64_t g0 = gate_offset(kAxisW, d, n, t, c, 0, 0);
           for (int64_t h = 0; h < H; ++h) {  // entries of consecutive h are C apart
@@ -436,82 +463,84 @@ void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& s
   const scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const Weight<acc_t> wt = make_weight<acc_t>(gates, spec);
-  const int64_t HW = d.H * d.W;
-  at::parallel_for(0, d.N * d.T * d.C, grain_for(HW), [&](int64_t begin, int64_t end) {
-    PlaneScratch<acc_t> s(HW);
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
-      weighted_plane(wt, vp, vs, d, n, t, c, s);
-      store_plane(s.x, d.H, d.W, plane_of(op, os, n, t, c));
+      const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+      const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+      const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
+      for_each_chunk<acc_t>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
+        store_chunk(opl.at(h, w0), opl.sw, row, weighted_chunk(wa, vpl, d, h, w0, row));
+      });
     }
   });
 }
 
-// q * (d weight / d factor_k) / size_k over a plane: the gradient that each gate of
-// factor k receives from this plane before its reduction.
+// The gradient that each gate of factor k receives from a chunk before its reduction:
+// q * (d weight / d factor_k) / size_k, where q = upstream * v and f holds the factors.
 template <typename acc_t>
-void factor_grad_plane(const Weight<acc_t>& wt, int k, const acc_t* q, PlaneScratch<acc_t>& s, acc_t* out) {
-  const acc_t inv = acc_t(1) / acc_t(wt.size[k]);
-  if (!wt.mean && wt.n_factors == 2) {
-    const acc_t* other = s.factor[1 - k];
-    for (int64_t i = 0; i < s.HW; ++i) out[i] = q[i] * other[i] * inv;
-  } else {
-    const acc_t scale = (wt.mean ? acc_t(1) / acc_t(wt.n_factors) : acc_t(1)) * inv;
-    for (int64_t i = 0; i < s.HW; ++i) out[i] = q[i] * scale;
-  }
+AIA_INLINE typename Vec<acc_t>::type factor_grad_chunk(const WeightAt<acc_t>& a, int k, int size,
+                                                       const typename Vec<acc_t>::type& q,
+                                                       const typename Vec<acc_t>::type* f) {
+  const acc_t inv = acc_t(1) / acc_t(size);
+  if (!a.mean && a.n_factors == 2) return q * f[1 - k] * inv;
+  return q * ((a.mean ? acc_t(1) / acc_t(a.n_factors) : acc_t(1)) * inv);
 }
 
-// s.up = upstream * v over plane (n, t, c); factor planes filled when a product needs them.
+// q = upstream * v over a chunk; f receives the factors when a product needs them.
 template <typename scalar_t, typename acc_t>
-void grad_plane(const Weight<acc_t>& wt, const Upstream<scalar_t, acc_t>& up, const scalar_t* v, const Strides5& vs,
-                const Dims& d, int64_t n, int64_t t, int64_t c, PlaneScratch<acc_t>& s) {
-  upstream_plane(up, d, n, t, c, s.up);
-  load_plane(plane_of(v, vs, n, t, c), d.H, d.W, s.x);
-  for (int64_t i = 0; i < s.HW; ++i) s.up[i] *= s.x[i];
-  if (!wt.mean && wt.n_factors == 2) {
-    for (int k = 0; k < 2; ++k) factor_plane(wt, k, d, n, t, c, s.factor[k]);
+AIA_INLINE typename Vec<acc_t>::type grad_chunk(const WeightAt<acc_t>& a, const UpstreamAt<scalar_t, acc_t>& u,
+                                                const PlaneAt<const scalar_t>& v, const Dims& d, int64_t h, int64_t w0,
+                                                const Row<acc_t>& row, typename Vec<acc_t>::type* f) {
+  const typename Vec<acc_t>::type q = upstream_chunk(u, d, h, w0, row) * load_chunk(v.at(h, w0), v.sw, row);
+  if (!a.mean && a.n_factors == 2) {
+    for (int k = 0; k < 2; ++k) f[k] = factor_chunk(a.f[k], d, h, w0, row);
   }
+  return q;
 }
 
 template <typename scalar_t>
 void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& gates, std::vector<at::Tensor>& outs) {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
   const Dims d = dims_of(v);
   const Strides5 vs = strides_of(v);
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const Weight<acc_t> wt = make_weight<acc_t>(gates, term.weight);
   const Upstream<scalar_t, acc_t> up = make_upstream<scalar_t, acc_t>(term.upstream);
   const int64_t H = d.H, W = d.W, HW = H * W;
-  // out_ptr[k][j]: gradient of gate j of factor k.
+  // out_ptr[k][j]: gradient of gate j of factor k (C, or T, H, W).
   acc_t* out_ptr[kMaxFactors][kMaxFactorGates] = {};
   bool any_c = false, any_thw = false;
   {
     size_t o = 0;
     for (int k = 0; k < wt.n_factors; ++k) {
-      for (int j = 0; j < wt.size[k]; ++j) {
-        out_ptr[k][j] = outs[o++].data_ptr<acc_t>();
-        (wt.axis[k][j] == kAxisC ? any_c : any_thw) = true;
-      }
+      for (int j = 0; j < wt.size[k]; ++j) out_ptr[k][j] = outs[o++].data_ptr<acc_t>();
+      (wt.size[k] == 1 ? any_c : any_thw) = true;
     }
   }
   if (any_c) {
     at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
-      PlaneScratch<acc_t> s(HW);
       std::vector<acc_t> sums(static_cast<size_t>(HW) * kMaxFactors);
       for (int64_t nt = begin; nt < end; ++nt) {
         const int64_t n = nt / d.T, t = nt % d.T;
         std::fill(sums.begin(), sums.end(), acc_t(0));
         for (int64_t c = 0; c < d.C; ++c) {
-          grad_plane(wt, up, vp, vs, d, n, t, c, s);
-          for (int k = 0; k < wt.n_factors; ++k) {
-            if (wt.axis[k][0] != kAxisC) continue;
-            factor_grad_plane(wt, k, s.up, s, s.tmp);
-            acc_t* sum = sums.data() + k * HW;
-            for (int64_t i = 0; i < HW; ++i) sum[i] += s.tmp[i];
-          }
+          const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+          const UpstreamAt<scalar_t, acc_t> ua = upstream_at(up, d, n, t, c);
+          const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+          for_each_chunk<acc_t>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
+            typename V::type f[kMaxFactors];
+            const typename V::type q = grad_chunk(wa, ua, vpl, d, h, w0, row, f);
+            for (int k = 0; k < wt.n_factors; ++k) {
+              if (wt.size[k] != 1) continue;
+              acc_t* sum = sums.data() + k * HW + h * W + w0;
+              row.store(sum, row.load(sum) + factor_grad_chunk(wa, k, 1, q, f));
+            }
+          });
         }
         for (int k = 0; k < wt.n_factors; ++k) {
-          if (wt.axis[k][0] != kAxisC) continue;
+          if (wt.size[k] != 1) continue;
           std::copy(sums.begin() + k * HW, sums.begin() + (k + 1) * HW,
                     out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0));
         }
@@ -519,55 +548,61 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
     });
   }
   if (!any_thw) return;
+  // T: summed over t in buffers; H: over h in registers per strip; W: along each row.
   at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
-    PlaneScratch<acc_t> s(HW);
-    std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(H);
+    constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
+    std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(static_cast<size_t>(H) * kMaxFactors),
+        strips(static_cast<size_t>(H) * kGroupWidth * kMaxFactors);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / d.C, c = nc % d.C;
       std::fill(tsums.begin(), tsums.end(), acc_t(0));
       for (int64_t t = 0; t < d.T; ++t) {
-        grad_plane(wt, up, vp, vs, d, n, t, c, s);
-        for (int k = 0; k < wt.n_factors; ++k) {
-          if (wt.axis[k][0] == kAxisC) continue;
-          factor_grad_plane(wt, k, s.up, s, s.tmp);
-          const acc_t* r = s.tmp;
-          for (int j = 0; j < wt.size[k]; ++j) {
-            acc_t* out = out_ptr[k][j];
-            switch (wt.axis[k][j]) {
-              case kAxisT: {
-                acc_t* sum = tsums.data() + k * HW;
-                for (int64_t i = 0; i < HW; ++i) sum[i] += r[i];
-                break;
-              }
-              case kAxisH: {
-                acc_t* o = out + gate_offset(kAxisH, d, n, t, c, 0, 0);
-                if (Row<acc_t>::fits(W)) {
-                  const Row<acc_t> row{W};
-                  typename Row<acc_t>::vec sum = row.load(r);
-                  for (int64_t h = 1; h < H; ++h) sum += row.load(r + h * W);
-                  row.store(o, sum);
-                  break;
-                }
-                for (int64_t w = 0; w < W; ++w) o[w] = r[w];
-                for (int64_t h = 1; h < H; ++h)
-                  for (int64_t w = 0; w < W; ++w) o[w] += r[h * W + w];
-                break;
-              }
-              default: {
-                row_sums(r, H, W, wsums.data());
-                const int64_t g0 = gate_offset(kAxisW, d, n, t, c, 0, 0);
-                for (int64_t h = 0; h < H; ++h) out[g0 + h * d.C] = wsums[h];
+        const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+        const UpstreamAt<scalar_t, acc_t> ua = upstream_at(up, d, n, t, c);
+        const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+        for (int64_t g0 = 0; g0 < W; g0 += kGroupWidth) {
+          const StripGroup<acc_t> group(g0, W);
+          typename V::type hsums[kMaxFactors][kGroupStrips] = {};  // along h, per chunk column
+          for (int64_t h = 0; h < H; ++h) {
+            for (int s = 0; s < kGroupStrips; ++s) {
+              if (s == group.strips) break;
+              const int64_t w0 = g0 + s * V::kLanes;
+              const Row<acc_t>& row = group.row[s];
+              typename V::type f[kMaxFactors];
+              const typename V::type q = grad_chunk(wa, ua, vpl, d, h, w0, row, f);
+              for (int k = 0; k < wt.n_factors; ++k) {
+                if (wt.size[k] != 3) continue;
+                const typename V::type r = factor_grad_chunk(wa, k, 3, q, f);
+                acc_t* tsum = tsums.data() + k * HW + h * W + w0;
+                row.store(tsum, row.load(tsum) + r);
+                hsums[k][s] = h == 0 ? r : hsums[k][s] + r;
+                V::store(strips.data() + (k * H + h) * kGroupWidth + s * V::kLanes, r);
               }
             }
           }
+          for (int k = 0; k < wt.n_factors; ++k) {
+            if (wt.size[k] != 3) continue;
+            for (int s = 0; s < group.strips; ++s)
+              group.row[s].store(out_ptr[k][1] + gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes,
+                                 hsums[k][s]);
+            // along w: rows innermost, so the H running sums are independent
+            const acc_t* strip = strips.data() + k * H * kGroupWidth;
+            acc_t* wsum = wsums.data() + k * H;
+            for (int64_t l = 0; l < group.width(); ++l)
+              for (int64_t h = 0; h < H; ++h)
+                wsum[h] = g0 + l == 0 ? strip[h * kGroupWidth + l] : wsum[h] + strip[h * kGroupWidth + l];
+          }
+        }
+        for (int k = 0; k < wt.n_factors; ++k) {
+          if (wt.size[k] != 3) continue;
+          acc_t* out = out_ptr[k][2] + gate_offset(kAxisW, d, n, t, c, 0, 0);
+          for (int64_t h = 0; h < H; ++h) out[h * d.C] = wsums[k * H + h];  // entries of consecutive h are C apart
         }
       }
       for (int k = 0; k < wt.n_factors; ++k) {
-        for (int j = 0; j < wt.size[k]; ++j) {
-          if (wt.axis[k][j] != kAxisT) continue;
-          std::copy(tsums.begin() + k * HW, tsums.begin() + (k + 1) * HW,
-                    out_ptr[k][j] + gate_offset(kAxisT, d, n, 0, c, 0, 0));
-        }
+        if (wt.size[k] != 3) continue;
+        std::copy(tsums.begin() + k * HW, tsums.begin() + (k + 1) * HW,
+                  out_ptr[k][0] + gate_offset(kAxisT, d, n, 0, c, 0, 0));
       }
     }
   });
@@ -576,30 +611,40 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
 template <typename scalar_t>
 void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t>;
   const Dims d = dims_of(out);
   const Strides5 os = strides_of(out);
   scalar_t* op = out.data_ptr<scalar_t>();
+  const int n_terms = static_cast<int>(terms.size());
   std::vector<Weight<acc_t>> weights;
   std::vector<Upstream<scalar_t, acc_t>> ups;
   for (const Term& term : terms) {
     weights.push_back(make_weight<acc_t>(gates, term.weight));
     ups.push_back(make_upstream<scalar_t, acc_t>(term.upstream));
   }
-  const int64_t HW = d.H * d.W;
-  at::parallel_for(0, d.N * d.T * d.C, grain_for(HW), [&](int64_t begin, int64_t end) {
-    PlaneScratch<acc_t> s(HW);
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
+    WeightAt<acc_t> wa[kMaxTerms];
+    UpstreamAt<scalar_t, acc_t> ua[kMaxTerms];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
-      std::fill(s.x, s.x + HW, acc_t(0));
-      for (size_t k = 0; k < terms.size(); ++k) {
-        upstream_plane(ups[k], d, n, t, c, s.up);
-        if (weight_plane(weights[k], d, n, t, c, s)) {
-          for (int64_t j = 0; j < HW; ++j) s.x[j] += s.weight[j] * s.up[j];
-        } else {
-          for (int64_t j = 0; j < HW; ++j) s.x[j] += s.up[j];
-        }
+      for (int k = 0; k < n_terms; ++k) {
+        wa[k] = weight_at(weights[k], d, n, t, c);
+        ua[k] = upstream_at(ups[k], d, n, t, c);
       }
-      store_plane(s.x, d.H, d.W, plane_of(op, os, n, t, c));
+      const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
+      for_each_chunk<acc_t>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
+        typename V::type acc{};
+        for (int k = 0; k < n_terms; ++k) {
+          const typename V::type u = upstream_chunk(ua[k], d, h, w0, row);
+          if (wa[k].n_factors == 0) {
+            acc += u;
+          } else {
+            typename V::type f[kMaxFactors];
+            acc += weight_chunk(wa[k], d, h, w0, row, f) * u;
+          }
+        }
+        store_chunk(opl.at(h, w0), opl.sw, row, acc);
+      });
     }
   });
 }
