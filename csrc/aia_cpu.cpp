@@ -62,17 +62,39 @@ struct Row {
   int64_t W;
 #if defined(__AVX512F__)
   __mmask16 mask() const { return static_cast<__mmask16>((1u << W) - 1u); }
+  // Whole vectors use plain loads/stores (masked ones that miss L1 are slower).
   AIA_INLINE vec load(const acc_t* p) const {
+    if (W == V::kLanes) return V::load(p);
     if constexpr (sizeof(acc_t) == 4) return (vec)_mm512_maskz_loadu_ps(mask(), p);
     else return (vec)_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask()), p);
   }
   AIA_INLINE void store(acc_t* p, const vec& v) const {
+    if (W == V::kLanes) return V::store(p, v);
     if constexpr (sizeof(acc_t) == 4) _mm512_mask_storeu_ps(p, mask(), (__m512)v);
     else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask()), (__m512d)v);
   }
   AIA_INLINE ivec load_index(const int32_t* p) const {
     if constexpr (sizeof(acc_t) == 4) return (ivec)_mm512_maskz_loadu_epi32(mask(), p);
     else return load_index_loop(p);
+  }
+  // Sum of the W lanes, in a fixed tree order.
+  AIA_INLINE acc_t sum(const vec& v) const {
+    if constexpr (sizeof(acc_t) == 4) return _mm512_mask_reduce_add_ps(mask(), (__m512)v);
+    else return _mm512_mask_reduce_add_pd(static_cast<__mmask8>(mask()), (__m512d)v);
+  }
+  // Max of the W lanes and the first lane holding it; false if a lane is NaN.
+  AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
+    unsigned eq;
+    if constexpr (sizeof(acc_t) == 4) {
+      m = _mm512_mask_reduce_max_ps(mask(), (__m512)v);
+      eq = _mm512_mask_cmpeq_ps_mask(mask(), (__m512)v, _mm512_set1_ps(m));
+    } else {
+      m = _mm512_mask_reduce_max_pd(static_cast<__mmask8>(mask()), (__m512d)v);
+      eq = _mm512_mask_cmpeq_pd_mask(static_cast<__mmask8>(mask()), (__m512d)v, _mm512_set1_pd(m));
+    }
+    if (eq == 0) return false;
+    lane = __builtin_ctz(eq);
+    return true;
   }
   AIA_INLINE void store_index(int32_t* p, const ivec& v) const {
     if constexpr (sizeof(acc_t) == 4) _mm512_mask_storeu_epi32(p, mask(), (__m512i)v);
@@ -89,6 +111,20 @@ struct Row {
   }
   AIA_INLINE ivec load_index(const int32_t* p) const { return load_index_loop(p); }
   AIA_INLINE void store_index(int32_t* p, const ivec& v) const { store_index_loop(p, v); }
+  AIA_INLINE acc_t sum(const vec& v) const {
+    acc_t s = v[0];
+    for (int64_t w = 1; w < W; ++w) s += v[w];
+    return s;
+  }
+  AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
+    m = v[0];
+    lane = 0;
+    for (int64_t w = 1; w < W; ++w) {
+      if (!(v[w] == v[w])) return false;
+      if (v[w] > m) m = v[w], lane = static_cast<int>(w);
+    }
+    return m == m;
+  }
 #endif
   AIA_INLINE ivec load_index_loop(const int32_t* p) const {
     ivec v{};
@@ -108,14 +144,27 @@ int64_t grain_for(int64_t elements_per_item) {
 }
 
 // A chunk of a strided full-size tensor, converted to / from the accumulation type.
+// The general case (other strides, half types) is kept out of line: inlined, its
+// per-lane code crowds the registers of the contiguous float path.
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) typename Vec<acc_t>::type load_chunk_strided(const scalar_t* p, int64_t stride, int64_t W) {
+  typename Vec<acc_t>::type v{};
+  for (int64_t w = 0; w < W; ++w) v[w] = static_cast<acc_t>(p[w * stride]);
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) void store_chunk_strided(scalar_t* p, int64_t stride, int64_t W,
+                                                   const typename Vec<acc_t>::type& v) {
+  for (int64_t w = 0; w < W; ++w) p[w * stride] = static_cast<scalar_t>(v[w]);
+}
+
 template <typename scalar_t, typename acc_t>
 AIA_INLINE typename Vec<acc_t>::type load_chunk(const scalar_t* p, int64_t stride, const Row<acc_t>& row) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (stride == 1) return row.load(p);
   }
-  typename Vec<acc_t>::type v{};
-  for (int64_t w = 0; w < row.W; ++w) v[w] = static_cast<acc_t>(p[w * stride]);
-  return v;
+  return load_chunk_strided<scalar_t, acc_t>(p, stride, row.W);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -123,7 +172,7 @@ AIA_INLINE void store_chunk(scalar_t* p, int64_t stride, const Row<acc_t>& row, 
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (stride == 1) return row.store(p, v);
   }
-  for (int64_t w = 0; w < row.W; ++w) p[w * stride] = static_cast<scalar_t>(v[w]);
+  store_chunk_strided<scalar_t, acc_t>(p, stride, row.W, v);
 }
 
 // A plane of a strided (N, T, C, H, W) tensor; chunk (h, w0) starts at at(h, w0).
@@ -163,7 +212,6 @@ struct StripGroup {
     constexpr int64_t L = Vec<acc_t>::kLanes;
     for (int s = 0; s < kGroupStrips && first + s * L < W; ++s, ++strips) row[s] = Row<acc_t>{std::min(L, W - first - s * L)};
   }
-  int64_t width() const { return (strips - 1) * Vec<acc_t>::kLanes + row[strips - 1].W; }
 };
 
 // ---- weights over a plane ----
@@ -389,8 +437,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
   const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
   at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
-    constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
-    std::vector<acc_t> tmx(HW), tsum(HW), wmx(H), wsum(H), strip(static_cast<size_t>(H) * kGroupWidth);
+    std::vector<acc_t> tmx(HW), tsum(HW), wmx(H), wsum(H);
     std::vector<int32_t> targ(HW), warg(H);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / d.C, c = nc % d.C;
@@ -418,7 +465,19 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
                 hsum[s] = h == 0 ? y : hsum[s] + y;
               }
-              if (P[kAxisW] != nullptr) V::store(strip.data() + h * kGroupWidth + s * V::kLanes, y);
+              if (P[kAxisW] != nullptr) {  // along w: the chunk's max (first lane on ties) and sum, then the row's
+                acc_t m;
+                int lane;
+                if (row.max_first(y, m, lane)) {
+                  const bool first = w0 == 0, greater = first || m > wmx[h];
+                  wmx[h] = greater ? m : wmx[h];
+                  warg[h] = greater ? static_cast<int32_t>(w0 + lane) : warg[h];
+                  wsum[h] = first ? row.sum(y) : wsum[h] + row.sum(y);
+                } else {  // NaNs: lane by lane, in order
+                  for (int64_t l = 0; l < row.W; ++l)
+                    running_max_sum(y[l], static_cast<int32_t>(w0 + l), w0 + l == 0, wmx[h], wsum[h], warg[h]);
+                }
+              }
             }
           }
           if (P[kAxisH] != nullptr) {
@@ -428,12 +487,6 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
               group.row[s].store(P[kAxisH] + pooled_mean_offset(g, n, sH), hsum[s] / acc_t(H));
               group.row[s].store_index(A[kAxisH] + g, harg[s]);
             }
-          }
-          if (P[kAxisW] != nullptr) {  // along w: rows innermost, so the H running values are independent
-            for (int64_t l = 0; l < group.width(); ++l)
-              for (int64_t h = 0; h < H; ++h)
-                running_max_sum(strip[h * kGroupWidth + l], static_cast<int32_t>(g0 + l), g0 + l == 0, wmx[h],
-                                wsum[h], warg[h]);
           }
         }
         if (P[kAxisW] != nullptr) {
@@ -551,8 +604,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   // T: summed over t in buffers; H: over h in registers per strip; W: along each row.
   at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
     constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
-    std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(static_cast<size_t>(H) * kMaxFactors),
-        strips(static_cast<size_t>(H) * kGroupWidth * kMaxFactors);
+    std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(static_cast<size_t>(H) * kMaxFactors);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / d.C, c = nc % d.C;
       std::fill(tsums.begin(), tsums.end(), acc_t(0));
@@ -576,7 +628,8 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
                 acc_t* tsum = tsums.data() + k * HW + h * W + w0;
                 row.store(tsum, row.load(tsum) + r);
                 hsums[k][s] = h == 0 ? r : hsums[k][s] + r;
-                V::store(strips.data() + (k * H + h) * kGroupWidth + s * V::kLanes, r);
+                acc_t& wsum = wsums[k * H + h];  // along w: the chunk's sum, then the row's
+                wsum = w0 == 0 ? row.sum(r) : wsum + row.sum(r);
               }
             }
           }
@@ -585,12 +638,6 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
             for (int s = 0; s < group.strips; ++s)
               group.row[s].store(out_ptr[k][1] + gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes,
                                  hsums[k][s]);
-            // along w: rows innermost, so the H running sums are independent
-            const acc_t* strip = strips.data() + k * H * kGroupWidth;
-            acc_t* wsum = wsums.data() + k * H;
-            for (int64_t l = 0; l < group.width(); ++l)
-              for (int64_t h = 0; h < H; ++h)
-                wsum[h] = g0 + l == 0 ? strip[h * kGroupWidth + l] : wsum[h] + strip[h * kGroupWidth + l];
           }
         }
         for (int k = 0; k < wt.n_factors; ++k) {
