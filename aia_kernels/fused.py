@@ -12,6 +12,7 @@ kernels (the plain-torch primitives on fake tensors) and autograd registered, so
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -39,12 +40,28 @@ def _view5(x: Tensor, num_segments: int) -> Tensor:
     return x.view(nt // num_segments, num_segments, c, h, w)
 
 
+def _check_batch_stats(plan: Plan, v_shape, bn_modes) -> None:
+    """BatchNorm in train mode needs more than one value per channel (as nn.BatchNorm3d)."""
+    for g, axis in enumerate(plan.gate_axes):
+        shape = gate_shape(v_shape, axis)
+        if bn_modes[g] == BN_BATCH and math.prod(shape) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training the {axis} gate's "
+                             f"BatchNorm (its input has shape {(shape[0], 1, *shape[1:])})")
+
+
 def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, bn_weights, bn_biases,
                 running_means, running_vars, bn_modes, eps):
     """Returns ``(out, saved, bn_stats)``: ``saved`` holds SAVED_PER_GATE small tensors per
     gate; ``bn_stats`` (gates, 2) the mean and variance that normalised each gate's z
-    (batch statistics, biased, in train mode; running statistics in eval mode)."""
+    (batch statistics, biased, in train mode; running statistics in eval mode).
+
+    A backend whose primitives offer ``forward_plan`` (the native one) runs the whole
+    plan in one call instead; it walks the stages in the same order."""
     v = _view5(x, num_segments)
+    _check_batch_stats(plan, v.shape, bn_modes)
+    if hasattr(prims, "forward_plan"):
+        return prims.forward_plan(plan, x, num_segments, conv_weights, bn_weights, bn_biases, running_means,
+                                  running_vars, bn_modes, eps)
     n_gates = len(plan.gate_axes)
     gates: list[GateValue | None] = [None] * n_gates
     saved: list[Tensor | None] = [None] * (SAVED_PER_GATE * n_gates)
@@ -52,9 +69,6 @@ def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, b
     for stage in plan.stages:
         pooled = prims.pool(v, _weight_value(stage.weight, gates), stage.axes)
         for axis, g, (p, argmax) in zip(stage.axes, stage.gates, pooled):
-            if bn_modes[g] == BN_BATCH and p[:, 0].numel() == 1:
-                raise ValueError(f"Expected more than 1 value per channel when training the {axis} gate's "
-                                 f"BatchNorm (its input has shape {tuple(p[:, :1].shape)})")
             fw = prims.gate_forward(p, conv_weights[g], bn_modes[g], bn_weights[g], bn_biases[g],
                                     running_means[g], running_vars[g], eps[g])
             gates[g] = GateValue(axis, fw.z, fw.scale_shift)
@@ -67,7 +81,11 @@ def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, b
 
 def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: int, conv_weights,
                  bn_weights, bn_modes, eps, saved, bn_stats, needs):
-    """``needs`` = [x] + [conv weight] * G + [bn weight] * G + [bn bias] * G."""
+    """``needs`` = [x] + [conv weight] * G + [bn weight] * G + [bn bias] * G; a backend's
+    ``backward_plan`` replaces the walk below, as ``forward_plan`` does in run_forward."""
+    if hasattr(prims, "backward_plan"):
+        return prims.backward_plan(plan, grad_out, x, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
+                                   bn_stats, needs)
     v = _view5(x, num_segments)
     dout = _view5(grad_out, num_segments)
     n_gates = len(plan.gate_axes)
@@ -174,11 +192,15 @@ def _setup_context(ctx, inputs, output):
                  + [w is not None and w.requires_grad for w in bn_weights]
                  + [b is not None and b.requires_grad for b in bn_biases])
     ctx.save_for_backward(x, bn_stats, *conv_weights, *bn_weights, *saved)
+    # Only `out` is differentiable: no zero gradients made for `saved` and `bn_stats`.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_saved, grad_stats):
     variant, num_segments, backend, bn_modes, eps, n = ctx.meta
     x, bn_stats, *rest = ctx.saved_tensors
+    if grad_out is None:  # only saved/bn_stats reached the loss (not differentiable): zero flows back
+        grad_out = torch.zeros_like(x)
     conv_weights, bn_weights, saved = rest[:n], rest[n:2 * n], rest[2 * n:]
     gx, d_conv, d_bn_w, d_bn_b = fused_backward_op(grad_out, x, variant, num_segments, backend, list(conv_weights),
                                                    list(bn_weights), bn_modes, eps, list(saved), bn_stats,
@@ -208,8 +230,6 @@ def bn_mode(bn: nn.BatchNorm3d | None) -> int:
 
 def _update_running_stats(bn: nn.BatchNorm3d, stats: Tensor, count: int) -> None:
     """What ``nn.BatchNorm3d`` does to its buffers in a training step."""
-    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
-        return
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
         # momentum=None: cumulative average; the factor in the buffers' dtype (1 / int64 tensor is float32)
@@ -217,6 +237,30 @@ def _update_running_stats(bn: nn.BatchNorm3d, stats: Tensor, count: int) -> None
         mean, var = stats[0], stats[1] * (count / (count - 1))  # running var is unbiased
         bn.running_mean.mul_(1 - factor).add_(factor * mean.to(bn.running_mean.dtype))
         bn.running_var.mul_(1 - factor).add_(factor * var.to(bn.running_var.dtype))
+
+
+def _update_all_running_stats(bns: list, stats: Tensor, counts: list[int]) -> None:
+    """:func:`_update_running_stats` for every gate BN that tracks statistics in this step;
+    those with a fixed momentum and float32 buffers (the usual case) in a few foreach ops,
+    since a step's many tiny per-BN ops cost more than they compute."""
+    todo = [i for i, bn in enumerate(bns)
+            if bn is not None and bn.training and bn.track_running_stats and bn.running_mean is not None]
+    batched = [i for i in todo if bns[i].momentum is not None and bns[i].running_mean.dtype == torch.float32]
+    for i in todo:
+        if i not in batched:
+            _update_running_stats(bns[i], stats[i], counts[i])
+    if not batched:
+        return
+    with torch.no_grad():
+        torch._foreach_add_([bns[i].num_batches_tracked for i in batched], 1)
+        keep = [1 - bns[i].momentum for i in batched]
+        # running var is unbiased: var * count / (count - 1)
+        scale = stats.new_tensor([[bns[i].momentum, bns[i].momentum * counts[i] / (counts[i] - 1)] for i in batched])
+        new = (stats[batched] * scale).to(torch.float32)
+        for buffers, column in (("running_mean", 0), ("running_var", 1)):
+            tensors = [getattr(bns[i], buffers) for i in batched]
+            torch._foreach_mul_(tensors, keep)
+            torch._foreach_add_(tensors, list(new[:, column:column + 1].unbind(0)))
 
 
 def fused_forward(module, x: Tensor, backend: str) -> Tensor:
@@ -231,10 +275,5 @@ def fused_forward(module, x: Tensor, backend: str) -> Tensor:
         [bn.running_var if bn is not None else None for bn in bns],
         [bn_mode(bn) for bn in bns], [bn.eps if bn is not None else 0.0 for bn in bns])
     v_shape = (x.shape[0] // module.num_segments, module.num_segments, *x.shape[1:])
-    for (axis, _, bn), stats in zip(gates, bn_stats.unbind(0)):
-        if bn is not None:
-            count = 1
-            for size in gate_shape(v_shape, axis):
-                count *= size
-            _update_running_stats(bn, stats, count)
+    _update_all_running_stats(bns, bn_stats, [math.prod(gate_shape(v_shape, axis)) for axis, _, _ in gates])
     return out

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "aia_common.h"
@@ -111,6 +112,20 @@ Upstream<scalar_t, acc_t> make_upstream(const UpstreamSpec& spec) {
   at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight);                              \
   at::Tensor conv_input_grad(const at::Tensor& dz, const at::Tensor& weight);                               \
   at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz);
+
+// Device-generic gate steps (aia_ops.cpp), used by the primitive ops and by the plan
+// executor (aia_plan.cpp): the gate values sigmoid(a * z + b); the conv + BN of a pooled
+// tensor -> (z, folded (a, b), BN statistics used); and its backward -> (d pooled,
+// d conv weight, d BN weight, d BN bias), empty where `needs` says not needed.
+at::Tensor gate_value(const at::Tensor& z, const at::Tensor& scale_shift);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
+    const at::Tensor& pooled, const at::Tensor& conv_weight, int64_t bn_mode,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
+    const at::Tensor& gate_grad, const at::Tensor& pooled, const at::Tensor& z, const at::Tensor& scale_shift,
+    const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
+    const c10::optional<at::Tensor>& bn_weight, double eps, at::IntArrayRef needs);
 
 namespace cpu {
 AIA_DECLARE_DEVICE_ENTRY_POINTS

@@ -48,6 +48,25 @@ void check_small(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& v
   TORCH_CHECK(t.is_contiguous(), "aia_native: ", name, " must be contiguous");
 }
 
+}  // namespace
+
+at::Tensor gate_value(const at::Tensor& z, const at::Tensor& scale_shift) {
+  if (z.is_cuda()) return at::sigmoid(z * scale_shift[0] + scale_shift[1]).contiguous();
+  // CPU: host scalars, a * z + b in one loop, then ATen's vectorised sigmoid
+  const at::Tensor ss = scale_shift.to(at::kDouble), zc = z.contiguous();
+  at::Tensor value = at::empty_like(zc, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(zc.scalar_type(), "aia_native_gate_value_cpu", [&] {
+    const scalar_t a = static_cast<scalar_t>(ss.data_ptr<double>()[0]);
+    const scalar_t b = static_cast<scalar_t>(ss.data_ptr<double>()[1]);
+    const scalar_t* zp = zc.data_ptr<scalar_t>();
+    scalar_t* out = value.data_ptr<scalar_t>();
+    for (int64_t k = 0, m = zc.numel(); k < m; ++k) out[k] = zp[k] * a + b;
+  });
+  return value.sigmoid_();
+}
+
+namespace {
+
 // Gate values sigmoid(a * z + b), computed once per call on the small tensors.
 GateSet make_gates(at::TensorList gate_z, at::TensorList gate_ss, c10::string_view gate_axes, const at::Tensor& v) {
   TORCH_CHECK(gate_z.size() == gate_ss.size() && gate_z.size() == gate_axes.size(),
@@ -64,23 +83,7 @@ GateSet make_gates(at::TensorList gate_z, at::TensorList gate_ss, c10::string_vi
     for (size_t j = 0; j < i && !value.defined(); ++j) {
       if (gate_z[j].is_same(gate_z[i]) && gate_ss[j].is_same(gate_ss[i])) value = gates.values[j];
     }
-    if (!value.defined()) {
-      if (v.is_cuda()) {
-        value = at::sigmoid(gate_z[i] * gate_ss[i][0] + gate_ss[i][1]);
-      } else {  // host scalars, a * z + b in one loop, then ATen's vectorised sigmoid
-        const at::Tensor ss = gate_ss[i].to(at::kDouble), z = gate_z[i].contiguous();
-        value = at::empty_like(z, at::MemoryFormat::Contiguous);
-        AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_gate_value_cpu", [&] {
-          const scalar_t a = static_cast<scalar_t>(ss.data_ptr<double>()[0]);
-          const scalar_t b = static_cast<scalar_t>(ss.data_ptr<double>()[1]);
-          const scalar_t* zp = z.data_ptr<scalar_t>();
-          scalar_t* out = value.data_ptr<scalar_t>();
-          for (int64_t k = 0, m = z.numel(); k < m; ++k) out[k] = zp[k] * a + b;
-        });
-        value.sigmoid_();
-      }
-    }
-    gates.values.push_back(value.contiguous());
+    gates.values.push_back(value.defined() ? value : gate_value(gate_z[i], gate_ss[i]));
   }
   return gates;
 }
@@ -235,6 +238,8 @@ at::Tensor scalar_of(const c10::optional<at::Tensor>& t, const at::Tensor& like,
   return t->to(like.scalar_type()).reshape({});
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
     const at::Tensor& pooled, const at::Tensor& conv_weight, int64_t bn_mode,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
@@ -326,8 +331,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
   }
   return {d_pooled, d_conv, dbn_w.defined() ? dbn_w : empty(), dbn_b.defined() ? dbn_b : empty()};
 }
-
-}  // namespace
 
 #ifndef AIA_WITH_CUDA
 // CPU-only build: the CUDA entry points exist but cannot be reached (no CUDA tensors).

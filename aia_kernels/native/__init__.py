@@ -13,6 +13,7 @@ to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -22,12 +23,13 @@ from pathlib import Path
 import torch
 
 from .. import backends
+from ..plan import Plan, Weight
 from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
 
 # The source tree's csrc/, or the copy a regular install puts inside the package.
 CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
              if p.is_dir()), Path(__file__).resolve().parents[2] / "csrc")
-CPU_SOURCES = ("aia_ops.cpp", "aia_cpu.cpp")
+CPU_SOURCES = ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu.cpp")
 CUDA_SOURCES = ("aia_cuda.cu",)
 # -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
@@ -155,8 +157,53 @@ def _none_if_empty(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
     return t if needed and t.numel() > 0 else None
 
 
+_AXIS_CODES = {"C": 0, "T": 1, "H": 2, "W": 3}
+
+
+def _encode_weight(weight: Weight) -> list[int]:
+    out = [1 if weight.combine == "mean" else 0, len(weight.factors)]
+    for factor in weight.factors:
+        out += [len(factor), *factor]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def encode_plan(plan: Plan) -> tuple[int, ...]:
+    """A :class:`~aia_kernels.plan.Plan` as the ints ``aia_native::plan_forward/backward``
+    read (layout in ``csrc/aia_plan.cpp``)."""
+    out = [len(plan.gate_axes), *(_AXIS_CODES[a] for a in plan.gate_axes), len(plan.stages)]
+    for stage in plan.stages:
+        out += [0 if stage.axes == "C" else 1, *_encode_weight(stage.weight), len(stage.gates), *stage.gates]
+    return tuple(out + _encode_weight(plan.output))
+
+
 class NativePrimitives:
+    """The six primitives as ``aia_native`` ops, plus the whole plan in one op
+    (``forward_plan``/``backward_plan``, which the executor in ``fused.py`` prefers: no
+    Python between primitives, gate values computed once per direction)."""
+
     name = "native"
+
+    def forward_plan(self, plan, x, num_segments, conv_weights, bn_weights, bn_biases, running_means,
+                     running_vars, bn_modes, eps):
+        out, saved, stats = torch.ops.aia_native.plan_forward(
+            x, num_segments, list(encode_plan(plan)), conv_weights, bn_weights, bn_biases, running_means,
+            running_vars, bn_modes, eps)
+        return out, list(saved), stats
+
+    def backward_plan(self, plan, grad_out, x, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
+                      bn_stats, needs):
+        gx, d_conv, d_bn_w, d_bn_b = torch.ops.aia_native.plan_backward(
+            grad_out, x, num_segments, list(encode_plan(plan)), conv_weights, bn_weights, bn_modes, eps, saved,
+            bn_stats, [int(n) for n in needs])
+        n = len(conv_weights)
+
+        def grads(ts, params, flags):  # accumulation dtype -> the parameter's; empty -> not computed
+            return [t.to(p.dtype) if flag and p is not None and t.numel() > 0 else None
+                    for t, p, flag in zip(ts, params, flags)]
+
+        return (gx if needs[0] else None, grads(d_conv, conv_weights, needs[1:1 + n]),
+                grads(d_bn_w, bn_weights, needs[1 + n:1 + 2 * n]), grads(d_bn_b, bn_weights, needs[1 + 2 * n:]))
 
     def pool(self, v, weight, axes):
         out = torch.ops.aia_native.pool(v, *_weight_only(weight).gates(), axes)
@@ -228,6 +275,27 @@ def _register_fakes() -> None:
     def _(pooled, conv_weight, bn_mode, bn_weight, bn_bias, running_mean, running_var, eps):
         z = pooled.new_empty((pooled.shape[0], *pooled.shape[2:]))
         return z, pooled.new_empty(2), pooled.new_empty(2)
+
+    @torch.library.register_fake(lib + "plan_forward")
+    def _(x, num_segments, plan, conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps):
+        v_shape = (x.shape[0] // num_segments, num_segments, *x.shape[1:])
+        saved = []
+        for code in plan[1:1 + plan[0]]:
+            shape = gate_shape(v_shape, _AXIS_CHARS[code])
+            saved += [x.new_empty((shape[0], 2, *shape[1:]), dtype=acc(x)), x.new_empty(shape, dtype=torch.int32),
+                      x.new_empty(shape, dtype=acc(x)), x.new_empty(2, dtype=acc(x))]
+        return torch.empty_like(x), saved, x.new_empty((plan[0], 2), dtype=acc(x))
+
+    @torch.library.register_fake(lib + "plan_backward")
+    def _(grad_out, x, num_segments, plan, conv_weights, bn_weights, bn_modes, eps, saved, bn_stats, needs):
+        n = plan[0]
+
+        def maybe(flag, shape):
+            return x.new_empty(shape if flag else (0,), dtype=acc(x))
+        return (torch.empty_like(x) if needs[0] else x.new_empty(0),
+                [maybe(needs[1 + g], (1, 2, 3, 3, 3)) for g in range(n)],
+                [maybe(needs[1 + n + g] and bn_modes[g] != 0, (1,)) for g in range(n)],
+                [maybe(needs[1 + 2 * n + g] and bn_modes[g] != 0, (1,)) for g in range(n)])
 
     @torch.library.register_fake(lib + "gate_backward")
     def _(gate_grad, pooled, z, scale_shift, bn_stats, conv_weight, bn_mode, bn_weight, eps, needs):

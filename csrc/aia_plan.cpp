@@ -1,0 +1,267 @@
+// The whole forward / backward of an AIA module in one op: aia_native::plan_forward
+// and aia_native::plan_backward walk a variant's plan (aia_kernels/plan.py, encoded
+// as ints by aia_kernels/native/__init__.py) over the same device entry points as the
+// six primitive ops, in the order of the generic executor (aia_kernels/fused.py).
+//
+// Why a second walker: at small shapes (7x7, 14x14 planes) a train step's 26 primitive
+// calls from Python, each re-deriving its gate values, cost about as much as a
+// full-size pass. Here every gate value is computed once per direction and nothing
+// returns to Python between primitives. The kernels are the same; only the loop over
+// stages moved. tests/test_native_backend.py checks both paths against the reference.
+//
+// Plan encoding (int[]):
+//   G, axis code of each gate (0 C, 1 T, 2 H, 3 W),
+//   S, then per stage: pooled axes (0: C, 1: T, H, W), its weight, its gate count and ids,
+//   then the output weight;
+//   a weight is: combine (0 prod, 1 mean), factor count, then per factor its size and ids.
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "aia_host.h"
+
+namespace aia {
+namespace {
+
+struct PlanStage {
+  std::vector<int> axes;  // pooled axes, in gate order
+  WeightSpec weight;
+  std::vector<int> gates;
+};
+
+struct Plan {
+  std::vector<int> gate_axis;
+  std::vector<PlanStage> stages;
+  WeightSpec output;
+};
+
+class PlanReader {
+ public:
+  explicit PlanReader(at::IntArrayRef desc) : desc_(desc) {}
+
+  int next() {
+    TORCH_CHECK(pos_ < desc_.size(), "aia_native: plan encoding too short");
+    return static_cast<int>(desc_[pos_++]);
+  }
+
+  int gate(int n_gates) {
+    const int id = next();
+    TORCH_CHECK(id >= 0 && id < n_gates, "aia_native: plan names gate ", id, " of ", n_gates);
+    return id;
+  }
+
+  WeightSpec weight(const Plan& plan) {
+    WeightSpec w;
+    w.mean = next() == 1;
+    const int n_factors = next();
+    TORCH_CHECK(n_factors >= 0 && n_factors <= kMaxFactors, "aia_native: a weight has 0 to 2 factors");
+    for (int k = 0; k < n_factors; ++k) {
+      const int size = next();
+      std::vector<int> ids;
+      for (int j = 0; j < size; ++j) ids.push_back(gate(static_cast<int>(plan.gate_axis.size())));
+      const auto axis = [&](int j) { return plan.gate_axis[ids[j]]; };
+      TORCH_CHECK(size == 1 ? axis(0) == kAxisC
+                            : size == 3 && axis(0) == kAxisT && axis(1) == kAxisH && axis(2) == kAxisW,
+                  "aia_native: a factor is one C gate or the (T, H, W) gates");
+      w.factors.push_back(ids);
+    }
+    return w;
+  }
+
+  bool done() const { return pos_ == desc_.size(); }
+
+ private:
+  at::IntArrayRef desc_;
+  size_t pos_ = 0;
+};
+
+Plan parse_plan(at::IntArrayRef desc) {
+  PlanReader r(desc);
+  Plan plan;
+  const int n_gates = r.next();
+  TORCH_CHECK(n_gates > 0 && n_gates <= 16, "aia_native: a plan has 1 to 16 gates");
+  for (int g = 0; g < n_gates; ++g) {
+    const int axis = r.next();
+    TORCH_CHECK(axis >= kAxisC && axis <= kAxisW, "aia_native: unknown axis code ", axis);
+    plan.gate_axis.push_back(axis);
+  }
+  const int n_stages = r.next();
+  for (int s = 0; s < n_stages; ++s) {
+    PlanStage stage;
+    const int kind = r.next();
+    TORCH_CHECK(kind == 0 || kind == 1, "aia_native: a stage pools along C (0) or T, H, W (1)");
+    stage.axes = kind == 0 ? std::vector<int>{kAxisC} : std::vector<int>{kAxisT, kAxisH, kAxisW};
+    stage.weight = r.weight(plan);
+    TORCH_CHECK(r.next() == static_cast<int>(stage.axes.size()), "aia_native: a stage has one gate per axis");
+    for (int axis : stage.axes) {
+      const int g = r.gate(n_gates);
+      TORCH_CHECK(plan.gate_axis[g] == axis, "aia_native: stage gate ", g, " pools another axis");
+      stage.gates.push_back(g);
+    }
+    plan.stages.push_back(stage);
+  }
+  plan.output = r.weight(plan);
+  TORCH_CHECK(r.done(), "aia_native: plan encoding too long");
+  return plan;
+}
+
+at::Tensor view5(const at::Tensor& x, int64_t num_segments) {
+  TORCH_CHECK(x.dim() == 4, "aia_native: x must be (N*T, C, H, W), got ", x.sizes());
+  TORCH_CHECK(num_segments > 0 && x.size(0) % num_segments == 0, "aia_native: N*T = ", x.size(0),
+              " is not divisible by num_segments = ", num_segments);
+  return x.view({x.size(0) / num_segments, num_segments, x.size(1), x.size(2), x.size(3)});
+}
+
+c10::optional<at::Tensor> at_or_none(const c10::List<c10::optional<at::Tensor>>& list, size_t i) {
+  if (i >= list.size()) return c10::nullopt;
+  const c10::optional<at::Tensor> t = list.get(i);
+  return t.has_value() && t->defined() ? t : c10::nullopt;
+}
+
+void check_lengths(size_t n_gates, size_t conv, size_t modes, size_t eps) {
+  TORCH_CHECK(conv == n_gates && modes == n_gates && eps == n_gates, "aia_native: the plan has ", n_gates,
+              " gates but ", conv, " conv weights, ", modes, " BN modes and ", eps, " eps values");
+}
+
+constexpr int kSavedPerGate = 4;  // pooled P, argmax, z, scale_shift (as fused.SAVED_PER_GATE)
+
+std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& w,
+                             const std::vector<int>& axes) {
+  return v.is_cuda() ? cuda::pool(v, gates, w, axes) : cpu::pool(v, gates, w, axes);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
+    const at::Tensor& x, int64_t num_segments, at::IntArrayRef plan_desc, at::TensorList conv_weights,
+    const c10::List<c10::optional<at::Tensor>>& bn_weights, const c10::List<c10::optional<at::Tensor>>& bn_biases,
+    const c10::List<c10::optional<at::Tensor>>& running_means,
+    const c10::List<c10::optional<at::Tensor>>& running_vars, at::IntArrayRef bn_modes, at::ArrayRef<double> eps) {
+  const Plan plan = parse_plan(plan_desc);
+  const size_t n_gates = plan.gate_axis.size();
+  check_lengths(n_gates, conv_weights.size(), bn_modes.size(), eps.size());
+  const at::Tensor v = view5(x, num_segments);
+  GateSet gates;
+  gates.axis = plan.gate_axis;
+  gates.values.resize(n_gates);
+  std::vector<at::Tensor> saved(kSavedPerGate * n_gates), stats(n_gates);
+  for (const PlanStage& stage : plan.stages) {
+    const std::vector<at::Tensor> pooled = pool(v, gates, stage.weight, stage.axes);
+    for (size_t i = 0; i < stage.gates.size(); ++i) {
+      const int g = stage.gates[i];
+      const at::Tensor &P = pooled[2 * i], &argmax = pooled[2 * i + 1];
+      auto [z, scale_shift, bn_stats] =
+          gate_forward_op(P, conv_weights[g], bn_modes[g], at_or_none(bn_weights, g), at_or_none(bn_biases, g),
+                          at_or_none(running_means, g), at_or_none(running_vars, g), eps[g]);
+      gates.values[g] = gate_value(z, scale_shift);
+      saved[kSavedPerGate * g] = P;
+      saved[kSavedPerGate * g + 1] = argmax;
+      saved[kSavedPerGate * g + 2] = z;
+      saved[kSavedPerGate * g + 3] = scale_shift;
+      stats[g] = bn_stats;
+    }
+  }
+  at::Tensor out = at::empty_like(x);
+  const at::Tensor out5 = out.view(v.sizes());
+  v.is_cuda() ? cuda::apply(v, gates, plan.output, out5) : cpu::apply(v, gates, plan.output, out5);
+  return {out, saved, at::stack(stats)};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> plan_backward_op(
+    const at::Tensor& grad_out, const at::Tensor& x, int64_t num_segments, at::IntArrayRef plan_desc,
+    at::TensorList conv_weights, const c10::List<c10::optional<at::Tensor>>& bn_weights, at::IntArrayRef bn_modes,
+    at::ArrayRef<double> eps, at::TensorList saved, const at::Tensor& bn_stats, at::IntArrayRef needs) {
+  const Plan plan = parse_plan(plan_desc);
+  const size_t n_gates = plan.gate_axis.size();
+  check_lengths(n_gates, conv_weights.size(), bn_modes.size(), eps.size());
+  TORCH_CHECK(saved.size() == kSavedPerGate * n_gates, "aia_native: expected ", kSavedPerGate * n_gates,
+              " saved tensors, got ", saved.size());
+  TORCH_CHECK(needs.size() == 1 + 3 * n_gates, "aia_native: needs = [x] + [conv, bn weight, bn bias] per gate");
+  const at::Tensor v = view5(x, num_segments);
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
+              "aia_native: grad_out must match x");
+  const at::Tensor dout = view5(grad_out, num_segments);
+  const bool need_x = needs[0] != 0;
+  const auto need = [&](int k, size_t g) -> int64_t { return needs[1 + k * n_gates + g] != 0; };  // k: 0 conv, 1 bn w, 2 bn b
+
+  GateSet gates;
+  gates.axis = plan.gate_axis;
+  for (size_t g = 0; g < n_gates; ++g)
+    gates.values.push_back(gate_value(saved[kSavedPerGate * g + 2], saved[kSavedPerGate * g + 3]));
+  std::vector<at::Tensor> gate_grads(n_gates);  // d loss / d gate, summed over its uses
+
+  std::vector<Term> terms;
+  const auto add_weight_grads = [&](const WeightSpec& weight, const UpstreamSpec& upstream) {
+    if (weight.factors.empty()) return;
+    const Term term{weight, upstream};
+    const std::vector<at::Tensor> grads =
+        v.is_cuda() ? cuda::weight_grad(v, term, gates) : cpu::weight_grad(v, term, gates);
+    size_t i = 0;
+    for (const auto& factor : weight.factors) {
+      for (int g : factor) {
+        gate_grads[g] = gate_grads[g].defined() ? gate_grads[g] + grads[i] : grads[i];
+        ++i;
+      }
+    }
+  };
+
+  UpstreamSpec output_upstream;
+  output_upstream.dout = dout;
+  add_weight_grads(plan.output, output_upstream);
+  terms.push_back(Term{plan.output, output_upstream});
+  std::vector<at::Tensor> d_conv(n_gates), d_bn_w(n_gates), d_bn_b(n_gates);
+  // Reverse order: a gate's gradient is complete once every later stage is done.
+  for (auto it = plan.stages.rbegin(); it != plan.stages.rend(); ++it) {
+    const PlanStage& stage = *it;
+    const bool need_pooled = need_x || !stage.weight.factors.empty();
+    UpstreamSpec pooled_grads;
+    for (int g : stage.gates) {
+      const at::Tensor& z = saved[kSavedPerGate * g + 2];
+      const at::Tensor gate_grad = gate_grads[g].defined() ? gate_grads[g] : at::zeros_like(z);
+      const std::vector<int64_t> flags = {need_pooled, need(0, g), need(1, g), need(2, g)};
+      auto [d_pooled, dc, dw, db] =
+          gate_backward_op(gate_grad, saved[kSavedPerGate * g], z, saved[kSavedPerGate * g + 3], bn_stats[g],
+                           conv_weights[g], bn_modes[g], at_or_none(bn_weights, g), eps[g], flags);
+      d_conv[g] = dc;
+      d_bn_w[g] = dw;
+      d_bn_b[g] = db;
+      pooled_grads.grad.push_back(d_pooled);
+      pooled_grads.argmax.push_back(saved[kSavedPerGate * g + 1]);
+      pooled_grads.axis.push_back(plan.gate_axis[g]);
+    }
+    if (need_pooled) {
+      add_weight_grads(stage.weight, pooled_grads);
+      terms.push_back(Term{stage.weight, pooled_grads});
+    }
+  }
+  at::Tensor grad_x = at::empty({0}, x.options());
+  if (need_x) {
+    grad_x = at::empty_like(x);
+    const at::Tensor gx5 = grad_x.view(v.sizes());
+    v.is_cuda() ? cuda::input_grad(terms, gates, gx5) : cpu::input_grad(terms, gates, gx5);
+  }
+  return {grad_x, d_conv, d_bn_w, d_bn_b};
+}
+
+}  // namespace
+}  // namespace aia
+
+TORCH_LIBRARY_FRAGMENT(aia_native, m) {
+  m.def("plan_forward(Tensor x, int num_segments, int[] plan, Tensor[] conv_weights, Tensor?[] bn_weights, "
+        "Tensor?[] bn_biases, Tensor?[] running_means, Tensor?[] running_vars, int[] bn_modes, float[] eps) "
+        "-> (Tensor, Tensor[], Tensor)");
+  m.def("plan_backward(Tensor grad_out, Tensor x, int num_segments, int[] plan, Tensor[] conv_weights, "
+        "Tensor?[] bn_weights, int[] bn_modes, float[] eps, Tensor[] saved, Tensor bn_stats, int[] needs) "
+        "-> (Tensor, Tensor[], Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(aia_native, CPU, m) {
+  m.impl("plan_forward", &aia::plan_forward_op);
+  m.impl("plan_backward", &aia::plan_backward_op);
+}
+
+#ifdef AIA_WITH_CUDA
+TORCH_LIBRARY_IMPL(aia_native, CUDA, m) {
+  m.impl("plan_forward", &aia::plan_forward_op);
+  m.impl("plan_backward", &aia::plan_backward_op);
+}
+#endif
