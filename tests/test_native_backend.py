@@ -190,6 +190,88 @@ def test_opcheck_native_ops():
                                         [1, 1, 1, 1]))
 
 
+def _plan_op_args(variant="CinST->STinC", dtype=torch.float64):
+    """Arguments of aia_native::plan_forward for a small module in train mode."""
+    from aia_kernels.fused import bn_mode
+    from aia_kernels.plan import build_plan
+    module = aia_kernels.build(variant, num_segments=3, backend="native").to(dtype).train()
+    gates = module.gates()
+    x = torch.randn(SHAPE, dtype=dtype)
+    bns = [bn for _, _, bn in gates]
+    args = (x, 3, list(native.encode_plan(build_plan(variant))), [conv.weight.detach() for _, conv, _ in gates],
+            [bn.weight.detach() for bn in bns], [bn.bias.detach() for bn in bns], [bn.running_mean for bn in bns],
+            [bn.running_var for bn in bns], [bn_mode(bn) for bn in bns], [bn.eps for bn in bns])
+    return module, args
+
+
+def test_opcheck_plan_ops():
+    ops = torch.ops.aia_native
+    _, args = _plan_op_args()
+    torch.library.opcheck(ops.plan_forward.default, args)
+    x, segments, plan, conv_w, bn_w, _, _, _, modes, eps = args
+    _, saved, stats = ops.plan_forward(*args)
+    n = len(conv_w)
+    for needs in ([1] * (1 + 3 * n), [0] + [1] * n + [0] * 2 * n):
+        torch.library.opcheck(ops.plan_backward.default, (torch.randn_like(x), x, segments, plan, conv_w, bn_w, modes,
+                                                          eps, saved, stats, needs))
+
+
+class _PrimitivesOnly:
+    """The six native primitives without the whole-plan ops: the generic executor walks the plan."""
+
+    def __init__(self):
+        self._native = native.NativePrimitives()
+
+    def __getattr__(self, name):
+        if name in ("pool", "gate_forward", "apply", "weight_grad", "gate_backward", "input_grad"):
+            return getattr(self._native, name)
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST", "STinC->CinST", "ST"])
+def test_plan_ops_equal_primitive_walk(variant, monkeypatch):
+    """plan_forward/backward run the same kernels in the generic executor's order: bitwise equal."""
+    from aia_kernels import fused
+    torch.manual_seed(0)
+    module = aia_kernels.build(variant, num_segments=3, backend="native").double().train()
+    x = torch.randn(SHAPE, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(SHAPE, dtype=torch.float64)
+    results = []
+    for prims in (None, _PrimitivesOnly()):
+        if prims is not None:
+            assert not hasattr(prims, "forward_plan")
+            monkeypatch.setattr(fused, "_primitives", lambda backend, device, p=prims: p)
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        x.grad = None
+        module.zero_grad()
+        out = module(x)
+        out.backward(grad)
+        results.append([out, x.grad] + [p.grad for p in module.parameters()] + list(module.state_dict().values()))
+        module.load_state_dict(state)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["too_short", "too_long", "bad_axis", "factor", "stage_axis", "segments", "needs"])
+def test_bad_plan_arguments(case):
+    ops = torch.ops.aia_native
+    _, args = _plan_op_args("C")
+    x, segments, plan, *rest = args
+    # "C": 1 gate (axis C); 1 stage pooling C with no weight; output weight = the C gate.
+    assert plan == [1, 0, 1, 0, 0, 0, 1, 0, 0, 1, 1, 0]
+    bad = {"too_short": plan[:-1], "too_long": plan + [0], "bad_axis": [1, 7] + plan[2:],
+           "factor": plan[:-2] + [3, 0], "stage_axis": plan[:3] + [1] + plan[4:]}
+    with pytest.raises(RuntimeError, match="aia_native"):
+        if case == "segments":
+            ops.plan_forward(x, 4, plan, *rest)
+        elif case == "needs":
+            _, saved, stats = ops.plan_forward(*args)
+            ops.plan_backward(torch.randn_like(x), x, segments, plan, rest[0], rest[1], rest[5], rest[6], saved, stats,
+                              [1, 1])
+        else:
+            ops.plan_forward(x, segments, bad[case], *rest)
+
+
 def test_primitives_match_torch_primitives():
     """pool's argmax and every small output equal the plain-torch primitives exactly in float64."""
     from aia_kernels.primitives import GateValue, WeightValue
