@@ -572,7 +572,11 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
       (wt.size[k] == 1 ? any_c : any_thw) = true;
     }
   }
-  if (any_c) {
+  // A weight with C and T, H, W factors is differentiated in one pass: the (n, c) loop
+  // of the T, H, W reductions also sums the C gates' gradients over fixed blocks of
+  // channels (partials per block, added in block order after the pass: deterministic).
+  const bool merged = any_c && any_thw;
+  if (any_c && !merged) {
     at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sums(static_cast<size_t>(HW) * kMaxFactors);
       for (int64_t nt = begin; nt < end; ++nt) {
@@ -601,12 +605,18 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
     });
   }
   if (!any_thw) return;
+  constexpr int64_t kCBlock = 16;
+  const int64_t blocks = (d.C + kCBlock - 1) / kCBlock, THW = d.T * HW;
+  // C partials: (N, blocks, factor, T, H, W)
+  std::vector<acc_t> cpart(merged ? static_cast<size_t>(d.N * blocks * kMaxFactors * THW) : 0, acc_t(0));
   // T: summed over t in buffers; H: over h in registers per strip; W: along each row.
-  at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.N * blocks, grain_for(kCBlock * THW), [&](int64_t begin, int64_t end) {
     constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
     std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(static_cast<size_t>(H) * kMaxFactors);
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const int64_t n = nc / d.C, c = nc % d.C;
+    for (int64_t nb = begin; nb < end; ++nb)
+    for (int64_t c = nb % blocks * kCBlock; c < std::min(d.C, (nb % blocks + 1) * kCBlock); ++c) {
+      const int64_t n = nb / blocks;
+      acc_t* cblock = merged ? cpart.data() + nb * kMaxFactors * THW : nullptr;
       std::fill(tsums.begin(), tsums.end(), acc_t(0));
       for (int64_t t = 0; t < d.T; ++t) {
         const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
@@ -623,7 +633,11 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
               typename V::type f[kMaxFactors];
               const typename V::type q = grad_chunk(wa, ua, vpl, d, h, w0, row, f);
               for (int k = 0; k < wt.n_factors; ++k) {
-                if (wt.size[k] != 3) continue;
+                if (wt.size[k] == 1) {  // merged: a C gate, summed over this block's channels
+                  acc_t* sum = cblock + (k * d.T + t) * HW + h * W + w0;
+                  row.store(sum, row.load(sum) + factor_grad_chunk(wa, k, 1, q, f));
+                  continue;
+                }
                 const typename V::type r = factor_grad_chunk(wa, k, 3, q, f);
                 acc_t* tsum = tsums.data() + k * HW + h * W + w0;
                 row.store(tsum, row.load(tsum) + r);
@@ -650,6 +664,20 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
         if (wt.size[k] != 3) continue;
         std::copy(tsums.begin() + k * HW, tsums.begin() + (k + 1) * HW,
                   out_ptr[k][0] + gate_offset(kAxisT, d, n, 0, c, 0, 0));
+      }
+    }
+  });
+  if (!merged) return;
+  at::parallel_for(0, d.N * d.T, grain_for(blocks * HW), [&](int64_t begin, int64_t end) {
+    for (int64_t nt = begin; nt < end; ++nt) {
+      const int64_t n = nt / d.T, t = nt % d.T;
+      for (int k = 0; k < wt.n_factors; ++k) {
+        if (wt.size[k] != 1) continue;
+        acc_t* out = out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0);
+        const acc_t* part = cpart.data() + (n * blocks * kMaxFactors + k) * THW + t * HW;
+        std::copy(part, part + HW, out);
+        for (int64_t b = 1; b < blocks; ++b)
+          for (int64_t i = 0; i < HW; ++i) out[i] += part[b * kMaxFactors * THW + i];
       }
     }
   });
