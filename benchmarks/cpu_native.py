@@ -2,7 +2,7 @@
 mode) vs the eager reference and vs ``torch.compile`` of the reference.
 
     python benchmarks/cpu_native.py                       # spec shapes, N*T = 8, T = 8
-    python benchmarks/cpu_native.py --threads 1 --reps 10
+    python benchmarks/cpu_native.py --threads 1 --rounds 12
 
 Writes benchmarks/results/cpu_native_<tag>.json and .md (machine, torch, date, command).
 Not a test: timings depend on the machine and on what else runs on it (the load
@@ -39,27 +39,51 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def time_fwd_bwd(module, x: torch.Tensor, grad: torch.Tensor, reps: int, warmup: int) -> list[float]:
+def iqr(values: list[float]) -> float:
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
+def fwd_bwd_step(module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    start = time.perf_counter()
+    module(x).backward(grad)
+    return time.perf_counter() - start
+
+
+def time_interleaved(modules: dict, x: torch.Tensor, grad: torch.Tensor, rounds: int, steps: int,
+                     warmup: int) -> dict:
+    """Per module: step times (s), measured in `rounds` rounds of `steps` steps that
+    alternate between the modules, so that a slow phase of this shared machine (timings
+    of the same code vary by 10-30% over seconds) hits every module alike; and per
+    module, the ratios of its median step time to the native one, round by round."""
     x = x.detach().requires_grad_()
-    for _ in range(warmup):
-        module(x).backward(grad)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        module(x).backward(grad)
-        times.append(time.perf_counter() - start)
-    return times
+    for module in modules.values():
+        for _ in range(warmup):
+            module(x).backward(grad)
+    times = {name: [] for name in modules}
+    per_round = {name: [] for name in modules}
+    for _ in range(rounds):
+        for name, module in modules.items():
+            round_times = [fwd_bwd_step(module, x, grad) for _ in range(steps)]
+            times[name] += round_times
+            per_round[name].append(statistics.median(round_times))
+    ratios = {name: [a / b for a, b in zip(per_round[name], per_round["native"])] for name in modules}
+    return {"times": times, "ratios": ratios}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="CinST->STinC")
     parser.add_argument("--segments", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=8, help="rounds alternating between the implementations")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--tag", default=None, help="results file suffix (default: date and threads)")
+    parser.add_argument("--shapes", default=None,
+                        help="inputs as N*T,C,H,W;... (default: the spec's ResNet-50 shapes at N*T = 8)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,7 +96,8 @@ def main() -> None:
 
     load_before = os.getloadavg()
     rows = []
-    for shape in SHAPES:
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    for shape in shapes:
         torch.manual_seed(0)
         x = torch.randn(shape)
         grad = torch.randn(shape)
@@ -80,7 +105,7 @@ def main() -> None:
         fused = aia_kernels.build(args.variant, num_segments=args.segments, backend="native").train()
         fused.load_state_dict(ref.state_dict())
         row = {"shape": list(shape)}
-        row["eager_ms"] = 1e3 * statistics.median(time_fwd_bwd(ref, x, grad, args.reps, args.warmup))
+        modules = {"eager": ref}
         if not args.no_compile:
             # The reference calls one gate function per (unit, axis): allow its recompiles,
             # and start each shape afresh, so nothing falls back to eager silently.
@@ -88,15 +113,17 @@ def main() -> None:
             torch._dynamo.config.recompile_limit = 256
             torch._dynamo.config.accumulated_recompile_limit = 4096
             compiled = torch.compile(ref)
-            start = time.perf_counter()
-            time_fwd_bwd(compiled, x, grad, 1, 0)
-            row["compile_time_s"] = time.perf_counter() - start
-            row["compiled_ms"] = 1e3 * statistics.median(time_fwd_bwd(compiled, x, grad, args.reps, args.warmup))
-        row["native_ms"] = 1e3 * statistics.median(time_fwd_bwd(fused, x, grad, args.reps, args.warmup))
+            row["compile_time_s"] = fwd_bwd_step(compiled, x.detach().requires_grad_(), grad)
+            modules["compiled"] = compiled
+        modules["native"] = fused
+        timed = time_interleaved(modules, x, grad, args.rounds, args.steps, args.warmup)
         assert fused.last_backend == "native"
-        row["speedup_vs_eager"] = row["eager_ms"] / row["native_ms"]
-        if "compiled_ms" in row:
-            row["speedup_vs_compiled"] = row["compiled_ms"] / row["native_ms"]
+        for name in modules:
+            row[f"{name}_ms"] = 1e3 * statistics.median(timed["times"][name])
+            row[f"{name}_ms_iqr"] = 1e3 * iqr(timed["times"][name])
+        row["speedup_vs_eager"] = statistics.median(timed["ratios"]["eager"])
+        if "compiled" in modules:
+            row["speedup_vs_compiled"] = statistics.median(timed["ratios"]["compiled"])
         print(json.dumps(row), flush=True)
         rows.append(row)
 
@@ -105,7 +132,9 @@ def main() -> None:
         "date_utc": now.isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
         "variant": args.variant, "num_segments": args.segments, "dtype": "float32", "mode": "train",
-        "measure": f"median of {args.reps} forward+backward steps after {args.warmup} warm-up steps",
+        "measure": (f"forward+backward steps in {args.rounds} rounds alternating eager, compiled, native "
+                    f"({args.steps} steps each per round, after {args.warmup} warm-up steps); times: median "
+                    f"(IQR) of all steps; speedups: median over rounds of the per-round ratio"),
         "threads": threads, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__,
         "native_cxxflags": native.CXX_FLAGS, "native_build_s": round(build_s, 1),
@@ -113,22 +142,26 @@ def main() -> None:
         "results": rows,
     }
     tag = args.tag or f"{now:%Y%m%d}_t{threads}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"cpu_native_{tag}.json").write_text(json.dumps(info, indent=2) + "\n")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / f"cpu_native_{tag}.json").write_text(json.dumps(info, indent=2) + "\n")
     lines = [f"# CPU: native vs reference, {args.variant}, float32, train, forward+backward",
              "",
              f"{info['date_utc']}, {info['cpu']} ({info['cpu_count']} cores), {threads} thread(s), "
              f"torch {info['torch']}; {info['measure']}; load average before/after "
              f"{load_before[0]:.2f}/{info['loadavg_after'][0]:.2f}. Command: `{info['command']}`",
              "",
-             "| input (N*T, C, H, W) | eager ms | compiled ms | native ms | native vs eager | native vs compiled |",
+             "| input (N*T, C, H, W) | eager ms (IQR) | compiled ms (IQR) | native ms (IQR) | native vs eager "
+             "| native vs compiled |",
              "|---|---|---|---|---|---|"]
+
+    def ms(r, name):
+        return f"{r[name + '_ms']:.1f} ({r[name + '_ms_iqr']:.1f})" if name + "_ms" in r else "-"
+
     for r in rows:
-        comp = f"{r['compiled_ms']:.1f}" if "compiled_ms" in r else "-"
         vs_comp = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
-        lines.append(f"| {tuple(r['shape'])} | {r['eager_ms']:.1f} | {comp} | {r['native_ms']:.1f} | "
+        lines.append(f"| {tuple(r['shape'])} | {ms(r, 'eager')} | {ms(r, 'compiled')} | {ms(r, 'native')} | "
                      f"{r['speedup_vs_eager']:.2f}x | {vs_comp} |")
-    (RESULTS / f"cpu_native_{tag}.md").write_text("\n".join(lines) + "\n")
+    (args.results_dir / f"cpu_native_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -106,3 +106,18 @@ def test_bf16_input_runs_on_the_fp32_module():
         assert out.dtype == torch.bfloat16 and out.shape == (8, 4, 5, 6) and torch.isfinite(out.float()).all()
         if mode == "fwd-bwd":  # grad_x, then every parameter's gradient, in the parameter's dtype
             assert all(g.dtype == torch.float32 for g in result[1:]) and len(result) == 1 + 4 * 2 * 3
+
+
+def test_cpu_native_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/cpu_native.py end to end on tiny shapes (no torch.compile: minutes on CPU)."""
+    from benchmarks import cpu_native
+    monkeypatch.setattr(sys, "argv", ["cpu_native.py", "--threads", "1", "--rounds", "2", "--steps", "1",
+                                      "--warmup", "1", "--no-compile", "--shapes", "8,5,7,7;8,3,6,9",
+                                      "--results-dir", str(tmp_path), "--tag", "smoke"])
+    cpu_native.main()
+    info = json.loads((tmp_path / "cpu_native_smoke.json").read_text())
+    assert [r["shape"] for r in info["results"]] == [[8, 5, 7, 7], [8, 3, 6, 9]]
+    for row in info["results"]:
+        assert row["eager_ms"] > 0 and row["native_ms"] > 0 and row["speedup_vs_eager"] > 0
+        assert "compiled_ms" not in row
+    assert "| (8, 5, 7, 7) |" in (tmp_path / "cpu_native_smoke.md").read_text()
