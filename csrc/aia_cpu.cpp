@@ -143,6 +143,22 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
 }
 
+// Scratch memory of the calling thread, kept between calls: the conv's padded volumes
+// and the C partials of weight_grad are 0.1-2 MB, and allocating and freeing them on
+// every call made glibc grow and trim its heap in cycles (7x7 train steps varied by
+// 40% with the heap's state). Grows to the largest request; `slot` separates buffers
+// that are live together. Returns `count` zeroed entries.
+template <typename T>
+T* workspace(int slot, size_t count) {
+  constexpr int kSlots = 2;
+  thread_local std::vector<char> buffers[kSlots];
+  std::vector<char>& b = buffers[slot % kSlots];
+  if (b.size() < count * sizeof(T)) b.resize(count * sizeof(T));
+  T* p = reinterpret_cast<T*>(b.data());
+  std::fill(p, p + count, T(0));
+  return p;
+}
+
 // A chunk of a strided full-size tensor, converted to / from the accumulation type.
 // The general case (other strides, half types) is kept out of line: inlined, its
 // per-lane code crowds the registers of the contiguous float path.
@@ -608,7 +624,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   constexpr int64_t kCBlock = 16;
   const int64_t blocks = (d.C + kCBlock - 1) / kCBlock, THW = d.T * HW;
   // C partials: (N, blocks, factor, T, H, W)
-  std::vector<acc_t> cpart(merged ? static_cast<size_t>(d.N * blocks * kMaxFactors * THW) : 0, acc_t(0));
+  acc_t* cpart = merged ? workspace<acc_t>(0, static_cast<size_t>(d.N * blocks * kMaxFactors * THW)) : nullptr;
   // T: summed over t in buffers; H: over h in registers per strip; W: along each row.
   at::parallel_for(0, d.N * blocks, grain_for(kCBlock * THW), [&](int64_t begin, int64_t end) {
     constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
@@ -616,7 +632,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
     for (int64_t nb = begin; nb < end; ++nb)
     for (int64_t c = nb % blocks * kCBlock; c < std::min(d.C, (nb % blocks + 1) * kCBlock); ++c) {
       const int64_t n = nb / blocks;
-      acc_t* cblock = merged ? cpart.data() + nb * kMaxFactors * THW : nullptr;
+      acc_t* cblock = merged ? cpart + nb * kMaxFactors * THW : nullptr;
       std::fill(tsums.begin(), tsums.end(), acc_t(0));
       for (int64_t t = 0; t < d.T; ++t) {
         const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
@@ -674,7 +690,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
       for (int k = 0; k < wt.n_factors; ++k) {
         if (wt.size[k] != 1) continue;
         acc_t* out = out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0);
-        const acc_t* part = cpart.data() + (n * blocks * kMaxFactors + k) * THW + t * HW;
+        const acc_t* part = cpart + (n * blocks * kMaxFactors + k) * THW + t * HW;
         std::copy(part, part + HW, out);
         for (int64_t b = 1; b < blocks; ++b)
           for (int64_t i = 0; i < HW; ++i) out[i] += part[b * kMaxFactors * THW + i];
@@ -753,17 +769,17 @@ Padded padded(const ConvDims& d) {
   return p;
 }
 
-// `count` volumes (D1, D2, D3) -> zero-padded volumes, plus `slack` zeros at the end
-// (tap_sums reads up to a block past a run's end).
+// `count` volumes (D1, D2, D3) -> zero-padded volumes in workspace `slot`, plus `slack`
+// zeros at the end (tap_sums reads up to a block past a run's end).
 template <typename acc_t>
-std::vector<acc_t> pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int64_t slack = 0) {
+const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int slot, int64_t slack = 0) {
   const Padded p = padded(d);
-  std::vector<acc_t> dst(static_cast<size_t>(count * p.volume + slack), acc_t(0));
+  acc_t* dst = workspace<acc_t>(slot, static_cast<size_t>(count * p.volume + slack));
   for (int64_t v = 0; v < count; ++v)
     for (int64_t a = 0; a < d.D1; ++a)
       for (int64_t b = 0; b < d.D2; ++b)
         std::copy(src + ((v * d.D1 + a) * d.D2 + b) * d.D3, src + ((v * d.D1 + a) * d.D2 + b + 1) * d.D3,
-                  dst.data() + v * p.volume + (a + 1) * p.slice + (b + 1) * p.R + 1);
+                  dst + v * p.volume + (a + 1) * p.slice + (b + 1) * p.R + 1);
   return dst;
 }
 
@@ -810,7 +826,7 @@ template <typename acc_t>
 void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z) {
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
-  const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d, kTapBlock);
+  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0, kTapBlock);
   at::parallel_for(0, d.N * sb.blocks_per_volume, grain_for(54 * sb.per_block * p.slice),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
@@ -820,7 +836,7 @@ void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc
       const acc_t* src[54];
       for (int tap = 0; tap < 54; ++tap) {
         const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
-        src[tap] = Ppad.data() + (n * 2 + ci) * p.volume + (a0 + k1) * p.slice + k2 * p.R + k3;
+        src[tap] = Ppad + (n * 2 + ci) * p.volume + (a0 + k1) * p.slice + k2 * p.R + k3;
       }
       tap_sums(src, wt, 54, sb.run(p, count), out.data());
       for (int64_t a = 0; a < count; ++a)
@@ -834,7 +850,7 @@ template <typename acc_t>
 void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d, acc_t* dP) {
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
-  const std::vector<acc_t> dzpad = pad_volumes(dz, d.N, d, kTapBlock);
+  const acc_t* dzpad = pad_volumes(dz, d.N, d, 0, kTapBlock);
   at::parallel_for(0, d.N * 2 * sb.blocks_per_volume, grain_for(27 * sb.per_block * p.slice),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
@@ -845,7 +861,7 @@ void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d,
       const acc_t* src[27];
       for (int k = 0; k < 27; ++k) {
         const int k1 = k / 9, k2 = k / 3 % 3, k3 = k % 3;
-        src[k] = dzpad.data() + n * p.volume + (a0 + 2 - k1) * p.slice + (2 - k2) * p.R + (2 - k3);
+        src[k] = dzpad + n * p.volume + (a0 + 2 - k1) * p.slice + (2 - k2) * p.R + (2 - k3);
       }
       tap_sums(src, wt + ci * 27, 27, sb.run(p, count), out.data());
       for (int64_t a = 0; a < count; ++a)
@@ -859,12 +875,12 @@ template <typename acc_t>
 void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d, acc_t* dw) {
   using V = Vec<acc_t>;
   const Padded p = padded(d);
-  const std::vector<acc_t> Ppad = pad_volumes(P, d.N * 2, d);
+  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0);
   // dz with row pitch R and zero pitch columns, one (D2, D3) slice per (n, a).
-  std::vector<acc_t> dzp(static_cast<size_t>(d.N * d.D1 * p.slice), acc_t(0));
+  acc_t* dzp = workspace<acc_t>(1, static_cast<size_t>(d.N * d.D1 * p.slice));
   for (int64_t na = 0; na < d.N * d.D1; ++na)
     for (int64_t b = 0; b < d.D2; ++b)
-      std::copy(dz + (na * d.D2 + b) * d.D3, dz + (na * d.D2 + b + 1) * d.D3, dzp.data() + na * p.slice + b * p.R);
+      std::copy(dz + (na * d.D2 + b) * d.D3, dz + (na * d.D2 + b + 1) * d.D3, dzp + na * p.slice + b * p.R);
   // Slices (n, a) in fixed chunks of about 4K elements (set by the shape, not by the
   // thread count). Per chunk, the 9 taps of one (ci, k1) share each dz vector: one
   // vector accumulator per tap, a scalar one for the tail of each run. The chunks'
@@ -887,8 +903,8 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
         for (int64_t na = first; na < last;) {
           const int64_t n = na / d.D1, a = na % d.D1;
           const int64_t count = std::min(last - na, d.D1 - a), len = (count - 1) * p.slice + p.run;
-          const acc_t* src = Ppad.data() + (n * 2 + ci) * p.volume + (a + k1) * p.slice;
-          const acc_t* g = dzp.data() + na * p.slice;
+          const acc_t* src = Ppad + (n * 2 + ci) * p.volume + (a + k1) * p.slice;
+          const acc_t* g = dzp + na * p.slice;
           int64_t i = 0;
           for (; i + V::kLanes <= len; i += V::kLanes) {
             const typename V::type gv = V::load(g + i);
