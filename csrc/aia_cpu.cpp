@@ -75,7 +75,7 @@ struct Row {
   }
   AIA_INLINE ivec load_index(const int32_t* p) const {
     if constexpr (sizeof(acc_t) == 4) return (ivec)_mm512_maskz_loadu_epi32(mask(), p);
-    else return load_index_loop(p);
+    else return load_lanes<ivec>(p);
   }
   // Sum of the W lanes, in a fixed tree order.
   AIA_INLINE acc_t sum(const vec& v) const {
@@ -98,19 +98,13 @@ struct Row {
   }
   AIA_INLINE void store_index(int32_t* p, const ivec& v) const {
     if constexpr (sizeof(acc_t) == 4) _mm512_mask_storeu_epi32(p, mask(), (__m512i)v);
-    else store_index_loop(p, v);
+    else store_lanes(p, v);
   }
 #else
-  AIA_INLINE vec load(const acc_t* p) const {
-    vec v{};
-    for (int64_t w = 0; w < W; ++w) v[w] = p[w];
-    return v;
-  }
-  AIA_INLINE void store(acc_t* p, const vec& v) const {
-    for (int64_t w = 0; w < W; ++w) p[w] = v[w];
-  }
-  AIA_INLINE ivec load_index(const int32_t* p) const { return load_index_loop(p); }
-  AIA_INLINE void store_index(int32_t* p, const ivec& v) const { store_index_loop(p, v); }
+  AIA_INLINE vec load(const acc_t* p) const { return load_lanes<vec>(p); }
+  AIA_INLINE void store(acc_t* p, const vec& v) const { store_lanes(p, v); }
+  AIA_INLINE ivec load_index(const int32_t* p) const { return load_lanes<ivec>(p); }
+  AIA_INLINE void store_index(int32_t* p, const ivec& v) const { store_lanes(p, v); }
   AIA_INLINE acc_t sum(const vec& v) const {
     acc_t s = v[0];
     for (int64_t w = 1; w < W; ++w) s += v[w];
@@ -126,13 +120,16 @@ struct Row {
     return m == m;
   }
 #endif
-  AIA_INLINE ivec load_index_loop(const int32_t* p) const {
-    ivec v{};
+  // Element loops: without AVX-512, and for the int64 lanes of double chunks.
+  template <typename VecT, typename T>
+  AIA_INLINE VecT load_lanes(const T* p) const {
+    VecT v{};
     for (int64_t w = 0; w < W; ++w) v[w] = p[w];
     return v;
   }
-  AIA_INLINE void store_index_loop(int32_t* p, const ivec& v) const {
-    for (int64_t w = 0; w < W; ++w) p[w] = static_cast<int32_t>(v[w]);
+  template <typename VecT, typename T>
+  AIA_INLINE void store_lanes(T* p, const VecT& v) const {
+    for (int64_t w = 0; w < W; ++w) p[w] = static_cast<T>(v[w]);
   }
 };
 

@@ -47,6 +47,18 @@ def test_half_inputs(variant, dtype, tol):
     assert out.grad_x.dtype == dtype
 
 
+# Rows longer than one vector (16 floats, 8 doubles) take several chunks; past 4 chunks,
+# several column groups (the default shapes have 7-wide rows: one chunk).
+@pytest.mark.parametrize("variant", ["CinST->STinC", "STinC->CinST", "C+ST", "ST"])
+@pytest.mark.parametrize("dtype,shape", [(torch.float64, (6, 3, 5, 37)), (torch.float32, (6, 3, 4, 70)),
+                                         (torch.float32, (6, 2, 3, 17))])
+def test_long_rows(variant, dtype, shape):
+    atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (2e-4, 1e-4)
+    compare_with_reference(variant, "native", dtype=dtype, x=torch.randn(shape, dtype=dtype), atol=atol, rtol=rtol)
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    compare_with_reference(variant, "native", dtype=dtype, x=x, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
 @pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST"])
 def test_strided_inputs(variant, layout):
@@ -317,3 +329,26 @@ def test_bad_module_inputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module(torch.randn(SHAPE))
+
+
+def test_portable_build_matches_reference(tmp_path):
+    """A build without -march=native (AIA_NATIVE_CXXFLAGS=""): no AVX-512, so chunks take
+    the element-loop paths, and vector types are split by the compiler. Own process and
+    build directory, since an extension loads once per process."""
+    import subprocess
+    import sys
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    script = (
+        "import torch, aia_kernels.native as native\n"
+        "from aia_testing import compare_with_reference\n"
+        "assert '-march=native' not in native.CXX_FLAGS\n"
+        "for dtype, shape, tol in ((torch.float64, (6, 3, 5, 19), 1e-10), (torch.float32, (6, 3, 4, 23), 2e-4),\n"
+        "                          (torch.float32, (6, 5, 4, 7), 2e-4)):\n"
+        "    for variant in ('CinST->STinC', 'C+ST'):\n"
+        "        compare_with_reference(variant, 'native', dtype=dtype, x=torch.randn(shape, dtype=dtype),\n"
+        "                               atol=tol, rtol=tol)\n"
+        "print('portable ok')\n")
+    env = dict(os.environ, AIA_NATIVE_CXXFLAGS="", AIA_KERNELS_BUILD_DIR=str(tmp_path / "build"),
+               PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "portable ok" in proc.stdout, proc.stdout + proc.stderr
