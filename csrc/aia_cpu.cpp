@@ -156,6 +156,17 @@ T* workspace(int slot, size_t count) {
   return p;
 }
 
+// Copies n entries; rows of a few entries (7x7 gates) as one chunk, not a memmove call.
+template <typename T>
+AIA_INLINE void copy_row(const T* src, int64_t n, T* dst) {
+  if (n <= Vec<T>::kLanes) {
+    const Row<T> row{n};
+    row.store(dst, row.load(src));
+  } else {
+    std::copy(src, src + n, dst);
+  }
+}
+
 // A chunk of a strided full-size tensor, converted to / from the accumulation type.
 // The general case (other strides, half types) is kept out of line: inlined, its
 // per-lane code crowds the registers of the contiguous float path.
@@ -304,9 +315,28 @@ struct UpstreamAt {
   int32_t pos[kMaxItems];  // c (C item) or t (T item): where this plane lies on the pooled axis
 };
 
+// An upstream gradient's per-call constants, so that a plane's setup is pointer arithmetic.
 template <typename scalar_t, typename acc_t>
-UpstreamAt<scalar_t, acc_t> upstream_at(const Upstream<scalar_t, acc_t>& up, const Dims& d, int64_t n, int64_t t,
-                                        int64_t c) {
+struct UpstreamCall {
+  const Upstream<scalar_t, acc_t>* up;
+  int64_t sample[kMaxItems];  // entries of one sample of each item's gate
+  acc_t inv_len[kMaxItems];   // 1 / length of each item's pooled axis
+};
+
+template <typename scalar_t, typename acc_t>
+UpstreamCall<scalar_t, acc_t> upstream_call(const Upstream<scalar_t, acc_t>& up, const Dims& d) {
+  UpstreamCall<scalar_t, acc_t> call{&up, {}, {}};
+  for (int i = 0; i < up.n_items; ++i) {
+    call.sample[i] = gate_sample_size(up.axis[i], d);
+    call.inv_len[i] = acc_t(1) / acc_t(axis_length(up.axis[i], d));
+  }
+  return call;
+}
+
+template <typename scalar_t, typename acc_t>
+UpstreamAt<scalar_t, acc_t> upstream_at(const UpstreamCall<scalar_t, acc_t>& call, const Dims& d, int64_t n,
+                                        int64_t t, int64_t c) {
+  const Upstream<scalar_t, acc_t>& up = *call.up;
   UpstreamAt<scalar_t, acc_t> u{};
   if (up.dout != nullptr) {
     u.dout = plane_at(up.dout, up.dout_strides, n, t, c);
@@ -315,12 +345,12 @@ UpstreamAt<scalar_t, acc_t> upstream_at(const Upstream<scalar_t, acc_t>& up, con
   u.n_items = up.n_items;
   for (int i = 0; i < up.n_items; ++i) {
     const int axis = up.axis[i];
-    const int64_t g = gate_offset(axis, d, n, t, c, 0, 0), sample = gate_sample_size(axis, d);
+    const int64_t g = gate_offset(axis, d, n, t, c, 0, 0);
     u.axis[i] = axis;
-    u.gmax[i] = up.grad[i] + pooled_max_offset(g, n, sample);
-    u.gmean[i] = up.grad[i] + pooled_mean_offset(g, n, sample);
+    u.gmax[i] = up.grad[i] + pooled_max_offset(g, n, call.sample[i]);
+    u.gmean[i] = up.grad[i] + pooled_mean_offset(g, n, call.sample[i]);
     u.arg[i] = up.argmax[i] + g;
-    u.inv_len[i] = acc_t(1) / acc_t(axis_length(axis, d));
+    u.inv_len[i] = call.inv_len[i];
     u.pos[i] = static_cast<int32_t>(axis == kAxisC ? c : t);
   }
   return u;
@@ -574,6 +604,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const Weight<acc_t> wt = make_weight<acc_t>(gates, term.weight);
   const Upstream<scalar_t, acc_t> up = make_upstream<scalar_t, acc_t>(term.upstream);
+  const UpstreamCall<scalar_t, acc_t> upc = upstream_call(up, d);
   const int64_t H = d.H, W = d.W, HW = H * W;
   // out_ptr[k][j]: gradient of gate j of factor k (C, or T, H, W).
   acc_t* out_ptr[kMaxFactors][kMaxFactorGates] = {};
@@ -597,7 +628,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
         std::fill(sums.begin(), sums.end(), acc_t(0));
         for (int64_t c = 0; c < d.C; ++c) {
           const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
-          const UpstreamAt<scalar_t, acc_t> ua = upstream_at(up, d, n, t, c);
+          const UpstreamAt<scalar_t, acc_t> ua = upstream_at(upc, d, n, t, c);
           const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
           for_each_chunk<acc_t>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
             typename V::type f[kMaxFactors];
@@ -633,7 +664,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
       std::fill(tsums.begin(), tsums.end(), acc_t(0));
       for (int64_t t = 0; t < d.T; ++t) {
         const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
-        const UpstreamAt<scalar_t, acc_t> ua = upstream_at(up, d, n, t, c);
+        const UpstreamAt<scalar_t, acc_t> ua = upstream_at(upc, d, n, t, c);
         const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
         for (int64_t g0 = 0; g0 < W; g0 += kGroupWidth) {
           const StripGroup<acc_t> group(g0, W);
@@ -710,6 +741,8 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
     weights.push_back(make_weight<acc_t>(gates, term.weight));
     ups.push_back(make_upstream<scalar_t, acc_t>(term.upstream));
   }
+  std::vector<UpstreamCall<scalar_t, acc_t>> calls;  // after `ups` is complete: they point into it
+  for (const auto& up : ups) calls.push_back(upstream_call(up, d));
   at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
     WeightAt<acc_t> wa[kMaxTerms];
     UpstreamAt<scalar_t, acc_t> ua[kMaxTerms];
@@ -717,7 +750,7 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
       const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
       for (int k = 0; k < n_terms; ++k) {
         wa[k] = weight_at(weights[k], d, n, t, c);
-        ua[k] = upstream_at(ups[k], d, n, t, c);
+        ua[k] = upstream_at(calls[k], d, n, t, c);
       }
       const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
       for_each_chunk<acc_t>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
@@ -775,8 +808,7 @@ const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int
   for (int64_t v = 0; v < count; ++v)
     for (int64_t a = 0; a < d.D1; ++a)
       for (int64_t b = 0; b < d.D2; ++b)
-        std::copy(src + ((v * d.D1 + a) * d.D2 + b) * d.D3, src + ((v * d.D1 + a) * d.D2 + b + 1) * d.D3,
-                  dst + v * p.volume + (a + 1) * p.slice + (b + 1) * p.R + 1);
+        copy_row(src + ((v * d.D1 + a) * d.D2 + b) * d.D3, d.D3, dst + v * p.volume + (a + 1) * p.slice + (b + 1) * p.R + 1);
   return dst;
 }
 
@@ -801,7 +833,7 @@ void tap_sums(const acc_t* const* src, const acc_t* w, int taps, int64_t run, ac
 // out[b * R + c] (pitched) -> dst[b * D3 + c]
 template <typename acc_t>
 void unpitch(const acc_t* out, const ConvDims& d, int64_t R, acc_t* dst) {
-  for (int64_t b = 0; b < d.D2; ++b) std::copy(out + b * R, out + b * R + d.D3, dst + b * d.D3);
+  for (int64_t b = 0; b < d.D2; ++b) copy_row(out + b * R, d.D3, dst + b * d.D3);
 }
 
 // Consecutive slices a of one volume are `slice` apart in the padded input and in the
@@ -877,7 +909,7 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
   acc_t* dzp = workspace<acc_t>(1, static_cast<size_t>(d.N * d.D1 * p.slice));
   for (int64_t na = 0; na < d.N * d.D1; ++na)
     for (int64_t b = 0; b < d.D2; ++b)
-      std::copy(dz + (na * d.D2 + b) * d.D3, dz + (na * d.D2 + b + 1) * d.D3, dzp + na * p.slice + b * p.R);
+      copy_row(dz + (na * d.D2 + b) * d.D3, d.D3, dzp + na * p.slice + b * p.R);
   // Slices (n, a) in fixed chunks of about 4K elements (set by the shape, not by the
   // thread count). Per chunk, the 9 taps of one (ci, k1) share each dz vector: one
   // vector accumulator per tap, a scalar one for the tail of each run. The chunks'
