@@ -9,7 +9,9 @@ The CUDA kernels have never run on a GPU: ``unavailable_reason`` refuses CUDA de
 unless ``AIA_NATIVE_CUDA=1`` is set, so ``backend="auto"`` never picks them.
 
 :class:`NativePrimitives` adapts the primitive contract (``aia_kernels.primitives``)
-to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``).
+to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``), and offers
+the whole plan in one op per direction (``csrc/aia_plan.cpp``), which the executor in
+``aia_kernels/fused.py`` prefers.
 """
 from __future__ import annotations
 
