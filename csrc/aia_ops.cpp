@@ -172,7 +172,7 @@ std::vector<at::Tensor> pool_op(const at::Tensor& v, at::TensorList gate_z, at::
   const auto weights = parse_weights(weight_desc, gates);
   TORCH_CHECK(weights.size() == 1, "aia_native::pool takes one weight");
   const std::vector<int> codes = axis_codes(axes);
-  return v.is_cuda() ? cuda::pool(v, gates, weights[0], codes) : cpu::pool(v, gates, weights[0], codes);
+  return on_device::pool(v, gates, weights[0], codes);
 }
 
 void apply_op(const at::Tensor& v, at::TensorList gate_z, at::TensorList gate_ss, c10::string_view gate_axes,
@@ -182,7 +182,7 @@ void apply_op(const at::Tensor& v, at::TensorList gate_z, at::TensorList gate_ss
   const GateSet gates = make_gates(gate_z, gate_ss, gate_axes, v);
   const auto weights = parse_weights(weight_desc, gates);
   TORCH_CHECK(weights.size() == 1, "aia_native::apply takes one weight");
-  v.is_cuda() ? cuda::apply(v, gates, weights[0], out) : cpu::apply(v, gates, weights[0], out);
+  on_device::apply(v, gates, weights[0], out);
 }
 
 std::vector<Term> make_terms(const at::Tensor& v, at::TensorList douts, at::TensorList up_grads,
@@ -206,7 +206,7 @@ std::vector<at::Tensor> weight_grad_op(const at::Tensor& v, at::TensorList douts
   const GateSet gates = make_gates(gate_z, gate_ss, gate_axes, v);
   const auto terms = make_terms(v, douts, up_grads, up_argmax, up_axes, up_counts, gates, weight_desc);
   TORCH_CHECK(terms.size() == 1, "aia_native::weight_grad takes one (weight, upstream) term");
-  return v.is_cuda() ? cuda::weight_grad(v, terms[0], gates) : cpu::weight_grad(v, terms[0], gates);
+  return on_device::weight_grad(v, terms[0], gates);
 }
 
 void input_grad_op(at::TensorList douts, at::TensorList up_grads, at::TensorList up_argmax, c10::string_view up_axes,
@@ -215,7 +215,7 @@ void input_grad_op(at::TensorList douts, at::TensorList up_grads, at::TensorList
   check_v(out);
   const GateSet gates = make_gates(gate_z, gate_ss, gate_axes, out);
   const auto terms = make_terms(out, douts, up_grads, up_argmax, up_axes, up_counts, gates, weight_desc);
-  out.is_cuda() ? cuda::input_grad(terms, gates, out) : cpu::input_grad(terms, gates, out);
+  on_device::input_grad(terms, gates, out);
 }
 
 void check_pooled(const at::Tensor& pooled) {
@@ -246,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps) {
   check_pooled(pooled);
   const at::Tensor w = conv_weight_as(conv_weight, pooled);
-  at::Tensor z = pooled.is_cuda() ? cuda::conv_forward(pooled, w) : cpu::conv_forward(pooled, w);
+  at::Tensor z = on_device::conv_forward(pooled, w);
   if (bn_mode == kBnNone) {
     return {z, at::tensor({1.0, 0.0}, z.options()), at::zeros({2}, z.options())};
   }
@@ -326,8 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
   at::Tensor d_pooled = empty(), d_conv = empty();
   if (needs[0] || needs[1]) {
     const at::Tensor w = conv_weight_as(conv_weight, pooled);
-    if (needs[0]) d_pooled = pooled.is_cuda() ? cuda::conv_input_grad(dz, w) : cpu::conv_input_grad(dz, w);
-    if (needs[1]) d_conv = pooled.is_cuda() ? cuda::conv_weight_grad(pooled, dz) : cpu::conv_weight_grad(pooled, dz);
+    if (needs[0]) d_pooled = on_device::conv_input_grad(dz, w);
+    if (needs[1]) d_conv = on_device::conv_weight_grad(pooled, dz);
   }
   return {d_pooled, d_conv, dbn_w.defined() ? dbn_w : empty(), dbn_b.defined() ? dbn_b : empty()};
 }

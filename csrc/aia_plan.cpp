@@ -126,11 +126,6 @@ void check_lengths(size_t n_gates, size_t conv, size_t modes, size_t eps) {
 
 constexpr int kSavedPerGate = 4;  // pooled P, argmax, z, scale_shift (as fused.SAVED_PER_GATE)
 
-std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& w,
-                             const std::vector<int>& axes) {
-  return v.is_cuda() ? cuda::pool(v, gates, w, axes) : cpu::pool(v, gates, w, axes);
-}
-
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
     const at::Tensor& x, int64_t num_segments, at::IntArrayRef plan_desc, at::TensorList conv_weights,
     const c10::List<c10::optional<at::Tensor>>& bn_weights, const c10::List<c10::optional<at::Tensor>>& bn_biases,
@@ -145,7 +140,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
   gates.values.resize(n_gates);
   std::vector<at::Tensor> saved(kSavedPerGate * n_gates), stats(n_gates);
   for (const PlanStage& stage : plan.stages) {
-    const std::vector<at::Tensor> pooled = pool(v, gates, stage.weight, stage.axes);
+    const std::vector<at::Tensor> pooled = on_device::pool(v, gates, stage.weight, stage.axes);
     for (size_t i = 0; i < stage.gates.size(); ++i) {
       const int g = stage.gates[i];
       const at::Tensor &P = pooled[2 * i], &argmax = pooled[2 * i + 1];
@@ -162,7 +157,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
   }
   at::Tensor out = at::empty_like(x);
   const at::Tensor out5 = out.view(v.sizes());
-  v.is_cuda() ? cuda::apply(v, gates, plan.output, out5) : cpu::apply(v, gates, plan.output, out5);
+  on_device::apply(v, gates, plan.output, out5);
   return {out, saved, at::stack(stats)};
 }
 
@@ -193,8 +188,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   const auto add_weight_grads = [&](const WeightSpec& weight, const UpstreamSpec& upstream) {
     if (weight.factors.empty()) return;
     const Term term{weight, upstream};
-    const std::vector<at::Tensor> grads =
-        v.is_cuda() ? cuda::weight_grad(v, term, gates) : cpu::weight_grad(v, term, gates);
+    const std::vector<at::Tensor> grads = on_device::weight_grad(v, term, gates);
     size_t i = 0;
     for (const auto& factor : weight.factors) {
       for (int g : factor) {
@@ -237,7 +231,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   if (need_x) {
     grad_x = at::empty_like(x);
     const at::Tensor gx5 = grad_x.view(v.sizes());
-    v.is_cuda() ? cuda::input_grad(terms, gates, gx5) : cpu::input_grad(terms, gates, gx5);
+    on_device::input_grad(terms, gates, gx5);
   }
   return {grad_x, d_conv, d_bn_w, d_bn_b};
 }

@@ -159,7 +159,8 @@ def _none_if_empty(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
     return t if needed and t.numel() > 0 else None
 
 
-_AXIS_CODES = {"C": 0, "T": 1, "H": 2, "W": 3}
+# Axis codes of the ops (csrc/aia_common.h: kAxisC = 0 ... kAxisW = 3).
+_AXIS_CHARS = "CTHW"
 
 
 def _encode_weight(weight: Weight) -> list[int]:
@@ -173,7 +174,7 @@ def _encode_weight(weight: Weight) -> list[int]:
 def encode_plan(plan: Plan) -> tuple[int, ...]:
     """A :class:`~aia_kernels.plan.Plan` as the ints ``aia_native::plan_forward/backward``
     read (layout in ``csrc/aia_plan.cpp``)."""
-    out = [len(plan.gate_axes), *(_AXIS_CODES[a] for a in plan.gate_axes), len(plan.stages)]
+    out = [len(plan.gate_axes), *(_AXIS_CHARS.index(a) for a in plan.gate_axes), len(plan.stages)]
     for stage in plan.stages:
         out += [0 if stage.axes == "C" else 1, *_encode_weight(stage.weight), len(stage.gates), *stage.gates]
     return tuple(out + _encode_weight(plan.output))
@@ -200,9 +201,9 @@ class NativePrimitives:
             bn_stats, [int(n) for n in needs])
         n = len(conv_weights)
 
-        def grads(ts, params, flags):  # accumulation dtype -> the parameter's; empty -> not computed
-            return [t.to(p.dtype) if flag and p is not None and t.numel() > 0 else None
-                    for t, p, flag in zip(ts, params, flags)]
+        def grads(ts, params, flags):  # empty -> not computed; accumulation dtype -> the parameter's
+            return [None if g is None else g.to(p.dtype)
+                    for g, p in zip((_none_if_empty(t, flag) for t, flag in zip(ts, flags)), params)]
 
         return (gx if needs[0] else None, grads(d_conv, conv_weights, needs[1:1 + n]),
                 grads(d_bn_w, bn_weights, needs[1 + n:1 + 2 * n]), grads(d_bn_b, bn_weights, needs[1 + 2 * n:]))
@@ -242,9 +243,6 @@ class NativePrimitives:
 
 
 # ---- fake (meta) kernels, so the ops trace under torch.compile and pass opcheck ----
-
-_AXIS_CHARS = "CTHW"
-
 
 def _register_fakes() -> None:
     lib = "aia_native::"
