@@ -265,8 +265,8 @@ def _update_all_running_stats(bns: list, stats: Tensor, counts: list[int]) -> No
 
 class _EagerFused(torch.autograd.Function):
     """The fused forward/backward for eager autograd, without torch.library's Python
-    autograd wrapper (it flattens every list argument and output with pytree: 0.27 ms of
-    a 0.53 ms per-step overhead at 7x7). Same computation as the custom ops
+    autograd wrapper (it flattens every list argument and output with pytree: about half
+    of a step's Python overhead at 7x7). Same computation as the custom ops
     (``run_forward``/``run_backward``); under torch.compile the ops are used."""
 
     @staticmethod

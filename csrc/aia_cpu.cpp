@@ -142,8 +142,8 @@ int64_t grain_for(int64_t elements_per_item) {
 
 // Scratch memory of the calling thread, kept between calls: the conv's padded volumes
 // and the C partials of weight_grad are 0.1-2 MB, and allocating and freeing them on
-// every call made glibc grow and trim its heap in cycles (7x7 train steps varied by
-// 40% with the heap's state). Grows to the largest request; `slot` separates buffers
+// every call made glibc grow and trim its heap in cycles (7x7 step times rose and fell
+// with it). Grows to the largest request; `slot` separates buffers
 // that are live together. Returns `count` zeroed entries.
 template <typename T>
 T* workspace(int slot, size_t count) {

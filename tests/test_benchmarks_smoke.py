@@ -121,3 +121,14 @@ def test_cpu_native_benchmark_smoke(tmp_path, monkeypatch):
         assert row["eager_ms"] > 0 and row["native_ms"] > 0 and row["speedup_vs_eager"] > 0
         assert "compiled_ms" not in row
     assert "| (8, 5, 7, 7) |" in (tmp_path / "cpu_native_smoke.md").read_text()
+
+
+def test_cpu_step_probe_smoke(tmp_path, monkeypatch):
+    """benchmarks/cpu_step_probe.py end to end on a tiny shape."""
+    from benchmarks import cpu_step_probe
+    monkeypatch.setattr(sys, "argv", ["cpu_step_probe.py", "--shape", "8,5,7,7", "--steps", "2", "--rounds", "1",
+                                      "--results-dir", str(tmp_path), "--tag", "smoke"])
+    cpu_step_probe.main()
+    row = json.loads((tmp_path / "cpu_step_probe_smoke.json").read_text())["result"]
+    assert row["shape"] == [8, 5, 7, 7] and len(row["native_after_eager_ms"]) == 3
+    assert row["native_alone_ms"] > 0 and row["python_autograd_overhead_ms"] > 0
