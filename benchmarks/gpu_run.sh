@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # One command for a GPU session: the full test suite (real GPU, no Triton interpreter),
 # then the benchmark matrix, saved under benchmarks/results/<date>_<device>/.
-# Sized for a 10-minute command limit (~8.5 min worst case, every step under `timeout`):
-#   1. tests                                    <= 150 s   -> tests.log
-#   2. headline CinST->STinC: spec shapes x {fp32, bf16} x {fwd-bwd, fwd-infer, fwd-train}
-#      x {eager, compile-default, compile-max-autotune, triton, native}, 20 reps
-#                                               <= 240 s   -> results.{md,json}, summary.png
-#   3. all ten variants, {eager, triton, native}, {fwd-bwd, fwd-infer}, 10 reps
-#                                               <= 110 s   -> all_variants/
-# Cases the budgets cut are listed as "skipped: ... budget" in the report, never dropped.
-# If $OUT is set (the device runner's output dir), the results are copied there too.
-# Usage: bash benchmarks/gpu_run.sh [extra args for the headline run]
+# Sized for a 10-minute command limit, every step under `timeout`:
+#   0. native extension build (CPU + CUDA), in the background from the start -> native_build.log
+#   1. tests but the native CUDA ones, pytest-xdist when installed  <= 200 s   -> tests.log
+#   2. native CUDA kernels against the reference (tests/test_native_cuda.py) <= 90 s
+#      -> native_cuda.log; only if they pass are they benchmarked (AIA_NATIVE_CUDA=1)
+#   3. headline CinST->STinC: spec shapes x {fp32, bf16} x {fwd-bwd, fwd-infer, fwd-train}
+#      x {eager, compile-default, compile-max-autotune, triton, native}
+#                                               <= HEADLINE_S (240) s -> results.{md,json}, summary.png
+#   4. all ten variants, {eager, triton, native}, {fwd-bwd, fwd-infer}, 10 reps
+#                                               <= VARIANTS_S (110) s -> all_variants/
+# STEPS (default "tests,native,headline,variants") picks steps; cases the budgets cut are
+# listed as "skipped: ... budget" in the report, never dropped.
+# If $OUT is set (the device runner's output dir), the results are archived there too.
+# Usage: [STEPS=...] bash benchmarks/gpu_run.sh [extra args for the headline run]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,25 +31,54 @@ mkdir -p "$DIR"
 echo "gpu_run.sh: $DEVICE -> $DIR"
 nvidia-smi > "$DIR/nvidia-smi.txt" 2>&1 || true
 
-echo "== 1/3 tests (no interpreter)"
+STEPS=${STEPS:-tests,native,headline,variants}
+step() { [[ ",$STEPS," == *",$1,"* ]]; }
 START=$(date +%s)
-env -u TRITON_INTERPRET timeout 150 $PY -m pytest tests -q -p no:cacheprovider > "$DIR/tests.log" 2>&1
-echo "tests: exit $? in $(( $(date +%s) - START )) s (log: $DIR/tests.log)" | tee -a "$DIR/tests.log"
-tail -5 "$DIR/tests.log"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
 
-echo "== 2/3 headline CinST->STinC"
-env -u TRITON_INTERPRET timeout 240 $PY -m benchmarks.run --variants 'CinST->STinC' --shapes spec \
-    --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer,fwd-train --backends all --reps 20 --warmup 3 \
-    --time-budget 180 --compile-budget 130 --out "$DIR" "$@"
-echo "headline: exit $?"
+# The build is cached in the build dir; tests that need it wait on torch's build lock.
+$PY -c "import time, aia_kernels.native as n; t = time.time(); n.load(); \
+print(f'native extension built in {time.time() - t:.0f} s, with CUDA: {n._state[\"cuda\"]}')" \
+    > "$DIR/native_build.log" 2>&1 &
+BUILD=$!
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 
-echo "== 3/3 all variants, eager vs fused"
-env -u TRITON_INTERPRET timeout 110 $PY -m benchmarks.run --variants all --shapes spec \
-    --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer --backends eager,fused --reps 10 --warmup 2 \
-    --time-budget 75 --out "$DIR/all_variants" > "$DIR/all_variants.log" 2>&1
-echo "all variants: exit $? (table: $DIR/all_variants/results.md)"
+if step tests; then
+    echo "== 1 tests (no interpreter) ${XDIST}"
+    T0=$(date +%s)
+    timeout 200 $PY -m pytest tests -q -p no:cacheprovider $XDIST --ignore tests/test_native_cuda.py \
+        > "$DIR/tests.log" 2>&1
+    echo "tests: exit $? in $(( $(date +%s) - T0 )) s (log: $DIR/tests.log)" | tee -a "$DIR/tests.log"
+    tail -3 "$DIR/tests.log"
+fi
+wait $BUILD; cat "$DIR/native_build.log" | tail -3
 
-if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-    cp -r "$DIR" "$OUT/"
+if step native; then
+    echo "== 2 native CUDA kernels against the reference"
+    timeout 90 $PY -m pytest tests/test_native_cuda.py -q -p no:cacheprovider > "$DIR/native_cuda.log" 2>&1
+    RC=$?
+    tail -3 "$DIR/native_cuda.log"
+    if [ $RC -eq 0 ]; then export AIA_NATIVE_CUDA=1; else echo "native CUDA: exit $RC, not benchmarked"; fi
+fi
+
+if step headline; then
+    echo "== 3 headline CinST->STinC"
+    timeout "${HEADLINE_S:-240}" $PY -m benchmarks.run --variants 'CinST->STinC' --shapes spec \
+        --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer,fwd-train --backends all --reps 20 --warmup 3 \
+        --time-budget $(( ${HEADLINE_S:-240} - 60 )) --compile-budget $(( ${HEADLINE_S:-240} - 110 )) --out "$DIR" "$@"
+    echo "headline: exit $?"
+fi
+
+if step variants; then
+    echo "== 4 all variants, eager vs fused"
+    timeout "${VARIANTS_S:-110}" $PY -m benchmarks.run --variants all --shapes spec \
+        --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer --backends eager,fused --reps 10 --warmup 2 \
+        --time-budget $(( ${VARIANTS_S:-110} - 35 )) --out "$DIR/all_variants" > "$DIR/all_variants.log" 2>&1
+    echo "all variants: exit $? (table: $DIR/all_variants/results.md)"
+fi
+
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the runner returns few files: one archive
+    tar czf "$OUT/gpu_results.tgz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
 fi
 echo "gpu_run.sh: done in $(( $(date +%s) - START )) s; results in $DIR"

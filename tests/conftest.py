@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if torch.cuda.is_available():
+    # The float32 reference must compute in float32: cuDNN convolutions default to TF32
+    # (10-bit mantissa), which would put the reference, not our kernels, 1e-3 off.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
 
 @pytest.fixture(autouse=True)
 def _seed():
