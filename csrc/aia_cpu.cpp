@@ -1,7 +1,8 @@
 // CPU kernels of the AIA primitives.
 //
 // The unit of work is a "plane": the (H, W) slice of v at fixed (n, t, c), walked in
-// chunks, a piece of one row of up to one vector (16 floats, 8 doubles). Every gate is
+// chunks, a piece of one row of up to one vector (16 floats, 8 doubles; half that
+// when a whole row fits in a half vector, see Vec). Every gate is
 // constant, a row or a column over a plane, so a chunk's weight, upstream gradient,
 // product with v and contributions to the reductions are computed in registers and
 // each full-size tensor is read or written once per chunk. (Building whole weight and
@@ -34,15 +35,18 @@ namespace aia {
 namespace cpu {
 namespace {
 
-// One 64-byte vector (GCC/Clang vector extensions; the compiler splits it where the
-// CPU's vectors are narrower).
-template <typename acc_t>
+// One vector of B bytes (GCC/Clang vector extensions; the compiler splits it where
+// the CPU's vectors are narrower). Full-size passes pick B per call (chunk_bytes): 64,
+// or 32 when a row fits in half a vector (7-wide rows of floats), where the same work
+// in 256-bit registers was measured 17-26% faster per pass. The convs use 64.
+template <typename acc_t, int B = 64>
 struct Vec {
-  static constexpr int kLanes = 64 / sizeof(acc_t);
-  typedef acc_t type __attribute__((vector_size(64), aligned(sizeof(acc_t))));  // unaligned loads/stores
+  static_assert(B == 32 || B == 64, "vectors of 32 or 64 bytes");
+  static constexpr int kLanes = B / sizeof(acc_t);
+  typedef acc_t type __attribute__((vector_size(B), aligned(sizeof(acc_t))));  // unaligned loads/stores
   // Same-width integers: lane masks of comparisons, lane indices.
   using int_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
-  typedef int_t itype __attribute__((vector_size(64)));
+  typedef int_t itype __attribute__((vector_size(B)));
   static type load(const acc_t* p) { return *reinterpret_cast<const type*>(p); }
   static void store(acc_t* p, const type& v) { *reinterpret_cast<type*>(p) = v; }
   static itype iota() {
@@ -52,53 +56,98 @@ struct Vec {
   }
 };
 
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define AIA_MASKED_CHUNKS 1
+// Horizontal sum and max of a 256-bit vector, in a fixed tree order.
+AIA_INLINE float reduce_add(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+AIA_INLINE double reduce_add(__m256d v) {
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+AIA_INLINE float reduce_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+AIA_INLINE double reduce_max(__m256d v) {
+  const __m128d s = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_max_sd(s, _mm_unpackhi_pd(s, s)));
+}
+#endif
+
 // A chunk: W <= Vec::kLanes consecutive entries of a row, held in one vector. With
 // AVX-512 it is one masked load/store, elsewhere an element loop fills the vector.
-template <typename acc_t>
+template <typename acc_t, int B = 64>
 struct Row {
-  using V = Vec<acc_t>;
+  using V = Vec<acc_t, B>;
   using vec = typename V::type;
   using ivec = typename V::itype;
+  static constexpr bool kFloat = sizeof(acc_t) == 4, kWide = B == 64;
   int64_t W;
-#if defined(__AVX512F__)
-  __mmask16 mask() const { return static_cast<__mmask16>((1u << W) - 1u); }
+#if defined(AIA_MASKED_CHUNKS)
+  unsigned mask() const { return (1u << W) - 1u; }
   // Whole vectors use plain loads/stores (masked ones that miss L1 are slower).
   AIA_INLINE vec load(const acc_t* p) const {
     if (W == V::kLanes) return V::load(p);
-    if constexpr (sizeof(acc_t) == 4) return (vec)_mm512_maskz_loadu_ps(mask(), p);
-    else return (vec)_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask()), p);
+    if constexpr (kWide && kFloat) return (vec)_mm512_maskz_loadu_ps(static_cast<__mmask16>(mask()), p);
+    else if constexpr (kWide) return (vec)_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask()), p);
+    else if constexpr (kFloat) return (vec)_mm256_maskz_loadu_ps(static_cast<__mmask8>(mask()), p);
+    else return (vec)_mm256_maskz_loadu_pd(static_cast<__mmask8>(mask()), p);
   }
   AIA_INLINE void store(acc_t* p, const vec& v) const {
     if (W == V::kLanes) return V::store(p, v);
-    if constexpr (sizeof(acc_t) == 4) _mm512_mask_storeu_ps(p, mask(), (__m512)v);
-    else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask()), (__m512d)v);
+    if constexpr (kWide && kFloat) _mm512_mask_storeu_ps(p, static_cast<__mmask16>(mask()), (__m512)v);
+    else if constexpr (kWide) _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask()), (__m512d)v);
+    else if constexpr (kFloat) _mm256_mask_storeu_ps(p, static_cast<__mmask8>(mask()), (__m256)v);
+    else _mm256_mask_storeu_pd(p, static_cast<__mmask8>(mask()), (__m256d)v);
   }
   AIA_INLINE ivec load_index(const int32_t* p) const {
-    if constexpr (sizeof(acc_t) == 4) return (ivec)_mm512_maskz_loadu_epi32(mask(), p);
+    if constexpr (kWide && kFloat) return (ivec)_mm512_maskz_loadu_epi32(static_cast<__mmask16>(mask()), p);
+    else if constexpr (kFloat) return (ivec)_mm256_maskz_loadu_epi32(static_cast<__mmask8>(mask()), p);
     else return load_lanes<ivec>(p);
+  }
+  AIA_INLINE void store_index(int32_t* p, const ivec& v) const {
+    if constexpr (kWide && kFloat) _mm512_mask_storeu_epi32(p, static_cast<__mmask16>(mask()), (__m512i)v);
+    else if constexpr (kFloat) _mm256_mask_storeu_epi32(p, static_cast<__mmask8>(mask()), (__m256i)v);
+    else store_lanes(p, v);
   }
   // Sum of the W lanes, in a fixed tree order.
   AIA_INLINE acc_t sum(const vec& v) const {
-    if constexpr (sizeof(acc_t) == 4) return _mm512_mask_reduce_add_ps(mask(), (__m512)v);
-    else return _mm512_mask_reduce_add_pd(static_cast<__mmask8>(mask()), (__m512d)v);
+    if constexpr (kWide && kFloat) return _mm512_mask_reduce_add_ps(static_cast<__mmask16>(mask()), (__m512)v);
+    else if constexpr (kWide) return _mm512_mask_reduce_add_pd(static_cast<__mmask8>(mask()), (__m512d)v);
+    else if constexpr (kFloat) return reduce_add(_mm256_maskz_mov_ps(static_cast<__mmask8>(mask()), (__m256)v));
+    else return reduce_add(_mm256_maskz_mov_pd(static_cast<__mmask8>(mask()), (__m256d)v));
   }
   // Max of the W lanes and the first lane holding it; false if a lane is NaN.
   AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
     unsigned eq;
-    if constexpr (sizeof(acc_t) == 4) {
-      m = _mm512_mask_reduce_max_ps(mask(), (__m512)v);
-      eq = _mm512_mask_cmpeq_ps_mask(mask(), (__m512)v, _mm512_set1_ps(m));
+    if constexpr (kWide && kFloat) {
+      const __mmask16 k = static_cast<__mmask16>(mask());
+      if (_mm512_mask_cmp_ps_mask(k, (__m512)v, (__m512)v, _CMP_UNORD_Q)) return false;
+      m = _mm512_mask_reduce_max_ps(k, (__m512)v);
+      eq = _mm512_mask_cmpeq_ps_mask(k, (__m512)v, _mm512_set1_ps(m));
+    } else if constexpr (kWide) {
+      const __mmask8 k = static_cast<__mmask8>(mask());
+      if (_mm512_mask_cmp_pd_mask(k, (__m512d)v, (__m512d)v, _CMP_UNORD_Q)) return false;
+      m = _mm512_mask_reduce_max_pd(k, (__m512d)v);
+      eq = _mm512_mask_cmpeq_pd_mask(k, (__m512d)v, _mm512_set1_pd(m));
+    } else if constexpr (kFloat) {
+      const __mmask8 k = static_cast<__mmask8>(mask());
+      if (_mm256_mask_cmp_ps_mask(k, (__m256)v, (__m256)v, _CMP_UNORD_Q)) return false;
+      m = reduce_max(_mm256_mask_mov_ps(_mm256_set1_ps(-__builtin_inff()), k, (__m256)v));
+      eq = _mm256_mask_cmp_ps_mask(k, (__m256)v, _mm256_set1_ps(m), _CMP_EQ_OQ);
     } else {
-      m = _mm512_mask_reduce_max_pd(static_cast<__mmask8>(mask()), (__m512d)v);
-      eq = _mm512_mask_cmpeq_pd_mask(static_cast<__mmask8>(mask()), (__m512d)v, _mm512_set1_pd(m));
+      const __mmask8 k = static_cast<__mmask8>(mask());
+      if (_mm256_mask_cmp_pd_mask(k, (__m256d)v, (__m256d)v, _CMP_UNORD_Q)) return false;
+      m = reduce_max(_mm256_mask_mov_pd(_mm256_set1_pd(-__builtin_inf()), k, (__m256d)v));
+      eq = _mm256_mask_cmp_pd_mask(k, (__m256d)v, _mm256_set1_pd(m), _CMP_EQ_OQ);
     }
-    if (eq == 0) return false;
     lane = __builtin_ctz(eq);
     return true;
-  }
-  AIA_INLINE void store_index(int32_t* p, const ivec& v) const {
-    if constexpr (sizeof(acc_t) == 4) _mm512_mask_storeu_epi32(p, mask(), (__m512i)v);
-    else store_lanes(p, v);
   }
 #else
   AIA_INLINE vec load(const acc_t* p) const { return load_lanes<vec>(p); }
@@ -170,33 +219,33 @@ AIA_INLINE void copy_row(const T* src, int64_t n, T* dst) {
 // A chunk of a strided full-size tensor, converted to / from the accumulation type.
 // The general case (other strides, half types) is kept out of line: inlined, its
 // per-lane code crowds the registers of the contiguous float path.
-template <typename scalar_t, typename acc_t>
-__attribute__((noinline)) typename Vec<acc_t>::type load_chunk_strided(const scalar_t* p, int64_t stride, int64_t W) {
-  typename Vec<acc_t>::type v{};
+template <typename scalar_t, typename acc_t, int B>
+__attribute__((noinline)) typename Vec<acc_t, B>::type load_chunk_strided(const scalar_t* p, int64_t stride, int64_t W) {
+  typename Vec<acc_t, B>::type v{};
   for (int64_t w = 0; w < W; ++w) v[w] = static_cast<acc_t>(p[w * stride]);
   return v;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int B>
 __attribute__((noinline)) void store_chunk_strided(scalar_t* p, int64_t stride, int64_t W,
-                                                   const typename Vec<acc_t>::type& v) {
+                                                   const typename Vec<acc_t, B>::type& v) {
   for (int64_t w = 0; w < W; ++w) p[w * stride] = static_cast<scalar_t>(v[w]);
 }
 
-template <typename scalar_t, typename acc_t>
-AIA_INLINE typename Vec<acc_t>::type load_chunk(const scalar_t* p, int64_t stride, const Row<acc_t>& row) {
+template <typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type load_chunk(const scalar_t* p, int64_t stride, const Row<acc_t, B>& row) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (stride == 1) return row.load(p);
   }
-  return load_chunk_strided<scalar_t, acc_t>(p, stride, row.W);
+  return load_chunk_strided<scalar_t, acc_t, B>(p, stride, row.W);
 }
 
-template <typename scalar_t, typename acc_t>
-AIA_INLINE void store_chunk(scalar_t* p, int64_t stride, const Row<acc_t>& row, const typename Vec<acc_t>::type& v) {
+template <typename scalar_t, typename acc_t, int B>
+AIA_INLINE void store_chunk(scalar_t* p, int64_t stride, const Row<acc_t, B>& row, const typename Vec<acc_t, B>::type& v) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (stride == 1) return row.store(p, v);
   }
-  store_chunk_strided<scalar_t, acc_t>(p, stride, row.W, v);
+  store_chunk_strided<scalar_t, acc_t, B>(p, stride, row.W, v);
 }
 
 // A plane of a strided (N, T, C, H, W) tensor; chunk (h, w0) starts at at(h, w0).
@@ -213,11 +262,11 @@ PlaneAt<scalar_t> plane_at(scalar_t* data, const Strides5& s, int64_t n, int64_t
 }
 
 // Calls f(h, w0, row) for every chunk of an (H, W) plane, row by row.
-template <typename acc_t, typename F>
+template <typename acc_t, int B, typename F>
 AIA_INLINE void for_each_chunk(int64_t H, int64_t W, F&& f) {
-  constexpr int64_t L = Vec<acc_t>::kLanes;
+  constexpr int64_t L = Vec<acc_t, B>::kLanes;
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t w0 = 0; w0 < W; w0 += L) f(h, w0, Row<acc_t>{std::min(L, W - w0)});
+    for (int64_t w0 = 0; w0 < W; w0 += L) f(h, w0, Row<acc_t, B>{std::min(L, W - w0)});
   }
 }
 
@@ -226,15 +275,15 @@ AIA_INLINE void for_each_chunk(int64_t H, int64_t W, F&& f) {
 // running values along h stay in registers and each group is still read row by row.
 constexpr int kGroupStrips = 4;
 
-template <typename acc_t>
+template <typename acc_t, int B>
 struct StripGroup {
   int64_t w0;  // first column
   int strips;  // chunks per row (1 to kGroupStrips)
-  Row<acc_t> row[kGroupStrips];
+  Row<acc_t, B> row[kGroupStrips];
 
   StripGroup(int64_t first, int64_t W) : w0(first), strips(0), row{} {
-    constexpr int64_t L = Vec<acc_t>::kLanes;
-    for (int s = 0; s < kGroupStrips && first + s * L < W; ++s, ++strips) row[s] = Row<acc_t>{std::min(L, W - first - s * L)};
+    constexpr int64_t L = Vec<acc_t, B>::kLanes;
+    for (int s = 0; s < kGroupStrips && first + s * L < W; ++s, ++strips) row[s] = Row<acc_t, B>{std::min(L, W - first - s * L)};
   }
 };
 
@@ -272,30 +321,30 @@ WeightAt<acc_t> weight_at(const Weight<acc_t>& wt, const Dims& d, int64_t n, int
   return a;
 }
 
-template <typename acc_t>
-AIA_INLINE typename Vec<acc_t>::type factor_chunk(const FactorAt<acc_t>& f, const Dims& d, int64_t h, int64_t w0,
-                                                  const Row<acc_t>& row) {
+template <typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type factor_chunk(const FactorAt<acc_t>& f, const Dims& d, int64_t h, int64_t w0,
+                                                  const Row<acc_t, B>& row) {
   const int64_t off = h * d.W + w0;
   if (f.hrow == nullptr) return row.load(f.plane + off);
   return (row.load(f.plane + off) + row.load(f.hrow + w0) + f.wcol[h * d.C]) * (acc_t(1) / acc_t(3));
 }
 
 // The weight over a chunk (n_factors > 0); f[] receives the factor values.
-template <typename acc_t>
-AIA_INLINE typename Vec<acc_t>::type weight_chunk(const WeightAt<acc_t>& a, const Dims& d, int64_t h, int64_t w0,
-                                                  const Row<acc_t>& row, typename Vec<acc_t>::type* f) {
+template <typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type weight_chunk(const WeightAt<acc_t>& a, const Dims& d, int64_t h, int64_t w0,
+                                                  const Row<acc_t, B>& row, typename Vec<acc_t, B>::type* f) {
   for (int k = 0; k < a.n_factors; ++k) f[k] = factor_chunk(a.f[k], d, h, w0, row);
   if (a.n_factors == 1) return f[0];
   return a.mean ? (f[0] + f[1]) * acc_t(0.5) : f[0] * f[1];
 }
 
 // weight * v over a chunk.
-template <typename scalar_t, typename acc_t>
-AIA_INLINE typename Vec<acc_t>::type weighted_chunk(const WeightAt<acc_t>& a, const PlaneAt<const scalar_t>& v,
-                                                    const Dims& d, int64_t h, int64_t w0, const Row<acc_t>& row) {
-  const typename Vec<acc_t>::type x = load_chunk(v.at(h, w0), v.sw, row);
+template <typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type weighted_chunk(const WeightAt<acc_t>& a, const PlaneAt<const scalar_t>& v,
+                                                    const Dims& d, int64_t h, int64_t w0, const Row<acc_t, B>& row) {
+  const typename Vec<acc_t, B>::type x = load_chunk(v.at(h, w0), v.sw, row);
   if (a.n_factors == 0) return x;
-  typename Vec<acc_t>::type f[kMaxFactors];
+  typename Vec<acc_t, B>::type f[kMaxFactors];
   return x * weight_chunk(a, d, h, w0, row, f);
 }
 
@@ -356,10 +405,10 @@ UpstreamAt<scalar_t, acc_t> upstream_at(const UpstreamCall<scalar_t, acc_t>& cal
   return u;
 }
 
-template <typename scalar_t, typename acc_t>
-AIA_INLINE typename Vec<acc_t>::type upstream_chunk(const UpstreamAt<scalar_t, acc_t>& u, const Dims& d, int64_t h,
-                                                    int64_t w0, const Row<acc_t>& row) {
-  using V = Vec<acc_t>;
+template <typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type upstream_chunk(const UpstreamAt<scalar_t, acc_t>& u, const Dims& d, int64_t h,
+                                                    int64_t w0, const Row<acc_t, B>& row) {
+  using V = Vec<acc_t, B>;
   if (u.dout.base != nullptr) return load_chunk(u.dout.at(h, w0), u.dout.sw, row);
   const typename V::type zero{};
   typename V::type acc{};
@@ -391,10 +440,10 @@ AIA_INLINE typename Vec<acc_t>::type upstream_chunk(const UpstreamAt<scalar_t, a
 // Running max (the first maximum wins: strict >, so ties and NaNs keep the earlier
 // entry, as in the reference's order) and sum of chunks along a pooled axis, kept in
 // buffers at `mx`, `sum`, `arg`.
-template <typename acc_t>
-AIA_INLINE void running_max_sum(const Row<acc_t>& row, const typename Vec<acc_t>::type& y, int32_t pos, bool first,
+template <typename acc_t, int B>
+AIA_INLINE void running_max_sum(const Row<acc_t, B>& row, const typename Vec<acc_t, B>::type& y, int32_t pos, bool first,
                                 acc_t* mx, acc_t* sum, int32_t* arg) {
-  using V = Vec<acc_t>;
+  using V = Vec<acc_t, B>;
   const typename V::itype at = typename V::itype{} + typename V::int_t(pos);
   if (first) {
     row.store(mx, y);
@@ -440,11 +489,11 @@ struct PoolOut {
   at::Tensor P, argmax;
 };
 
-template <typename scalar_t>
+template <typename scalar_t, int B>
 void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const std::vector<int>& axes,
                  std::vector<PoolOut>& outs) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
+  using V = Vec<acc_t, B>;
   const Dims d = dims_of(v);
   const Strides5 vs = strides_of(v);
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -466,7 +515,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
         for (int64_t c = 0; c < d.C; ++c) {
           const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
           const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
-          for_each_chunk<acc_t>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
+          for_each_chunk<acc_t, B>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
             const int64_t off = h * W + w0;
             running_max_sum(row, weighted_chunk(wa, vpl, d, h, w0, row), static_cast<int32_t>(c), c == 0,
                             mx.data() + off, sum.data() + off, arg.data() + off);
@@ -488,14 +537,14 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
         const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
         const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
         for (int64_t g0 = 0; g0 < W; g0 += kGroupStrips * V::kLanes) {
-          const StripGroup<acc_t> group(g0, W);
+          const StripGroup<acc_t, B> group(g0, W);
           typename V::type hmx[kGroupStrips] = {}, hsum[kGroupStrips] = {};  // along h, per chunk column
           typename V::itype harg[kGroupStrips] = {};
           for (int64_t h = 0; h < H; ++h) {
             for (int s = 0; s < kGroupStrips; ++s) {
               if (s == group.strips) break;
               const int64_t w0 = g0 + s * V::kLanes;
-              const Row<acc_t>& row = group.row[s];
+              const Row<acc_t, B>& row = group.row[s];
               const typename V::type y = weighted_chunk(wa, vpl, d, h, w0, row);
               if (P[kAxisT] != nullptr) {
                 const int64_t off = h * W + w0;
@@ -551,7 +600,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int B>
 void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims d = dims_of(v);
@@ -565,7 +614,7 @@ void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& s
       const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
       const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
       const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
-      for_each_chunk<acc_t>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
+      for_each_chunk<acc_t, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
         store_chunk(opl.at(h, w0), opl.sw, row, weighted_chunk(wa, vpl, d, h, w0, row));
       });
     }
@@ -574,31 +623,31 @@ void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& s
 
 // The gradient that each gate of factor k receives from a chunk before its reduction:
 // q * (d weight / d factor_k) / size_k, where q = upstream * v and f holds the factors.
-template <typename acc_t>
-AIA_INLINE typename Vec<acc_t>::type factor_grad_chunk(const WeightAt<acc_t>& a, int k, int size,
-                                                       const typename Vec<acc_t>::type& q,
-                                                       const typename Vec<acc_t>::type* f) {
+template <int B, typename acc_t>
+AIA_INLINE typename Vec<acc_t, B>::type factor_grad_chunk(const WeightAt<acc_t>& a, int k, int size,
+                                                       const typename Vec<acc_t, B>::type& q,
+                                                       const typename Vec<acc_t, B>::type* f) {
   const acc_t inv = acc_t(1) / acc_t(size);
   if (!a.mean && a.n_factors == 2) return q * f[1 - k] * inv;
   return q * ((a.mean ? acc_t(1) / acc_t(a.n_factors) : acc_t(1)) * inv);
 }
 
 // q = upstream * v over a chunk; f receives the factors when a product needs them.
-template <typename scalar_t, typename acc_t>
-AIA_INLINE typename Vec<acc_t>::type grad_chunk(const WeightAt<acc_t>& a, const UpstreamAt<scalar_t, acc_t>& u,
+template <typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type grad_chunk(const WeightAt<acc_t>& a, const UpstreamAt<scalar_t, acc_t>& u,
                                                 const PlaneAt<const scalar_t>& v, const Dims& d, int64_t h, int64_t w0,
-                                                const Row<acc_t>& row, typename Vec<acc_t>::type* f) {
-  const typename Vec<acc_t>::type q = upstream_chunk(u, d, h, w0, row) * load_chunk(v.at(h, w0), v.sw, row);
+                                                const Row<acc_t, B>& row, typename Vec<acc_t, B>::type* f) {
+  const typename Vec<acc_t, B>::type q = upstream_chunk(u, d, h, w0, row) * load_chunk(v.at(h, w0), v.sw, row);
   if (!a.mean && a.n_factors == 2) {
     for (int k = 0; k < 2; ++k) f[k] = factor_chunk(a.f[k], d, h, w0, row);
   }
   return q;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int B>
 void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& gates, std::vector<at::Tensor>& outs) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
+  using V = Vec<acc_t, B>;
   const Dims d = dims_of(v);
   const Strides5 vs = strides_of(v);
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -630,13 +679,13 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
           const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
           const UpstreamAt<scalar_t, acc_t> ua = upstream_at(upc, d, n, t, c);
           const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
-          for_each_chunk<acc_t>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
+          for_each_chunk<acc_t, B>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
             typename V::type f[kMaxFactors];
             const typename V::type q = grad_chunk(wa, ua, vpl, d, h, w0, row, f);
             for (int k = 0; k < wt.n_factors; ++k) {
               if (wt.size[k] != 1) continue;
               acc_t* sum = sums.data() + k * HW + h * W + w0;
-              row.store(sum, row.load(sum) + factor_grad_chunk(wa, k, 1, q, f));
+              row.store(sum, row.load(sum) + factor_grad_chunk<B>(wa, k, 1, q, f));
             }
           });
         }
@@ -667,22 +716,22 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
         const UpstreamAt<scalar_t, acc_t> ua = upstream_at(upc, d, n, t, c);
         const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
         for (int64_t g0 = 0; g0 < W; g0 += kGroupWidth) {
-          const StripGroup<acc_t> group(g0, W);
+          const StripGroup<acc_t, B> group(g0, W);
           typename V::type hsums[kMaxFactors][kGroupStrips] = {};  // along h, per chunk column
           for (int64_t h = 0; h < H; ++h) {
             for (int s = 0; s < kGroupStrips; ++s) {
               if (s == group.strips) break;
               const int64_t w0 = g0 + s * V::kLanes;
-              const Row<acc_t>& row = group.row[s];
+              const Row<acc_t, B>& row = group.row[s];
               typename V::type f[kMaxFactors];
               const typename V::type q = grad_chunk(wa, ua, vpl, d, h, w0, row, f);
               for (int k = 0; k < wt.n_factors; ++k) {
                 if (wt.size[k] == 1) {  // merged: a C gate, summed over this block's channels
                   acc_t* sum = cblock + (k * d.T + t) * HW + h * W + w0;
-                  row.store(sum, row.load(sum) + factor_grad_chunk(wa, k, 1, q, f));
+                  row.store(sum, row.load(sum) + factor_grad_chunk<B>(wa, k, 1, q, f));
                   continue;
                 }
-                const typename V::type r = factor_grad_chunk(wa, k, 3, q, f);
+                const typename V::type r = factor_grad_chunk<B>(wa, k, 3, q, f);
                 acc_t* tsum = tsums.data() + k * HW + h * W + w0;
                 row.store(tsum, row.load(tsum) + r);
                 hsums[k][s] = h == 0 ? r : hsums[k][s] + r;
@@ -727,10 +776,10 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int B>
 void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
+  using V = Vec<acc_t, B>;
   const Dims d = dims_of(out);
   const Strides5 os = strides_of(out);
   scalar_t* op = out.data_ptr<scalar_t>();
@@ -753,7 +802,7 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
         ua[k] = upstream_at(calls[k], d, n, t, c);
       }
       const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
-      for_each_chunk<acc_t>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t>& row) AIA_LAMBDA_INLINE {
+      for_each_chunk<acc_t, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
         typename V::type acc{};
         for (int k = 0; k < n_terms; ++k) {
           const typename V::type u = upstream_chunk(ua[k], d, h, w0, row);
@@ -958,6 +1007,15 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
   }
 }
 
+// Calls f(integral_constant<int, B>) with the vector bytes of a call's full-size
+// passes: 32 when a row of the accumulation type fits in half a vector, else 64.
+template <typename scalar_t, typename F>
+void with_chunk_bytes(int64_t W, F&& f) {
+  constexpr int64_t kAccBytes = sizeof(at::opmath_type<scalar_t>);
+  if (W * kAccBytes <= 32) f(std::integral_constant<int, 32>{});
+  else f(std::integral_constant<int, 64>{});
+}
+
 ConvDims conv_dims(const at::Tensor& t) {  // t: (N, ., D1, D2, D3) or (N, D1, D2, D3)
   const int64_t r = t.dim();
   return ConvDims{t.size(0), t.size(r - 3), t.size(r - 2), t.size(r - 1)};
@@ -976,8 +1034,11 @@ std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const We
     shape.insert(shape.begin() + 1, 2);
     outs.push_back({at::empty(shape, acc), argmax});
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_pool_cpu",
-                                  [&] { pool_kernel<scalar_t>(v, gates, weight, axes, outs); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_pool_cpu", [&] {
+    with_chunk_bytes<scalar_t>(d.W, [&](auto b) {
+      pool_kernel<scalar_t, decltype(b)::value>(v, gates, weight, axes, outs);
+    });
+  });
   std::vector<at::Tensor> result;
   for (auto& o : outs) {
     result.push_back(o.P);
@@ -987,8 +1048,11 @@ std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const We
 }
 
 void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_apply_cpu",
-                                  [&] { apply_kernel<scalar_t>(v, gates, weight, out); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_apply_cpu", [&] {
+    with_chunk_bytes<scalar_t>(v.size(4), [&](auto b) {
+      apply_kernel<scalar_t, decltype(b)::value>(v, gates, weight, out);
+    });
+  });
 }
 
 std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const GateSet& gates) {
@@ -997,14 +1061,20 @@ std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const
   std::vector<at::Tensor> outs;
   for (const auto& factor : term.weight.factors)
     for (int id : factor) outs.push_back(at::empty(gate_shape(gates.axis[id], d), acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_weight_grad_cpu",
-                                  [&] { weight_grad_kernel<scalar_t>(v, term, gates, outs); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_weight_grad_cpu", [&] {
+    with_chunk_bytes<scalar_t>(d.W, [&](auto b) {
+      weight_grad_kernel<scalar_t, decltype(b)::value>(v, term, gates, outs);
+    });
+  });
   return outs;
 }
 
 void input_grad(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aia_native_input_grad_cpu",
-                                  [&] { input_grad_kernel<scalar_t>(terms, gates, out); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aia_native_input_grad_cpu", [&] {
+    with_chunk_bytes<scalar_t>(out.size(4), [&](auto b) {
+      input_grad_kernel<scalar_t, decltype(b)::value>(terms, gates, out);
+    });
+  });
 }
 
 at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight) {
