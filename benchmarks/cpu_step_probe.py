@@ -9,7 +9,9 @@ Measures (forward + backward, train mode, float32):
   - native steps right after eager steps: rounds of 3 eager then 3 native steps, the
     median of the 1st, 2nd and 3rd native step (the 1st pays for its working set);
   - the Python and autograd overhead of a native step: the two plan ops replaced by
-    their cached results, so only the Python around them runs.
+    their cached results, so only the Python around them runs;
+  - the time per step of each native primitive (``torch.profiler`` self time), with
+    the executor walking the plan one primitive at a time (same kernels as the plan ops).
 Writes benchmarks/results/cpu_step_probe_<tag>.json and .md (machine, date, command).
 ``--profile-steps N`` instead only runs N native steps after 5 warm-up steps, for an
 external profiler (``perf record -g --delay=...``), and writes nothing.
@@ -60,6 +62,25 @@ def overhead_ms(module, x, grad, n: int) -> list[float]:
         fused._primitives = original
 
 
+def primitive_ms(module, x, grad, n: int) -> dict[str, float]:
+    """Self time per step (ms) of each native primitive op, over n steps."""
+    from torch.profiler import profile
+
+    from aia_kernels import fused, native
+    from aia_kernels.primitives import PrimitivesOnly
+    walk = PrimitivesOnly(native.NativePrimitives())
+    original = fused._primitives
+    fused._primitives = lambda backend, device: walk
+    try:
+        steps_ms(module, x, grad, 3)
+        with profile() as prof:
+            steps_ms(module, x, grad, n)
+    finally:
+        fused._primitives = original
+    return {e.key.split("::")[1]: e.self_cpu_time_total / 1e3 / n
+            for e in prof.key_averages() if e.key.startswith("aia_native::")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="CinST->STinC")
@@ -94,6 +115,7 @@ def main() -> None:
         for i, t in enumerate(steps_ms(native, x, grad, 3)):
             after[i].append(t)
     overhead = overhead_ms(native, x, grad, args.steps)
+    primitives = primitive_ms(native, x, grad, args.steps)
 
     row = {"shape": list(shape)}
     for name, times in alone.items():
@@ -102,6 +124,7 @@ def main() -> None:
     row["alone_speedup"] = row["eager_alone_ms"] / row["native_alone_ms"]
     row["native_after_eager_ms"] = [statistics.median(t) for t in after]
     row["python_autograd_overhead_ms"] = statistics.median(overhead)
+    row["primitive_ms_per_step"] = primitives
 
     now = datetime.datetime.now(datetime.timezone.utc)
     info = {"date_utc": now.isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
@@ -121,7 +144,10 @@ def main() -> None:
              f"| eager step, run alone (median, IQR) | {row['eager_alone_ms']:.2f} ({row['eager_alone_ms_iqr']:.2f}) |",
              f"| native steps 1, 2, 3 after 3 eager steps (medians) | {a[0]:.2f}, {a[1]:.2f}, {a[2]:.2f} |",
              f"| Python and autograd overhead of a native step | {row['python_autograd_overhead_ms']:.3f} |",
-             "", f"Run alone, native is {row['alone_speedup']:.2f}x faster than eager."]
+             "", f"Run alone, native is {row['alone_speedup']:.2f}x faster than eager.", "",
+             "Native primitives, walked one by one (torch.profiler self time per step):", "",
+             "| primitive | ms per step |", "|---|---|",
+             *(f"| {name} | {ms:.3f} |" for name, ms in sorted(primitives.items(), key=lambda kv: -kv[1]))]
     (args.results_dir / f"cpu_step_probe_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 import aia_kernels
 from aia_kernels import backends
+from aia_kernels.primitives import PrimitivesOnly
 
 from aia_testing import SHAPE, compare_with_reference, make_pair, run
 
@@ -228,18 +229,6 @@ def test_opcheck_plan_ops():
                                                           eps, saved, stats, needs))
 
 
-class _PrimitivesOnly:
-    """The six native primitives without the whole-plan ops: the generic executor walks the plan."""
-
-    def __init__(self):
-        self._native = native.NativePrimitives()
-
-    def __getattr__(self, name):
-        if name in ("pool", "gate_forward", "apply", "weight_grad", "gate_backward", "input_grad"):
-            return getattr(self._native, name)
-        raise AttributeError(name)
-
-
 @pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST", "STinC->CinST", "ST"])
 def test_plan_ops_equal_primitive_walk(variant, monkeypatch):
     """plan_forward/backward run the same kernels in the generic executor's order: bitwise equal."""
@@ -249,7 +238,7 @@ def test_plan_ops_equal_primitive_walk(variant, monkeypatch):
     x = torch.randn(SHAPE, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(SHAPE, dtype=torch.float64)
     results = []
-    for prims in (None, _PrimitivesOnly()):
+    for prims in (None, PrimitivesOnly(native.NativePrimitives())):
         if prims is not None:
             assert not hasattr(prims, "forward_plan")
             monkeypatch.setattr(fused, "_primitives", lambda backend, device, p=prims: p)

@@ -102,6 +102,23 @@ class Primitives(Protocol):
         """``out = sum(weight * upstream)`` over ``terms``, written once."""
 
 
+PRIMITIVES = ("pool", "gate_forward", "apply", "weight_grad", "gate_backward", "input_grad")
+
+
+class PrimitivesOnly:
+    """A backend's six primitives without its whole-plan ops (``forward_plan``,
+    ``backward_plan``), so the executor walks the plan one primitive at a time: tests
+    compare the two paths, and a profiler sees each primitive call."""
+
+    def __init__(self, prims):
+        self._prims = prims
+
+    def __getattr__(self, name):
+        if name in PRIMITIVES:
+            return getattr(self._prims, name)
+        raise AttributeError(name)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
