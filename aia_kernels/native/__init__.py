@@ -32,7 +32,7 @@ from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
 CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
              if p.is_dir()), Path(__file__).resolve().parents[2] / "csrc")
 CPU_SOURCES = ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu.cpp")
-CUDA_SOURCES = ("aia_cuda.cu",)
+CUDA_SOURCES = ("aia_cuda.cu", "aia_cuda_persistent.cu")
 # -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
 CXX_FLAGS = ["-O3", "-fopenmp"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
