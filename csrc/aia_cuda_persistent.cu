@@ -43,7 +43,8 @@
 // x per thread); blocks of kThreads. Gate values live in scratch (one value per gate entry,
 // computed once, read by later pools and apply through Weight<acc_t>, as in the walk).
 // The plan reaches the kernel as a POD struct by value (__grid_constant__: indexed in
-// place, no per-thread copy). Scratch comes from at::empty (caching allocator).
+// place, no per-thread copy; __grid_constant__ needs sm_70 or newer, as does this design).
+// Scratch comes from at::empty (caching allocator).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -355,6 +356,7 @@ int coresident_blocks(int device, at::ScalarType type) {
   const auto key = std::make_pair(device, static_cast<int>(type));
   const auto it = cache.find(key);
   if (it != cache.end()) return it->second;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));  // occupancy is asked of the current device
   int cooperative = 0, sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -415,6 +417,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
               "float16 or bfloat16, got ", v.scalar_type());
   const int blocks_max = coresident_blocks(x.get_device(), x.scalar_type());
   TORCH_CHECK(blocks_max > 0, "aia_native: this device cannot run the one-launch forward (no cooperative launch)");
+
+  // Every gate is computed by one stage before a weight uses it (the walk would fail on an
+  // undefined gate; here its value scratch would be read uninitialised).
+  std::vector<int> computed(n_gates, 0);
+  const auto check_computed = [&](const WeightSpec& w) {
+    for (const auto& factor : w.factors)
+      for (int id : factor) TORCH_CHECK(computed[id], "aia_native: the plan uses gate ", id, " before computing it");
+  };
+  for (const PlanStage& stage : plan.stages) {
+    check_computed(stage.weight);
+    for (int g : stage.gates) TORCH_CHECK(!computed[g]++, "aia_native: the plan computes gate ", g, " twice");
+  }
+  check_computed(plan.output);
+  for (int g = 0; g < n_gates; ++g) TORCH_CHECK(computed[g], "aia_native: the plan never computes gate ", g);
 
   const Dims d = dims_of(v);
   const auto acc = x.options().dtype(acc_type(x.scalar_type()));
