@@ -11,7 +11,8 @@ unless ``AIA_NATIVE_CUDA=1`` is set, so ``backend="auto"`` never picks them.
 :class:`NativePrimitives` adapts the primitive contract (``aia_kernels.primitives``)
 to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``), and offers
 the whole plan in one op per direction (``csrc/aia_plan.cpp``), which the executor in
-``aia_kernels/fused.py`` prefers.
+``aia_kernels/fused.py`` prefers. On CUDA, small problems run that forward as one
+cooperative launch (``csrc/aia_cuda_persistent.cu``; ``AIA_NATIVE_CUDA_PERSISTENT`` selects).
 """
 from __future__ import annotations
 
