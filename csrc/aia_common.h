@@ -130,6 +130,31 @@ AIA_HD acc_t weight_at(const Weight<acc_t>& wt, const Dims& d, int64_t n, int64_
   return combine_factors(wt, f);
 }
 
+// Pooling of one gate entry `g` along `axis`: max (first position on ties), its position
+// and mean of weight * v, into P (N, 2, D1, D2, D3) and argmax (N, D1, D2, D3). The
+// positions are visited in order, so the result does not depend on who calls it.
+template <typename scalar_t, typename acc_t>
+AIA_HD void pool_entry(const scalar_t* v, const Strides5& vs, const Dims& d, const Weight<acc_t>& wt, int axis,
+                       int64_t g, acc_t* P, int32_t* argmax) {
+  const int64_t len = axis_length(axis, d);
+  acc_t mx = 0, sum = 0;
+  int32_t arg = 0;
+  for (int64_t p = 0; p < len; ++p) {
+    const Coords x = gate_coords(axis, d, g, p);
+    const acc_t y = weight_at(wt, d, x.n, x.t, x.c, x.h, x.w) * static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]);
+    if (p == 0 || y > mx) {
+      mx = y;
+      arg = static_cast<int32_t>(p);
+    }
+    sum += y;
+  }
+  const int64_t n = gate_coords(axis, d, g, 0).n;
+  const int64_t sample = gate_sample_size(axis, d);
+  P[pooled_max_offset(g, n, sample)] = mx;
+  P[pooled_mean_offset(g, n, sample)] = sum / acc_t(len);
+  argmax[g] = arg;
+}
+
 // Upstream gradient of a full-size tensor: a full tensor `dout` (v's dtype, any
 // strides) or pooled-gradient items expanded on the fly: the mean part spread evenly
 // over the pooled axis, the max part to the argmax.

@@ -28,26 +28,7 @@ int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>((n
 template <typename scalar_t, typename acc_t>
 __global__ void pool_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d, Weight<acc_t> wt, int axis,
                             acc_t* __restrict__ P, int32_t* __restrict__ argmax, int64_t entries) {
-  const int64_t len = axis_length(axis, d);
-  const int64_t sample = gate_sample_size(axis, d);
-  AIA_GRID_STRIDE(g, entries) {
-    acc_t mx = 0, sum = 0;
-    int32_t arg = 0;
-    for (int64_t p = 0; p < len; ++p) {
-      const Coords x = gate_coords(axis, d, g, p);
-      const acc_t y = weight_at(wt, d, x.n, x.t, x.c, x.h, x.w) *
-                      static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]);
-      if (p == 0 || y > mx) {
-        mx = y;
-        arg = static_cast<int32_t>(p);
-      }
-      sum += y;
-    }
-    const int64_t n = gate_coords(axis, d, g, 0).n;
-    P[pooled_max_offset(g, n, sample)] = mx;
-    P[pooled_mean_offset(g, n, sample)] = sum / acc_t(len);
-    argmax[g] = arg;
-  }
+  AIA_GRID_STRIDE(g, entries) pool_entry(v, vs, d, wt, axis, g, P, argmax);
 }
 
 template <typename scalar_t, typename acc_t>

@@ -10,6 +10,9 @@
 // stages moved. tests/test_native_backend.py checks both paths against the reference
 // and against each other (bitwise).
 //
+// On CUDA, small problems skip this walk: plan_forward runs as one cooperative launch
+// (aia_cuda_persistent.cu; AIA_NATIVE_CUDA_PERSISTENT selects, see aia_plan.h).
+//
 // Plan encoding (int[]):
 //   G, axis code of each gate (0 C, 1 T, 2 H, 3 W),
 //   S, then per stage: pooled axes (0: C, 1: T, H, W), its weight, its gate count and ids,
@@ -17,25 +20,14 @@
 //   a weight is: combine (0 prod, 1 mean), factor count, then per factor its size and ids.
 #include <torch/library.h>
 
+#include <atomic>
 #include <tuple>
 #include <vector>
 
-#include "aia_host.h"
+#include "aia_plan.h"
 
 namespace aia {
 namespace {
-
-struct PlanStage {
-  std::vector<int> axes;  // pooled axes, in gate order
-  WeightSpec weight;
-  std::vector<int> gates;
-};
-
-struct Plan {
-  std::vector<int> gate_axis;
-  std::vector<PlanStage> stages;
-  WeightSpec output;
-};
 
 class PlanReader {
  public:
@@ -127,6 +119,12 @@ void check_lengths(size_t n_gates, size_t conv, size_t modes, size_t eps) {
 
 constexpr int kSavedPerGate = 4;  // pooled P, argmax, z, scale_shift (as fused.SAVED_PER_GATE)
 
+// How many CUDA plan_forward calls took each path since the library loaded:
+// [multi-launch walk, one cooperative launch]; read by aia_native::plan_forward_cuda_paths.
+std::atomic<int64_t> cuda_forward_paths[2] = {{0}, {0}};
+
+std::vector<int64_t> plan_forward_cuda_paths() { return {cuda_forward_paths[0].load(), cuda_forward_paths[1].load()}; }
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
     const at::Tensor& x, int64_t num_segments, at::IntArrayRef plan_desc, at::TensorList conv_weights,
     const c10::List<c10::optional<at::Tensor>>& bn_weights, const c10::List<c10::optional<at::Tensor>>& bn_biases,
@@ -136,6 +134,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
   const size_t n_gates = plan.gate_axis.size();
   check_lengths(n_gates, conv_weights.size(), bn_modes.size(), eps.size());
   const at::Tensor v = view5(x, num_segments);
+#ifdef AIA_WITH_CUDA
+  if (x.is_cuda() && cuda::persistent_forward_applies(v, plan)) {  // small shapes: one launch
+    std::vector<GateParams> params;
+    for (size_t g = 0; g < n_gates; ++g) {
+      params.push_back(GateParams{conv_weights[g], at_or_none(bn_weights, g), at_or_none(bn_biases, g),
+                                  at_or_none(running_means, g), at_or_none(running_vars, g), bn_modes[g], eps[g]});
+    }
+    auto result = cuda::plan_forward_persistent(x, v, plan, params);
+    ++cuda_forward_paths[1];
+    return result;
+  }
+#endif
+  if (x.is_cuda()) ++cuda_forward_paths[0];
   GateSet gates;
   gates.axis = plan.gate_axis;
   gates.values.resize(n_gates);
@@ -247,6 +258,8 @@ TORCH_LIBRARY_FRAGMENT(aia_native, m) {
   m.def("plan_backward(Tensor grad_out, Tensor x, int num_segments, int[] plan, Tensor[] conv_weights, "
         "Tensor?[] bn_weights, int[] bn_modes, float[] eps, Tensor[] saved, Tensor bn_stats, int[] needs) "
         "-> (Tensor, Tensor[], Tensor[], Tensor[])");
+  // Debug counters (no tensors, one kernel for all devices): [multi-launch, persistent].
+  m.def("plan_forward_cuda_paths() -> int[]", &aia::plan_forward_cuda_paths);
 }
 
 TORCH_LIBRARY_IMPL(aia_native, CPU, m) {

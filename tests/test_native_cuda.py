@@ -1,14 +1,19 @@
 """The native backend's CUDA kernels (csrc/aia_cuda.cu, and the plan ops' CUDA
 registration) against the reference on a GPU. They are refused unless
 AIA_NATIVE_CUDA=1, which this module sets for its own tests. Without a CUDA device
-every test here skips: the kernels can only be compiled there (test_native_cuda_compile)."""
+every test here skips: the kernels can only be compiled there (test_native_cuda_compile).
+
+The forward has two CUDA paths (AIA_NATIVE_CUDA_PERSISTENT: 0 the multi-launch walk, 1
+the one-launch cooperative kernel of csrc/aia_cuda_persistent.cu, unset: by size); the
+tests at the end run both on the same module and inputs and compare, and check through
+aia_native::plan_forward_cuda_paths which path ran."""
 import pytest
 import torch
 from torch.func import functional_call
 
 import aia_kernels
 
-from aia_testing import SHAPE, compare_with_reference, make_pair, run
+from aia_testing import NUM_SEGMENTS, SHAPE, assert_close_results, compare_with_reference, make_pair, run
 
 native = pytest.importorskip("aia_kernels.native")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run the CUDA kernels")
@@ -98,7 +103,9 @@ def test_deterministic_and_equal_to_cpu():
         torch.testing.assert_close(gpu[0].grads[name].cpu(), cpu.grads[name], atol=1e-10, rtol=1e-8)
 
 
-def test_opcheck_plan_ops_on_cuda():
+@pytest.mark.parametrize("persistent", ["0", "1"], ids=["multi_launch", "persistent"])
+def test_opcheck_plan_ops_on_cuda(monkeypatch, persistent):
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", persistent)
     from aia_kernels.fused import bn_mode
     from aia_kernels.plan import build_plan
     module = aia_kernels.build("CinST->STinC", num_segments=3, backend="native").to("cuda", torch.float64).train()
@@ -119,3 +126,164 @@ def test_auto_never_picks_native_cuda():
     module = aia_kernels.build("CinST->STinC", num_segments=3, backend="auto").cuda()
     module(torch.randn(SHAPE, device="cuda"))
     assert module.last_backend != "native"
+
+
+# ---- the one-launch forward (AIA_NATIVE_CUDA_PERSISTENT=1) against the multi-launch walk (=0) ----
+
+def _paths() -> list[int]:
+    """[multi-launch, persistent]: CUDA plan_forward calls of each path since the library loaded."""
+    return list(torch.ops.aia_native.plan_forward_cuda_paths())
+
+
+def _run_path(monkeypatch, persistent: bool, module, x, grad_out):
+    """One forward + backward with the forward on the chosen path, checking that it ran."""
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", "1" if persistent else "0")
+    before = _paths()
+    result = run(module, x, grad_out)
+    after = _paths()
+    assert module.last_backend == "native"
+    assert [a - b for a, b in zip(after, before)] == ([0, 1] if persistent else [1, 0]), (before, after)
+    return result
+
+
+def _both_paths(monkeypatch, variant, *, dtype=torch.float64, use_bn=True, train=True, x=None,
+                num_segments=NUM_SEGMENTS, prepare=None):
+    """(multi-launch result, persistent result) of two copies of one module on the same x."""
+    multi, persistent = make_pair(variant, "native", use_bn=use_bn, train=train, dtype=dtype,
+                                  num_segments=num_segments, device="cuda")
+    multi.backend = "native"
+    for module in (multi, persistent):
+        if prepare is not None:
+            prepare(module)
+    if x is None:
+        x = torch.randn(SHAPE, dtype=dtype, device="cuda")
+    grad_out = torch.randn(x.shape, dtype=dtype, device="cuda")
+    return _run_path(monkeypatch, False, multi, x, grad_out), _run_path(monkeypatch, True, persistent, x, grad_out)
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("use_bn", [True, False], ids=["bn", "nobn"])
+def test_persistent_float64_matches_multi_launch(monkeypatch, variant, train, use_bn):
+    """Outputs, input and parameter gradients (through plan_backward on the persistent
+    path's saved tensors) and running statistics (from its BN stats)."""
+    multi, persistent = _both_paths(monkeypatch, variant, use_bn=use_bn, train=train)
+    assert_close_results(multi, persistent, atol=1e-12, rtol=1e-11)
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_persistent_float32_matches_multi_launch(monkeypatch, variant, train):
+    multi, persistent = _both_paths(monkeypatch, variant, dtype=torch.float32, train=train)
+    assert_close_results(multi, persistent, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("variant", ["C", "ST", "CinST->STinC", "CinST+STinC"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_persistent_half_inputs(monkeypatch, variant, dtype):
+    """Both accumulate in float32; out and grad_x may differ by a rounding of the half type."""
+    multi, persistent = _both_paths(monkeypatch, variant, dtype=dtype)
+    assert persistent.out.dtype == dtype and persistent.grad_x.dtype == dtype
+    assert_close_results(multi, persistent, atol=1e-2, rtol=1e-2)
+
+
+def _mixed_bn_modes(module):
+    """Every other BN in eval mode: a stage mixes batch and running statistics."""
+    for i, bn in enumerate(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm3d)):
+        bn.train(i % 2 == 0)
+
+
+@pytest.mark.parametrize("variant", ["CinST->STinC", "STinC->CinST", "C+ST"])
+def test_persistent_mixed_bn_modes(monkeypatch, variant):
+    multi, persistent = _both_paths(monkeypatch, variant, prepare=_mixed_bn_modes)
+    assert_close_results(multi, persistent, atol=1e-12, rtol=1e-11)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_persistent_strided_inputs(monkeypatch, layout):
+    if layout == "channels_last":
+        x = torch.randn(SHAPE, dtype=torch.float64, device="cuda").to(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(SHAPE[0], SHAPE[1] * 2, SHAPE[2], SHAPE[3] + 3, dtype=torch.float64,
+                        device="cuda")[:, ::2, :, 1:-2]
+    multi, persistent = _both_paths(monkeypatch, "CinST->STinC", x=x)
+    assert_close_results(multi, persistent, atol=1e-12, rtol=1e-11)
+    if layout == "channels_last":
+        assert persistent.out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_persistent_many_blocks(monkeypatch, dtype):
+    """More elements than the co-resident grid has threads: grid-stride loops take several
+    turns, and the BN merge reads more block partials than a block has threads."""
+    x = torch.randn(24, 67, 15, 13, dtype=dtype, device="cuda")
+    multi, persistent = _both_paths(monkeypatch, "CinST->STinC", dtype=dtype, x=x, num_segments=8)
+    tol = 1e-12 if dtype == torch.float64 else 5e-5
+    assert_close_results(multi, persistent, atol=tol, rtol=tol)
+
+
+def test_persistent_deterministic(monkeypatch):
+    """No atomics: bitwise equal run to run, outputs, gradients and running statistics."""
+    ref, module = make_pair("CinST->STinC", "native", dtype=torch.float32, device="cuda")
+    x = torch.randn(12, 9, 11, 13, device="cuda")
+    g = torch.randn_like(x)
+    results = []
+    for _ in range(2):
+        module.load_state_dict(ref.state_dict())
+        results.append(_run_path(monkeypatch, True, module, x, g))
+    a, b = results
+    assert torch.equal(a.out, b.out) and torch.equal(a.grad_x, b.grad_x)
+    for name in a.grads:
+        assert torch.equal(a.grads[name], b.grads[name]), name
+    for name in a.buffers:
+        assert torch.equal(a.buffers[name], b.buffers[name]), name
+
+
+def test_persistent_selection(monkeypatch):
+    """Unset: small problems take one launch, larger than the threshold the walk; bad values raise."""
+    module = aia_kernels.build("C+ST", num_segments=3, backend="native").cuda()
+    x = torch.randn(SHAPE, device="cuda")
+    monkeypatch.delenv("AIA_NATIVE_CUDA_PERSISTENT", raising=False)
+    for limit, expected in ((None, [0, 1]), (str(x.numel()), [0, 1]), (str(x.numel() - 1), [1, 0])):
+        if limit is None:
+            monkeypatch.delenv("AIA_NATIVE_CUDA_PERSISTENT_MAX_ELEMENTS", raising=False)
+        else:
+            monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT_MAX_ELEMENTS", limit)
+        before = _paths()
+        module(x)
+        assert [a - b for a, b in zip(_paths(), before)] == expected, limit
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", "yes")
+    with pytest.raises(RuntimeError, match="AIA_NATIVE_CUDA_PERSISTENT must be"):
+        module(x)
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", "")
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT_MAX_ELEMENTS", "lots")
+    with pytest.raises(RuntimeError, match="AIA_NATIVE_CUDA_PERSISTENT_MAX_ELEMENTS must be"):
+        module(x)
+
+
+def test_persistent_saved_tensors_match(monkeypatch):
+    """What plan_backward reads: the plan op's saved tensors and BN stats, path against path
+    (argmax exactly), shapes and dtypes included."""
+    from aia_kernels.fused import bn_mode
+    from aia_kernels.plan import build_plan
+    module = aia_kernels.build("CinST->STinC", num_segments=3, backend="native").to("cuda", torch.float64).train()
+    gates = module.gates()
+    bns = [bn for _, _, bn in gates]
+    x = torch.randn(SHAPE, dtype=torch.float64, device="cuda")
+    args = (x, 3, list(native.encode_plan(build_plan("CinST->STinC"))), [c.weight.detach() for _, c, _ in gates],
+            [bn.weight.detach() for bn in bns], [bn.bias.detach() for bn in bns], [bn.running_mean for bn in bns],
+            [bn.running_var for bn in bns], [bn_mode(bn) for bn in bns], [bn.eps for bn in bns])
+    results = []
+    for persistent in ("0", "1"):
+        monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", persistent)
+        results.append(torch.ops.aia_native.plan_forward(*args))
+    (out_m, saved_m, stats_m), (out_p, saved_p, stats_p) = results
+    torch.testing.assert_close(out_p, out_m, atol=1e-12, rtol=1e-11)
+    torch.testing.assert_close(stats_p, stats_m, atol=1e-12, rtol=1e-11)
+    assert len(saved_p) == len(saved_m)
+    for i, (p, m) in enumerate(zip(saved_p, saved_m)):
+        assert p.shape == m.shape and p.dtype == m.dtype, i
+        if p.dtype == torch.int32:
+            assert torch.equal(p, m), i
+        else:
+            torch.testing.assert_close(p, m, atol=1e-12, rtol=1e-11, msg=f"saved {i}")

@@ -11,7 +11,8 @@ unless ``AIA_NATIVE_CUDA=1`` is set, so ``backend="auto"`` never picks them.
 :class:`NativePrimitives` adapts the primitive contract (``aia_kernels.primitives``)
 to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``), and offers
 the whole plan in one op per direction (``csrc/aia_plan.cpp``), which the executor in
-``aia_kernels/fused.py`` prefers.
+``aia_kernels/fused.py`` prefers. On CUDA, small problems run that forward as one
+cooperative launch (``csrc/aia_cuda_persistent.cu``; ``AIA_NATIVE_CUDA_PERSISTENT`` selects).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
 CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
              if p.is_dir()), Path(__file__).resolve().parents[2] / "csrc")
 CPU_SOURCES = ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu.cpp")
-CUDA_SOURCES = ("aia_cuda.cu",)
+CUDA_SOURCES = ("aia_cuda.cu", "aia_cuda_persistent.cu")
 # -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
 CXX_FLAGS = ["-O3", "-fopenmp"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()

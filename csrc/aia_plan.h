@@ -1,0 +1,48 @@
+// The parsed plan of aia_native::plan_forward / plan_backward (its int encoding is
+// documented at the top of aia_plan.cpp), shared by the plan walker (aia_plan.cpp) and
+// the one-launch CUDA forward (aia_cuda_persistent.cu), and that forward's entry points.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "aia_host.h"
+
+namespace aia {
+
+struct PlanStage {
+  std::vector<int> axes;  // pooled axes, in gate order
+  WeightSpec weight;
+  std::vector<int> gates;
+};
+
+struct Plan {
+  std::vector<int> gate_axis;
+  std::vector<PlanStage> stages;
+  WeightSpec output;
+};
+
+// One gate's conv weight and BN settings, as plan_forward receives them.
+struct GateParams {
+  at::Tensor conv_weight;                                  // (1, 2, 3, 3, 3), any floating dtype
+  c10::optional<at::Tensor> bn_weight, bn_bias, running_mean, running_var;  // one value each, or none
+  int64_t bn_mode;                                         // 0 none, 1 batch statistics, 2 running statistics
+  double eps;
+};
+
+namespace cuda {
+// Whether plan_forward of `v` (the (N, T, C, H, W) view of x) runs as one cooperative
+// launch: AIA_NATIVE_CUDA_PERSISTENT=0 never, =1 whenever possible, unset when x has at
+// most AIA_NATIVE_CUDA_PERSISTENT_MAX_ELEMENTS elements (default in aia_cuda_persistent.cu);
+// "possible" = CUDA tensor of a supported dtype, a device with cooperative launch, a
+// plan within the kernel's fixed limits.
+bool persistent_forward_applies(const at::Tensor& v, const Plan& plan);
+
+// plan_forward in one launch: the same outputs as the multi-launch walk in aia_plan.cpp
+// (out, saved P/argmax/z/scale_shift per gate, stacked BN statistics).
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persistent(
+    const at::Tensor& x, const at::Tensor& v, const Plan& plan, const std::vector<GateParams>& params);
+}  // namespace cuda
+
+}  // namespace aia
