@@ -68,6 +68,17 @@ def assert_close_results(a: Result, b: Result, atol: float, rtol: float) -> None
                                    rtol=rtol, msg=f"buffer {name}")
 
 
+def assert_equal_results(a: Result, b: Result) -> None:
+    """Bitwise equality of outputs, every gradient and every buffer (determinism checks)."""
+    assert torch.equal(a.out, b.out), "output"
+    assert torch.equal(a.grad_x, b.grad_x), "grad of input"
+    assert a.grads.keys() == b.grads.keys()
+    for name in a.grads:
+        assert torch.equal(a.grads[name], b.grads[name]), name
+    for name in a.buffers:
+        assert torch.equal(a.buffers[name], b.buffers[name]), name
+
+
 def compare_with_reference(variant: str, backend: str, *, use_bn=True, train=True, dtype=torch.float64,
                            x: torch.Tensor | None = None, atol=1e-10, rtol=1e-8, device="cpu",
                            num_segments: int = NUM_SEGMENTS) -> tuple[Result, Result]:

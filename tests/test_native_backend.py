@@ -12,7 +12,7 @@ import aia_kernels
 from aia_kernels import backends
 from aia_kernels.primitives import PrimitivesOnly
 
-from aia_testing import SHAPE, compare_with_reference, make_pair, run
+from aia_testing import SHAPE, assert_equal_results, compare_with_reference, make_pair, run
 
 native = pytest.importorskip("aia_kernels.native")
 
@@ -115,11 +115,8 @@ def test_deterministic_across_runs_and_thread_counts():
             results.append(run(module, x, g))
     finally:
         torch.set_num_threads(old)
-    first = results[0]
     for other in results[1:]:
-        assert torch.equal(first.out, other.out) and torch.equal(first.grad_x, other.grad_x)
-        for name in first.grads:
-            assert torch.equal(first.grads[name], other.grads[name]), name
+        assert_equal_results(results[0], other)
 
 
 def test_auto_uses_native_on_cpu():

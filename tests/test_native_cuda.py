@@ -13,7 +13,8 @@ from torch.func import functional_call
 
 import aia_kernels
 
-from aia_testing import NUM_SEGMENTS, SHAPE, assert_close_results, compare_with_reference, make_pair, run
+from aia_testing import (NUM_SEGMENTS, SHAPE, assert_close_results, assert_equal_results, compare_with_reference,
+                          make_pair, run)
 
 native = pytest.importorskip("aia_kernels.native")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run the CUDA kernels")
@@ -50,15 +51,18 @@ def test_half_inputs(variant, dtype, tol):
     assert out.grad_x.dtype == dtype
 
 
+def _strided_x(layout):
+    """A float64 CUDA input of SHAPE, channels_last or a strided slice of a larger tensor."""
+    if layout == "channels_last":
+        return torch.randn(SHAPE, dtype=torch.float64, device="cuda").to(memory_format=torch.channels_last)
+    return torch.randn(SHAPE[0], SHAPE[1] * 2, SHAPE[2], SHAPE[3] + 3, dtype=torch.float64,
+                       device="cuda")[:, ::2, :, 1:-2]
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 @pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST"])
 def test_strided_inputs(variant, layout):
-    if layout == "channels_last":
-        x = torch.randn(SHAPE, dtype=torch.float64, device="cuda").to(memory_format=torch.channels_last)
-    else:
-        x = torch.randn(SHAPE[0], SHAPE[1] * 2, SHAPE[2], SHAPE[3] + 3, dtype=torch.float64,
-                        device="cuda")[:, ::2, :, 1:-2]
-    _, out = compare(variant, x=x, atol=1e-10, rtol=1e-8)
+    _, out = compare(variant, x=_strided_x(layout), atol=1e-10, rtol=1e-8)
     if layout == "channels_last":
         assert out.out.is_contiguous(memory_format=torch.channels_last)
 
@@ -94,9 +98,7 @@ def test_deterministic_and_equal_to_cpu():
     module.load_state_dict(ref.state_dict())
     gpu.append(run(module, x.cuda(), g.cuda()))
     assert module.last_backend == "native"
-    assert torch.equal(gpu[0].out, gpu[1].out) and torch.equal(gpu[0].grad_x, gpu[1].grad_x)
-    for name in gpu[0].grads:
-        assert torch.equal(gpu[0].grads[name], gpu[1].grads[name]), name
+    assert_equal_results(gpu[0], gpu[1])
     torch.testing.assert_close(gpu[0].out.cpu(), cpu.out, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(gpu[0].grad_x.cpu(), cpu.grad_x, atol=1e-12, rtol=1e-10)
     for name in cpu.grads:
@@ -201,12 +203,7 @@ def test_persistent_mixed_bn_modes(monkeypatch, variant):
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_persistent_strided_inputs(monkeypatch, layout):
-    if layout == "channels_last":
-        x = torch.randn(SHAPE, dtype=torch.float64, device="cuda").to(memory_format=torch.channels_last)
-    else:
-        x = torch.randn(SHAPE[0], SHAPE[1] * 2, SHAPE[2], SHAPE[3] + 3, dtype=torch.float64,
-                        device="cuda")[:, ::2, :, 1:-2]
-    multi, persistent = _both_paths(monkeypatch, "CinST->STinC", x=x)
+    multi, persistent = _both_paths(monkeypatch, "CinST->STinC", x=_strided_x(layout))
     assert_close_results(multi, persistent, atol=1e-12, rtol=1e-11)
     if layout == "channels_last":
         assert persistent.out.is_contiguous(memory_format=torch.channels_last)
@@ -232,11 +229,7 @@ def test_persistent_deterministic(monkeypatch):
         module.load_state_dict(ref.state_dict())
         results.append(_run_path(monkeypatch, True, module, x, g))
     a, b = results
-    assert torch.equal(a.out, b.out) and torch.equal(a.grad_x, b.grad_x)
-    for name in a.grads:
-        assert torch.equal(a.grads[name], b.grads[name]), name
-    for name in a.buffers:
-        assert torch.equal(a.buffers[name], b.buffers[name]), name
+    assert_equal_results(a, b)
 
 
 def test_persistent_selection(monkeypatch):

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 import aia_kernels
 from aia_kernels import backends, fused
 
-from aia_testing import NUM_SEGMENTS, SHAPE, compare_with_reference, make_pair, run
+from aia_testing import NUM_SEGMENTS, SHAPE, assert_equal_results, compare_with_reference, make_pair, run
 
 pytest.importorskip("aia_kernels.triton")
 
@@ -126,11 +126,7 @@ def test_deterministic(variant):
     grad_out = torch.randn(SHAPE, device=DEVICE)
     first = run(copy.deepcopy(tri), x, grad_out)
     second = run(copy.deepcopy(tri), x, grad_out)
-    assert torch.equal(first.out, second.out) and torch.equal(first.grad_x, second.grad_x)
-    for name in first.grads:
-        assert torch.equal(first.grads[name], second.grads[name]), name
-    for name in first.buffers:
-        assert torch.equal(first.buffers[name], second.buffers[name]), name
+    assert_equal_results(first, second)
 
 
 class FullSizeAllocations(TorchDispatchMode):
