@@ -99,3 +99,18 @@ def compare_with_reference(variant: str, backend: str, *, use_bn=True, train=Tru
     assert b.out.dtype == x.dtype and b.out.shape == x.shape
     assert_close_results(a, b, atol, rtol)
     return a, b
+
+
+def plan_op_args(variant: str = "CinST->STinC", dtype: torch.dtype = torch.float64, device="cpu"):
+    """(module, arguments of aia_native::plan_forward) for a small module in train mode."""
+    from aia_kernels import native
+    from aia_kernels.fused import bn_mode
+    from aia_kernels.plan import build_plan
+    module = aia_kernels.build(variant, num_segments=NUM_SEGMENTS, backend="native").to(device, dtype).train()
+    gates = module.gates()
+    x = torch.randn(SHAPE, dtype=dtype, device=device)
+    bns = [bn for _, _, bn in gates]
+    args = (x, NUM_SEGMENTS, list(native.encode_plan(build_plan(variant))), [conv.weight.detach() for _, conv, _ in gates],
+            [bn.weight.detach() for bn in bns], [bn.bias.detach() for bn in bns], [bn.running_mean for bn in bns],
+            [bn.running_var for bn in bns], [bn_mode(bn) for bn in bns], [bn.eps for bn in bns])
+    return module, args

@@ -12,7 +12,7 @@ import aia_kernels
 from aia_kernels import backends
 from aia_kernels.primitives import PrimitivesOnly
 
-from aia_testing import SHAPE, assert_equal_results, compare_with_reference, make_pair, run
+from aia_testing import SHAPE, assert_equal_results, compare_with_reference, make_pair, plan_op_args, run
 
 native = pytest.importorskip("aia_kernels.native")
 
@@ -200,23 +200,9 @@ def test_opcheck_native_ops():
                                         [1, 1, 1, 1]))
 
 
-def _plan_op_args(variant="CinST->STinC", dtype=torch.float64):
-    """Arguments of aia_native::plan_forward for a small module in train mode."""
-    from aia_kernels.fused import bn_mode
-    from aia_kernels.plan import build_plan
-    module = aia_kernels.build(variant, num_segments=3, backend="native").to(dtype).train()
-    gates = module.gates()
-    x = torch.randn(SHAPE, dtype=dtype)
-    bns = [bn for _, _, bn in gates]
-    args = (x, 3, list(native.encode_plan(build_plan(variant))), [conv.weight.detach() for _, conv, _ in gates],
-            [bn.weight.detach() for bn in bns], [bn.bias.detach() for bn in bns], [bn.running_mean for bn in bns],
-            [bn.running_var for bn in bns], [bn_mode(bn) for bn in bns], [bn.eps for bn in bns])
-    return module, args
-
-
 def test_opcheck_plan_ops():
     ops = torch.ops.aia_native
-    _, args = _plan_op_args()
+    _, args = plan_op_args()
     torch.library.opcheck(ops.plan_forward.default, args)
     x, segments, plan, conv_w, bn_w, _, _, _, modes, eps = args
     _, saved, stats = ops.plan_forward(*args)
@@ -253,7 +239,7 @@ def test_plan_ops_equal_primitive_walk(variant, monkeypatch):
 @pytest.mark.parametrize("case", ["too_short", "too_long", "bad_axis", "factor", "stage_axis", "segments", "needs"])
 def test_bad_plan_arguments(case):
     ops = torch.ops.aia_native
-    _, args = _plan_op_args("C")
+    _, args = plan_op_args("C")
     x, segments, plan, *rest = args
     # "C": 1 gate (axis C); 1 stage pooling C with no weight; output weight = the C gate.
     assert plan == [1, 0, 1, 0, 0, 0, 1, 0, 0, 1, 1, 0]

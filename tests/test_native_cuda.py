@@ -14,7 +14,7 @@ from torch.func import functional_call
 import aia_kernels
 
 from aia_testing import (NUM_SEGMENTS, SHAPE, assert_close_results, assert_equal_results, compare_with_reference,
-                          make_pair, run)
+                          make_pair, plan_op_args, run)
 
 native = pytest.importorskip("aia_kernels.native")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run the CUDA kernels")
@@ -108,15 +108,8 @@ def test_deterministic_and_equal_to_cpu():
 @pytest.mark.parametrize("persistent", ["0", "1"], ids=["multi_launch", "persistent"])
 def test_opcheck_plan_ops_on_cuda(monkeypatch, persistent):
     monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", persistent)
-    from aia_kernels.fused import bn_mode
-    from aia_kernels.plan import build_plan
-    module = aia_kernels.build("CinST->STinC", num_segments=3, backend="native").to("cuda", torch.float64).train()
-    gates = module.gates()
-    bns = [bn for _, _, bn in gates]
-    x = torch.randn(SHAPE, dtype=torch.float64, device="cuda")
-    args = (x, 3, list(native.encode_plan(build_plan("CinST->STinC"))), [c.weight.detach() for _, c, _ in gates],
-            [bn.weight.detach() for bn in bns], [bn.bias.detach() for bn in bns], [bn.running_mean for bn in bns],
-            [bn.running_var for bn in bns], [bn_mode(bn) for bn in bns], [bn.eps for bn in bns])
+    module, args = plan_op_args(device="cuda")
+    x, gates = args[0], module.gates()
     ops = torch.ops.aia_native
     torch.library.opcheck(ops.plan_forward.default, args)
     _, saved, stats = ops.plan_forward(*args)
@@ -257,15 +250,7 @@ def test_persistent_selection(monkeypatch):
 def test_persistent_saved_tensors_match(monkeypatch):
     """What plan_backward reads: the plan op's saved tensors and BN stats, path against path
     (argmax exactly), shapes and dtypes included."""
-    from aia_kernels.fused import bn_mode
-    from aia_kernels.plan import build_plan
-    module = aia_kernels.build("CinST->STinC", num_segments=3, backend="native").to("cuda", torch.float64).train()
-    gates = module.gates()
-    bns = [bn for _, _, bn in gates]
-    x = torch.randn(SHAPE, dtype=torch.float64, device="cuda")
-    args = (x, 3, list(native.encode_plan(build_plan("CinST->STinC"))), [c.weight.detach() for _, c, _ in gates],
-            [bn.weight.detach() for bn in bns], [bn.bias.detach() for bn in bns], [bn.running_mean for bn in bns],
-            [bn.running_var for bn in bns], [bn_mode(bn) for bn in bns], [bn.eps for bn in bns])
+    _, args = plan_op_args(device="cuda")
     results = []
     for persistent in ("0", "1"):
         monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", persistent)
