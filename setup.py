@@ -24,6 +24,7 @@ setup(
     version="0.1.0",
     description="Fused GPU kernels for Attention-in-Attention (AIA) video modules",
     packages=find_packages(include=["aia_kernels", "aia_kernels.*"]),
+    package_data={"aia_kernels.triton": ["tuned_tiles.json"]},  # the tuned tile table, once a GPU wrote one
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.2", "ninja", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"]},

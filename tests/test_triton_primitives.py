@@ -89,8 +89,9 @@ def test_pool_ties_take_first_index(axes):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Force several C chunks and several H row blocks (partials combined on the host)."""
-    monkeypatch.setattr(tiles, "channel_tile", lambda v: (2, 8))
-    monkeypatch.setattr(tiles, "spatiotemporal_tile", lambda v: (2, 1, tiles._pow2(v.shape[4])))
+    monkeypatch.setattr(tiles, "channel_tile", lambda v: tiles.Tile("channel", (2, 8), 4))
+    monkeypatch.setattr(tiles, "spatiotemporal_tile",
+                        lambda v: tiles.Tile("spatiotemporal", (2, 1, tiles._pow2(v.shape[4])), 4))
 
 
 @pytest.mark.parametrize("axes", ["C", "THW"])

@@ -5,7 +5,8 @@ Files: ``weights.py`` (jit helpers: gate/factor/weight values and expanded poole
 gradients at a tile), ``reduce_channels.py`` and ``reduce_spatiotemporal.py``
 (``pool`` and ``weight_grad``: one kernel per reduced axis set, parameterised by
 what it reduces), ``elementwise.py`` (``apply`` and ``input_grad``), ``gate.py``
-(conv 2->1 forward/backward and BN fold), ``tiles.py`` (block shapes). This
+(conv 2->1 forward/backward and BN fold), ``tiles.py`` (block shapes and num_warps:
+the tuned table, else heuristics). This
 module holds the host wrappers: they allocate outputs and launch, nothing else.
 """
 from __future__ import annotations
@@ -95,12 +96,12 @@ class TritonPrimitives:
         arg = torch.empty((n, t, h, w), dtype=torch.int32, device=v.device) if pool else dummy.int
         w_args, w_flags = _weight_args(weight, dummy)
         u_args, u_flags = _upstream_args(upstream, dummy)
-        block_c, block_hw = tiles.channel_tile(v)
+        tile = tiles.channel_tile(v)
+        _, block_hw = tile.blocks
         grid = (n * t, triton.cdiv(h * w, block_hw))
         channel_reduce_kernel[grid](v, *v.stride(), *w_args, *u_args, out, arg, n, t, c, h, w,
                                     EXCLUDE=exclude, POOL=pool, BOTH=both, ACC=_tl_acc(v.dtype),
-                                    BLOCK_C=block_c, BLOCK_HW=block_hw,
-                                    num_warps=tiles.num_warps(block_c * block_hw), **w_flags, **u_flags)
+                                    **tile.kwargs, **w_flags, **u_flags)
         return out, arg
 
     def _reduce_spatiotemporal(self, v, weight, upstream, pool: bool, exclude: int, both: bool = False):
@@ -109,7 +110,8 @@ class TritonPrimitives:
         acc = acc_dtype(v.dtype)
         dummy = _Dummies(v.device, acc)
         lead = (n, 2) if pool else (1 + both, n)
-        block_c, block_h, block_w = tiles.spatiotemporal_tile(v)
+        tile = tiles.spatiotemporal_tile(v)
+        block_c, block_h, _ = tile.blocks
         h_blocks = triton.cdiv(h, block_h)
         out_t = torch.empty((*lead, c, h, w), dtype=acc, device=v.device)
         out_h = torch.empty((h_blocks, *lead, t, c, w), dtype=acc, device=v.device)
@@ -124,10 +126,7 @@ class TritonPrimitives:
         grid = (n, triton.cdiv(c, block_c), h_blocks)
         spatiotemporal_reduce_kernel[grid](v, *v.stride(), *w_args, *u_args, out_t, arg_t, out_h, arg_h,
                                            out_w, arg_w, n, t, c, h, w, EXCLUDE=exclude, POOL=pool, BOTH=both,
-                                           ACC=_tl_acc(v.dtype), BLOCK_C=block_c, BLOCK_H=block_h,
-                                           BLOCK_W=block_w,
-                                           num_warps=tiles.num_warps(block_c * block_h * block_w),
-                                           **w_flags, **u_flags)
+                                           ACC=_tl_acc(v.dtype), **tile.kwargs, **w_flags, **u_flags)
         if h_blocks == 1:
             out_h = out_h[0]
             arg_h = arg_h[0] if pool else arg_h
@@ -170,11 +169,11 @@ class TritonPrimitives:
             u_args, u_flags = _upstream_args(source, dummy)
             term_args.append(tuple(w_args + u_args))
             code |= term_code(w_flags["F0"], w_flags["F1"], w_flags["MEAN"], u_flags["UP"]) << (TERM_CODE_BITS * k)
-        block_c, block_hw = tiles.channel_tile(out)
+        tile = tiles.elementwise_tile(out)
+        block_c, block_hw = tile.blocks
         grid = (n * t, triton.cdiv(h * w, block_hw), triton.cdiv(c, block_c))
         weighted_sum_kernel[grid](out, *out.stride(), tuple(term_args), t, c, h, w, CODE=code,
-                                  NUM_TERMS=len(term_args), ACC=_tl_acc(out.dtype), BLOCK_C=block_c,
-                                  BLOCK_HW=block_hw, num_warps=tiles.num_warps(block_c * block_hw))
+                                  NUM_TERMS=len(term_args), ACC=_tl_acc(out.dtype), **tile.kwargs)
 
     def apply(self, v, weight, out):
         self._weighted_sum(out, [(weight, v)])
