@@ -96,6 +96,12 @@ def machine_meta(device: torch.device, argv, entry: tuple[str, ...] = ("-m", "be
     return meta
 
 
+def default_out_dir(meta: dict) -> Path:
+    """``benchmarks/results/<date>_<device>``, the device name as a lower-case slug."""
+    return RESULTS_DIR / (datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d") + "_" +
+                          "".join(c if c.isalnum() else "-" for c in meta["device_name"]).strip("-").lower())
+
+
 def _first_tensor(result):
     return result[0] if isinstance(result, (tuple, list)) else result
 
@@ -194,9 +200,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
                 timer="cuda events" if cuda else "time.perf_counter")
     if not cuda:
         meta["note"] = CUDA_NOTE
-    out_dir = Path(args.out) if args.out else RESULTS_DIR / (
-        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d") + "_" +
-        "".join(c if c.isalnum() else "-" for c in meta["device_name"]).strip("-").lower())
+    out_dir = Path(args.out) if args.out else default_out_dir(meta)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     timer = Timer(device)

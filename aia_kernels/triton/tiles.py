@@ -138,7 +138,8 @@ _table: dict[tuple, Tile] | None = None  # None: not read yet
 _device_names: dict[torch.device, str] = {}
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The key's device field: the CUDA device's name, ``"cpu"`` for the interpreter."""
     name = _device_names.get(device)
     if name is None:
         name = _device_names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -148,7 +149,7 @@ def _device_name(device: torch.device) -> str:
 def key(kind: str, v) -> tuple:
     """The table key of a launch of ``kind`` on ``v`` (N, T, C, H, W)."""
     _, _, c, h, w = v.shape
-    return (_device_name(v.device), kind, layout(v), DTYPE_NAMES.get(v.dtype, str(v.dtype)), c, h, w)
+    return (device_name(v.device), kind, layout(v), DTYPE_NAMES.get(v.dtype, str(v.dtype)), c, h, w)
 
 
 def _is_pow2(n) -> bool:
@@ -206,6 +207,12 @@ def entry_key(entry: dict) -> tuple:
 def entry_tile(entry: dict) -> Tile:
     kind = entry["kind"]
     return Tile(kind, tuple(entry["blocks"][name] for name in BLOCK_NAMES[kind]), entry["num_warps"])
+
+
+def tile_entry(key: tuple, tile: Tile) -> dict:
+    """The table entry of ``tile`` at ``key`` (the inverse of ``entry_key``/``entry_tile``)."""
+    return {**dict(zip(KEY_FIELDS, key)), "blocks": dict(zip(BLOCK_NAMES[tile.kind], tile.blocks)),
+            "num_warps": tile.num_warps}
 
 
 def table_path() -> Path | None:
