@@ -6,15 +6,24 @@
 #   1. tests but the native CUDA ones, pytest-xdist when installed  <= 170 s   -> tests.log
 #   2. native CUDA kernels against the reference (tests/test_native_cuda.py) <= 80 s
 #      -> native_cuda.log; only if they pass are they benchmarked (AIA_NATIVE_CUDA=1)
-#   3. headline CinST->STinC: spec shapes x {fp32, bf16} x {fwd-bwd, fwd-infer, fwd-train}
+#   3. tune (not in the default STEPS): benchmarks/tune_triton.py sweeps the Triton kernels'
+#      tiles (spec shapes x {fp32, bf16} x {contiguous, channels_last} x {channel,
+#      spatiotemporal, elementwise}) <= TUNE_S (240) s -> the table into the package,
+#      aia_kernels/triton/tuned_tiles.json, so the later steps of this command use it; a copy
+#      and tuning.{md,json} in tuning/, log tuning.log. Keys the budget cuts are listed there.
+#   4. headline CinST->STinC: spec shapes x {fp32, bf16} x {fwd-bwd, fwd-infer, fwd-train}
 #      x {eager, compile-default, compile-max-autotune, triton, native}
 #                                               <= HEADLINE_S (240) s -> results.{md,json}, summary.png
-#   4. all ten variants, {eager, triton, native}, {fwd-bwd, fwd-infer}, 10 reps
+#   5. all ten variants, {eager, triton, native}, {fwd-bwd, fwd-infer}, 10 reps
 #                                               <= VARIANTS_S (110) s -> all_variants/
 # STEPS picks steps: the default "tests,native,headline" takes at most ~8.5 min; run
 # STEPS=native,variants as a second command (the native build is redone on a fresh
 # machine, the gate in step 2 too). Cases the budgets cut are listed as
 # "skipped: ... budget" in the report, never dropped.
+# Tile tuning: STEPS=tune,headline (<= ~8.5 min) tunes, then benchmarks with the tuned tiles.
+# The device runner returns only $OUT: commit tuning/tuned_tiles.json from the archive as
+# aia_kernels/triton/tuned_tiles.json (it is the merged table), with the tuning/ reports.
+# The native build (step 0) starts only when the tests or native step runs.
 # If $OUT is set (the device runner's output dir), the results are archived there too.
 # Usage: [STEPS=...] bash benchmarks/gpu_run.sh [extra args for the headline run]
 set -uo pipefail
@@ -40,10 +49,13 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
 # The build is cached in the build dir; tests that need it wait on torch's build lock.
-$PY -c "import time, aia_kernels.native as n; t = time.time(); n.load(); \
+BUILD=
+if step tests || step native; then
+    $PY -c "import time, aia_kernels.native as n; t = time.time(); n.load(); \
 print(f'native extension built in {time.time() - t:.0f} s, with CUDA: {n._state[\"cuda\"]}')" \
-    > "$DIR/native_build.log" 2>&1 &
-BUILD=$!
+        > "$DIR/native_build.log" 2>&1 &
+    BUILD=$!
+fi
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 
 if step tests; then
@@ -54,7 +66,7 @@ if step tests; then
     echo "tests: exit $? in $(( $(date +%s) - T0 )) s (log: $DIR/tests.log)" | tee -a "$DIR/tests.log"
     tail -3 "$DIR/tests.log"
 fi
-wait $BUILD; cat "$DIR/native_build.log" | tail -3
+if [ -n "$BUILD" ]; then wait $BUILD; tail -3 "$DIR/native_build.log"; fi
 
 if step native; then
     echo "== 2 native CUDA kernels against the reference"
@@ -64,8 +76,18 @@ if step native; then
     if [ $RC -eq 0 ]; then export AIA_NATIVE_CUDA=1; else echo "native CUDA: exit $RC, not benchmarked"; fi
 fi
 
+if step tune; then
+    echo "== 3 tune the Triton tiles -> aia_kernels/triton/tuned_tiles.json, $DIR/tuning/"
+    T0=$(date +%s)
+    timeout "${TUNE_S:-240}" $PY -m benchmarks.tune_triton --time-budget $(( ${TUNE_S:-240} - 45 )) \
+        --results-dir "$DIR/tuning" > "$DIR/tuning.log" 2>&1
+    RC=$?
+    echo "tune: exit $RC in $(( $(date +%s) - T0 )) s; $(grep -c ': tuned$' "$DIR/tuning.log") keys tuned" \
+        "(report: $DIR/tuning/tuning.md, log: $DIR/tuning.log)"
+fi
+
 if step headline; then
-    echo "== 3 headline CinST->STinC"
+    echo "== 4 headline CinST->STinC"
     timeout "${HEADLINE_S:-240}" $PY -m benchmarks.run --variants 'CinST->STinC' --shapes spec \
         --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer,fwd-train --backends all --reps 20 --warmup 3 \
         --time-budget $(( ${HEADLINE_S:-240} - 60 )) --compile-budget $(( ${HEADLINE_S:-240} - 110 )) --out "$DIR" "$@"
@@ -73,7 +95,7 @@ if step headline; then
 fi
 
 if step variants; then
-    echo "== 4 all variants, eager vs fused"
+    echo "== 5 all variants, eager vs fused"
     timeout "${VARIANTS_S:-110}" $PY -m benchmarks.run --variants all --shapes spec \
         --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer --backends eager,fused --reps 10 --warmup 2 \
         --time-budget $(( ${VARIANTS_S:-110} - 35 )) --out "$DIR/all_variants" > "$DIR/all_variants.log" 2>&1
