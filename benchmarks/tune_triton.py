@@ -66,6 +66,7 @@ from .timing import Timer
 LAYOUTS = ("contiguous", "channels_last")
 KINDS = ("channel", "spatiotemporal", "elementwise")
 GRID = ((1024, 4), (2048, 4), (2048, 8), (4096, 8))  # (tile elements, num_warps)
+# Cap of the block along the contiguous dim (spatiotemporal/contiguous: of BLOCK_H * BLOCK_W).
 CAPS = {("channel", "contiguous"): 1024, ("channel", "channels_last"): 128,
         ("spatiotemporal", "contiguous"): 4096, ("spatiotemporal", "channels_last"): 64}
 MARGIN = 0.03
@@ -188,6 +189,20 @@ def _tile_json(tiles, tile) -> dict:
     return {"blocks": dict(zip(tiles.BLOCK_NAMES[tile.kind], tile.blocks)), "num_warps": tile.num_warps}
 
 
+class _Probe(dict):
+    """A one-entry table that counts its hits: a candidate that is never looked up would time
+    the heuristic under the candidate's name."""
+
+    def __init__(self, key, tile):
+        super().__init__({key: tile})
+        self.hits = 0
+
+    def get(self, key, default=None):
+        found = super().get(key, default)
+        self.hits += found is not default
+        return found
+
+
 class Tuner:
     def __init__(self, args, device, tiles, primitives):
         self.args, self.device, self.tiles, self.primitives = args, device, tiles, primitives
@@ -209,8 +224,12 @@ class Tuner:
         return sum(times.values()), times
 
     def outputs(self, key, tile, prims: dict) -> list:
-        with self.tiles.using_table({} if tile is None else {key: tile}):
-            return [t.clone() for fn in prims.values() for t in fn()]
+        table = {} if tile is None else _Probe(key, tile)
+        with self.tiles.using_table(table):
+            outs = [t.clone() for fn in prims.values() for t in fn()]
+        if tile is not None and table.hits < len(prims):
+            raise RuntimeError(f"the wrappers did not look up {key} (tuner and tiles.key disagree)")
+        return outs
 
     def tune_key(self, kind, layout, dt, shape) -> dict:
         tiles = self.tiles
@@ -248,7 +267,7 @@ class Tuner:
             row["candidates"].append(cand)
         valid = [(c["ms"], i) for i, c in enumerate(row["candidates"]) if c["status"] == "ok"]
         if not valid:
-            return {**row, "status": "heuristic kept (no valid candidate)"}
+            return {**row, "status": "not tuned: no valid candidate (each one's status is in tuning.json)"}
         best_ms, best = min(valid)
         best_tile = candidates[best]
         row["best"] = row["candidates"][best]

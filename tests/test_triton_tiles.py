@@ -177,6 +177,7 @@ def test_shipped_table_is_valid_and_from_real_hardware():
 
 def test_candidate_grid_on_the_spec_shapes():
     """At most 16 candidates per key, all valid table entries, none the heuristic tile."""
+    assert tune_triton.KINDS == tiles.KINDS and tune_triton.LAYOUTS == tiles.LAYOUTS
     for shape in ((64, 64, 56, 56), (64, 512, 7, 7)):
         for layout in ("contiguous", "channels_last"):
             x = torch.empty(shape, device="meta")
