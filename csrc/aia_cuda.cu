@@ -7,10 +7,8 @@
 // (54 sums over the whole pooled tensor) uses one block per tap with a fixed tree.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
 
+#include "aia_cuda_runtime.h"
 #include "aia_host.h"
 
 namespace aia {
@@ -146,7 +144,7 @@ std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const We
     const int64_t entries = argmax.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_pool_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      pool_kernel<scalar_t, acc_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
+      AIA_LAUNCH(blocks_for(entries), kThreads, stream(), pool_kernel<scalar_t, acc_t>)(
           v.data_ptr<scalar_t>(), strides_of(v), d, make_weight<acc_t>(gates, weight), axis, P.data_ptr<acc_t>(),
           argmax.data_ptr<int32_t>(), entries);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -162,7 +160,7 @@ void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, 
   const int64_t elements = v.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    apply_kernel<scalar_t, acc_t><<<blocks_for(elements), kThreads, 0, stream()>>>(
+    AIA_LAUNCH(blocks_for(elements), kThreads, stream(), apply_kernel<scalar_t, acc_t>)(
         v.data_ptr<scalar_t>(), strides_of(v), dims_of(v), make_weight<acc_t>(gates, weight),
         out.data_ptr<scalar_t>(), strides_of(out), elements);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -182,7 +180,7 @@ std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const
       for (int j = 0; j < wt.size[k]; ++j) {
         at::Tensor out = at::empty(gate_shape(wt.axis[k][j], d), acc);
         const int64_t entries = out.numel();
-        weight_grad_kernel<scalar_t, acc_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
+        AIA_LAUNCH(blocks_for(entries), kThreads, stream(), weight_grad_kernel<scalar_t, acc_t>)(
             v.data_ptr<scalar_t>(), strides_of(v), d, wt, up, k, j, out.data_ptr<acc_t>(), entries);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         outs.push_back(out);
@@ -203,7 +201,7 @@ void input_grad(const std::vector<Term>& terms, const GateSet& gates, const at::
       packed.weight[k] = make_weight<acc_t>(gates, terms[k].weight);
       packed.upstream[k] = make_upstream<scalar_t, acc_t>(terms[k].upstream);
     }
-    input_grad_kernel<scalar_t, acc_t><<<blocks_for(elements), kThreads, 0, stream()>>>(
+    AIA_LAUNCH(blocks_for(elements), kThreads, stream(), input_grad_kernel<scalar_t, acc_t>)(
         packed, dims_of(out), out.data_ptr<scalar_t>(), strides_of(out), elements);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -215,7 +213,7 @@ at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight) {
   at::Tensor z = at::empty({d.N, d.D1, d.D2, d.D3}, pooled.options());
   const int64_t entries = z.numel();
   AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "aia_native_conv_cuda", [&] {
-    conv_forward_kernel<scalar_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
+    AIA_LAUNCH(blocks_for(entries), kThreads, stream(), conv_forward_kernel<scalar_t>)(
         pooled.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, z.data_ptr<scalar_t>(), entries);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -228,7 +226,7 @@ at::Tensor conv_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
   at::Tensor dP = at::empty({d.N, 2, d.D1, d.D2, d.D3}, dz.options());
   const int64_t entries = dP.numel();
   AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "aia_native_conv_input_grad_cuda", [&] {
-    conv_input_grad_kernel<scalar_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
+    AIA_LAUNCH(blocks_for(entries), kThreads, stream(), conv_input_grad_kernel<scalar_t>)(
         dz.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, dP.data_ptr<scalar_t>(), entries);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -240,7 +238,7 @@ at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz) {
   const ConvDims d = conv_dims(dz);
   at::Tensor dw = at::empty({1, 2, 3, 3, 3}, dz.options());
   AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "aia_native_conv_weight_grad_cuda", [&] {
-    conv_weight_grad_kernel<scalar_t><<<54, kThreads, 0, stream()>>>(
+    AIA_LAUNCH(54, kThreads, stream(), conv_weight_grad_kernel<scalar_t>)(
         pooled.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), d, dw.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -47,11 +47,6 @@
 // Scratch comes from at::empty (caching allocator).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -61,6 +56,7 @@
 #include <string>
 #include <utility>
 
+#include "aia_cuda_runtime.h"
 #include "aia_plan.h"
 
 namespace aia {
@@ -394,7 +390,7 @@ ParamRef optional_ref(const c10::optional<at::Tensor>& t, const at::Tensor& x, c
 }  // namespace
 
 bool persistent_forward_applies(const at::Tensor& v, const Plan& plan) {
-  if (!v.is_cuda()) return false;
+  if (!runs_on_cuda(v)) return false;
   const int mode = env_mode();
   if (mode == 0 || !supported_dtype(v.scalar_type()) || v.numel() == 0) return false;
   if (plan.gate_axis.size() > static_cast<size_t>(kMaxGates) || plan.stages.size() > static_cast<size_t>(kMaxStages))

@@ -151,30 +151,41 @@ namespace cuda {
 AIA_DECLARE_DEVICE_ENTRY_POINTS
 }
 
+// Whether `t` takes the CUDA code path. In the CUDA emulation build (AIA_CUDA_EMULATION,
+// csrc/emulation/) every tensor does: the CUDA kernels run on CPU tensors there.
+inline bool runs_on_cuda(const at::Tensor& t) {
+#ifdef AIA_CUDA_EMULATION
+  (void)t;
+  return true;
+#else
+  return t.is_cuda();
+#endif
+}
+
 // The entry points for a tensor's device: CUDA tensors to aia::cuda, others to aia::cpu
 // (shared by the primitive ops, aia_ops.cpp, and the plan walker, aia_plan.cpp).
 namespace on_device {
 inline std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
                                     const std::vector<int>& axes) {
-  return v.is_cuda() ? cuda::pool(v, gates, weight, axes) : cpu::pool(v, gates, weight, axes);
+  return runs_on_cuda(v) ? cuda::pool(v, gates, weight, axes) : cpu::pool(v, gates, weight, axes);
 }
 inline void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out) {
-  v.is_cuda() ? cuda::apply(v, gates, weight, out) : cpu::apply(v, gates, weight, out);
+  runs_on_cuda(v) ? cuda::apply(v, gates, weight, out) : cpu::apply(v, gates, weight, out);
 }
 inline std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const GateSet& gates) {
-  return v.is_cuda() ? cuda::weight_grad(v, term, gates) : cpu::weight_grad(v, term, gates);
+  return runs_on_cuda(v) ? cuda::weight_grad(v, term, gates) : cpu::weight_grad(v, term, gates);
 }
 inline void input_grad(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
-  out.is_cuda() ? cuda::input_grad(terms, gates, out) : cpu::input_grad(terms, gates, out);
+  runs_on_cuda(out) ? cuda::input_grad(terms, gates, out) : cpu::input_grad(terms, gates, out);
 }
 inline at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight) {
-  return pooled.is_cuda() ? cuda::conv_forward(pooled, weight) : cpu::conv_forward(pooled, weight);
+  return runs_on_cuda(pooled) ? cuda::conv_forward(pooled, weight) : cpu::conv_forward(pooled, weight);
 }
 inline at::Tensor conv_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
-  return dz.is_cuda() ? cuda::conv_input_grad(dz, weight) : cpu::conv_input_grad(dz, weight);
+  return runs_on_cuda(dz) ? cuda::conv_input_grad(dz, weight) : cpu::conv_input_grad(dz, weight);
 }
 inline at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz) {
-  return pooled.is_cuda() ? cuda::conv_weight_grad(pooled, dz) : cpu::conv_weight_grad(pooled, dz);
+  return runs_on_cuda(pooled) ? cuda::conv_weight_grad(pooled, dz) : cpu::conv_weight_grad(pooled, dz);
 }
 }  // namespace on_device
 

@@ -51,7 +51,7 @@ void check_small(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& v
 }  // namespace
 
 at::Tensor gate_value(const at::Tensor& z, const at::Tensor& scale_shift) {
-  if (z.is_cuda()) return at::sigmoid(z * scale_shift[0] + scale_shift[1]).contiguous();
+  if (runs_on_cuda(z)) return at::sigmoid(z * scale_shift[0] + scale_shift[1]).contiguous();
   // CPU: host scalars, a * z + b in one loop, then ATen's vectorised sigmoid
   const at::Tensor ss = scale_shift.to(at::kDouble), zc = z.contiguous();
   at::Tensor value = at::empty_like(zc, at::MemoryFormat::Contiguous);
@@ -254,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
   TORCH_CHECK(bn_mode == kBnBatch || (running_mean.has_value() && running_var.has_value()),
               "aia_native: eval BN needs running stats");
   TORCH_CHECK(bn_mode != kBnBatch || z.numel() > 1, "aia_native: batch statistics need more than one value");
-  if (!z.is_cuda()) {  // CPU: the few scalars on the host, no small ATen ops
+  if (!runs_on_cuda(z)) {  // CPU: the few scalars on the host, no small ATen ops
     const auto value = [](const c10::optional<at::Tensor>& t, double fallback) {
       return t.has_value() && t->defined() ? t->item<double>() : fallback;
     };
@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
               "aia_native: z must be (N, D1, D2, D3) of pooled");
   TORCH_CHECK(gate_grad.sizes() == z.sizes(), "aia_native: gate_grad must have z's shape");
   at::Tensor dz, dbn_w, dbn_b;
-  if (!z.is_cuda()) {
+  if (!runs_on_cuda(z)) {
     const at::Tensor ss = scale_shift.to(at::kDouble), stats = bn_stats.to(at::kDouble);
     const double* s2 = ss.data_ptr<double>();
     const double* st = stats.data_ptr<double>();

@@ -135,7 +135,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
   check_lengths(n_gates, conv_weights.size(), bn_modes.size(), eps.size());
   const at::Tensor v = view5(x, num_segments);
 #ifdef AIA_WITH_CUDA
-  if (x.is_cuda() && cuda::persistent_forward_applies(v, plan)) {  // small shapes: one launch
+  if (runs_on_cuda(x) && cuda::persistent_forward_applies(v, plan)) {  // small shapes: one launch
     std::vector<GateParams> params;
     for (size_t g = 0; g < n_gates; ++g) {
       params.push_back(GateParams{conv_weights[g], at_or_none(bn_weights, g), at_or_none(bn_biases, g),
@@ -146,7 +146,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
     return result;
   }
 #endif
-  if (x.is_cuda()) ++cuda_forward_paths[0];
+  if (runs_on_cuda(x)) ++cuda_forward_paths[0];
   GateSet gates;
   gates.axis = plan.gate_axis;
   gates.values.resize(n_gates);

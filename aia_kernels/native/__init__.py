@@ -13,6 +13,11 @@ to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``), and o
 the whole plan in one op per direction (``csrc/aia_plan.cpp``), which the executor in
 ``aia_kernels/fused.py`` prefers. On CUDA, small problems run that forward as one
 cooperative launch (``csrc/aia_cuda_persistent.cu``; ``AIA_NATIVE_CUDA_PERSISTENT`` selects).
+
+``AIA_NATIVE_CUDA_EMULATION=1`` (a test tool; set before the first build in a process)
+builds the CUDA sources with the host compiler against a CPU emulator of the CUDA
+runtime (``csrc/emulation/``): CPU tensors then run the CUDA kernels, slowly, so they
+can be checked against the reference without a GPU (``tests/test_native_cuda_emulated.py``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import hashlib
 import os
 import platform
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +40,10 @@ CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__fi
              if p.is_dir()), Path(__file__).resolve().parents[2] / "csrc")
 CPU_SOURCES = ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu.cpp")
 CUDA_SOURCES = ("aia_cuda.cu", "aia_cuda_persistent.cu")
+# The CUDA sources as host C++ against the emulator (each wrapper includes its .cu).
+EMULATED_CUDA_SOURCES = tuple(f"emulation/{Path(s).stem}_emulated.cpp" for s in CUDA_SOURCES)
+# Host code must not fuse the kernels' explicitly rounded a * b + c (the __fmul_rn & co. stand-ins).
+EMULATION_FLAGS = ["-DAIA_WITH_CUDA", "-DAIA_CUDA_EMULATION", "-ffp-contract=off"]
 # -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
 CXX_FLAGS = ["-O3", "-fopenmp"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
@@ -49,10 +59,15 @@ def _with_cuda() -> bool:
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
-def _extension_name(cuda: bool) -> str:
+def emulating_cuda() -> bool:
+    """Whether this process builds (or built) the CUDA emulation build."""
+    return _state.get("emulated", os.environ.get("AIA_NATIVE_CUDA_EMULATION") == "1")
+
+
+def _extension_name(cuda: bool, emulated: bool = False) -> str:
     """torch caches builds by name, sources and flags, not by CPU: with -march=native the
     name carries a fingerprint of this CPU so another CPU never loads this build."""
-    name = "aia_native_cuda" if cuda else "aia_native"
+    name = "aia_native_cuda_emulated" if emulated else "aia_native_cuda" if cuda else "aia_native"
     if "-march=native" not in CXX_FLAGS:
         return name
     try:
@@ -81,11 +96,17 @@ def load(verbose: bool = False) -> None:
         if "error" in _state:
             raise RuntimeError(_state["error"])
         from torch.utils.cpp_extension import load as load_extension
-        cuda = _with_cuda()
-        sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
-        defines = ["-DAIA_WITH_CUDA"] if cuda else []
+        emulated = emulating_cuda()
+        cuda = _with_cuda() and not emulated
+        sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())
+                   + (EMULATED_CUDA_SOURCES if emulated else ())]
+        defines = EMULATION_FLAGS if emulated else ["-DAIA_WITH_CUDA"] if cuda else []
+        if emulated:
+            warnings.warn("aia_kernels.native: AIA_NATIVE_CUDA_EMULATION=1: CPU tensors run the CUDA kernels on "
+                          "a slow CPU emulator (a test tool, csrc/emulation/), not the C++ CPU kernels",
+                          stacklevel=2)
         try:
-            load_extension(name=_extension_name(cuda), sources=sources,
+            load_extension(name=_extension_name(cuda, emulated), sources=sources,
                            extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines, extra_ldflags=LD_FLAGS,
                            extra_include_paths=[str(CSRC)], build_directory=build_directory(),
                            is_python_module=False, verbose=verbose)
@@ -94,6 +115,7 @@ def load(verbose: bool = False) -> None:
             raise RuntimeError(_state["error"]) from exc
         _register_fakes()
         _state["cuda"] = cuda
+        _state["emulated"] = emulated
         _state["loaded"] = True
 
 
@@ -101,6 +123,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return f"no native kernels for device type {device.type!r}"
+    if device.type == "cuda" and emulating_cuda():
+        return "this process uses the CUDA emulation build (AIA_NATIVE_CUDA_EMULATION=1): CPU tensors only"
     if device.type == "cuda" and os.environ.get("AIA_NATIVE_CUDA") != "1":
         return ("the native CUDA kernels are compiled but untested on a GPU; set AIA_NATIVE_CUDA=1 "
                 "to use them anyway")
