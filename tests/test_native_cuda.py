@@ -1,7 +1,11 @@
-"""The native backend's CUDA kernels (csrc/aia_cuda.cu, and the plan ops' CUDA
-registration) against the reference on a GPU. They are refused unless
-AIA_NATIVE_CUDA=1, which this module sets for its own tests. Without a CUDA device
-every test here skips: the kernels can only be compiled there (test_native_cuda_compile).
+"""The native backend's CUDA kernels (csrc/aia_cuda.cu, csrc/aia_cuda_persistent.cu and the
+plan ops' CUDA registration) against the reference.
+
+On a GPU: they are refused unless AIA_NATIVE_CUDA=1, which this module sets for its own
+tests. Without one, every test here skips, unless the process runs the CUDA emulation build
+(AIA_NATIVE_CUDA_EMULATION=1: the same kernels on CPU tensors, through the emulator of
+csrc/emulation/; tests/test_native_cuda_emulated.py runs this file that way in a
+subprocess). Two tests need a real device and skip under emulation, saying why.
 
 The forward has two CUDA paths (AIA_NATIVE_CUDA_PERSISTENT: 0 the multi-launch walk, 1
 the one-launch cooperative kernel of csrc/aia_cuda_persistent.cu, unset: by size); the
@@ -17,19 +21,25 @@ from aia_testing import (NUM_SEGMENTS, SHAPE, assert_close_results, assert_equal
                           make_pair, plan_op_args, run)
 
 native = pytest.importorskip("aia_kernels.native")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run the CUDA kernels")
+EMULATED = native.emulating_cuda()
+DEVICE = "cpu" if EMULATED else "cuda"  # the emulator runs the CUDA kernels on CPU tensors
+pytestmark = pytest.mark.skipif(not (EMULATED or torch.cuda.is_available()),
+                                reason="needs a CUDA GPU to run the CUDA kernels (test_native_cuda_emulated.py "
+                                       "runs them on the CPU emulator)")
+needs_device = pytest.mark.skipif(EMULATED, reason="needs a real CUDA device: the emulation build has no C++ CPU "
+                                                   "kernels and no CUDA tensors")
 SUBSET = ("C", "ST", "CinST->STinC", "C+ST", "STinC->CinST")
 
 
 @pytest.fixture(autouse=True)
 def opted_in(monkeypatch):
     monkeypatch.setenv("AIA_NATIVE_CUDA", "1")
-    reason = native.unavailable_reason(torch.device("cuda"))
+    reason = native.unavailable_reason(torch.device(DEVICE))
     assert reason is None, reason  # a CUDA build that failed fails here, with the compiler's message
 
 
 def compare(variant, **kwargs):
-    return compare_with_reference(variant, "native", device="cuda", **kwargs)
+    return compare_with_reference(variant, "native", device=DEVICE, **kwargs)
 
 
 @pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
@@ -54,9 +64,9 @@ def test_half_inputs(variant, dtype, tol):
 def _strided_x(layout):
     """A float64 CUDA input of SHAPE, channels_last or a strided slice of a larger tensor."""
     if layout == "channels_last":
-        return torch.randn(SHAPE, dtype=torch.float64, device="cuda").to(memory_format=torch.channels_last)
+        return torch.randn(SHAPE, dtype=torch.float64, device=DEVICE).to(memory_format=torch.channels_last)
     return torch.randn(SHAPE[0], SHAPE[1] * 2, SHAPE[2], SHAPE[3] + 3, dtype=torch.float64,
-                       device="cuda")[:, ::2, :, 1:-2]
+                       device=DEVICE)[:, ::2, :, 1:-2]
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
@@ -70,22 +80,24 @@ def test_strided_inputs(variant, layout):
 @pytest.mark.parametrize("shape", [(16, 64, 14, 14), (8, 37, 9, 70)], ids=["wide_c", "long_rows"])
 def test_larger_shapes(shape):
     """More entries than one block, rows longer than a warp: the grid-stride loops and tap trees."""
-    x = torch.randn(shape, device="cuda")
+    x = torch.randn(shape, device=DEVICE)
     compare("CinST->STinC", dtype=torch.float32, x=x, num_segments=8, atol=3e-4, rtol=3e-4)
 
 
 def test_gradcheck():
-    module = aia_kernels.build("CinST->STinC", num_segments=2, backend="native").to("cuda", torch.float64).train()
+    module = aia_kernels.build("CinST->STinC", num_segments=2, backend="native").to(DEVICE, torch.float64).train()
     names, params = zip(*module.named_parameters())
-    x = torch.randn(4, 3, 3, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    x = torch.randn(4, 3, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
 
     def f(x, *ps):
         return functional_call(module, dict(zip(names, ps)), (x,))
 
+    # Under emulation the full Jacobians take minutes; fast mode checks random projections of them.
     assert torch.autograd.gradcheck(f, (x, *[p.detach().requires_grad_() for p in params]), eps=1e-6,
-                                    atol=1e-6, rtol=1e-4)
+                                    atol=1e-6, rtol=1e-4, fast_mode=EMULATED)
 
 
+@needs_device
 def test_deterministic_and_equal_to_cpu():
     """No atomics: bitwise equal run to run; and the same function as the CPU kernels (float64)."""
     ref, module = make_pair("CinST->STinC", "native", dtype=torch.float64, num_segments=4)
@@ -93,10 +105,10 @@ def test_deterministic_and_equal_to_cpu():
     g = torch.randn_like(x)
     cpu = run(module, x, g)
     module.load_state_dict(ref.state_dict())
-    module.cuda()
-    gpu = [run(module, x.cuda(), g.cuda())]
+    module.to(DEVICE)
+    gpu = [run(module, x.to(DEVICE), g.to(DEVICE))]
     module.load_state_dict(ref.state_dict())
-    gpu.append(run(module, x.cuda(), g.cuda()))
+    gpu.append(run(module, x.to(DEVICE), g.to(DEVICE)))
     assert module.last_backend == "native"
     assert_equal_results(gpu[0], gpu[1])
     torch.testing.assert_close(gpu[0].out.cpu(), cpu.out, atol=1e-12, rtol=1e-10)
@@ -108,7 +120,7 @@ def test_deterministic_and_equal_to_cpu():
 @pytest.mark.parametrize("persistent", ["0", "1"], ids=["multi_launch", "persistent"])
 def test_opcheck_plan_ops_on_cuda(monkeypatch, persistent):
     monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", persistent)
-    module, args = plan_op_args(device="cuda")
+    module, args = plan_op_args(device=DEVICE)
     x, gates = args[0], module.gates()
     ops = torch.ops.aia_native
     torch.library.opcheck(ops.plan_forward.default, args)
@@ -117,9 +129,10 @@ def test_opcheck_plan_ops_on_cuda(monkeypatch, persistent):
                                                       args[9], saved, stats, [1] * (1 + 3 * len(gates))))
 
 
+@needs_device
 def test_auto_never_picks_native_cuda():
-    module = aia_kernels.build("CinST->STinC", num_segments=3, backend="auto").cuda()
-    module(torch.randn(SHAPE, device="cuda"))
+    module = aia_kernels.build("CinST->STinC", num_segments=3, backend="auto").to(DEVICE)
+    module(torch.randn(SHAPE, device=DEVICE))
     assert module.last_backend != "native"
 
 
@@ -145,14 +158,14 @@ def _both_paths(monkeypatch, variant, *, dtype=torch.float64, use_bn=True, train
                 num_segments=NUM_SEGMENTS, prepare=None):
     """(multi-launch result, persistent result) of two copies of one module on the same x."""
     multi, persistent = make_pair(variant, "native", use_bn=use_bn, train=train, dtype=dtype,
-                                  num_segments=num_segments, device="cuda")
+                                  num_segments=num_segments, device=DEVICE)
     multi.backend = "native"
     for module in (multi, persistent):
         if prepare is not None:
             prepare(module)
     if x is None:
-        x = torch.randn(SHAPE, dtype=dtype, device="cuda")
-    grad_out = torch.randn(x.shape, dtype=dtype, device="cuda")
+        x = torch.randn(SHAPE, dtype=dtype, device=DEVICE)
+    grad_out = torch.randn(x.shape, dtype=dtype, device=DEVICE)
     return _run_path(monkeypatch, False, multi, x, grad_out), _run_path(monkeypatch, True, persistent, x, grad_out)
 
 
@@ -206,7 +219,7 @@ def test_persistent_strided_inputs(monkeypatch, layout):
 def test_persistent_many_blocks(monkeypatch, dtype):
     """More elements than the co-resident grid has threads: grid-stride loops take several
     turns, and the BN merge reads more block partials than a block has threads."""
-    x = torch.randn(24, 67, 15, 13, dtype=dtype, device="cuda")
+    x = torch.randn(24, 67, 15, 13, dtype=dtype, device=DEVICE)
     multi, persistent = _both_paths(monkeypatch, "CinST->STinC", dtype=dtype, x=x, num_segments=8)
     tol = 1e-12 if dtype == torch.float64 else 5e-5
     assert_close_results(multi, persistent, atol=tol, rtol=tol)
@@ -214,8 +227,8 @@ def test_persistent_many_blocks(monkeypatch, dtype):
 
 def test_persistent_deterministic(monkeypatch):
     """No atomics: bitwise equal run to run, outputs, gradients and running statistics."""
-    ref, module = make_pair("CinST->STinC", "native", dtype=torch.float32, device="cuda")
-    x = torch.randn(12, 9, 11, 13, device="cuda")
+    ref, module = make_pair("CinST->STinC", "native", dtype=torch.float32, device=DEVICE)
+    x = torch.randn(12, 9, 11, 13, device=DEVICE)
     g = torch.randn_like(x)
     results = []
     for _ in range(2):
@@ -227,8 +240,8 @@ def test_persistent_deterministic(monkeypatch):
 
 def test_persistent_selection(monkeypatch):
     """Unset: small problems take one launch, larger than the threshold the walk; bad values raise."""
-    module = aia_kernels.build("C+ST", num_segments=3, backend="native").cuda()
-    x = torch.randn(SHAPE, device="cuda")
+    module = aia_kernels.build("C+ST", num_segments=3, backend="native").to(DEVICE)
+    x = torch.randn(SHAPE, device=DEVICE)
     monkeypatch.delenv("AIA_NATIVE_CUDA_PERSISTENT", raising=False)
     for limit, expected in ((None, [0, 1]), (str(x.numel()), [0, 1]), (str(x.numel() - 1), [1, 0])):
         if limit is None:
@@ -250,7 +263,7 @@ def test_persistent_selection(monkeypatch):
 def test_persistent_saved_tensors_match(monkeypatch):
     """What plan_backward reads: the plan op's saved tensors and BN stats, path against path
     (argmax exactly), shapes and dtypes included."""
-    _, args = plan_op_args(device="cuda")
+    _, args = plan_op_args(device=DEVICE)
     results = []
     for persistent in ("0", "1"):
         monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", persistent)
@@ -265,3 +278,24 @@ def test_persistent_saved_tensors_match(monkeypatch):
             assert torch.equal(p, m), i
         else:
             torch.testing.assert_close(p, m, atol=1e-12, rtol=1e-11, msg=f"saved {i}")
+
+
+# ---- emulation only: results must not depend on the order threads run between barriers ----
+
+@pytest.mark.skipif(not EMULATED, reason="AIA_CUDA_EMULATION_ORDER is a setting of the CPU emulator only")
+@pytest.mark.parametrize("persistent", ["0", "1"], ids=["multi_launch", "persistent"])
+def test_emulated_thread_order_does_not_matter(monkeypatch, persistent):
+    """The emulator runs a block's threads one after the other between barriers; forward,
+    reverse and shuffled orders must give bitwise equal results, or two threads of one
+    barrier interval touch the same memory (a missing __syncthreads or grid.sync)."""
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", persistent)
+    ref, module = make_pair("CinST->STinC", "native", dtype=torch.float32, device=DEVICE)
+    x = torch.randn(12, 9, 11, 13)
+    g = torch.randn_like(x)
+    results = []
+    for order in ("forward", "reverse", "shuffle:1", "shuffle:2"):
+        monkeypatch.setenv("AIA_CUDA_EMULATION_ORDER", order)
+        module.load_state_dict(ref.state_dict())
+        results.append(run(module, x, g))
+    for other in results[1:]:
+        assert_equal_results(results[0], other)
