@@ -1,7 +1,7 @@
 """The native CUDA kernels run on the CPU through the CUDA emulator (csrc/emulation/):
-the whole of test_native_cuda.py, in a subprocess with AIA_NATIVE_CUDA_EMULATION=1 (the
-emulation build replaces the C++ CPU kernels for a whole process, so it cannot share this
-one) and its own build directory.
+test_native_cuda.py in subprocesses with AIA_NATIVE_CUDA_EMULATION=1 (the emulation build
+replaces the C++ CPU kernels for a whole process, so it cannot share this one), sharing
+one build directory.
 
 This is not a GPU run: it checks the kernels' indexing, arithmetic and barrier logic
 against the reference, not the memory model, races the emulator's thread orders cannot
@@ -21,14 +21,32 @@ TESTS = Path(__file__).resolve().parent
 DEVICE_ONLY = 2
 
 
-def test_cuda_kernels_on_the_emulator(tmp_path):
-    env = {**os.environ, "AIA_NATIVE_CUDA_EMULATION": "1", "AIA_KERNELS_BUILD_DIR": str(tmp_path / "build"),
-           "AIA_CUDA_EMULATION_ORDER": "forward"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(TESTS / "test_native_cuda.py")]
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("emulation_build")
+
+
+def run_emulated(build_dir, *pytest_args, **env) -> tuple[int, int]:
+    """(passed, skipped) of test_native_cuda.py under emulation; fails on any failure."""
+    env = {**os.environ, "AIA_NATIVE_CUDA_EMULATION": "1", "AIA_KERNELS_BUILD_DIR": str(build_dir),
+           "AIA_CUDA_EMULATION_ORDER": "forward", **env}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(TESTS / "test_native_cuda.py"),
+           *pytest_args]
     proc = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=1800)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-8000:]
     summary = output.strip().splitlines()[-1]
-    passed = int(re.search(r"(\d+) passed", summary).group(1))
-    skipped = int(m.group(1)) if (m := re.search(r"(\d+) skipped", summary)) else 0
-    assert skipped == DEVICE_ONLY and passed > 100, summary
+    skipped = re.search(r"(\d+) skipped", summary)
+    return int(re.search(r"(\d+) passed", summary).group(1)), int(skipped.group(1)) if skipped else 0
+
+
+def test_cuda_kernels_on_the_emulator(build_dir):
+    passed, skipped = run_emulated(build_dir)
+    assert skipped == DEVICE_ONLY and passed > 100, (passed, skipped)
+
+
+def test_one_launch_forward_on_a_large_grid(build_dir):
+    """320 co-resident blocks (AIA_CUDA_EMULATION_SMS=160; an H100 has 132 SMs): the
+    one-launch forward's BN merge reads more block partials than a block has threads."""
+    passed, _ = run_emulated(build_dir, "-k", "persistent_many_blocks", AIA_CUDA_EMULATION_SMS="160")
+    assert passed == 2

@@ -21,7 +21,8 @@
 // memory model, warp-level behaviour, register/shared-memory limits, launch limits, speed.
 //
 // Device limits it reports: cooperative launch supported, AIA_CUDA_EMULATION_SMS
-// multiprocessors (default 2), 2 co-resident blocks of any kernel per multiprocessor.
+// multiprocessors (default 2; read once per process by the code that caches it),
+// 2 co-resident blocks of any kernel per multiprocessor.
 #pragma once
 #include <ATen/ATen.h>  // before the macros below, which no torch header must see
 #include <c10/util/Exception.h>
@@ -138,13 +139,14 @@ class Launch {
     Wait wait = kNone;
     bool done = false;
   };
-  static constexpr size_t kStackBytes = size_t(256) << 10;
+  static constexpr uint64_t kCanary = 0x5eed5eed5eed5eedull;  // the lowest word of every fiber stack
+  static constexpr size_t kStackBytes = size_t(64) << 10;  // deepest use: a copy of the persistent kernel's Args (< 4 KB)
 
   static Launch*& active() {
     static thread_local Launch* launch = nullptr;
     return launch;
   }
-  // Fiber stacks are reused across launches (mmap'd once, touched pages only).
+  // Fiber stacks are reused across launches (mapped once, never unmapped; touched pages only).
   static std::vector<void*>& stack_pool() {
     static thread_local std::vector<void*> pool;
     return pool;
@@ -178,6 +180,8 @@ class Launch {
         f.block = first_block + b;
         f.thread = t;
         if (stack_pool().empty()) {
+          // No guard page: a large grid has more fibers than a process may have mappings
+          // (vm.max_map_count), and adjacent plain mappings merge. A canary instead.
           void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                          -1, 0);
           TORCH_CHECK(p != MAP_FAILED, "cuda emulator: cannot map a fiber stack");
@@ -185,6 +189,7 @@ class Launch {
         }
         f.stack = stack_pool().back();
         stack_pool().pop_back();
+        *static_cast<uint64_t*>(f.stack) = kCanary;
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack;
         f.context.uc_stack.ss_size = kStackBytes;
@@ -195,10 +200,15 @@ class Launch {
   }
 
   void release_fibers() {
+    bool overflow = false;
     for (Fiber& f : fibers_) {
-      if (f.stack != nullptr) stack_pool().push_back(f.stack);
+      if (f.stack == nullptr) continue;
+      overflow |= *static_cast<const uint64_t*>(f.stack) != kCanary;
+      stack_pool().push_back(f.stack);
     }
     fibers_.clear();
+    TORCH_CHECK(!overflow, "cuda emulator: a CUDA thread overflowed its ", kStackBytes / 1024,
+                " KB fiber stack (raise kStackBytes in cuda_emulator.h)");
   }
 
   void rethrow() {
