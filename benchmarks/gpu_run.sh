@@ -52,7 +52,7 @@ unset TRITON_INTERPRET
 BUILD=
 if step tests || step native; then
     $PY -c "import time, aia_kernels.native as n; t = time.time(); n.load(); \
-print(f'native extension built in {time.time() - t:.0f} s, with CUDA: {n._state[\"cuda\"]}')" \
+print(f'native extension loaded in {time.time() - t:.0f} s: {n.build_info()}')" \
         > "$DIR/native_build.log" 2>&1 &
     BUILD=$!
 fi

@@ -3,7 +3,10 @@
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja)
 into the default torch extensions directory, or into ``$AIA_KERNELS_BUILD_DIR``. A
 CPU-only torch builds only the C++ sources; the CUDA sources are added when
-``torch.cuda.is_available()`` and a CUDA toolkit (``CUDA_HOME``) exist.
+``torch.cuda.is_available()`` and a CUDA toolkit (``CUDA_HOME``) exist. An ahead-of-time
+build (``AIA_KERNELS_BUILD_NATIVE=1`` for ``setup.py``) is used instead when it was made
+for this torch version and CPU (``AIA_NATIVE_PREBUILT`` selects; :func:`build_info` says).
+Sources and flags: ``build_config.py``.
 
 The CUDA kernels have never run on a GPU: ``unavailable_reason`` refuses CUDA devices
 unless ``AIA_NATIVE_CUDA=1`` is set, so ``backend="auto"`` never picks them.
@@ -22,9 +25,9 @@ can be checked against the reference without a GPU (``tests/test_native_cuda_emu
 from __future__ import annotations
 
 import functools
-import hashlib
+import importlib.machinery
+import json
 import os
-import platform
 import threading
 import warnings
 from pathlib import Path
@@ -38,17 +41,9 @@ from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
 # The source tree's csrc/, or the copy a regular install puts inside the package.
 CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
              if p.is_dir()), Path(__file__).resolve().parents[2] / "csrc")
-CPU_SOURCES = ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu.cpp")
-CUDA_SOURCES = ("aia_cuda.cu", "aia_cuda_persistent.cu")
-# The CUDA sources as host C++ against the emulator (each wrapper includes its .cu).
-EMULATED_CUDA_SOURCES = tuple(f"emulation/{Path(s).stem}_emulated.cpp" for s in CUDA_SOURCES)
-# Host code must not fuse the kernels' explicitly rounded a * b + c (the __fmul_rn & co. stand-ins).
-EMULATION_FLAGS = ["-DAIA_WITH_CUDA", "-DAIA_CUDA_EMULATION", "-ffp-contract=off"]
-# -march=native: the build is cached per machine; set AIA_NATIVE_CXXFLAGS="" for a portable build.
-# -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
-CXX_FLAGS = ["-O3", "-fopenmp"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
-LD_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+from .build_config import (CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, EMULATED_CUDA_SOURCES,  # noqa: F401
+                           EMULATION_FLAGS, LD_FLAGS, NVCC_FLAGS, PREBUILT_METADATA, cpu_fingerprint, machine_specific,
+                           sources_digest)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "error": build failure message, "cuda": built with CUDA
@@ -68,14 +63,7 @@ def _extension_name(cuda: bool, emulated: bool = False) -> str:
     """torch caches builds by name, sources and flags, not by CPU: with -march=native the
     name carries a fingerprint of this CPU so another CPU never loads this build."""
     name = "aia_native_cuda_emulated" if emulated else "aia_native_cuda" if cuda else "aia_native"
-    if "-march=native" not in CXX_FLAGS:
-        return name
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
-    except OSError:
-        cpu = platform.processor() or platform.machine()
-    return f"{name}_{hashlib.sha1(cpu.encode()).hexdigest()[:10]}"
+    return f"{name}_{cpu_fingerprint()}" if machine_specific(CXX_FLAGS) else name
 
 
 def build_directory() -> str | None:
@@ -87,20 +75,88 @@ def build_directory() -> str | None:
     return path
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _prebuilt_candidate() -> tuple[Path | None, bool]:
+    """(the ahead-of-time library to try, whether AIA_NATIVE_PREBUILT named it).
+    AIA_NATIVE_PREBUILT: unset, the one setup.py put in this package if any; 0, none; else a path."""
+    setting = os.environ.get("AIA_NATIVE_PREBUILT", "")
+    if setting == "0":
+        return None, False
+    if setting:
+        return Path(setting), True
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (PACKAGE_DIR / f"_aia_native{suffix}").exists():
+            return PACKAGE_DIR / f"_aia_native{suffix}", False
+    return None, False
+
+
+def _prebuilt_metadata(library: Path) -> tuple[dict | None, str | None]:
+    """(what setup.py recorded of the library, or why it cannot be used in this process)."""
+    if not library.is_file():
+        return None, "it does not exist"
+    path = library.with_name(PREBUILT_METADATA)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"its metadata {path} cannot be read ({exc})"
+    if meta.get("torch") != torch.__version__:  # the C++ ABI follows the torch version
+        return None, f"it was built for torch {meta.get('torch')}, this is torch {torch.__version__}"
+    if meta.get("cpu") and meta["cpu"] != cpu_fingerprint():
+        return None, "it was built with -march=native on another CPU"
+    if meta.get("sources") != sources_digest(CSRC):
+        return None, f"it was built from other sources than {CSRC} holds now"
+    return meta, None
+
+
+def _load_prebuilt() -> bool:
+    """Load the ahead-of-time library when there is a usable one; warns when one is found
+    but unusable (and the first-use build runs instead), raises if AIA_NATIVE_PREBUILT named it."""
+    library, named = _prebuilt_candidate()
+    if library is None:
+        return False
+    meta, reason = _prebuilt_metadata(library)
+    if reason is not None:
+        message = f"aia_kernels.native: the prebuilt library {library} is not used: {reason}"
+        if named:
+            _state["error"] = message + " (unset AIA_NATIVE_PREBUILT to build on first use)"
+            raise RuntimeError(_state["error"])
+        warnings.warn(message + "; building on first use instead", stacklevel=3)
+        return False
+    torch.ops.load_library(str(library))
+    _state.update(cuda=bool(meta["cuda"]), library=str(library))
+    return True
+
+
+def build_info() -> dict:
+    """How the loaded extension was built: {"source": "prebuilt" | "first use", "library"
+    (the prebuilt file or None), "cuda", "emulated"}; loads it first."""
+    load()
+    return {"source": "prebuilt" if "library" in _state else "first use", "library": _state.get("library"),
+            "cuda": _state["cuda"], "emulated": _state["emulated"]}
+
+
 def load(verbose: bool = False) -> None:
-    """Compile (once per build dir) and load the extension; raises RuntimeError with the
-    compiler's message if the build fails."""
+    """Load the extension: the ahead-of-time build if setup.py made one for this torch
+    and CPU, else compile it on first use (once per build dir). Raises RuntimeError with
+    the compiler's message if the build fails."""
     with _lock:
         if "loaded" in _state:
             return
         if "error" in _state:
             raise RuntimeError(_state["error"])
-        from torch.utils.cpp_extension import load as load_extension
         emulated = emulating_cuda()
+        if not emulated and _load_prebuilt():
+            _register_fakes()
+            _state["emulated"] = False
+            _state["loaded"] = True
+            return
+        from torch.utils.cpp_extension import load as load_extension
         cuda = _with_cuda() and not emulated
         sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())
                    + (EMULATED_CUDA_SOURCES if emulated else ())]
-        defines = EMULATION_FLAGS if emulated else ["-DAIA_WITH_CUDA"] if cuda else []
+        defines = EMULATION_FLAGS if emulated else CUDA_FLAGS if cuda else []
         if emulated:
             warnings.warn("aia_kernels.native: AIA_NATIVE_CUDA_EMULATION=1: CPU tensors run the CUDA kernels on "
                           "a slow CPU emulator (a test tool, csrc/emulation/), not the C++ CPU kernels",

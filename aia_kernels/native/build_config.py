@@ -1,0 +1,49 @@
+"""What the native extension is built from and with: shared by the first-use build
+(``aia_kernels.native.load``) and the optional ahead-of-time build in ``setup.py``,
+which reads this file by path (no torch, no package import)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+CPU_SOURCES = ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu.cpp")
+CUDA_SOURCES = ("aia_cuda.cu", "aia_cuda_persistent.cu")
+# The CUDA sources as host C++ against the emulator (each wrapper includes its .cu).
+EMULATED_CUDA_SOURCES = tuple(f"emulation/{Path(s).stem}_emulated.cpp" for s in CUDA_SOURCES)
+# Host code must not fuse the kernels' explicitly rounded a * b + c (the __fmul_rn & co. stand-ins).
+EMULATION_FLAGS = ["-DAIA_WITH_CUDA", "-DAIA_CUDA_EMULATION", "-ffp-contract=off"]
+CUDA_FLAGS = ["-DAIA_WITH_CUDA"]
+# -march=native: a build is for the machine that built it; set AIA_NATIVE_CXXFLAGS="" for a portable build.
+# -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
+CXX_FLAGS = ["-O3", "-fopenmp"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
+LD_FLAGS = ["-fopenmp"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+
+# The ahead-of-time build: aia_kernels/native/_aia_native<ext suffix>, and beside it
+# _aia_native.json saying what it was built for (torch version, CUDA, flags, CPU, sources).
+PREBUILT_MODULE = "aia_kernels.native._aia_native"
+PREBUILT_METADATA = "_aia_native.json"
+
+
+def cpu_fingerprint() -> str:
+    """A short hash of this CPU's model and feature flags (what -march=native depends on)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        cpu = platform.processor() or platform.machine()
+    return hashlib.sha1(cpu.encode()).hexdigest()[:10]
+
+
+def sources_digest(csrc: Path) -> str:
+    """A hash of every file under csrc/: a prebuilt library of other sources is stale."""
+    digest = hashlib.sha1()
+    for path in sorted(p for p in Path(csrc).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(csrc).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def machine_specific(flags: list[str]) -> bool:
+    return "-march=native" in flags

@@ -1,0 +1,110 @@
+"""The optional ahead-of-time build of the native extension (setup.py with
+AIA_KERNELS_BUILD_NATIVE=1) and the loader's choice between it and the first-use build:
+it is used only for the torch version, sources and CPU it was built for, a found but
+unusable one warns and is skipped, a named one (AIA_NATIVE_PREBUILT) that is unusable
+raises."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+native = pytest.importorskip("aia_kernels.native")
+ROOT = Path(__file__).resolve().parents[1]
+SUFFIX = ".cpython-test.so"
+
+
+def fake_library(directory: Path, **overrides) -> Path:
+    """An (unloadable) library file with metadata that matches this process unless overridden."""
+    library = directory / f"_aia_native{SUFFIX}"
+    library.write_bytes(b"not a library")
+    meta = {"torch": torch.__version__, "cuda": False, "cxx_flags": native.CXX_FLAGS,
+            "cpu": native.cpu_fingerprint(), "sources": native.sources_digest(native.CSRC), **overrides}
+    (directory / native.PREBUILT_METADATA).write_text(json.dumps(meta))
+    return library
+
+
+@pytest.fixture
+def package_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "PACKAGE_DIR", tmp_path)
+    monkeypatch.setattr(native.importlib.machinery, "EXTENSION_SUFFIXES", [SUFFIX])
+    monkeypatch.delenv("AIA_NATIVE_PREBUILT", raising=False)
+    monkeypatch.setattr(native, "_state", {})  # this process's loaded extension is left alone
+    return tmp_path
+
+
+def test_no_prebuilt_library(package_dir):
+    assert native._prebuilt_candidate() == (None, False)
+    assert native._load_prebuilt() is False
+
+
+def test_candidate_selection(package_dir, monkeypatch):
+    library = fake_library(package_dir)
+    assert native._prebuilt_candidate() == (library, False)
+    assert native._prebuilt_metadata(library)[1] is None
+    monkeypatch.setenv("AIA_NATIVE_PREBUILT", "0")
+    assert native._prebuilt_candidate() == (None, False)
+    monkeypatch.setenv("AIA_NATIVE_PREBUILT", "/elsewhere/lib.so")
+    assert native._prebuilt_candidate() == (Path("/elsewhere/lib.so"), True)
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    ({"torch": "0.0.0"}, "built for torch 0.0.0"),
+    ({"cpu": "0000000000"}, "on another CPU"),
+    ({"sources": "stale"}, "other sources"),
+])
+def test_mismatch_warns_and_builds_instead(package_dir, overrides, reason):
+    fake_library(package_dir, **overrides)
+    with pytest.warns(UserWarning, match=reason + ".*building on first use instead"):
+        assert native._load_prebuilt() is False
+
+
+def test_missing_metadata(package_dir):
+    library = fake_library(package_dir)
+    (package_dir / native.PREBUILT_METADATA).unlink()
+    assert "metadata" in native._prebuilt_metadata(library)[1]
+
+
+def test_named_but_unusable_raises(package_dir, monkeypatch):
+    library = fake_library(package_dir, torch="0.0.0")
+    monkeypatch.setenv("AIA_NATIVE_PREBUILT", str(library))
+    with pytest.raises(RuntimeError, match="built for torch 0.0.0.*unset AIA_NATIVE_PREBUILT"):
+        native._load_prebuilt()
+    monkeypatch.setenv("AIA_NATIVE_PREBUILT", str(package_dir / "missing.so"))
+    native._state.clear()
+    with pytest.raises(RuntimeError, match="does not exist"):
+        native._load_prebuilt()
+
+
+def test_setup_builds_a_library_the_loader_uses(tmp_path):
+    """setup.py build_ext into a temporary dir; a fresh process loads that library (no
+    first-use build: its build dir stays empty) and matches the reference. C++ only
+    (=cpu), so a GPU machine does not spend minutes in nvcc here."""
+    env = {**os.environ, "AIA_KERNELS_BUILD_NATIVE": "cpu", "MAX_JOBS": "2"}
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                            "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    (library,) = (tmp_path / "lib/aia_kernels/native").glob("_aia_native*.so")
+    meta = json.loads(library.with_name(native.PREBUILT_METADATA).read_text())
+    assert meta["torch"] == torch.__version__ and meta["sources"] == native.sources_digest(native.CSRC)
+
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from aia_kernels import native\n"
+        "from aia_testing import compare_with_reference\n"
+        "info = native.build_info()\n"
+        f"assert info['source'] == 'prebuilt' and info['library'] == {str(library)!r}, info\n"
+        "for variant in ('CinST->STinC', 'C+ST'):\n"
+        "    compare_with_reference(variant, 'native')\n"
+        "print('prebuilt ok')\n"
+    )
+    jit_dir = tmp_path / "jit"
+    env = {**os.environ, "AIA_NATIVE_PREBUILT": str(library), "AIA_KERNELS_BUILD_DIR": str(jit_dir)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "prebuilt ok" in run.stdout, run.stdout + run.stderr
+    assert not jit_dir.exists() or not any(jit_dir.iterdir()), "the first-use build ran"
