@@ -188,6 +188,43 @@ AIA_HD acc_t upstream_at(const Upstream<scalar_t, acc_t>& up, const Dims& d, int
   return u;
 }
 
+// d loss / d (gate j of factor k) at gate entry `g`: the sum over its pooled axis of
+// upstream * v * (d weight / d factor_k) / size_k, positions in order.
+template <typename scalar_t, typename acc_t>
+AIA_HD acc_t weight_grad_entry(const scalar_t* v, const Strides5& vs, const Dims& d, const Weight<acc_t>& wt,
+                               const Upstream<scalar_t, acc_t>& up, int k, int j, int64_t g) {
+  const int axis = wt.axis[k][j];
+  const int64_t len = axis_length(axis, d);
+  const acc_t inv_size = acc_t(1) / acc_t(wt.size[k]);
+  acc_t sum = 0;
+  for (int64_t p = 0; p < len; ++p) {
+    const Coords x = gate_coords(axis, d, g, p);
+    acc_t f[kMaxFactors] = {acc_t(1), acc_t(1)};
+    for (int q = 0; q < wt.n_factors; ++q) f[q] = factor_at(wt, q, d, x.n, x.t, x.c, x.h, x.w);
+    sum += upstream_at(up, d, x.n, x.t, x.c, x.h, x.w) * static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]) *
+           factor_partial(wt, k, f) * inv_size;
+  }
+  return sum;
+}
+
+// A weight and the upstream gradient of the tensor it produced: one term of d loss / d v.
+template <typename scalar_t, typename acc_t>
+struct WeightedUpstream {
+  Weight<acc_t> weight;
+  Upstream<scalar_t, acc_t> upstream;
+};
+
+// d loss / d v at element x: the sum over the terms, in order.
+template <typename scalar_t, typename acc_t>
+AIA_HD acc_t input_grad_at(const WeightedUpstream<scalar_t, acc_t>* terms, int count, const Dims& d, const Coords& x) {
+  acc_t sum = 0;
+  for (int k = 0; k < count; ++k) {
+    sum += weight_at(terms[k].weight, d, x.n, x.t, x.c, x.h, x.w) *
+           upstream_at(terms[k].upstream, d, x.n, x.t, x.c, x.h, x.w);
+  }
+  return sum;
+}
+
 // ---- Conv3d(2 -> 1, 3x3x3, padding 1) on a pooled tensor (N, 2, D1, D2, D3) ----
 
 struct ConvDims {
@@ -241,6 +278,21 @@ AIA_HD acc_t conv_input_grad_at(const acc_t* dz, const acc_t* wt, const ConvDims
     }
   }
   return s;
+}
+
+// The two above at a flat index: z (N, D1, D2, D3) and d loss / d P (N, 2, D1, D2, D3).
+template <typename acc_t>
+AIA_HD acc_t conv_output_flat(const acc_t* P, const acc_t* wt, const ConvDims& d, int64_t i) {
+  const int64_t c = i % d.D3, b = i / d.D3 % d.D2, a = i / (d.D3 * d.D2) % d.D1, n = i / (d.D3 * d.D2 * d.D1);
+  return conv_output_at(P, wt, d, n, a, b, c);
+}
+
+template <typename acc_t>
+AIA_HD acc_t conv_input_grad_flat(const acc_t* dz, const acc_t* wt, const ConvDims& d, int64_t i) {
+  const int64_t c = i % d.D3, b = i / d.D3 % d.D2, a = i / (d.D3 * d.D2) % d.D1;
+  const int ci = static_cast<int>(i / (d.D3 * d.D2 * d.D1) % 2);
+  const int64_t n = i / (d.D3 * d.D2 * d.D1 * 2);
+  return conv_input_grad_at(dz, wt, d, n, ci, a, b, c);
 }
 
 // One output position's term of d loss / d w[ci, k1, k2, k3]: P[n, ci, pos + k - 1] * dz[n, pos].

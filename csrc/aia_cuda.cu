@@ -40,33 +40,18 @@ __global__ void apply_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d
   }
 }
 
-// One thread per entry of gate j of factor k: sum over its axis of
-// upstream * v * (d weight / d factor_k) / size_k.
+// One thread per entry of gate j of factor k (weight_grad_entry of aia_common.h).
 template <typename scalar_t, typename acc_t>
 __global__ void weight_grad_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d, Weight<acc_t> wt,
                                    Upstream<scalar_t, acc_t> up, int k, int j, acc_t* __restrict__ out,
                                    int64_t entries) {
-  const int axis = wt.axis[k][j];
-  const int64_t len = axis_length(axis, d);
-  const acc_t inv_size = acc_t(1) / acc_t(wt.size[k]);
-  AIA_GRID_STRIDE(g, entries) {
-    acc_t sum = 0;
-    for (int64_t p = 0; p < len; ++p) {
-      const Coords x = gate_coords(axis, d, g, p);
-      acc_t f[kMaxFactors] = {acc_t(1), acc_t(1)};
-      for (int q = 0; q < wt.n_factors; ++q) f[q] = factor_at(wt, q, d, x.n, x.t, x.c, x.h, x.w);
-      sum += upstream_at(up, d, x.n, x.t, x.c, x.h, x.w) * static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]) *
-             factor_partial(wt, k, f) * inv_size;
-    }
-    out[g] = sum;
-  }
+  AIA_GRID_STRIDE(g, entries) out[g] = weight_grad_entry(v, vs, d, wt, up, k, j, g);
 }
 
 template <typename scalar_t, typename acc_t>
 struct Terms {
   int count;
-  Weight<acc_t> weight[kMaxTerms];
-  Upstream<scalar_t, acc_t> upstream[kMaxTerms];
+  WeightedUpstream<scalar_t, acc_t> term[kMaxTerms];
 };
 
 template <typename scalar_t, typename acc_t>
@@ -74,33 +59,21 @@ __global__ void input_grad_kernel(Terms<scalar_t, acc_t> terms, Dims d, scalar_t
                                   int64_t elements) {
   AIA_GRID_STRIDE(i, elements) {
     const Coords x = element_coords(d, i);
-    acc_t sum = 0;
-    for (int k = 0; k < terms.count; ++k) {
-      sum += weight_at(terms.weight[k], d, x.n, x.t, x.c, x.h, x.w) *
-             upstream_at(terms.upstream[k], d, x.n, x.t, x.c, x.h, x.w);
-    }
-    out[offset5(os, x.n, x.t, x.c, x.h, x.w)] = static_cast<scalar_t>(sum);
+    out[offset5(os, x.n, x.t, x.c, x.h, x.w)] =
+        static_cast<scalar_t>(input_grad_at(terms.term, terms.count, d, x));
   }
 }
 
 template <typename acc_t>
 __global__ void conv_forward_kernel(const acc_t* __restrict__ P, const acc_t* __restrict__ wt, ConvDims d,
                                     acc_t* __restrict__ z, int64_t entries) {
-  AIA_GRID_STRIDE(i, entries) {
-    const int64_t c = i % d.D3, b = i / d.D3 % d.D2, a = i / (d.D3 * d.D2) % d.D1, n = i / (d.D3 * d.D2 * d.D1);
-    z[i] = conv_output_at(P, wt, d, n, a, b, c);
-  }
+  AIA_GRID_STRIDE(i, entries) z[i] = conv_output_flat(P, wt, d, i);
 }
 
 template <typename acc_t>
 __global__ void conv_input_grad_kernel(const acc_t* __restrict__ dz, const acc_t* __restrict__ wt, ConvDims d,
                                        acc_t* __restrict__ dP, int64_t entries) {
-  AIA_GRID_STRIDE(i, entries) {
-    const int64_t c = i % d.D3, b = i / d.D3 % d.D2, a = i / (d.D3 * d.D2) % d.D1;
-    const int ci = static_cast<int>(i / (d.D3 * d.D2 * d.D1) % 2);
-    const int64_t n = i / (d.D3 * d.D2 * d.D1 * 2);
-    dP[i] = conv_input_grad_at(dz, wt, d, n, ci, a, b, c);
-  }
+  AIA_GRID_STRIDE(i, entries) dP[i] = conv_input_grad_flat(dz, wt, d, i);
 }
 
 // Block `tap` sums its terms: each thread a strided range, then a fixed shared-memory tree.
@@ -198,8 +171,8 @@ void input_grad(const std::vector<Term>& terms, const GateSet& gates, const at::
     Terms<scalar_t, acc_t> packed{};
     packed.count = static_cast<int>(terms.size());
     for (size_t k = 0; k < terms.size(); ++k) {
-      packed.weight[k] = make_weight<acc_t>(gates, terms[k].weight);
-      packed.upstream[k] = make_upstream<scalar_t, acc_t>(terms[k].upstream);
+      packed.term[k].weight = make_weight<acc_t>(gates, terms[k].weight);
+      packed.term[k].upstream = make_upstream<scalar_t, acc_t>(terms[k].upstream);
     }
     AIA_LAUNCH(blocks_for(elements), kThreads, stream(), input_grad_kernel<scalar_t, acc_t>)(
         packed, dims_of(out), out.data_ptr<scalar_t>(), strides_of(out), elements);

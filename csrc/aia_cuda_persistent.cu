@@ -1,9 +1,11 @@
-// The whole forward of an AIA plan in ONE cooperative, persistent CUDA kernel.
+// The whole forward of an AIA plan in ONE cooperative, persistent CUDA kernel, and the
+// whole backward in another (its own section below).
 //
-// STATUS: COMPILED (nvcc, sm_90, tests/test_native_cuda_compile.py) but NOT YET RUN ON A
-// GPU: none was available when it was written. Like every native CUDA kernel it is
-// only reachable with AIA_NATIVE_CUDA=1 (aia_kernels/native/__init__.py refuses CUDA
-// devices otherwise); tests/test_native_cuda.py compares it with the multi-launch path.
+// STATUS: COMPILED (nvcc, sm_90, tests/test_native_cuda_compile.py) and RUN ON THE CPU
+// EMULATOR (csrc/emulation/, tests/test_native_cuda_emulated.py), NOT YET RUN ON A GPU:
+// none was available when it was written. Like every native CUDA kernel it is only
+// reachable with AIA_NATIVE_CUDA=1 (aia_kernels/native/__init__.py refuses CUDA devices
+// otherwise); tests/test_native_cuda.py compares both with the multi-launch path.
 //
 // Why: at small shapes the multi-launch walk of aia_plan.cpp costs ~10-20 launches per
 // gate (pool, conv, the BN fold as ATen ops, the gate values) and each costs more than
@@ -11,7 +13,8 @@
 // (cooperative_groups::this_grid().sync()), so one launch runs every phase.
 //
 // What: aia_native::plan_forward (aia_plan.cpp) calls plan_forward_persistent when
-// persistent_forward_applies (aia_plan.h):
+// persistent_forward_applies (aia_plan.h), plan_backward plan_backward_persistent when
+// persistent_backward_applies (the same rule, at most kMaxBwdStages stages):
 //   AIA_NATIVE_CUDA_PERSISTENT=0 never, =1 whenever possible, unset: when x has at most
 //   AIA_NATIVE_CUDA_PERSISTENT_MAX_ELEMENTS elements (default kDefaultMaxElements =
 //   2^21 = 2,097,152: the spec's (64, 512, 7, 7) = 1.6M is in, (64, 256, 14, 14) = 3.2M
@@ -260,9 +263,7 @@ __global__ void __launch_bounds__(kThreads) plan_forward_kernel(const __grid_con
       const ConvDims cd = ga.cd;
       Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
       for (int64_t i = first; i < ga.entries; i += step) {
-        const int64_t c = i % cd.D3, b = i / cd.D3 % cd.D2, a = i / (cd.D3 * cd.D2) % cd.D1;
-        const int64_t n = i / (cd.D3 * cd.D2 * cd.D1);
-        const acc_t z = conv_output_at<acc_t>(ga.P, prm, cd, n, a, b, c);
+        const acc_t z = conv_output_flat<acc_t>(ga.P, prm, cd, i);
         ga.z[i] = z;
         if (batch) {
           push(m, z);
@@ -316,6 +317,243 @@ __global__ void __launch_bounds__(kThreads) plan_forward_kernel(const __grid_con
   }
 }
 
+// ---- the one-launch backward ----
+//
+// plan_backward of aia_plan.cpp (the multi-launch walk) in one cooperative launch, the
+// same formulas in the same order of terms; its BN and conv-weight sums are per-block
+// partials (fixed trees) merged in block order, so results match the walk to rounding.
+// Phases, separated by grid.sync():
+//   0. conv weights and BN gamma to acc_t (block 0); every gate's value sigmoid(a z + b).
+//   W. d loss / d gate from the output term (weight_grad_entry), stored or added per gate
+//      in term order, as the walk accumulates them.
+//   per stage, last first:
+//   B1. dy = d gate * g (1 - g), zhat; per-block sums of dy, dy zhat, dzhat, dzhat zhat.
+//   B2. every block merges the sums in block order; dz (BN backward); BN grads (block 0).
+//   B3. d pooled = conv input grad of dz; per-block partial sums of the 54 conv taps.
+//   B4. block 0 merges the taps (d conv); all: the stage term's gate gradients.
+//   then: d loss / d v = the sum over the terms (input_grad_at).
+
+constexpr int kMaxBwdStages = 4;            // every variant has at most 4 stages
+constexpr int kBnSums = 4;                  // sum dy, dy * zhat, dzhat, dzhat * zhat
+constexpr int kPartialFields = kBnSums + kConvTaps;
+constexpr int kBwdParamsPerGate = kConvTaps + 1;  // conv weights, BN gamma
+constexpr int kSumsPerPass = 6;             // block_sums: values reduced per shared-memory pass
+
+template <typename acc_t>
+struct BwdGateArgs {
+  int axis, bn_mode;
+  bool has_grad;         // some weight uses the gate (else its gradient is zero)
+  bool active;           // something of it is needed: d pooled, d conv or a BN gradient
+  double eps;
+  int64_t entries;       // N * D1 * D2 * D3
+  ConvDims cd;
+  const acc_t* P;
+  const acc_t* z;
+  const acc_t* scale_shift;
+  const acc_t* stats;    // (mean, var) the forward normalised with
+  ParamRef conv, bn_weight;
+  acc_t* value;          // scratch: gate values
+  acc_t* grad;           // scratch: d loss / d gate
+  acc_t* dz;             // scratch
+  acc_t* d_pooled;       // scratch (N, 2, D1, D2, D3), or nullptr: not needed
+  acc_t* d_conv;         // output (54), or nullptr
+  acc_t* d_bn_weight;    // output (1), or nullptr
+  acc_t* d_bn_bias;      // output (1), or nullptr
+};
+
+template <typename scalar_t, typename acc_t>
+struct BwdArgs {
+  const scalar_t* v;
+  Strides5 vs;
+  scalar_t* grad_x;  // nullptr: not needed
+  Strides5 gs;
+  Dims d;
+  int n_gates, n_stages, n_terms;
+  BwdGateArgs<acc_t> gate[kMaxGates];
+  int stage_n_gates[kMaxBwdStages];
+  int stage_gates[kMaxBwdStages][kMaxStageGates];
+  int stage_term[kMaxBwdStages];  // its term (weight, pooled gradients), or -1: d pooled not needed
+  // Terms in the walk's order (output, then stages last first); per factor gate: its id,
+  // and whether this term is its first gradient (store) or not (add).
+  WeightedUpstream<scalar_t, acc_t> term[1 + kMaxBwdStages];
+  int term_gate[1 + kMaxBwdStages][kMaxFactors][kMaxFactorGates];
+  bool term_first[1 + kMaxBwdStages][kMaxFactors][kMaxFactorGates];
+  acc_t* params;     // scratch: kBwdParamsPerGate per gate
+  double* partials;  // scratch: [kMaxStageGates][gridDim.x][kPartialFields]
+};
+
+// Block sums of vals[0..n) of every thread, in a fixed tree; thread 0 gets them in out.
+__device__ void block_sums(const double* vals, int n, double* out, double (*sh)[kThreads]) {
+  for (int base = 0; base < n; base += kSumsPerPass) {
+    const int m = n - base < kSumsPerPass ? n - base : kSumsPerPass;  // no std::min: it would odr-use the constant
+    for (int q = 0; q < m; ++q) sh[q][threadIdx.x] = vals[base + q];
+    __syncthreads();
+    for (int s = kThreads / 2; s > 0; s /= 2) {
+      if (threadIdx.x < s)
+        for (int q = 0; q < m; ++q) sh[q][threadIdx.x] += sh[q][threadIdx.x + s];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0)
+      for (int q = 0; q < m; ++q) out[base + q] = sh[q][0];
+    __syncthreads();  // sh is reused by the next pass
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ void term_gate_grads(const BwdArgs<scalar_t, acc_t>& args, int t, int64_t first, int64_t step) {
+  const WeightedUpstream<scalar_t, acc_t>& term = args.term[t];
+  for (int k = 0; k < term.weight.n_factors; ++k) {
+    for (int j = 0; j < term.weight.size[k]; ++j) {
+      const BwdGateArgs<acc_t>& ga = args.gate[args.term_gate[t][k][j]];
+      const bool store = args.term_first[t][k][j];
+      for (int64_t e = first; e < ga.entries; e += step) {
+        const acc_t g = weight_grad_entry(args.v, args.vs, args.d, term.weight, term.upstream, k, j, e);
+        ga.grad[e] = store ? g : ga.grad[e] + g;
+      }
+    }
+  }
+}
+
+// BN backward pieces of one gate entry (the walk's ATen formulas in aia_ops.cpp).
+template <typename acc_t>
+struct GateGradAt {
+  acc_t dy, zhat, rstd;
+};
+
+template <typename acc_t>
+__device__ GateGradAt<acc_t> gate_grad_at(const BwdGateArgs<acc_t>& ga, int64_t i) {
+  const acc_t g = ga.value[i];
+  const acc_t up = ga.has_grad ? ga.grad[i] : acc_t(0);
+  const acc_t dy = up * g * (acc_t(1) - g);
+  if (ga.bn_mode == kBnNone) return GateGradAt<acc_t>{dy, acc_t(0), acc_t(1)};
+  const acc_t rstd = rsqrt(ga.stats[1] + static_cast<acc_t>(ga.eps));
+  return GateGradAt<acc_t>{dy, (ga.z[i] - ga.stats[0]) * rstd, rstd};
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) plan_backward_kernel(const __grid_constant__ BwdArgs<scalar_t, acc_t> args) {
+  cg::grid_group grid = cg::this_grid();
+  __shared__ double sh[kSumsPerPass][kThreads];
+  const int64_t first = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  const int64_t step = int64_t(gridDim.x) * kThreads;
+
+  // 0: parameters (block 0) and gate values.
+  if (blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < args.n_gates * kBwdParamsPerGate; i += kThreads) {
+      const BwdGateArgs<acc_t>& ga = args.gate[i / kBwdParamsPerGate];
+      const int k = i % kBwdParamsPerGate;
+      args.params[i] = k == kConvTaps ? load_param(ga.bn_weight, 0, acc_t(1)) : load_param(ga.conv, k, acc_t(0));
+    }
+  }
+  for (int g = 0; g < args.n_gates; ++g) {
+    const BwdGateArgs<acc_t>& ga = args.gate[g];
+    for (int64_t i = first; i < ga.entries; i += step)
+      ga.value[i] = gate_value_at(ga.z[i], ga.scale_shift[0], ga.scale_shift[1]);
+  }
+  grid.sync();
+
+  // W: the output term.
+  term_gate_grads(args, 0, first, step);
+  grid.sync();
+
+  for (int s = args.n_stages - 1; s >= 0; --s) {
+    const int n_stage = args.stage_n_gates[s];
+    // B1: per-block BN sums.
+    for (int j = 0; j < n_stage; ++j) {
+      const BwdGateArgs<acc_t>& ga = args.gate[args.stage_gates[s][j]];
+      if (!ga.active || ga.bn_mode == kBnNone) continue;
+      const acc_t gamma = args.params[args.stage_gates[s][j] * kBwdParamsPerGate + kConvTaps];
+      double sums[kBnSums] = {0, 0, 0, 0};
+      for (int64_t i = first; i < ga.entries; i += step) {
+        const GateGradAt<acc_t> q = gate_grad_at(ga, i);
+        const acc_t dzhat = q.dy * gamma;
+        sums[0] += q.dy;
+        sums[1] += q.dy * q.zhat;
+        sums[2] += dzhat;
+        sums[3] += dzhat * q.zhat;
+      }
+      block_sums(sums, kBnSums, args.partials + (int64_t(j) * gridDim.x + blockIdx.x) * kPartialFields, sh);
+    }
+    grid.sync();
+
+    // B2: merged sums (every block, block order), dz, BN parameter gradients.
+    for (int j = 0; j < n_stage; ++j) {
+      const int g = args.stage_gates[s][j];
+      const BwdGateArgs<acc_t>& ga = args.gate[g];
+      if (!ga.active) continue;
+      const acc_t gamma = args.params[g * kBwdParamsPerGate + kConvTaps];
+      double sums[kBnSums] = {0, 0, 0, 0};
+      if (ga.bn_mode != kBnNone) {
+        for (unsigned b = 0; b < gridDim.x; ++b) {
+          const double* p = args.partials + (int64_t(j) * gridDim.x + b) * kPartialFields;
+          for (int q = 0; q < kBnSums; ++q) sums[q] += p[q];
+        }
+      }
+      const acc_t n = static_cast<acc_t>(ga.entries);
+      const acc_t mean_dzhat = static_cast<acc_t>(sums[2]) / n, mean_dzhat_zhat = static_cast<acc_t>(sums[3]) / n;
+      for (int64_t i = first; i < ga.entries; i += step) {
+        const GateGradAt<acc_t> q = gate_grad_at(ga, i);
+        acc_t dz = q.dy;
+        if (ga.bn_mode == kBnBatch) {
+          dz = q.rstd * (q.dy * gamma - mean_dzhat - q.zhat * mean_dzhat_zhat);
+        } else if (ga.bn_mode == kBnRunning) {
+          dz = q.dy * gamma * q.rstd;
+        }
+        ga.dz[i] = dz;
+      }
+      if (blockIdx.x == 0 && threadIdx.x == 0) {
+        if (ga.d_bn_weight != nullptr) ga.d_bn_weight[0] = static_cast<acc_t>(sums[1]);
+        if (ga.d_bn_bias != nullptr) ga.d_bn_bias[0] = static_cast<acc_t>(sums[0]);
+      }
+    }
+    grid.sync();
+
+    // B3: d pooled; per-block partial sums of the conv weight gradient.
+    for (int j = 0; j < n_stage; ++j) {
+      const int g = args.stage_gates[s][j];
+      const BwdGateArgs<acc_t>& ga = args.gate[g];
+      const acc_t* wt = args.params + g * kBwdParamsPerGate;
+      if (ga.d_pooled != nullptr) {
+        for (int64_t i = first; i < 2 * ga.entries; i += step) ga.d_pooled[i] = conv_input_grad_flat(ga.dz, wt, ga.cd, i);
+      }
+      if (ga.d_conv != nullptr) {
+        double taps[kConvTaps];
+        for (int t = 0; t < kConvTaps; ++t) taps[t] = 0;
+        for (int64_t i = first; i < ga.entries; i += step)
+          for (int t = 0; t < kConvTaps; ++t) taps[t] += conv_weight_grad_term(ga.P, ga.dz, ga.cd, t, i);
+        block_sums(taps, kConvTaps,
+                   args.partials + (int64_t(j) * gridDim.x + blockIdx.x) * kPartialFields + kBnSums, sh);
+      }
+    }
+    grid.sync();
+
+    // B4: d conv (block 0, tap per thread, block order); the stage term's gate gradients.
+    if (blockIdx.x == 0 && threadIdx.x < kConvTaps) {
+      for (int j = 0; j < n_stage; ++j) {
+        const BwdGateArgs<acc_t>& ga = args.gate[args.stage_gates[s][j]];
+        if (ga.d_conv == nullptr) continue;
+        double sum = 0;
+        for (unsigned b = 0; b < gridDim.x; ++b)
+          sum += args.partials[(int64_t(j) * gridDim.x + b) * kPartialFields + kBnSums + threadIdx.x];
+        ga.d_conv[threadIdx.x] = static_cast<acc_t>(sum);
+      }
+    }
+    if (args.stage_term[s] >= 0) term_gate_grads(args, args.stage_term[s], first, step);
+    grid.sync();
+  }
+
+  // d loss / d v.
+  if (args.grad_x != nullptr) {
+    const Dims d = args.d;
+    const int64_t elements = d.N * d.T * d.C * d.H * d.W;
+    for (int64_t i = first; i < elements; i += step) {
+      const Coords x = element_coords(d, i);
+      args.grad_x[offset5(args.gs, x.n, x.t, x.c, x.h, x.w)] =
+          static_cast<scalar_t>(input_grad_at(args.term, args.n_terms, d, x));
+    }
+  }
+}
+
 // ---- host ----
 
 // -1 unset (size threshold), 0 never, 1 whenever possible.
@@ -344,12 +582,13 @@ bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Co-resident blocks of the kernel for x's dtype on `device` (occupancy x SMs), cached.
-int coresident_blocks(int device, at::ScalarType type) {
+// Co-resident blocks of the forward or backward kernel for x's dtype on `device`
+// (occupancy x SMs), cached.
+int coresident_blocks(int device, at::ScalarType type, bool backward) {
   static std::mutex mutex;
-  static std::map<std::pair<int, int>, int> cache;
+  static std::map<std::tuple<int, int, bool>, int> cache;
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(device, static_cast<int>(type));
+  const auto key = std::make_tuple(device, static_cast<int>(type), backward);
   const auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));  // occupancy is asked of the current device
@@ -359,8 +598,13 @@ int coresident_blocks(int device, at::ScalarType type) {
   if (cooperative) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "aia_native_persistent_occupancy", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan_forward_kernel<scalar_t, acc_t>,
-                                                                   kThreads, 0));
+      if (backward) {
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan_backward_kernel<scalar_t, acc_t>,
+                                                                     kThreads, 0));
+      } else {
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan_forward_kernel<scalar_t, acc_t>,
+                                                                     kThreads, 0));
+      }
     });
   }
   const int blocks = cooperative ? per_sm * sms : 0;  // 0: no cooperative launch here
@@ -389,14 +633,23 @@ ParamRef optional_ref(const c10::optional<at::Tensor>& t, const at::Tensor& x, c
 
 }  // namespace
 
-bool persistent_forward_applies(const at::Tensor& v, const Plan& plan) {
+namespace {
+bool one_launch_applies(const at::Tensor& v, const Plan& plan, size_t max_stages, bool backward) {
   if (!runs_on_cuda(v)) return false;
   const int mode = env_mode();
   if (mode == 0 || !supported_dtype(v.scalar_type()) || v.numel() == 0) return false;
-  if (plan.gate_axis.size() > static_cast<size_t>(kMaxGates) || plan.stages.size() > static_cast<size_t>(kMaxStages))
-    return false;
+  if (plan.gate_axis.size() > static_cast<size_t>(kMaxGates) || plan.stages.size() > max_stages) return false;
   if (mode < 0 && v.numel() > max_elements()) return false;
-  return coresident_blocks(v.get_device(), v.scalar_type()) > 0;
+  return coresident_blocks(v.get_device(), v.scalar_type(), backward) > 0;
+}
+}  // namespace
+
+bool persistent_forward_applies(const at::Tensor& v, const Plan& plan) {
+  return one_launch_applies(v, plan, kMaxStages, false);
+}
+
+bool persistent_backward_applies(const at::Tensor& v, const Plan& plan) {
+  return one_launch_applies(v, plan, kMaxBwdStages, true);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persistent(
@@ -411,7 +664,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
   TORCH_CHECK(v.dim() == 5 && v.numel() > 0, "aia_native: x must be a non-empty (N*T, C, H, W) tensor");
   TORCH_CHECK(supported_dtype(v.scalar_type()), "aia_native: the one-launch forward takes float32, float64, "
               "float16 or bfloat16, got ", v.scalar_type());
-  const int blocks_max = coresident_blocks(x.get_device(), x.scalar_type());
+  const int blocks_max = coresident_blocks(x.get_device(), x.scalar_type(), false);
   TORCH_CHECK(blocks_max > 0, "aia_native: this device cannot run the one-launch forward (no cooperative launch)");
 
   // Every gate is computed by one stage before a weight uses it (the walk would fail on an
@@ -526,6 +779,175 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, saved, stats};
+}
+
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& v, const Plan& plan,
+                         const std::vector<GateParams>& params, at::TensorList saved, const at::Tensor& bn_stats,
+                         at::IntArrayRef needs) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int n_gates = static_cast<int>(plan.gate_axis.size());
+  const int n_stages = static_cast<int>(plan.stages.size());
+  TORCH_CHECK(n_gates <= kMaxGates && n_stages <= kMaxBwdStages, "aia_native: the one-launch backward takes at most ",
+              kMaxGates, " gates and ", kMaxBwdStages, " stages");
+  TORCH_CHECK(params.size() == static_cast<size_t>(n_gates) && saved.size() == static_cast<size_t>(4 * n_gates) &&
+                  needs.size() == static_cast<size_t>(1 + 3 * n_gates),
+              "aia_native: the one-launch backward got inconsistent gate counts");
+  TORCH_CHECK(supported_dtype(x.scalar_type()), "aia_native: the one-launch backward takes float32, float64, "
+              "float16 or bfloat16, got ", x.scalar_type());
+  const int blocks_max = coresident_blocks(x.get_device(), x.scalar_type(), true);
+  TORCH_CHECK(blocks_max > 0, "aia_native: this device cannot run the one-launch backward (no cooperative launch)");
+
+  const Dims d = dims_of(v);
+  const at::ScalarType acc_dtype = acc_type(x.scalar_type());
+  const auto acc = x.options().dtype(acc_dtype);
+  const int blocks = static_cast<int>(std::min<int64_t>(blocks_max, std::max<int64_t>(1, (v.numel() + kThreads - 1) / kThreads)));
+  const bool need_x = needs[0] != 0;
+  const auto need = [&](int k, int g) { return needs[1 + k * n_gates + g] != 0; };  // k: 0 conv, 1 bn w, 2 bn b
+
+  // The saved tensors the walk would read, checked: the kernel indexes them as contiguous.
+  std::vector<int64_t> entries(n_gates);
+  for (int g = 0; g < n_gates; ++g) {
+    std::vector<int64_t> shape = gate_shape(plan.gate_axis[g], d);
+    const at::Tensor &P = saved[4 * g], &argmax = saved[4 * g + 1], &z = saved[4 * g + 2], &ss = saved[4 * g + 3];
+    TORCH_CHECK(z.sizes() == at::IntArrayRef(shape) && argmax.sizes() == z.sizes() && P.dim() == 5 &&
+                    P.size(1) == 2 && P.numel() == 2 * z.numel() && ss.numel() == 2,
+                "aia_native: saved tensors of gate ", g, " do not match x and the plan");
+    for (const at::Tensor* t : {&P, &z, &ss})
+      TORCH_CHECK(t->scalar_type() == acc_dtype && t->is_contiguous() && t->device() == x.device(),
+                  "aia_native: saved tensors must be contiguous ", acc_dtype, " on ", x.device());
+    TORCH_CHECK(argmax.scalar_type() == at::kInt && argmax.is_contiguous(), "aia_native: argmax must be contiguous int32");
+    entries[g] = z.numel();
+  }
+  const at::Tensor stats = bn_stats.contiguous();
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({n_gates, 2}) && stats.scalar_type() == acc_dtype,
+              "aia_native: bn_stats must be (gates, 2) in ", acc_dtype);
+
+  // Scratch: per gate value, grad, dz (entries each) and d pooled (2 x entries); parameters.
+  std::vector<int64_t> offset(n_gates);
+  int64_t scratch_size = 0;
+  for (int g = 0; g < n_gates; ++g) {
+    offset[g] = scratch_size;
+    scratch_size += 5 * entries[g];
+  }
+  const int64_t params_offset = scratch_size;
+  scratch_size += int64_t(n_gates) * kBwdParamsPerGate;
+  at::Tensor scratch = at::empty({scratch_size}, acc);
+  at::Tensor partials = at::empty({int64_t(kMaxStageGates) * blocks * kPartialFields}, x.options().dtype(at::kDouble));
+
+  const at::Tensor empty = at::empty({0}, acc);
+  at::Tensor grad_x = need_x ? at::empty_like(x) : at::empty({0}, x.options());
+  std::vector<at::Tensor> d_conv(n_gates, empty), d_bn_w(n_gates, empty), d_bn_b(n_gates, empty);
+  for (int g = 0; g < n_gates; ++g) {
+    if (need(0, g)) d_conv[g] = at::empty({1, 2, 3, 3, 3}, acc);
+    if (params[g].bn_mode != kBnNone && need(1, g)) d_bn_w[g] = at::empty({1}, acc);
+    if (params[g].bn_mode != kBnNone && need(2, g)) d_bn_b[g] = at::empty({1}, acc);
+  }
+
+  std::vector<at::Tensor> keep;  // contiguous copies of strided conv weights, alive until the launch is queued
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aia_native_plan_backward_persistent", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using KernelArgs = BwdArgs<scalar_t, acc_t>;
+    static_assert(sizeof(KernelArgs) <= 4096, "kernel parameters must fit the classic 4 KB limit");
+    KernelArgs args{};
+    acc_t* base = scratch.data_ptr<acc_t>();
+    args.v = v.data_ptr<scalar_t>();
+    args.vs = strides_of(v);
+    args.d = d;
+    if (need_x) {
+      const at::Tensor gx5 = grad_x.view(v.sizes());
+      args.grad_x = gx5.data_ptr<scalar_t>();
+      args.gs = strides_of(gx5);
+    }
+    args.n_gates = n_gates;
+    args.n_stages = n_stages;
+    GateSet gates;  // gate values in the scratch, for make_weight
+    gates.axis = plan.gate_axis;
+    for (int g = 0; g < n_gates; ++g) gates.values.push_back(scratch.narrow(0, offset[g], entries[g]));
+
+    std::vector<int> stage_of(n_gates, 0);
+    std::vector<bool> need_pooled(n_stages);
+    for (int s = 0; s < n_stages; ++s) {
+      need_pooled[s] = need_x || !plan.stages[s].weight.factors.empty();
+      for (int g : plan.stages[s].gates) stage_of[g] = s;
+    }
+    for (int g = 0; g < n_gates; ++g) {
+      const GateParams& p = params[g];
+      TORCH_CHECK(p.bn_mode == kBnNone || p.bn_mode == kBnBatch || p.bn_mode == kBnRunning,
+                  "aia_native: unknown bn_mode ", p.bn_mode);
+      BwdGateArgs<acc_t>& ga = args.gate[g];
+      ga.axis = plan.gate_axis[g];
+      ga.bn_mode = static_cast<int>(p.bn_mode);
+      ga.active = need_pooled[stage_of[g]] || need(0, g) || (p.bn_mode != kBnNone && (need(1, g) || need(2, g)));
+      ga.eps = p.eps;
+      ga.entries = entries[g];
+      const auto zs = saved[4 * g + 2].sizes();
+      ga.cd = ConvDims{zs[0], zs[1], zs[2], zs[3]};
+      ga.P = saved[4 * g].data_ptr<acc_t>();
+      ga.z = saved[4 * g + 2].data_ptr<acc_t>();
+      ga.scale_shift = saved[4 * g + 3].data_ptr<acc_t>();
+      ga.stats = stats.data_ptr<acc_t>() + 2 * g;
+      at::Tensor conv = p.conv_weight;
+      if (!conv.is_contiguous()) keep.push_back(conv = conv.contiguous());
+      ga.conv = param_ref(conv, x, kConvTaps, "conv_weight");
+      ga.bn_weight = p.bn_mode != kBnNone ? optional_ref(p.bn_weight, x, "bn_weight") : ParamRef{nullptr, kParamF32};
+      ga.value = base + offset[g];
+      ga.grad = base + offset[g] + entries[g];
+      ga.dz = base + offset[g] + 2 * entries[g];
+      ga.d_pooled = need_pooled[stage_of[g]] ? base + offset[g] + 3 * entries[g] : nullptr;
+      ga.d_conv = need(0, g) ? d_conv[g].data_ptr<acc_t>() : nullptr;
+      ga.d_bn_weight = d_bn_w[g].numel() ? d_bn_w[g].data_ptr<acc_t>() : nullptr;
+      ga.d_bn_bias = d_bn_b[g].numel() ? d_bn_b[g].data_ptr<acc_t>() : nullptr;
+    }
+
+    // Terms in the walk's order; which gradient each term stores or adds to.
+    std::vector<bool> written(n_gates, false);
+    const auto add_term = [&](const WeightSpec& w, const Upstream<scalar_t, acc_t>& up) {
+      const int t = args.n_terms++;
+      args.term[t].weight = make_weight<acc_t>(gates, w);
+      args.term[t].upstream = up;
+      for (size_t k = 0; k < w.factors.size(); ++k) {
+        for (size_t j = 0; j < w.factors[k].size(); ++j) {
+          const int g = w.factors[k][j];
+          args.term_gate[t][k][j] = g;
+          args.term_first[t][k][j] = !written[g];
+          written[g] = true;
+        }
+      }
+      return t;
+    };
+    Upstream<scalar_t, acc_t> output_up{};
+    const at::Tensor dout5 = dout.view(v.sizes());
+    output_up.dout = dout5.data_ptr<scalar_t>();
+    output_up.dout_strides = strides_of(dout5);
+    add_term(plan.output, output_up);
+    for (int s = n_stages - 1; s >= 0; --s) {
+      const PlanStage& stage = plan.stages[s];
+      TORCH_CHECK(stage.gates.size() >= 1 && stage.gates.size() <= static_cast<size_t>(kMaxStageGates),
+                  "aia_native: a stage has 1 or 3 gates");
+      args.stage_n_gates[s] = static_cast<int>(stage.gates.size());
+      Upstream<scalar_t, acc_t> pooled{};
+      pooled.n_items = args.stage_n_gates[s];
+      for (int j = 0; j < args.stage_n_gates[s]; ++j) {
+        const int g = stage.gates[j];
+        args.stage_gates[s][j] = g;
+        args.gate[g].has_grad = written[g];  // every later term has been added
+        pooled.axis[j] = plan.gate_axis[g];
+        pooled.grad[j] = args.gate[g].d_pooled;
+        pooled.argmax[j] = saved[4 * g + 1].data_ptr<int32_t>();
+      }
+      args.stage_term[s] = need_pooled[s] ? add_term(stage.weight, pooled) : -1;
+    }
+    args.params = base + params_offset;
+    args.partials = partials.data_ptr<double>();
+
+    void* kernel_args[] = {&args};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(plan_backward_kernel<scalar_t, acc_t>, dim3(blocks), dim3(kThreads),
+                                               kernel_args, 0, c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, d_conv, d_bn_w, d_bn_b};
 }
 
 }  // namespace cuda

@@ -119,11 +119,31 @@ void check_lengths(size_t n_gates, size_t conv, size_t modes, size_t eps) {
 
 constexpr int kSavedPerGate = 4;  // pooled P, argmax, z, scale_shift (as fused.SAVED_PER_GATE)
 
-// How many CUDA plan_forward calls took each path since the library loaded:
-// [multi-launch walk, one cooperative launch]; read by aia_native::plan_forward_cuda_paths.
+// How many CUDA plan_forward / plan_backward calls took each path since the library
+// loaded: [multi-launch walk, one cooperative launch]; read by aia_native::plan_*_cuda_paths.
 std::atomic<int64_t> cuda_forward_paths[2] = {{0}, {0}};
+std::atomic<int64_t> cuda_backward_paths[2] = {{0}, {0}};
 
 std::vector<int64_t> plan_forward_cuda_paths() { return {cuda_forward_paths[0].load(), cuda_forward_paths[1].load()}; }
+std::vector<int64_t> plan_backward_cuda_paths() {
+  return {cuda_backward_paths[0].load(), cuda_backward_paths[1].load()};
+}
+
+#ifdef AIA_WITH_CUDA
+std::vector<GateParams> gate_params(size_t n_gates, at::TensorList conv_weights,
+                                    const c10::List<c10::optional<at::Tensor>>& bn_weights,
+                                    const c10::List<c10::optional<at::Tensor>>& bn_biases,
+                                    const c10::List<c10::optional<at::Tensor>>& running_means,
+                                    const c10::List<c10::optional<at::Tensor>>& running_vars,
+                                    at::IntArrayRef bn_modes, at::ArrayRef<double> eps) {
+  std::vector<GateParams> params;
+  for (size_t g = 0; g < n_gates; ++g) {
+    params.push_back(GateParams{conv_weights[g], at_or_none(bn_weights, g), at_or_none(bn_biases, g),
+                                at_or_none(running_means, g), at_or_none(running_vars, g), bn_modes[g], eps[g]});
+  }
+  return params;
+}
+#endif
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
     const at::Tensor& x, int64_t num_segments, at::IntArrayRef plan_desc, at::TensorList conv_weights,
@@ -136,11 +156,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
   const at::Tensor v = view5(x, num_segments);
 #ifdef AIA_WITH_CUDA
   if (runs_on_cuda(x) && cuda::persistent_forward_applies(v, plan)) {  // small shapes: one launch
-    std::vector<GateParams> params;
-    for (size_t g = 0; g < n_gates; ++g) {
-      params.push_back(GateParams{conv_weights[g], at_or_none(bn_weights, g), at_or_none(bn_biases, g),
-                                  at_or_none(running_means, g), at_or_none(running_vars, g), bn_modes[g], eps[g]});
-    }
+    const auto params = gate_params(n_gates, conv_weights, bn_weights, bn_biases, running_means, running_vars,
+                                    bn_modes, eps);
     auto result = cuda::plan_forward_persistent(x, v, plan, params);
     ++cuda_forward_paths[1];
     return result;
@@ -187,6 +204,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
               "aia_native: grad_out must match x");
   const at::Tensor dout = view5(grad_out, num_segments);
+#ifdef AIA_WITH_CUDA
+  if (runs_on_cuda(x) && cuda::persistent_backward_applies(v, plan)) {  // small shapes: one launch
+    const c10::List<c10::optional<at::Tensor>> none;  // the backward reads no bias or running stats
+    const auto params = gate_params(n_gates, conv_weights, bn_weights, none, none, none, bn_modes, eps);
+    auto result = cuda::plan_backward_persistent(grad_out, x, v, plan, params, saved, bn_stats, needs);
+    ++cuda_backward_paths[1];
+    return result;
+  }
+#endif
+  if (runs_on_cuda(x)) ++cuda_backward_paths[0];
   const bool need_x = needs[0] != 0;
   const auto need = [&](int k, size_t g) -> int64_t { return needs[1 + k * n_gates + g] != 0; };  // k: 0 conv, 1 bn w, 2 bn b
 
@@ -260,6 +287,7 @@ TORCH_LIBRARY_FRAGMENT(aia_native, m) {
         "-> (Tensor, Tensor[], Tensor[], Tensor[])");
   // Debug counters (no tensors, one kernel for all devices): [multi-launch, persistent].
   m.def("plan_forward_cuda_paths() -> int[]", &aia::plan_forward_cuda_paths);
+  m.def("plan_backward_cuda_paths() -> int[]", &aia::plan_backward_cuda_paths);
 }
 
 TORCH_LIBRARY_IMPL(aia_native, CPU, m) {

@@ -43,6 +43,16 @@ bool persistent_forward_applies(const at::Tensor& v, const Plan& plan);
 // (out, saved P/argmax/z/scale_shift per gate, stacked BN statistics).
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persistent(
     const at::Tensor& x, const at::Tensor& v, const Plan& plan, const std::vector<GateParams>& params);
+
+// The same for plan_backward (the same switch and threshold; at most 4 stages).
+bool persistent_backward_applies(const at::Tensor& v, const Plan& plan);
+
+// plan_backward in one launch: (grad_x, d conv weights, d BN weights, d BN biases), the
+// walk's outputs, empty where `needs` says not needed. `dout` is grad_out, x-shaped.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& v, const Plan& plan,
+                         const std::vector<GateParams>& params, at::TensorList saved, const at::Tensor& bn_stats,
+                         at::IntArrayRef needs);
 }  // namespace cuda
 
 }  // namespace aia

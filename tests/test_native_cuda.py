@@ -143,14 +143,20 @@ def _paths() -> list[int]:
     return list(torch.ops.aia_native.plan_forward_cuda_paths())
 
 
+def _backward_paths() -> list[int]:
+    return list(torch.ops.aia_native.plan_backward_cuda_paths())
+
+
 def _run_path(monkeypatch, persistent: bool, module, x, grad_out):
-    """One forward + backward with the forward on the chosen path, checking that it ran."""
+    """One forward + backward, both on the chosen path, checking that they ran there."""
     monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", "1" if persistent else "0")
-    before = _paths()
+    before, before_bwd = _paths(), _backward_paths()
     result = run(module, x, grad_out)
-    after = _paths()
+    after, after_bwd = _paths(), _backward_paths()
     assert module.last_backend == "native"
-    assert [a - b for a, b in zip(after, before)] == ([0, 1] if persistent else [1, 0]), (before, after)
+    expected = [0, 1] if persistent else [1, 0]
+    assert [a - b for a, b in zip(after, before)] == expected, (before, after)
+    assert [a - b for a, b in zip(after_bwd, before_bwd)] == expected, (before_bwd, after_bwd)
     return result
 
 
@@ -299,3 +305,33 @@ def test_emulated_thread_order_does_not_matter(monkeypatch, persistent):
         results.append(run(module, x, g))
     for other in results[1:]:
         assert_equal_results(results[0], other)
+
+
+@pytest.mark.parametrize("needs", ["all", "no_x", "params_only_last", "nothing_but_x"])
+def test_persistent_backward_needs(monkeypatch, needs):
+    """plan_backward with some gradients not asked for: the one-launch backward returns
+    what the walk returns (empty where not needed), values included."""
+    _, args = plan_op_args(device=DEVICE)
+    x = args[0]
+    n = len(args[3])
+    flags = {"all": [1] * (1 + 3 * n),
+             "no_x": [0] + [1] * (3 * n),
+             "params_only_last": [0] + ([0] * (n - 1) + [1]) * 3,
+             "nothing_but_x": [1] + [0] * (3 * n)}[needs]
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", "0")
+    _, saved, stats = torch.ops.aia_native.plan_forward(*args)
+    grad_out = torch.randn_like(x)
+    results = []
+    for persistent in ("0", "1"):
+        monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", persistent)
+        before = _backward_paths()
+        results.append(torch.ops.aia_native.plan_backward(grad_out, x, NUM_SEGMENTS, args[2], args[3], args[4],
+                                                          args[8], args[9], saved, stats, flags))
+        assert _backward_paths()[int(persistent)] == before[int(persistent)] + 1
+    (gx_m, *lists_m), (gx_p, *lists_p) = results
+    assert gx_p.shape == gx_m.shape
+    torch.testing.assert_close(gx_p, gx_m, atol=1e-12, rtol=1e-11)
+    for kind, (list_m, list_p) in enumerate(zip(lists_m, lists_p)):
+        for g, (m, p) in enumerate(zip(list_m, list_p)):
+            assert p.shape == m.shape and p.dtype == m.dtype, (kind, g)
+            torch.testing.assert_close(p, m, atol=1e-12, rtol=1e-11, msg=f"output {kind} of gate {g}")
