@@ -54,8 +54,9 @@ def native_extension():
     sources = [f"csrc/{s}" for s in cfg.CPU_SOURCES + (cfg.CUDA_SOURCES if cuda else ())]
     defines = cfg.CUDA_FLAGS if cuda else []
     kind = CUDAExtension if cuda else CppExtension
+    # -g0: Python's own CFLAGS carry -g; debug info doubles the build time and the file size.
     extension = kind(cfg.PREBUILT_MODULE, sources, include_dirs=[str(ROOT / "csrc")],
-                     extra_compile_args={"cxx": cfg.CXX_FLAGS + defines, "nvcc": cfg.NVCC_FLAGS + defines},
+                     extra_compile_args={"cxx": cfg.CXX_FLAGS + defines + ["-g0"], "nvcc": cfg.NVCC_FLAGS + defines},
                      extra_link_args=cfg.LD_FLAGS)
 
     class BuildNative(BuildExtension):
