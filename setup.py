@@ -83,7 +83,7 @@ setup(
     package_data={"aia_kernels.triton": ["tuned_tiles.json"]},  # the tuned tile table, once a GPU wrote one
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.2", "ninja", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "pytest-benchmark", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass={"build_py": BuildPyWithSources, **build_ext_command},
 )
