@@ -86,6 +86,10 @@ struct ParamRef {
   const void* ptr;  // nullptr: not given, the default applies
   int type;
 };
+// A gate's parameters as the kernels read them (BN ones null without BN).
+struct GateParamRefs {
+  ParamRef conv, bn_weight, bn_bias, running_mean, running_var;
+};
 
 template <typename acc_t>
 struct GateArgs {
@@ -99,7 +103,7 @@ struct GateArgs {
   acc_t* z;
   acc_t* scale_shift;
   acc_t* value;  // scratch: sigmoid(scale * z + shift)
-  ParamRef conv, bn_weight, bn_bias, running_mean, running_var;
+  GateParamRefs refs;
 };
 
 template <typename acc_t>
@@ -211,6 +215,26 @@ __device__ Moments<acc_t> block_merge(Moments<acc_t> m, Moments<acc_t>* sh) {
   return r;
 }
 
+// Phase 0 of both kernels (block 0): every gate's conv weights and BN values in acc_t,
+// kParamsPerGate per gate.
+template <typename acc_t, typename GateT>
+__device__ void load_params(const GateT* gates, int n_gates, acc_t* params) {
+  if (blockIdx.x != 0) return;
+  for (int i = threadIdx.x; i < n_gates * kParamsPerGate; i += kThreads) {
+    const GateParamRefs& r = gates[i / kParamsPerGate].refs;
+    const int k = i % kParamsPerGate;
+    acc_t value;
+    switch (k) {
+      case kGamma: value = load_param(r.bn_weight, 0, acc_t(1)); break;
+      case kBeta: value = load_param(r.bn_bias, 0, acc_t(0)); break;
+      case kRunMean: value = load_param(r.running_mean, 0, acc_t(0)); break;
+      case kRunVar: value = load_param(r.running_var, 0, acc_t(1)); break;
+      default: value = load_param(r.conv, k, acc_t(0));
+    }
+    params[i] = value;
+  }
+}
+
 // ---- the kernel ----
 
 template <typename scalar_t, typename acc_t>
@@ -221,21 +245,7 @@ __global__ void __launch_bounds__(kThreads) plan_forward_kernel(const __grid_con
   const int64_t step = int64_t(gridDim.x) * kThreads;
 
   // Phase 0 (block 0): parameters in acc_t; first read after the first grid sync.
-  if (blockIdx.x == 0) {
-    for (int i = threadIdx.x; i < args.n_gates * kParamsPerGate; i += kThreads) {
-      const GateArgs<acc_t>& ga = args.gate[i / kParamsPerGate];
-      const int k = i % kParamsPerGate;
-      acc_t value;
-      switch (k) {
-        case kGamma: value = load_param(ga.bn_weight, 0, acc_t(1)); break;
-        case kBeta: value = load_param(ga.bn_bias, 0, acc_t(0)); break;
-        case kRunMean: value = load_param(ga.running_mean, 0, acc_t(0)); break;
-        case kRunVar: value = load_param(ga.running_var, 0, acc_t(1)); break;
-        default: value = load_param(ga.conv, k, acc_t(0));
-      }
-      args.params[i] = value;
-    }
-  }
+  load_params(args.gate, args.n_gates, args.params);
 
   for (int s = 0; s < args.n_stages; ++s) {
     const StageArgs<acc_t>& st = args.stage[s];
@@ -336,7 +346,6 @@ __global__ void __launch_bounds__(kThreads) plan_forward_kernel(const __grid_con
 constexpr int kMaxBwdStages = 4;            // every variant has at most 4 stages
 constexpr int kBnSums = 4;                  // sum dy, dy * zhat, dzhat, dzhat * zhat
 constexpr int kPartialFields = kBnSums + kConvTaps;
-constexpr int kBwdParamsPerGate = kConvTaps + 1;  // conv weights, BN gamma
 constexpr int kSumsPerPass = 6;             // block_sums: values reduced per shared-memory pass
 
 template <typename acc_t>
@@ -351,7 +360,7 @@ struct BwdGateArgs {
   const acc_t* z;
   const acc_t* scale_shift;
   const acc_t* stats;    // (mean, var) the forward normalised with
-  ParamRef conv, bn_weight;
+  GateParamRefs refs;
   acc_t* value;          // scratch: gate values
   acc_t* grad;           // scratch: d loss / d gate
   acc_t* dz;             // scratch
@@ -378,7 +387,7 @@ struct BwdArgs {
   WeightedUpstream<scalar_t, acc_t> term[1 + kMaxBwdStages];
   int term_gate[1 + kMaxBwdStages][kMaxFactors][kMaxFactorGates];
   bool term_first[1 + kMaxBwdStages][kMaxFactors][kMaxFactorGates];
-  acc_t* params;     // scratch: kBwdParamsPerGate per gate
+  acc_t* params;     // scratch: kParamsPerGate per gate
   double* partials;  // scratch: [kMaxStageGates][gridDim.x][kPartialFields]
 };
 
@@ -438,13 +447,7 @@ __global__ void __launch_bounds__(kThreads) plan_backward_kernel(const __grid_co
   const int64_t step = int64_t(gridDim.x) * kThreads;
 
   // 0: parameters (block 0) and gate values.
-  if (blockIdx.x == 0) {
-    for (int i = threadIdx.x; i < args.n_gates * kBwdParamsPerGate; i += kThreads) {
-      const BwdGateArgs<acc_t>& ga = args.gate[i / kBwdParamsPerGate];
-      const int k = i % kBwdParamsPerGate;
-      args.params[i] = k == kConvTaps ? load_param(ga.bn_weight, 0, acc_t(1)) : load_param(ga.conv, k, acc_t(0));
-    }
-  }
+  load_params(args.gate, args.n_gates, args.params);
   for (int g = 0; g < args.n_gates; ++g) {
     const BwdGateArgs<acc_t>& ga = args.gate[g];
     for (int64_t i = first; i < ga.entries; i += step)
@@ -462,7 +465,7 @@ __global__ void __launch_bounds__(kThreads) plan_backward_kernel(const __grid_co
     for (int j = 0; j < n_stage; ++j) {
       const BwdGateArgs<acc_t>& ga = args.gate[args.stage_gates[s][j]];
       if (!ga.active || ga.bn_mode == kBnNone) continue;
-      const acc_t gamma = args.params[args.stage_gates[s][j] * kBwdParamsPerGate + kConvTaps];
+      const acc_t gamma = args.params[args.stage_gates[s][j] * kParamsPerGate + kGamma];
       double sums[kBnSums] = {0, 0, 0, 0};
       for (int64_t i = first; i < ga.entries; i += step) {
         const GateGradAt<acc_t> q = gate_grad_at(ga, i);
@@ -481,7 +484,7 @@ __global__ void __launch_bounds__(kThreads) plan_backward_kernel(const __grid_co
       const int g = args.stage_gates[s][j];
       const BwdGateArgs<acc_t>& ga = args.gate[g];
       if (!ga.active) continue;
-      const acc_t gamma = args.params[g * kBwdParamsPerGate + kConvTaps];
+      const acc_t gamma = args.params[g * kParamsPerGate + kGamma];
       double sums[kBnSums] = {0, 0, 0, 0};
       if (ga.bn_mode != kBnNone) {
         for (unsigned b = 0; b < gridDim.x; ++b) {
@@ -512,7 +515,7 @@ __global__ void __launch_bounds__(kThreads) plan_backward_kernel(const __grid_co
     for (int j = 0; j < n_stage; ++j) {
       const int g = args.stage_gates[s][j];
       const BwdGateArgs<acc_t>& ga = args.gate[g];
-      const acc_t* wt = args.params + g * kBwdParamsPerGate;
+      const acc_t* wt = args.params + g * kParamsPerGate;
       if (ga.d_pooled != nullptr) {
         for (int64_t i = first; i < 2 * ga.entries; i += step) ga.d_pooled[i] = conv_input_grad_flat(ga.dz, wt, ga.cd, i);
       }
@@ -631,6 +634,24 @@ ParamRef optional_ref(const c10::optional<at::Tensor>& t, const at::Tensor& x, c
   return param_ref(*t, x, 1, name);
 }
 
+// The kernels' view of a gate's parameters; a strided conv weight is copied into `keep`,
+// which must outlive the launch's queueing.
+GateParamRefs gate_param_refs(const GateParams& p, const at::Tensor& x, std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(p.bn_mode == kBnNone || p.bn_mode == kBnBatch || p.bn_mode == kBnRunning,
+              "aia_native: unknown bn_mode ", p.bn_mode);
+  at::Tensor conv = p.conv_weight;
+  if (!conv.is_contiguous()) keep.push_back(conv = conv.contiguous());
+  const ParamRef none{nullptr, kParamF32};
+  GateParamRefs r{param_ref(conv, x, kConvTaps, "conv_weight"), none, none, none, none};
+  if (p.bn_mode != kBnNone) {
+    r.bn_weight = optional_ref(p.bn_weight, x, "bn_weight");
+    r.bn_bias = optional_ref(p.bn_bias, x, "bn_bias");
+    r.running_mean = optional_ref(p.running_mean, x, "running_mean");
+    r.running_var = optional_ref(p.running_var, x, "running_var");
+  }
+  return r;
+}
+
 }  // namespace
 
 namespace {
@@ -730,9 +751,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
     args.n_stages = n_stages;
     for (int g = 0; g < n_gates; ++g) {
       const GateParams& p = params[g];
-      TORCH_CHECK(p.bn_mode == kBnNone || p.bn_mode == kBnBatch || p.bn_mode == kBnRunning,
-                  "aia_native: unknown bn_mode ", p.bn_mode);
       GateArgs<acc_t>& ga = args.gate[g];
+      ga.refs = gate_param_refs(p, x, keep);
       ga.axis = plan.gate_axis[g];
       ga.bn_mode = static_cast<int>(p.bn_mode);
       ga.eps = p.eps;
@@ -745,19 +765,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
       const auto zs = saved[4 * g + 2].sizes();
       ga.cd = ConvDims{zs[0], zs[1], zs[2], zs[3]};
       TORCH_CHECK(p.bn_mode != kBnBatch || ga.entries > 1, "aia_native: batch statistics need more than one value");
-      at::Tensor conv = p.conv_weight;
-      if (!conv.is_contiguous()) keep.push_back(conv = conv.contiguous());
-      ga.conv = param_ref(conv, x, kConvTaps, "conv_weight");
-      if (p.bn_mode != kBnNone) {
-        TORCH_CHECK(p.bn_mode == kBnBatch || (p.running_mean.has_value() && p.running_var.has_value()),
-                    "aia_native: eval BN needs running stats");
-        ga.bn_weight = optional_ref(p.bn_weight, x, "bn_weight");
-        ga.bn_bias = optional_ref(p.bn_bias, x, "bn_bias");
-        ga.running_mean = optional_ref(p.running_mean, x, "running_mean");
-        ga.running_var = optional_ref(p.running_var, x, "running_var");
-      } else {
-        ga.bn_weight = ga.bn_bias = ga.running_mean = ga.running_var = ParamRef{nullptr, kParamF32};
-      }
+      TORCH_CHECK(p.bn_mode != kBnRunning || (p.running_mean.has_value() && p.running_var.has_value()),
+                  "aia_native: eval BN needs running stats");
     }
     for (int s = 0; s < n_stages; ++s) {
       const PlanStage& stage = plan.stages[s];
@@ -832,7 +841,7 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
     scratch_size += 5 * entries[g];
   }
   const int64_t params_offset = scratch_size;
-  scratch_size += int64_t(n_gates) * kBwdParamsPerGate;
+  scratch_size += int64_t(n_gates) * kParamsPerGate;
   at::Tensor scratch = at::empty({scratch_size}, acc);
   at::Tensor partials = at::empty({int64_t(kMaxStageGates) * blocks * kPartialFields}, x.options().dtype(at::kDouble));
 
@@ -874,9 +883,8 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
     }
     for (int g = 0; g < n_gates; ++g) {
       const GateParams& p = params[g];
-      TORCH_CHECK(p.bn_mode == kBnNone || p.bn_mode == kBnBatch || p.bn_mode == kBnRunning,
-                  "aia_native: unknown bn_mode ", p.bn_mode);
       BwdGateArgs<acc_t>& ga = args.gate[g];
+      ga.refs = gate_param_refs(p, x, keep);
       ga.axis = plan.gate_axis[g];
       ga.bn_mode = static_cast<int>(p.bn_mode);
       ga.active = need_pooled[stage_of[g]] || need(0, g) || (p.bn_mode != kBnNone && (need(1, g) || need(2, g)));
@@ -888,10 +896,6 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
       ga.z = saved[4 * g + 2].data_ptr<acc_t>();
       ga.scale_shift = saved[4 * g + 3].data_ptr<acc_t>();
       ga.stats = stats.data_ptr<acc_t>() + 2 * g;
-      at::Tensor conv = p.conv_weight;
-      if (!conv.is_contiguous()) keep.push_back(conv = conv.contiguous());
-      ga.conv = param_ref(conv, x, kConvTaps, "conv_weight");
-      ga.bn_weight = p.bn_mode != kBnNone ? optional_ref(p.bn_weight, x, "bn_weight") : ParamRef{nullptr, kParamF32};
       ga.value = base + offset[g];
       ga.grad = base + offset[g] + entries[g];
       ga.dz = base + offset[g] + 2 * entries[g];
