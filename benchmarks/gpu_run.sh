@@ -71,7 +71,8 @@ if [ -n "$BUILD" ]; then wait $BUILD; tail -3 "$DIR/native_build.log"; fi
 
 if step native; then
     echo "== 2 native CUDA kernels against the reference"
-    timeout 80 $PY -m pytest tests/test_native_cuda.py -q -p no:cacheprovider > "$DIR/native_cuda.log" 2>&1
+    # 155 tests (one-launch backward included): spread over the xdist workers too.
+    timeout 80 $PY -m pytest tests/test_native_cuda.py -q -p no:cacheprovider $XDIST > "$DIR/native_cuda.log" 2>&1
     RC=$?
     tail -3 "$DIR/native_cuda.log"
     if [ $RC -eq 0 ]; then export AIA_NATIVE_CUDA=1; else echo "native CUDA: exit $RC, not benchmarked"; fi

@@ -14,8 +14,9 @@ unless ``AIA_NATIVE_CUDA=1`` is set, so ``backend="auto"`` never picks them.
 :class:`NativePrimitives` adapts the primitive contract (``aia_kernels.primitives``)
 to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``), and offers
 the whole plan in one op per direction (``csrc/aia_plan.cpp``), which the executor in
-``aia_kernels/fused.py`` prefers. On CUDA, small problems run that forward as one
-cooperative launch (``csrc/aia_cuda_persistent.cu``; ``AIA_NATIVE_CUDA_PERSISTENT`` selects).
+``aia_kernels/fused.py`` prefers. On CUDA, small problems run that forward, and that
+backward, as one cooperative launch each (``csrc/aia_cuda_persistent.cu``;
+``AIA_NATIVE_CUDA_PERSISTENT`` selects).
 
 ``AIA_NATIVE_CUDA_EMULATION=1`` (a test tool; set before the first build in a process)
 builds the CUDA sources with the host compiler against a CPU emulator of the CUDA
@@ -46,7 +47,9 @@ from .build_config import (CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, EMU
                            sources_digest)
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "error": build failure message, "cuda": built with CUDA
+# "error": build failure message, "cuda": built with CUDA, "emulated": the CUDA emulation
+# build, "library": the prebuilt library loaded, "loaded"
+_state: dict[str, object] = {}
 
 
 def _with_cuda() -> bool:
