@@ -7,7 +7,11 @@ An *implementation* ("impl") is how a module runs:
   (default mode, and ``mode="max-autotune-no-cudagraphs"``); the faster of the two is
   *the compiled peer*,
 - ``triton`` / ``native``: the fused backends, whenever ``aia_kernels`` has them and they
-  can run on the device (otherwise the case is reported as not available).
+  can run on the device (otherwise the case is reported as not available),
+- ``native-walk`` / ``native-1launch``: the native backend with its CUDA forward and
+  backward forced onto the multi-launch walk or the one-launch cooperative kernels
+  (``AIA_NATIVE_CUDA_PERSISTENT`` = 0 / 1 during the step; ``native`` itself chooses by
+  size). Asked for by name only, not part of ``all``: they exist to set that threshold.
 
 Every impl of a case runs a deep copy of the same module (same weights and BN state).
 """
@@ -37,8 +41,12 @@ SHAPE_SETS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_MODES = {"compile-default": "default", "compile-max-autotune": "max-autotune-no-cudagraphs"}
 FUSED = ("triton", "native")
-IMPLS = ("eager", *COMPILE_MODES, *FUSED)
-IMPL_GROUPS = {"all": IMPLS, "compile": tuple(COMPILE_MODES), "fused": FUSED}
+NATIVE_PATHS = {"native-walk": "0", "native-1launch": "1"}  # AIA_NATIVE_CUDA_PERSISTENT while timed
+PATH_ENV = "AIA_NATIVE_CUDA_PERSISTENT"
+_USER_PATH_SETTING = os.environ.get(PATH_ENV)  # what plain ``native`` runs with
+IMPLS = ("eager", *COMPILE_MODES, *FUSED, *NATIVE_PATHS)
+IMPL_GROUPS = {"all": ("eager", *COMPILE_MODES, *FUSED), "compile": tuple(COMPILE_MODES), "fused": FUSED,
+               "native-paths": tuple(NATIVE_PATHS)}
 
 
 def shape_str(shape) -> str:
@@ -77,6 +85,10 @@ def parse_list(text: str, allowed, groups: dict | None = None, name: str = "valu
 
 def unavailable_reason(impl: str, device: torch.device) -> str | None:
     """Why ``impl`` is not timed on ``device``, or None when it is."""
+    if impl in NATIVE_PATHS:
+        if device.type != "cuda":
+            return "the native backend's walk / one-launch choice exists on CUDA only"
+        impl = "native"
     if impl not in FUSED:
         return None
     if not backends.is_available(impl, device):
@@ -103,9 +115,25 @@ def make_module(variant: str, mode: str, device: torch.device, seed: int = 0) ->
     return module.train(mode != "fwd-infer")
 
 
+def _with_path_setting(value: str | None, fn: Callable) -> Callable:
+    """``fn`` with AIA_NATIVE_CUDA_PERSISTENT = ``value`` (None: unset) at each call; the
+    C++ reads it per call, and impls of one run alternate (a dict lookup when unchanged)."""
+    def call(*args):
+        if os.environ.get(PATH_ENV) != value:
+            if value is None:
+                os.environ.pop(PATH_ENV, None)
+            else:
+                os.environ[PATH_ENV] = value
+        return fn(*args)
+    return call
+
+
 def prepare_impl(base: torch.nn.Module, impl: str) -> tuple[torch.nn.Module, Callable]:
     """(the copy whose parameters get gradients, the callable to run) for ``impl``."""
     module = copy.deepcopy(base)
+    if impl in NATIVE_PATHS or impl == "native":
+        module.backend = "native"
+        return module, _with_path_setting(NATIVE_PATHS.get(impl, _USER_PATH_SETTING), module)
     if impl in FUSED:
         module.backend = impl
         return module, module

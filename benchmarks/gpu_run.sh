@@ -14,10 +14,14 @@
 #   4. headline CinST->STinC: spec shapes x {fp32, bf16} x {fwd-bwd, fwd-infer, fwd-train}
 #      x {eager, compile-default, compile-max-autotune, triton, native}
 #                                               <= HEADLINE_S (240) s -> results.{md,json}, summary.png
-#   5. all ten variants, {eager, triton, native}, {fwd-bwd, fwd-infer}, 10 reps
+#   5. paths (not in the default STEPS): CinST->STinC, spec shapes x {fp32, bf16} x
+#      {fwd-bwd, fwd-infer} x {triton, native-walk, native-1launch}: the native CUDA
+#      multi-launch walk against the one-launch kernels and Triton, to set the one-launch
+#      size threshold and what `auto` picks  <= PATHS_S (120) s -> native_paths/
+#   6. all ten variants, {eager, triton, native}, {fwd-bwd, fwd-infer}, 10 reps
 #                                               <= VARIANTS_S (110) s -> all_variants/
 # STEPS picks steps: the default "tests,native,headline" takes at most ~8.5 min; run
-# STEPS=native,variants as a second command (the native build is redone on a fresh
+# STEPS=native,paths,variants as a second command (the native build is redone on a fresh
 # machine, the gate in step 2 too). Cases the budgets cut are listed as
 # "skipped: ... budget" in the report, never dropped.
 # Tile tuning: STEPS=tune,headline (<= ~8.5 min) tunes, then benchmarks with the tuned tiles.
@@ -96,8 +100,16 @@ if step headline; then
     echo "headline: exit $?"
 fi
 
+if step paths; then
+    echo "== 5 native CUDA paths: walk vs one launch vs triton"
+    timeout "${PATHS_S:-120}" $PY -m benchmarks.run --variants 'CinST->STinC' --shapes spec \
+        --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer --backends triton,native-paths --reps 20 --warmup 3 \
+        --time-budget $(( ${PATHS_S:-120} - 30 )) --out "$DIR/native_paths" > "$DIR/native_paths.log" 2>&1
+    echo "native paths: exit $? (table: $DIR/native_paths/results.md)"
+fi
+
 if step variants; then
-    echo "== 5 all variants, eager vs fused"
+    echo "== 6 all variants, eager vs fused"
     timeout "${VARIANTS_S:-110}" $PY -m benchmarks.run --variants all --shapes spec \
         --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer --backends eager,fused --reps 10 --warmup 2 \
         --time-budget $(( ${VARIANTS_S:-110} - 35 )) --out "$DIR/all_variants" > "$DIR/all_variants.log" 2>&1

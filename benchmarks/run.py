@@ -23,8 +23,9 @@ import aia_kernels
 
 from . import report
 from .bytes_model import MODES, copy_bytes, design_bytes, design_passes
-from .cases import (COMPILE_MODES, DTYPES, FUSED, HEADLINE, IMPL_GROUPS, IMPLS, NUM_SEGMENTS, make_input,
-                    make_module, make_step, parse_list, parse_shapes, prepare_impl, shape_str, unavailable_reason)
+from .cases import (COMPILE_MODES, DTYPES, FUSED, HEADLINE, IMPL_GROUPS, IMPLS, NATIVE_PATHS, NUM_SEGMENTS,
+                    make_input, make_module, make_step, parse_list, parse_shapes, prepare_impl, shape_str,
+                    unavailable_reason)
 from .timing import Timer, summarize
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -117,6 +118,7 @@ def measure_impl(timer: Timer, base, impl: str, x, mode: str, reps: int, warmup:
     """Time one implementation; returns (row fields, first-call output for the next comparison)."""
     module, fn = prepare_impl(base, impl)
     step = make_step(module, fn, x, mode)
+    paths_before = _native_cuda_paths() if impl in NATIVE_PATHS else None
     first_s, out = timer.first_call(step)
     out = _first_tensor(out).detach()
     fields = {"first_call_s": first_s}
@@ -125,9 +127,18 @@ def measure_impl(timer: Timer, base, impl: str, x, mode: str, reps: int, warmup:
     fields.update(summarize(timer.times_ms(step, reps, warmup)))
     fields["peak_mem_bytes"] = timer.peak_memory_bytes(step)
     fields["launches"], fields["launches_kind"] = timer.launches(step)
-    if impl in FUSED:
+    if impl in FUSED or impl in NATIVE_PATHS:
         fields["note"] = f"ran {getattr(module, 'last_backend', None)}"
+    if paths_before is not None:  # which CUDA paths the first call took: [walk, one launch] calls
+        after = _native_cuda_paths()
+        fields["note"] += (f"; forward {[a - b for a, b in zip(after[0], paths_before[0])]}, "
+                           f"backward {[a - b for a, b in zip(after[1], paths_before[1])]} [walk, one launch]")
     return fields, out
+
+
+def _native_cuda_paths() -> tuple[list[int], list[int]]:
+    ops = torch.ops.aia_native
+    return list(ops.plan_forward_cuda_paths()), list(ops.plan_backward_cuda_paths())
 
 
 def run_case(timer: Timer, variant: str, mode: str, shape, dt: str, impls, reps: int, warmup: int,

@@ -3,6 +3,7 @@ timing assertion), the bytes model on known variants, and the target checks."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
     fake = backends.FusedBackend("native", TorchPrimitives(), lambda device: None)
     monkeypatch.setitem(backends._registry, "native", fake)
     payload = run.main(["--device", "cpu", "--shapes", "tiny", "--variants", "CinST->STinC", "--dtypes", "float32",
-                        "--modes", "fwd-infer,fwd-bwd", "--backends", "eager,triton,native", "--reps", "2",
+                        "--modes", "fwd-infer,fwd-bwd", "--backends", "eager,triton,native,native-paths", "--reps", "2",
                         "--warmup", "1", "--threads", "1", "--out", str(tmp_path)])
     stdout = capsys.readouterr().out
     assert "| variant | shape | dtype | mode | impl |" in stdout and "kernel timings need CUDA" in stdout
@@ -48,7 +49,8 @@ def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
     assert "benchmarks.run" in meta["command"] and meta["date"]
     assert [c["shape"] for c in data["copy_bandwidth"]] == ["8x8x8x8"] and data["copy_bandwidth"][0]["gbps"] > 0
     rows = {(r["mode"], r["impl"]): r for r in data["results"]}
-    assert set(rows) == {(m, i) for m in ("fwd-infer", "fwd-bwd") for i in ("eager", "triton", "native")}
+    impls = ("eager", "triton", "native", "native-walk", "native-1launch")
+    assert set(rows) == {(m, i) for m in ("fwd-infer", "fwd-bwd") for i in impls}
     for mode, passes in (("fwd-infer", 6), ("fwd-bwd", 13)):
         eager = rows[(mode, "eager")]
         assert eager["status"] == "ok", eager["reason"]
@@ -59,6 +61,8 @@ def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
         assert eager["peak_mem_bytes"] is None and eager["targets"] == []
         # triton never times on CPU: missing, or only its interpreter -> reported, not run
         assert rows[(mode, "triton")]["status"] == "not available" and rows[(mode, "triton")]["reason"]
+        for path in ("native-walk", "native-1launch"):  # the CUDA path choice: CUDA only
+            assert rows[(mode, path)]["status"] == "not available" and "CUDA only" in rows[(mode, path)]["reason"]
         fused = rows[(mode, "native")]
         assert fused["status"] == "ok", fused["reason"]
         assert fused["note"] == "ran native" and fused["max_abs_diff"] < 1e-4  # output / grad_x vs eager
@@ -132,3 +136,23 @@ def test_cpu_step_probe_smoke(tmp_path, monkeypatch):
     row = json.loads((tmp_path / "cpu_step_probe_smoke.json").read_text())["result"]
     assert row["shape"] == [8, 5, 7, 7] and len(row["native_after_eager_ms"]) == 3
     assert row["native_alone_ms"] > 0 and row["python_autograd_overhead_ms"] > 0
+
+
+def test_native_path_impls_set_the_switch(monkeypatch):
+    """native-walk / native-1launch run the native module with AIA_NATIVE_CUDA_PERSISTENT
+    = 0 / 1 at each call; plain native with what the user had (here: unset)."""
+    from benchmarks import cases
+    monkeypatch.setattr(cases, "_USER_PATH_SETTING", None)
+    monkeypatch.setenv(cases.PATH_ENV, "")  # recorded, so teardown restores what was there
+    monkeypatch.delenv(cases.PATH_ENV)
+    base = cases.make_module("C", "fwd-infer", torch.device("cpu"))
+    x = torch.randn(8, 3, 4, 5)
+    for impl, expected in (("native-walk", "0"), ("native-1launch", "1"), ("native", None), ("native-1launch", "1")):
+        module, fn = cases.prepare_impl(base, impl)
+        assert module.backend == "native"
+        fn(x)
+        assert os.environ.get(cases.PATH_ENV) == expected, impl
+    assert cases.parse_list("all", cases.IMPLS, cases.IMPL_GROUPS, "backend") == [
+        "eager", "compile-default", "compile-max-autotune", "triton", "native"]
+    assert cases.parse_list("native-paths", cases.IMPLS, cases.IMPL_GROUPS, "backend") == ["native-walk",
+                                                                                          "native-1launch"]
