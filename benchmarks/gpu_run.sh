@@ -75,7 +75,7 @@ if [ -n "$BUILD" ]; then wait $BUILD; tail -3 "$DIR/native_build.log"; fi
 
 if step native; then
     echo "== 2 native CUDA kernels against the reference"
-    # 155 tests (one-launch backward included): spread over the xdist workers too.
+    # 163 tests (one-launch backward included): spread over the xdist workers too.
     timeout 80 $PY -m pytest tests/test_native_cuda.py -q -p no:cacheprovider $XDIST > "$DIR/native_cuda.log" 2>&1
     RC=$?
     tail -3 "$DIR/native_cuda.log"

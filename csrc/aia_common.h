@@ -130,29 +130,46 @@ AIA_HD acc_t weight_at(const Weight<acc_t>& wt, const Dims& d, int64_t n, int64_
   return combine_factors(wt, f);
 }
 
-// Pooling of one gate entry `g` along `axis`: max (first position on ties), its position
-// and mean of weight * v, into P (N, 2, D1, D2, D3) and argmax (N, D1, D2, D3). The
-// positions are visited in order, so the result does not depend on who calls it.
+// Max (first position on ties), its position and sum of weight * v over positions
+// [p0, p1) of gate entry `g`'s pooled axis, visited in order.
+template <typename acc_t>
+struct PoolPartial {
+  acc_t mx, sum;
+  int32_t arg;
+};
+
+template <typename scalar_t, typename acc_t>
+AIA_HD PoolPartial<acc_t> pool_range(const scalar_t* v, const Strides5& vs, const Dims& d, const Weight<acc_t>& wt,
+                                     int axis, int64_t g, int64_t p0, int64_t p1) {
+  PoolPartial<acc_t> r{acc_t(0), acc_t(0), static_cast<int32_t>(p0)};
+  for (int64_t p = p0; p < p1; ++p) {
+    const Coords x = gate_coords(axis, d, g, p);
+    const acc_t y = weight_at(wt, d, x.n, x.t, x.c, x.h, x.w) * static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]);
+    if (p == p0 || y > r.mx) {
+      r.mx = y;
+      r.arg = static_cast<int32_t>(p);
+    }
+    r.sum += y;
+  }
+  return r;
+}
+
+// Writes gate entry `g`'s pooled max and mean into P (N, 2, D1, D2, D3) and argmax (N, D1, D2, D3).
+template <typename acc_t>
+AIA_HD void write_pooled(const PoolPartial<acc_t>& r, int axis, const Dims& d, int64_t g, acc_t* P, int32_t* argmax) {
+  const int64_t n = gate_coords(axis, d, g, 0).n;
+  const int64_t sample = gate_sample_size(axis, d);
+  P[pooled_max_offset(g, n, sample)] = r.mx;
+  P[pooled_mean_offset(g, n, sample)] = r.sum / acc_t(axis_length(axis, d));
+  argmax[g] = r.arg;
+}
+
+// Pooling of one gate entry `g` along `axis`: max (first index on ties), argmax and mean
+// of weight * v, the positions visited in order, so the result does not depend on who calls it.
 template <typename scalar_t, typename acc_t>
 AIA_HD void pool_entry(const scalar_t* v, const Strides5& vs, const Dims& d, const Weight<acc_t>& wt, int axis,
                        int64_t g, acc_t* P, int32_t* argmax) {
-  const int64_t len = axis_length(axis, d);
-  acc_t mx = 0, sum = 0;
-  int32_t arg = 0;
-  for (int64_t p = 0; p < len; ++p) {
-    const Coords x = gate_coords(axis, d, g, p);
-    const acc_t y = weight_at(wt, d, x.n, x.t, x.c, x.h, x.w) * static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]);
-    if (p == 0 || y > mx) {
-      mx = y;
-      arg = static_cast<int32_t>(p);
-    }
-    sum += y;
-  }
-  const int64_t n = gate_coords(axis, d, g, 0).n;
-  const int64_t sample = gate_sample_size(axis, d);
-  P[pooled_max_offset(g, n, sample)] = mx;
-  P[pooled_mean_offset(g, n, sample)] = sum / acc_t(len);
-  argmax[g] = arg;
+  write_pooled(pool_range(v, vs, d, wt, axis, g, 0, axis_length(axis, d)), axis, d, g, P, argmax);
 }
 
 // Upstream gradient of a full-size tensor: a full tensor `dout` (v's dtype, any
@@ -188,16 +205,15 @@ AIA_HD acc_t upstream_at(const Upstream<scalar_t, acc_t>& up, const Dims& d, int
   return u;
 }
 
-// d loss / d (gate j of factor k) at gate entry `g`: the sum over its pooled axis of
-// upstream * v * (d weight / d factor_k) / size_k, positions in order.
+// d loss / d (gate j of factor k) at gate entry `g`, over positions [p0, p1) of its
+// pooled axis in order: the sum of upstream * v * (d weight / d factor_k) / size_k.
 template <typename scalar_t, typename acc_t>
-AIA_HD acc_t weight_grad_entry(const scalar_t* v, const Strides5& vs, const Dims& d, const Weight<acc_t>& wt,
-                               const Upstream<scalar_t, acc_t>& up, int k, int j, int64_t g) {
+AIA_HD acc_t weight_grad_range(const scalar_t* v, const Strides5& vs, const Dims& d, const Weight<acc_t>& wt,
+                               const Upstream<scalar_t, acc_t>& up, int k, int j, int64_t g, int64_t p0, int64_t p1) {
   const int axis = wt.axis[k][j];
-  const int64_t len = axis_length(axis, d);
   const acc_t inv_size = acc_t(1) / acc_t(wt.size[k]);
   acc_t sum = 0;
-  for (int64_t p = 0; p < len; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     const Coords x = gate_coords(axis, d, g, p);
     acc_t f[kMaxFactors] = {acc_t(1), acc_t(1)};
     for (int q = 0; q < wt.n_factors; ++q) f[q] = factor_at(wt, q, d, x.n, x.t, x.c, x.h, x.w);
@@ -205,6 +221,12 @@ AIA_HD acc_t weight_grad_entry(const scalar_t* v, const Strides5& vs, const Dims
            factor_partial(wt, k, f) * inv_size;
   }
   return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+AIA_HD acc_t weight_grad_entry(const scalar_t* v, const Strides5& vs, const Dims& d, const Weight<acc_t>& wt,
+                               const Upstream<scalar_t, acc_t>& up, int k, int j, int64_t g) {
+  return weight_grad_range(v, vs, d, wt, up, k, j, g, 0, axis_length(wt.axis[k][j], d));
 }
 
 // A weight and the upstream gradient of the tensor it produced: one term of d loss / d v.

@@ -32,7 +32,9 @@
 //      to the accumulation dtype, in a scratch buffer, read after the first sync.
 //   per stage:
 //   A. pool weight * v along C or T, H, W (pool_entry of aia_common.h: one thread per gate
-//      entry, the axis walked in order, as the multi-launch pool_kernel): P, argmax.
+//      entry, the axis walked in order, as the multi-launch pool_kernel): P, argmax. A C
+//      gate with fewer entries than half the grid's threads is pooled in axis segments
+//      (pool_range), then merged in order after a grid sync (Split, split_for).
 //   B. conv (conv_output_at) -> z. BN none/running: fold (scale, shift) and write the gate
 //      values sigmoid(scale * z + shift). BN batch: per-thread Welford moments of z, merged
 //      per block in a fixed shared-memory tree, one partial per block to scratch.
@@ -79,6 +81,17 @@ constexpr int kParamsPerGate = kConvTaps + 4;
 constexpr int kMomentFields = 3;  // count, mean, M2
 constexpr int64_t kBnNone = 0, kBnBatch = 1, kBnRunning = 2;
 constexpr int64_t kDefaultMaxElements = int64_t(1) << 21;
+// A C gate has few entries (N * T * H * W: 3,136 at the spec's 7x7) and a long axis (C:
+// 512 there), fewer entries than the grid has threads: its reductions are split into
+// segments of at least kMinSegment positions, one thread each, merged in order after a
+// grid sync (see Split).
+constexpr int64_t kMinSegment = 16;
+
+// How a C gate's axis is split: `parts` segments of `len` positions (1: not split).
+struct Split {
+  int parts;
+  int64_t len;
+};
 
 // A parameter tensor read in its own dtype (the kernel converts, as the walk's .to()).
 enum ParamType : int { kParamF32 = 0, kParamF64 = 1, kParamF16 = 2, kParamBF16 = 3 };
@@ -111,6 +124,7 @@ struct StageArgs {
   int n_gates;
   int gates[kMaxStageGates];
   Weight<acc_t> weight;  // gate pointers into the value scratch
+  Split split;           // of its one C gate's axis (parts 1 for T, H, W stages)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -126,6 +140,7 @@ struct Args {
   Weight<acc_t> output;
   acc_t* params;    // scratch: kParamsPerGate per gate
   acc_t* partials;  // scratch: [kMaxStageGates][gridDim.x][kMomentFields]
+  acc_t* split_partials;  // scratch: [parts][entries][max, sum, argmax] of a split pool
   acc_t* stats;     // output (G, 2)
 };
 
@@ -253,12 +268,39 @@ __global__ void __launch_bounds__(kThreads) plan_forward_kernel(const __grid_con
     // A: pool the stage's axes (their entries numbered one after the other).
     int64_t total = 0;
     for (int j = 0; j < st.n_gates; ++j) total += args.gate[st.gates[j]].entries;
-    for (int64_t i = first; i < total; i += step) {
-      int j = 0;
-      int64_t e = i;
-      while (e >= args.gate[st.gates[j]].entries) e -= args.gate[st.gates[j++]].entries;
-      const GateArgs<acc_t>& ga = args.gate[st.gates[j]];
-      pool_entry(args.v, args.vs, args.d, st.weight, ga.axis, e, ga.P, ga.argmax);
+    if (st.split.parts > 1) {  // one C gate: its axis in segments, then merged in order
+      const GateArgs<acc_t>& ga = args.gate[st.gates[0]];
+      const int64_t len = axis_length(ga.axis, args.d);
+      for (int64_t i = first; i < ga.entries * st.split.parts; i += step) {
+        const int64_t e = i % ga.entries, p0 = i / ga.entries * st.split.len;
+        const PoolPartial<acc_t> r = pool_range(args.v, args.vs, args.d, st.weight, ga.axis, e, p0,
+                                                p0 + st.split.len < len ? p0 + st.split.len : len);
+        acc_t* out = args.split_partials + 3 * i;
+        out[0] = r.mx;
+        out[1] = r.sum;
+        out[2] = static_cast<acc_t>(r.arg);  // a position < 2^24: exact
+      }
+      grid.sync();
+      for (int64_t e = first; e < ga.entries; e += step) {
+        PoolPartial<acc_t> r{acc_t(0), acc_t(0), 0};
+        for (int part = 0; part < st.split.parts; ++part) {
+          const acc_t* q = args.split_partials + 3 * (part * ga.entries + e);
+          if (part == 0 || q[0] > r.mx) {  // strict: the first position keeps a tie
+            r.mx = q[0];
+            r.arg = static_cast<int32_t>(q[2]);
+          }
+          r.sum += q[1];
+        }
+        write_pooled(r, ga.axis, args.d, e, ga.P, ga.argmax);
+      }
+    } else {
+      for (int64_t i = first; i < total; i += step) {
+        int j = 0;
+        int64_t e = i;
+        while (e >= args.gate[st.gates[j]].entries) e -= args.gate[st.gates[j++]].entries;
+        const GateArgs<acc_t>& ga = args.gate[st.gates[j]];
+        pool_entry(args.v, args.vs, args.d, st.weight, ga.axis, e, ga.P, ga.argmax);
+      }
     }
     grid.sync();
 
@@ -335,7 +377,8 @@ __global__ void __launch_bounds__(kThreads) plan_forward_kernel(const __grid_con
 // Phases, separated by grid.sync():
 //   0. conv weights and BN gamma to acc_t (block 0); every gate's value sigmoid(a z + b).
 //   W. d loss / d gate from the output term (weight_grad_entry), stored or added per gate
-//      in term order, as the walk accumulates them.
+//      in term order, as the walk accumulates them; a C gate with few entries in axis
+//      segments (weight_grad_range), summed in order after a grid sync.
 //   per stage, last first:
 //   B1. dy = d gate * g (1 - g), zhat; per-block sums of dy, dy zhat, dzhat, dzhat zhat.
 //   B2. every block merges the sums in block order; dz (BN backward); BN grads (block 0).
@@ -368,6 +411,7 @@ struct BwdGateArgs {
   acc_t* d_conv;         // output (54), or nullptr
   acc_t* d_bn_weight;    // output (1), or nullptr
   acc_t* d_bn_bias;      // output (1), or nullptr
+  Split split;           // of its axis in the weight-gradient sums (C gates only)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -389,6 +433,7 @@ struct BwdArgs {
   bool term_first[1 + kMaxBwdStages][kMaxFactors][kMaxFactorGates];
   acc_t* params;     // scratch: kParamsPerGate per gate
   double* partials;  // scratch: [kMaxStageGates][gridDim.x][kPartialFields]
+  acc_t* split_partials;  // scratch: [parts][entries] of a split gate gradient
 };
 
 // Block sums of vals[0..n) of every thread, in a fixed tree; thread 0 gets them in out.
@@ -415,6 +460,22 @@ __device__ void term_gate_grads(const BwdArgs<scalar_t, acc_t>& args, int t, int
     for (int j = 0; j < term.weight.size[k]; ++j) {
       const BwdGateArgs<acc_t>& ga = args.gate[args.term_gate[t][k][j]];
       const bool store = args.term_first[t][k][j];
+      if (ga.split.parts > 1) {  // a C gate: its axis in segments, then summed in order
+        const int64_t len = axis_length(ga.axis, args.d);
+        for (int64_t i = first; i < ga.entries * ga.split.parts; i += step) {
+          const int64_t e = i % ga.entries, p0 = i / ga.entries * ga.split.len;
+          args.split_partials[i] = weight_grad_range(args.v, args.vs, args.d, term.weight, term.upstream, k, j, e,
+                                                     p0, p0 + ga.split.len < len ? p0 + ga.split.len : len);
+        }
+        cg::this_grid().sync();
+        for (int64_t e = first; e < ga.entries; e += step) {
+          acc_t g = 0;
+          for (int part = 0; part < ga.split.parts; ++part) g += args.split_partials[part * ga.entries + e];
+          ga.grad[e] = store ? g : ga.grad[e] + g;
+        }
+        cg::this_grid().sync();  // the partials serve the next split gate
+        continue;
+      }
       for (int64_t e = first; e < ga.entries; e += step) {
         const acc_t g = weight_grad_entry(args.v, args.vs, args.d, term.weight, term.upstream, k, j, e);
         ga.grad[e] = store ? g : ga.grad[e] + g;
@@ -634,6 +695,17 @@ ParamRef optional_ref(const c10::optional<at::Tensor>& t, const at::Tensor& x, c
   return param_ref(*t, x, 1, name);
 }
 
+// The split of a gate's pooled axis: none unless it is C and the gate has fewer entries
+// than half the grid's threads; then segments of at least kMinSegment positions.
+Split split_for(int axis, const Dims& d, int64_t entries, int blocks) {
+  const int64_t len = axis_length(axis, d), threads = int64_t(blocks) * kThreads;
+  if (axis != kAxisC || entries * 2 > threads) return Split{1, len};
+  const int64_t want = threads / entries;
+  const int64_t seg = std::max<int64_t>(kMinSegment, (len + want - 1) / want);
+  const int parts = static_cast<int>((len + seg - 1) / seg);
+  return parts > 1 ? Split{parts, seg} : Split{1, len};
+}
+
 // The kernels' view of a gate's parameters; a strided conv weight is copied into `keep`,
 // which must outlive the launch's queueing.
 GateParamRefs gate_param_refs(const GateParams& p, const at::Tensor& x, std::vector<at::Tensor>& keep) {
@@ -729,6 +801,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
   scratch_size += int64_t(n_gates) * kParamsPerGate;
   const int64_t partials_offset = scratch_size;
   scratch_size += int64_t(kMaxStageGates) * blocks * kMomentFields;
+  // A stage of one C gate with few entries pools its axis in segments (split_for).
+  std::vector<Split> splits(n_stages, Split{1, 0});
+  int64_t split_size = 0;
+  for (int s = 0; s < n_stages; ++s) {
+    if (plan.stages[s].gates.size() != 1) continue;
+    const int g = plan.stages[s].gates[0];
+    const int64_t entries = saved[4 * g + 2].numel();
+    splits[s] = split_for(plan.gate_axis[g], d, entries, blocks);
+    if (splits[s].parts > 1) split_size = std::max<int64_t>(split_size, 3 * entries * splits[s].parts);
+  }
+  const int64_t split_offset = scratch_size;
+  scratch_size += split_size;
   at::Tensor scratch = at::empty({scratch_size}, acc);
 
   // Gate values in the scratch, as a GateSet for make_weight (aia_host.h).
@@ -776,10 +860,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
       st.n_gates = static_cast<int>(stage.gates.size());
       for (int j = 0; j < st.n_gates; ++j) st.gates[j] = stage.gates[j];
       st.weight = make_weight<acc_t>(gates, stage.weight);
+      st.split = splits[s];
     }
     args.output = make_weight<acc_t>(gates, plan.output);
     args.params = scratch.data_ptr<acc_t>() + params_offset;
     args.partials = scratch.data_ptr<acc_t>() + partials_offset;
+    args.split_partials = scratch.data_ptr<acc_t>() + split_offset;
     args.stats = stats.data_ptr<acc_t>();
 
     void* kernel_args[] = {&args};
@@ -842,6 +928,15 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
   }
   const int64_t params_offset = scratch_size;
   scratch_size += int64_t(n_gates) * kParamsPerGate;
+  // C gates with few entries sum their weight gradients in segments (split_for).
+  std::vector<Split> splits(n_gates);
+  int64_t split_size = 0;
+  for (int g = 0; g < n_gates; ++g) {
+    splits[g] = split_for(plan.gate_axis[g], d, entries[g], blocks);
+    if (splits[g].parts > 1) split_size = std::max<int64_t>(split_size, entries[g] * splits[g].parts);
+  }
+  const int64_t split_offset = scratch_size;
+  scratch_size += split_size;
   at::Tensor scratch = at::empty({scratch_size}, acc);
   at::Tensor partials = at::empty({int64_t(kMaxStageGates) * blocks * kPartialFields}, x.options().dtype(at::kDouble));
 
@@ -903,6 +998,7 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
       ga.d_conv = need(0, g) ? d_conv[g].data_ptr<acc_t>() : nullptr;
       ga.d_bn_weight = d_bn_w[g].numel() ? d_bn_w[g].data_ptr<acc_t>() : nullptr;
       ga.d_bn_bias = d_bn_b[g].numel() ? d_bn_b[g].data_ptr<acc_t>() : nullptr;
+      ga.split = splits[g];
     }
 
     // Terms in the walk's order; which gradient each term stores or adds to.
@@ -945,6 +1041,7 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
     }
     args.params = base + params_offset;
     args.partials = partials.data_ptr<double>();
+    args.split_partials = base + split_offset;
 
     void* kernel_args[] = {&args};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(plan_backward_kernel<scalar_t, acc_t>, dim3(blocks), dim3(kThreads),

@@ -231,6 +231,17 @@ def test_persistent_many_blocks(monkeypatch, dtype):
     assert_close_results(multi, persistent, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("variant", ["C", "CinST->STinC", "STinC->CinST", "C+ST"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_persistent_split_c_axis(monkeypatch, variant, dtype):
+    """Many channels, few (t, h, w) entries: the one-launch kernels split a C gate's axis
+    into segments (pool and weight gradient), merged in order; the walk does not."""
+    x = torch.randn(4, 96, 3, 5, dtype=dtype, device=DEVICE)
+    multi, persistent = _both_paths(monkeypatch, variant, dtype=dtype, x=x, num_segments=2)
+    tol = 1e-12 if dtype == torch.float64 else 5e-5
+    assert_close_results(multi, persistent, atol=tol, rtol=tol)
+
+
 def test_persistent_deterministic(monkeypatch):
     """No atomics: bitwise equal run to run, outputs, gradients and running statistics."""
     ref, module = make_pair("CinST->STinC", "native", dtype=torch.float32, device=DEVICE)
