@@ -28,16 +28,23 @@ def build_dir(tmp_path_factory):
 
 def run_emulated(build_dir, *pytest_args, **env) -> tuple[int, int]:
     """(passed, skipped) of test_native_cuda.py under emulation; fails on any failure."""
-    env = {**os.environ, "AIA_NATIVE_CUDA_EMULATION": "1", "AIA_KERNELS_BUILD_DIR": str(build_dir),
+    # The child is a plain pytest run: drop what an xdist worker parent leaves in the
+    # environment (pytest-benchmark reacts to it with a warning on stderr).
+    parent = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS"))}
+    env = {**parent, "AIA_NATIVE_CUDA_EMULATION": "1", "AIA_KERNELS_BUILD_DIR": str(build_dir),
            "AIA_CUDA_EMULATION_ORDER": "forward", **env}
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(TESTS / "test_native_cuda.py"),
            *pytest_args]
     proc = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=1800)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-8000:]
-    summary = output.strip().splitlines()[-1]
-    skipped = re.search(r"(\d+) skipped", summary)
-    return int(re.search(r"(\d+) passed", summary).group(1)), int(skipped.group(1)) if skipped else 0
+    # pytest's closing summary ("161 passed, 2 skipped, 3 warnings in 95.1s") is on stdout;
+    # stderr may end with a plugin's warning, so look for the line rather than take the last.
+    summaries = [line for line in proc.stdout.splitlines() if re.search(r"\d+ passed.* in [\d.]+s", line)]
+    assert summaries, output[-8000:]
+    passed = re.search(r"(\d+) passed", summaries[-1])
+    skipped = re.search(r"(\d+) skipped", summaries[-1])
+    return int(passed.group(1)), int(skipped.group(1)) if skipped else 0
 
 
 def test_cuda_kernels_on_the_emulator(build_dir):
