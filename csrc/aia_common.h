@@ -5,10 +5,17 @@
 #pragma once
 #include <cstdint>
 
+// Loops over the small fixed-size arrays (factors, a factor's gates, pooled-gradient
+// items) run to the array's size, skipping entries past the count, and are unrolled:
+// with constant indices the arrays stay in registers. A runtime index into a register
+// array puts it in local memory, a per-thread stack frame in DRAM behind L1 (ptxas
+// --resource-usage shows it; tests/test_native_cuda_compile.py checks it).
 #if defined(__CUDACC__)
 #define AIA_HD __host__ __device__ __forceinline__
+#define AIA_UNROLL _Pragma("unroll")
 #else
 #define AIA_HD inline
+#define AIA_UNROLL
 #endif
 
 namespace aia {
@@ -103,7 +110,9 @@ template <typename acc_t>
 AIA_HD acc_t factor_at(const Weight<acc_t>& wt, int k, const Dims& d, int64_t n, int64_t t, int64_t c,
                        int64_t h, int64_t w) {
   acc_t s = 0;
-  for (int j = 0; j < wt.size[k]; ++j) s += wt.gate[k][j][gate_offset(wt.axis[k][j], d, n, t, c, h, w)];
+  AIA_UNROLL for (int j = 0; j < kMaxFactorGates; ++j) {
+    if (j < wt.size[k]) s += wt.gate[k][j][gate_offset(wt.axis[k][j], d, n, t, c, h, w)];
+  }
   return wt.size[k] == 1 ? s : s / acc_t(wt.size[k]);
 }
 
@@ -119,14 +128,16 @@ AIA_HD acc_t combine_factors(const Weight<acc_t>& wt, const acc_t* f) {
 template <typename acc_t>
 AIA_HD acc_t factor_partial(const Weight<acc_t>& wt, int k, const acc_t* f) {
   if (wt.mean) return acc_t(1) / acc_t(wt.n_factors);
-  return wt.n_factors == 2 ? f[1 - k] : acc_t(1);
+  return wt.n_factors == 2 ? (k == 0 ? f[1] : f[0]) : acc_t(1);
 }
 
 template <typename acc_t>
 AIA_HD acc_t weight_at(const Weight<acc_t>& wt, const Dims& d, int64_t n, int64_t t, int64_t c, int64_t h,
                        int64_t w) {
   acc_t f[kMaxFactors] = {acc_t(1), acc_t(1)};
-  for (int k = 0; k < wt.n_factors; ++k) f[k] = factor_at(wt, k, d, n, t, c, h, w);
+  AIA_UNROLL for (int k = 0; k < kMaxFactors; ++k) {
+    if (k < wt.n_factors) f[k] = factor_at(wt, k, d, n, t, c, h, w);
+  }
   return combine_factors(wt, f);
 }
 
@@ -201,7 +212,9 @@ AIA_HD acc_t upstream_at(const Upstream<scalar_t, acc_t>& up, const Dims& d, int
                          int64_t h, int64_t w) {
   if (up.dout != nullptr) return static_cast<acc_t>(up.dout[offset5(up.dout_strides, n, t, c, h, w)]);
   acc_t u = 0;
-  for (int i = 0; i < up.n_items; ++i) u += pooled_grad_at(up.axis[i], up.grad[i], up.argmax[i], d, n, t, c, h, w);
+  AIA_UNROLL for (int i = 0; i < kMaxItems; ++i) {
+    if (i < up.n_items) u += pooled_grad_at(up.axis[i], up.grad[i], up.argmax[i], d, n, t, c, h, w);
+  }
   return u;
 }
 
@@ -216,7 +229,9 @@ AIA_HD acc_t weight_grad_range(const scalar_t* v, const Strides5& vs, const Dims
   for (int64_t p = p0; p < p1; ++p) {
     const Coords x = gate_coords(axis, d, g, p);
     acc_t f[kMaxFactors] = {acc_t(1), acc_t(1)};
-    for (int q = 0; q < wt.n_factors; ++q) f[q] = factor_at(wt, q, d, x.n, x.t, x.c, x.h, x.w);
+    AIA_UNROLL for (int q = 0; q < kMaxFactors; ++q) {
+      if (q < wt.n_factors) f[q] = factor_at(wt, q, d, x.n, x.t, x.c, x.h, x.w);
+    }
     sum += upstream_at(up, d, x.n, x.t, x.c, x.h, x.w) * static_cast<acc_t>(v[offset5(vs, x.n, x.t, x.c, x.h, x.w)]) *
            factor_partial(wt, k, f) * inv_size;
   }

@@ -19,19 +19,25 @@ constexpr int kThreads = 256;
 
 int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8)); }
 
+// The Weight/Upstream/Terms parameters are `const __grid_constant__`: code that indexes
+// their arrays with a runtime value (a gate j of factor k) reads the parameter space
+// directly instead of copying the struct into local memory first (a stack frame per
+// thread; ptxas --resource-usage shows it, tests/test_native_cuda_compile.py checks it).
 #define AIA_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
 // One thread per gate entry: max (first index), argmax and mean of weight * v along `axis`.
 template <typename scalar_t, typename acc_t>
-__global__ void pool_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d, Weight<acc_t> wt, int axis,
-                            acc_t* __restrict__ P, int32_t* __restrict__ argmax, int64_t entries) {
+__global__ void pool_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d,
+                            const __grid_constant__ Weight<acc_t> wt, int axis, acc_t* __restrict__ P,
+                            int32_t* __restrict__ argmax, int64_t entries) {
   AIA_GRID_STRIDE(g, entries) pool_entry(v, vs, d, wt, axis, g, P, argmax);
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void apply_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d, Weight<acc_t> wt,
-                             scalar_t* __restrict__ out, Strides5 os, int64_t elements) {
+__global__ void apply_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d,
+                             const __grid_constant__ Weight<acc_t> wt, scalar_t* __restrict__ out, Strides5 os,
+                             int64_t elements) {
   AIA_GRID_STRIDE(i, elements) {
     const Coords x = element_coords(d, i);
     const acc_t y = weight_at(wt, d, x.n, x.t, x.c, x.h, x.w) *
@@ -42,9 +48,10 @@ __global__ void apply_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d
 
 // One thread per entry of gate j of factor k (weight_grad_entry of aia_common.h).
 template <typename scalar_t, typename acc_t>
-__global__ void weight_grad_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d, Weight<acc_t> wt,
-                                   Upstream<scalar_t, acc_t> up, int k, int j, acc_t* __restrict__ out,
-                                   int64_t entries) {
+__global__ void weight_grad_kernel(const scalar_t* __restrict__ v, Strides5 vs, Dims d,
+                                   const __grid_constant__ Weight<acc_t> wt,
+                                   const __grid_constant__ Upstream<scalar_t, acc_t> up, int k, int j,
+                                   acc_t* __restrict__ out, int64_t entries) {
   AIA_GRID_STRIDE(g, entries) out[g] = weight_grad_entry(v, vs, d, wt, up, k, j, g);
 }
 
@@ -55,8 +62,8 @@ struct Terms {
 };
 
 template <typename scalar_t, typename acc_t>
-__global__ void input_grad_kernel(Terms<scalar_t, acc_t> terms, Dims d, scalar_t* __restrict__ out, Strides5 os,
-                                  int64_t elements) {
+__global__ void input_grad_kernel(const __grid_constant__ Terms<scalar_t, acc_t> terms, Dims d,
+                                  scalar_t* __restrict__ out, Strides5 os, int64_t elements) {
   AIA_GRID_STRIDE(i, elements) {
     const Coords x = element_coords(d, i);
     out[offset5(os, x.n, x.t, x.c, x.h, x.w)] =

@@ -390,6 +390,7 @@ constexpr int kMaxBwdStages = 4;            // every variant has at most 4 stage
 constexpr int kBnSums = 4;                  // sum dy, dy * zhat, dzhat, dzhat * zhat
 constexpr int kPartialFields = kBnSums + kConvTaps;
 constexpr int kSumsPerPass = 6;             // block_sums: values reduced per shared-memory pass
+static_assert(kConvTaps % kSumsPerPass == 0, "the conv weight gradient sums whole groups of taps");
 
 template <typename acc_t>
 struct BwdGateArgs {
@@ -581,12 +582,17 @@ __global__ void __launch_bounds__(kThreads) plan_backward_kernel(const __grid_co
         for (int64_t i = first; i < 2 * ga.entries; i += step) ga.d_pooled[i] = conv_input_grad_flat(ga.dz, wt, ga.cd, i);
       }
       if (ga.d_conv != nullptr) {
-        double taps[kConvTaps];
-        for (int t = 0; t < kConvTaps; ++t) taps[t] = 0;
-        for (int64_t i = first; i < ga.entries; i += step)
-          for (int t = 0; t < kConvTaps; ++t) taps[t] += conv_weight_grad_term(ga.P, ga.dz, ga.cd, t, i);
-        block_sums(taps, kConvTaps,
-                   args.partials + (int64_t(j) * gridDim.x + blockIdx.x) * kPartialFields + kBnSums, sh);
+        // The taps a group at a time, the group's sums in registers: one array of all 54,
+        // updated per entry, would sit in local memory (a 432-byte stack frame per thread).
+        double* block_taps = args.partials + (int64_t(j) * gridDim.x + blockIdx.x) * kPartialFields + kBnSums;
+        for (int base = 0; base < kConvTaps; base += kSumsPerPass) {
+          double taps[kSumsPerPass] = {};
+          for (int64_t i = first; i < ga.entries; i += step) {
+            AIA_UNROLL for (int q = 0; q < kSumsPerPass; ++q)
+              taps[q] += conv_weight_grad_term(ga.P, ga.dz, ga.cd, base + q, i);
+          }
+          block_sums(taps, kSumsPerPass, block_taps + base, sh);
+        }
       }
     }
     grid.sync();

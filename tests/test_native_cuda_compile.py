@@ -2,6 +2,7 @@
 catches syntax and type errors in every csrc/*.cu, and in the C++ sources' CUDA-only
 branches (AIA_WITH_CUDA), on CI machines without a GPU."""
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -41,16 +42,61 @@ def test_every_cuda_source_is_built():
     assert set(CU_FILES) == set(CUDA_SOURCES), "csrc/*.cu and aia_kernels.native.CUDA_SOURCES differ"
 
 
+@pytest.fixture(scope="module")
+def compile_cu(tmp_path_factory):
+    """compile_cu(source): nvcc -c of csrc/<source> for sm_90 (the H100/H200) with ptxas's
+    resource report; its output, one compile per source and process. Skips without nvcc."""
+    outputs = {}
+
+    def run(source: str) -> str:
+        nvcc = _nvcc()
+        if nvcc is None:
+            pytest.skip("nvcc not found: the CUDA sources cannot be compile-checked on this machine")
+        if source not in outputs:
+            tmp = tmp_path_factory.mktemp("nvcc")
+            cmd = [nvcc, "-c", str(CSRC / source), "-o", str(tmp / (source + ".o")), "-std=c++17",
+                   "-arch=sm_90", "--expt-relaxed-constexpr", "-DAIA_WITH_CUDA", "-Xcudafe", "--diag_suppress=3306",
+                   "--resource-usage", *[f"-I{p}" for p in _includes(tmp)]]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            assert result.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+            outputs[source] = result.stdout + result.stderr
+        return outputs[source]
+
+    return run
+
+
 @pytest.mark.parametrize("source", CU_FILES)
-def test_cuda_sources_compile(tmp_path, source):
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found: the CUDA sources cannot be compile-checked on this machine")
-    cmd = [nvcc, "-c", str(CSRC / source), "-o", str(tmp_path / (source + ".o")), "-std=c++17",
-           "-arch=sm_90", "--expt-relaxed-constexpr", "-DAIA_WITH_CUDA", "-Xcudafe", "--diag_suppress=3306",
-           *[f"-I{p}" for p in _includes(tmp_path)]]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+def test_cuda_sources_compile(compile_cu, source):
+    compile_cu(source)
+
+
+def _local_memory(ptxas_output: str) -> dict[str, tuple[int, int, int]]:
+    """Per kernel (mangled name): (stack frame, spill stores, spill loads) in bytes, as
+    ptxas --resource-usage reports them."""
+    usage = {}
+    pattern = (r"Function properties for (\S+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, "
+               r"(\d+) bytes spill loads")
+    for name, frame, stores, loads in re.findall(pattern, ptxas_output):
+        usage[name] = (int(frame), int(stores), int(loads))
+    return usage
+
+
+# Local memory (a per-thread stack frame in DRAM behind L1) on the hot paths is a cost no
+# CPU test can see. The one-launch kernels may spill a few registers (ptxas trades them
+# for occupancy: 64 or 128 registers a thread), but hold no local arrays.
+MAX_FRAME_BYTES = {"aia_cuda.cu": 0, "aia_cuda_persistent.cu": 128}
+
+
+@pytest.mark.parametrize("source", CU_FILES)
+def test_cuda_kernels_keep_to_registers(compile_cu, source):
+    """ptxas for sm_90: no kernel of the multi-launch walk uses local memory; the one-launch
+    kernels hold no local array (a runtime-indexed struct parameter or an array of 54
+    tap sums, both seen before, each took hundreds of bytes)."""
+    usage = _local_memory(compile_cu(source))
+    assert usage, "ptxas reported no kernels"
+    limit = MAX_FRAME_BYTES[source]
+    over = {name: u for name, u in usage.items() if u[0] > limit or (limit == 0 and (u[1] or u[2]))}
+    assert not over, f"local memory (stack frame, spill stores, spill loads) over {limit} bytes: {over}"
 
 
 @pytest.mark.parametrize("source", CXX_WITH_CUDA_BRANCHES)
