@@ -17,7 +17,8 @@ What each kind times (summed; CinST->STinC's weights, random gates):
 Candidate grid (per key, the heuristic tile and duplicates left out): the tile's side
 along the contiguous dim of memory (P) takes its cap, cap/2, cap/4 and cap/8; the other
 free side fills the tile up to E elements (at least 1, at most the next power of two
-of its dim), for (E, num_warps) in (1024, 4), (2048, 4), (2048, 8), (4096, 8):
+of its dim), for (E, num_warps) in (1024, 4), (1024, 8), (2048, 8), (4096, 8) (the
+heuristics' sizes and the larger tiles they used before ptxas showed those spilling):
 
   kind / layout                    P (cap)                              filled side
   channel, elementwise / contig.   BLOCK_HW (min(pow2(H*W), 1024))      BLOCK_C
@@ -65,7 +66,7 @@ from .timing import Timer
 
 LAYOUTS = ("contiguous", "channels_last")
 KINDS = ("channel", "spatiotemporal", "elementwise")
-GRID = ((1024, 4), (2048, 4), (2048, 8), (4096, 8))  # (tile elements, num_warps)
+GRID = ((1024, 4), (1024, 8), (2048, 8), (4096, 8))  # (tile elements, num_warps)
 # Cap of the block along the contiguous dim (spatiotemporal/contiguous: of BLOCK_H * BLOCK_W).
 CAPS = {("channel", "contiguous"): 1024, ("channel", "channels_last"): 128,
         ("spatiotemporal", "contiguous"): 4096, ("spatiotemporal", "channels_last"): 64}

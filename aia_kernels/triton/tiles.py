@@ -55,6 +55,18 @@ KEY_FIELDS = ("device", "kind", "layout", "dtype", "C", "H", "W")
 # The largest tile the heuristics and the tuner's grid use (the T/H/W kernel may exceed it
 # by whole rows: a row longer than this is one tile row).
 MAX_TILE_ELEMENTS = 4096
+# The heuristics' tile sizes, set by ptxas's register report for sm_90 (no GPU timing yet):
+# the heaviest kernels at the spec shapes (the T/H/W weight gradients of two-factor
+# weights, input_grad's five-term sum) hold 30-60 registers per element a thread owns.
+# Tiles of 4096 (T/H/W, contiguous) and 2048 (C, elementwise) elements on 8 warps reached
+# the 255-register cap and spilled up to 344 bytes a thread; at these sizes nothing spills
+# more than 24 bytes (tests/test_triton_compile.py checks all ten variants at the spec
+# shapes). channels_last T/H/W tiles keep 4096: 8 channels a row take 8 rows of a 56-wide
+# plane, and halving the rows would double the H partials (a quarter of the full size at
+# 56x56) to save a 16-24 byte spill in 3 of 192 specializations.
+SPATIOTEMPORAL_TILE_ELEMENTS = 2048
+SPATIOTEMPORAL_CHANNELS_LAST_TILE_ELEMENTS = 4096
+CHANNEL_TILE_ELEMENTS = 1024
 MAX_WARPS = 32
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third dims
 TABLE_ENV = "AIA_TRITON_TILES"
@@ -95,7 +107,8 @@ def layout(v) -> str:
 
 
 def num_warps(tile_elements: int) -> int:
-    return 8 if tile_elements >= 2048 else 4
+    """8 warps from 1024 elements on: 4 to 16 elements a thread in the heuristics' tiles."""
+    return 8 if tile_elements >= 1024 else 4
 
 
 def _heuristic_tile(kind: str, blocks: tuple[int, ...]) -> Tile:
@@ -105,11 +118,12 @@ def _heuristic_tile(kind: str, blocks: tuple[int, ...]) -> Tile:
 def _channel_blocks(v) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_HW): the C reduction and the elementwise passes (the same tile today)."""
     _, _, c, h, w = v.shape
+    budget = CHANNEL_TILE_ELEMENTS
     if _channels_last(v):
         block_c = min(_pow2(c), 64)
-        return block_c, min(_pow2(h * w), max(1, 2048 // block_c))
-    block_hw = min(_pow2(h * w), 1024)
-    return min(_pow2(c), max(1, 2048 // block_hw)), block_hw
+        return block_c, min(_pow2(h * w), max(1, budget // block_c))
+    block_hw = min(_pow2(h * w), budget)
+    return min(_pow2(c), max(1, budget // block_hw)), block_hw
 
 
 def _spatiotemporal_blocks(v) -> tuple[int, int, int]:
@@ -119,9 +133,12 @@ def _spatiotemporal_blocks(v) -> tuple[int, int, int]:
     if _channels_last(v):
         # 8 channels = one 32-byte sector of float32 per (h, w): full sectors, more rows per tile.
         block_c = min(_pow2(c), 8)
-        return block_c, min(_pow2(h), max(1, 4096 // (block_w * block_c))), block_w
-    block_h = min(_pow2(h), max(1, 4096 // block_w))
-    return min(_pow2(c), max(1, 1024 // (block_h * block_w))), block_h, block_w
+        budget = SPATIOTEMPORAL_CHANNELS_LAST_TILE_ELEMENTS
+        return block_c, min(_pow2(h), max(1, budget // (block_w * block_c))), block_w
+    budget = SPATIOTEMPORAL_TILE_ELEMENTS
+    block_h = min(_pow2(h), max(1, budget // block_w))
+    # Channels are far apart in this layout: a quarter of the budget across them.
+    return min(_pow2(c), max(1, budget // 4 // (block_h * block_w))), block_h, block_w
 
 
 _HEURISTICS = {"channel": _channel_blocks, "elementwise": _channel_blocks, "spatiotemporal": _spatiotemporal_blocks}
