@@ -266,6 +266,25 @@ def test_unavailable_without_interpreter_or_cuda(monkeypatch):
     assert unavailable_reason(torch.device("cpu")) is None
 
 
+def test_interpreter_refused_where_triton_and_numpy_clash(monkeypatch):
+    """Triton < 3.7's interpreter with NumPy >= 2.4 fails every launch (triton-lang/triton#9171):
+    the backend says so instead."""
+    import numpy
+    import triton
+
+    from aia_kernels.triton import unavailable_reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton_version, numpy_version, refused in (("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                   ("3.7.0", "2.4.6", False), ("3.10.1", "2.5.0rc1", False),
+                                                   ("3.5.1", "3.0.0", True)):
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        reason = unavailable_reason(torch.device("cpu"))
+        assert (reason is not None and "9171" in reason and "numpy<2.4" in reason) == refused, (
+            triton_version, numpy_version, reason)
+    assert unavailable_reason(torch.device("cuda", 0)) is None  # the compiler is not affected
+
+
 @pytest.mark.skipif(not CUDA, reason="GPU-only: the interpreter is not representative of kernel speed")
 @pytest.mark.parametrize("shape", [(64, 64, 56, 56), (64, 512, 7, 7)])
 def test_resnet_shapes_on_gpu(shape):

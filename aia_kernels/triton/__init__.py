@@ -237,12 +237,30 @@ class TritonPrimitives:
                          sums[0:1].clone() if with_bn and needs[3] else None)
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in version.split(".")[:2])
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run these kernels here, else None. Before Triton 3.7
+    the interpreter turns a loop bound that is a kernel argument (``range(0, C, BLOCK_C)``,
+    in every reduction here) into an int by ``int()`` of a 1-element array, which NumPy 2.4
+    refuses (triton-lang/triton#9171): every launch would fail with an obscure TypeError."""
+    import numpy
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} "
+                "(triton-lang/triton#9171, fixed in Triton 3.7): install numpy<2.4 or triton>=3.7")
+    return None
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     device = torch.device(device)
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
+        return interpreter_problem()
     return ("Triton kernels need a CUDA tensor; set TRITON_INTERPRET=1 before importing triton to run "
             "them on the CPU through Triton's interpreter")
 
