@@ -8,7 +8,8 @@ a stand-in driver reports an sm_90 CUDA target, and each launch becomes a warmup
 specializes and compiles the kernel (Triton IR -> PTX -> cubin with the bundled ptxas)
 but launches nothing. Outputs are therefore uninitialized memory; only the host code
 and the compiler are exercised. Prints one JSON line: for each kernel, how many
-specializations were compiled and the ``.target`` of their PTX.
+specializations were compiled, the ``.target`` of their PTX, the most registers a thread
+uses and the specializations that spill.
 
 ``--shapes spec`` compiles instead the launches of the spec's four ResNet-50 shapes
 (N*T = 64; float32 and bfloat16, both layouts, BN in train mode), the tiles the
@@ -161,8 +162,8 @@ def report(launches) -> dict:
     kernels = [k for k, _ in unique.values()]
     entry = {"specializations": len(unique), "ptx_targets": ptx_targets(kernels),
              "has_cubin": all(k.asm.get("cubin") for k in kernels)}
-    usage = {h: resource_usage(k) for h, (k, _) in unique.items()}
-    if all(u is not None for u in usage.values()):
+    usage = {h: resource_usage(k) for h, (k, _) in unique.items()} if entry["has_cubin"] else {}
+    if usage and all(u is not None for u in usage.values()):
         entry["max_registers"] = max(u[0] for u in usage.values())
         entry["spilling"] = [{**unique[h][1], "registers": u[0], "stack_bytes": u[1]}
                              for h, u in usage.items() if u[1] > 0]
