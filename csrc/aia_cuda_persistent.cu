@@ -701,6 +701,15 @@ ParamRef optional_ref(const c10::optional<at::Tensor>& t, const at::Tensor& x, c
   return param_ref(*t, x, 1, name);
 }
 
+// Blocks of a one-launch kernel's grid on x's device: one element of v per thread, at most
+// what can be co-resident (a cooperative launch needs every block resident at once).
+int grid_blocks(const at::Tensor& x, const at::Tensor& v, bool backward) {
+  const int blocks_max = coresident_blocks(x.get_device(), x.scalar_type(), backward);
+  TORCH_CHECK(blocks_max > 0, "aia_native: this device cannot run the one-launch ", backward ? "backward" : "forward",
+              " (no cooperative launch)");
+  return static_cast<int>(std::min<int64_t>(blocks_max, std::max<int64_t>(1, (v.numel() + kThreads - 1) / kThreads)));
+}
+
 // The split of a gate's pooled axis: none unless it is C and the gate has fewer entries
 // than half the grid's threads; then segments of at least kMinSegment positions.
 Split split_for(int axis, const Dims& d, int64_t entries, int blocks) {
@@ -763,8 +772,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
   TORCH_CHECK(v.dim() == 5 && v.numel() > 0, "aia_native: x must be a non-empty (N*T, C, H, W) tensor");
   TORCH_CHECK(supported_dtype(v.scalar_type()), "aia_native: the one-launch forward takes float32, float64, "
               "float16 or bfloat16, got ", v.scalar_type());
-  const int blocks_max = coresident_blocks(x.get_device(), x.scalar_type(), false);
-  TORCH_CHECK(blocks_max > 0, "aia_native: this device cannot run the one-launch forward (no cooperative launch)");
+  const int blocks = grid_blocks(x, v, false);
 
   // Every gate is computed by one stage before a weight uses it (the walk would fail on an
   // undefined gate; here its value scratch would be read uninitialised).
@@ -782,7 +790,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
 
   const Dims d = dims_of(v);
   const auto acc = x.options().dtype(acc_type(x.scalar_type()));
-  const int blocks = static_cast<int>(std::min<int64_t>(blocks_max, std::max<int64_t>(1, (v.numel() + kThreads - 1) / kThreads)));
 
   // Outputs, as the walk returns them (separate tensors: the op's outputs must not alias).
   std::vector<at::Tensor> saved;
@@ -897,13 +904,11 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
               "aia_native: the one-launch backward got inconsistent gate counts");
   TORCH_CHECK(supported_dtype(x.scalar_type()), "aia_native: the one-launch backward takes float32, float64, "
               "float16 or bfloat16, got ", x.scalar_type());
-  const int blocks_max = coresident_blocks(x.get_device(), x.scalar_type(), true);
-  TORCH_CHECK(blocks_max > 0, "aia_native: this device cannot run the one-launch backward (no cooperative launch)");
+  const int blocks = grid_blocks(x, v, true);
 
   const Dims d = dims_of(v);
   const at::ScalarType acc_dtype = acc_type(x.scalar_type());
   const auto acc = x.options().dtype(acc_dtype);
-  const int blocks = static_cast<int>(std::min<int64_t>(blocks_max, std::max<int64_t>(1, (v.numel() + kThreads - 1) / kThreads)));
   const bool need_x = needs[0] != 0;
   const auto need = [&](int k, int g) { return needs[1 + k * n_gates + g] != 0; };  // k: 0 conv, 1 bn w, 2 bn b
 
