@@ -1,6 +1,7 @@
 """The optional ahead-of-time build of the native extension (setup.py with
 AIA_KERNELS_BUILD_NATIVE=1) and the loader's choice between it and the first-use build:
-it is used only for the torch version, sources and CPU it was built for, a found but
+it is used only for the torch version, sources, flags and CPU it was built for (and not
+without CUDA kernels where this process could build them), a found but
 unusable one warns and is skipped, a named one (AIA_NATIVE_PREBUILT) that is unusable
 raises."""
 import json
@@ -55,11 +56,20 @@ def test_candidate_selection(package_dir, monkeypatch):
     ({"torch": "0.0.0"}, "built for torch 0.0.0"),
     ({"cpu": "0000000000"}, "on another CPU"),
     ({"sources": "stale"}, "other sources"),
+    ({"cxx_flags": ["-O0"]}, r"C\+\+ flags \['-O0'\]"),
 ])
 def test_mismatch_warns_and_builds_instead(package_dir, overrides, reason):
     fake_library(package_dir, **overrides)
     with pytest.warns(UserWarning, match=reason + ".*building on first use instead"):
         assert native._load_prebuilt() is False
+
+
+def test_cpu_only_library_refused_where_cuda_can_be_built(package_dir, monkeypatch):
+    library = fake_library(package_dir, cuda=False)
+    monkeypatch.setattr(native, "_with_cuda", lambda: True)
+    assert "no CUDA kernels" in native._prebuilt_metadata(library)[1]
+    monkeypatch.setattr(native, "_with_cuda", lambda: False)
+    assert native._prebuilt_metadata(library)[1] is None
 
 
 def test_missing_metadata(package_dir):

@@ -108,6 +108,10 @@ def _prebuilt_metadata(library: Path) -> tuple[dict | None, str | None]:
         return None, f"it was built for torch {meta.get('torch')}, this is torch {torch.__version__}"
     if meta.get("cpu") and meta["cpu"] != cpu_fingerprint():
         return None, "it was built with -march=native on another CPU"
+    if meta.get("cxx_flags") != CXX_FLAGS:  # AIA_NATIVE_CXXFLAGS differs from the build's
+        return None, f"it was built with C++ flags {meta.get('cxx_flags')}, this process asks for {CXX_FLAGS}"
+    if _with_cuda() and not meta.get("cuda"):
+        return None, "it has no CUDA kernels, and this process can build them"
     if meta.get("sources") != sources_digest(CSRC):
         return None, f"it was built from other sources than {CSRC} holds now"
     return meta, None
