@@ -9,7 +9,7 @@ specializes and compiles the kernel (Triton IR -> PTX -> cubin with the bundled 
 but launches nothing. Outputs are therefore uninitialized memory; only the host code
 and the compiler are exercised. Prints one JSON line: for each kernel, how many
 specializations were compiled, the ``.target`` of their PTX, the most registers a thread
-uses and the specializations that spill.
+uses (most and median) and the specializations that spill.
 
 ``--shapes spec`` compiles instead the launches of the spec's four ResNet-50 shapes
 (N*T = 64; float32 and bfloat16, both layouts, BN in train mode), the tiles the
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,7 +158,7 @@ def ptx_targets(kernels) -> list[str]:
 
 def report(launches) -> dict:
     """One kernel's entry of the JSON line: specializations, PTX targets, cubins, and (when
-    cuobjdump is there) the most registers a thread uses and the specializations that spill."""
+    cuobjdump is there) the most registers a thread uses (most and median) and the specializations that spill."""
     unique = {k.hash: (k, tile) for k, tile in launches}
     kernels = [k for k, _ in unique.values()]
     entry = {"specializations": len(unique), "ptx_targets": ptx_targets(kernels),
@@ -165,6 +166,7 @@ def report(launches) -> dict:
     usage = {h: resource_usage(k) for h, (k, _) in unique.items()} if entry["has_cubin"] else {}
     if usage and all(u is not None for u in usage.values()):
         entry["max_registers"] = max(u[0] for u in usage.values())
+        entry["median_registers"] = statistics.median(u[0] for u in usage.values())
         entry["spilling"] = [{**unique[h][1], "registers": u[0], "stack_bytes": u[1]}
                              for h, u in usage.items() if u[1] > 0]
     return entry
