@@ -77,7 +77,7 @@ ext_modules, build_ext_command = native_extension()
 
 setup(
     name="aia_kernels",
-    version="0.1.0",
+    version="0.2.0",
     description="Fused GPU kernels for Attention-in-Attention (AIA) video modules",
     packages=find_packages(include=["aia_kernels", "aia_kernels.*"]),
     package_data={"aia_kernels.triton": ["tuned_tiles.json"]},  # the tuned tile table, once a GPU wrote one

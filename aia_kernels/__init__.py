@@ -7,9 +7,9 @@
 """
 from .backends import BACKENDS
 from .convert import convert
-from .modules import C, CinST, ST, STinC, AIACombined, AIAModule, AIAUnit, build
+from .modules import C, CinST, ST, STinC, AIACombined, AIAModule, AIAUnit, aia_modules, build
 from .variants import VARIANTS
 
 __all__ = ["VARIANTS", "BACKENDS", "build", "C", "ST", "CinST", "STinC",
-           "AIAModule", "AIAUnit", "AIACombined", "convert"]
-__version__ = "0.1.0"
+           "AIAModule", "AIAUnit", "AIACombined", "aia_modules", "convert"]
+__version__ = "0.2.0"

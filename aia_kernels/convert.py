@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import backends
-from .modules import UNIT_CLASSES, AIAModule
+from .modules import UNIT_CLASSES, AIAModule, runs_aia
 from .variants import UNIT_GATES
 
 SEGMENT_ATTRIBUTES = ("num_segments", "n_segment", "n_segments", "num_segment", "segments")
@@ -113,16 +113,15 @@ def convert(model: nn.Module, backend: str = "auto", *, num_segments: int | None
     unit_kinds = unit_kinds or {}
     report = ConvertReport(backend)
     replacements = []
-    inside_ours: list[str] = []
+    covered: set[int] = set()  # our AIA modules and everything under them
     for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside_ours):
-            continue  # a unit of one of our combined modules: set with its parent
-        if isinstance(module, AIAModule):
-            for m in module.modules():
-                if isinstance(m, AIAModule):
-                    m.backend = backend
-            inside_ours.append(name)
-            report.changed.append((name, f"{type(module).__name__} {module.variant!r}: backend set"))
+        if id(module) in covered:
+            continue
+        ours = runs_aia(module)
+        if ours is not None:
+            ours.backend = backend  # a combined module sets both of its units
+            covered.update(id(m) for m in ours.modules())
+            report.changed.append((name, f"{type(ours).__name__} {ours.variant!r}: backend set"))
             continue
         gates = foreign_unit_gates(module)
         if gates is not None:

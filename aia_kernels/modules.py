@@ -7,12 +7,14 @@ backend actually ran.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from . import backends, reference
 from .validation import check_input, check_num_segments
-from .variants import UNIT_GATES, parse_variant
+from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
 
 
 class AIAModule(nn.Module):
@@ -21,11 +23,10 @@ class AIAModule(nn.Module):
     variant: str
     combine: str | None = None
 
-    def __init__(self, num_segments: int = 8, use_BN: bool = True, backend: str = "auto"):
+    def __init__(self, num_segments: int = 8, use_BN: bool = True):
         super().__init__()
         self.num_segments = check_num_segments(num_segments)
         self.use_BN = bool(use_BN)
-        self.backend = backend
         self.last_backend: str | None = None
 
     @property
@@ -52,11 +53,20 @@ class AIAModule(nn.Module):
                                "across ranks; the fused backends would not sync its batch statistics, so "
                                "this module runs the reference path")
             name = "reference"
-        self.last_backend = name
+        self._record_backend(name)
         if name == "reference":
             return reference.aia_forward(x, self.num_segments, self.combine, self.units())
         from .fused import fused_forward
         return fused_forward(self, x, name)
+
+    def _record_backend(self, name: str) -> None:
+        self.last_backend = name
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        # The checkpoint's version of this module, None where it has no entry for it: load
+        # post-hooks read it to tell aia_kernels 0.1's unit order from the current one.
+        self.__dict__["_checkpoint_version"] = local_metadata.get("version")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def _syncs_bn_statistics(self) -> bool:
         """A gate BN is a training SyncBatchNorm (torch's, or one marked ``is_sync_batchnorm``)
@@ -77,7 +87,8 @@ class AIAUnit(AIAModule):
     kind: str
 
     def __init__(self, num_segments: int = 8, use_BN: bool = True, backend: str = "auto"):
-        super().__init__(num_segments, use_BN, backend)
+        super().__init__(num_segments, use_BN)
+        self.backend = backend
         self.variant = self.kind
         for g in UNIT_GATES[self.kind]:
             self.add_module(f"{g}_conv", nn.Conv3d(2, 1, kernel_size=3, padding=1, bias=False))
@@ -127,19 +138,102 @@ UNIT_CLASSES = {cls.kind: cls for cls in (C, ST, CinST, STinC)}
 
 
 class AIACombined(AIAModule):
-    """``A->B`` (``B(A(x))``) or ``A+B`` (``0.5*A(x) + 0.5*B(x)``), units named ``eft1``, ``eft2``."""
+    """``A->B`` (``B(A(x))``) or ``A+B`` (``0.5*A(x) + 0.5*B(x)``), units named ``eft1``, ``eft2``
+    in the order of ``variants.parse_variant`` (``CinST+STinC``: eft1 = STinC, as the authors').
+
+    The two units run as one fused op, so they share one backend: ``backend`` reads and sets
+    both units' (a network may expose the units themselves, see ``models.resnet``).
+    """
+
+    # 2: CinST+STinC registers eft1 = STinC, eft2 = CinST. 1 (aia_kernels 0.1): eft1 = CinST.
+    _version = 2
 
     def __init__(self, variant: str, num_segments: int = 8, use_BN: bool = True, backend: str = "auto"):
-        super().__init__(num_segments, use_BN, backend)
+        super().__init__(num_segments, use_BN)
         combine, (first, second) = parse_variant(variant)
         if combine is None:
             raise ValueError(f"{variant!r} is a single unit; use aia_kernels.build")
         self.variant, self.combine = variant, combine
         self.eft1 = UNIT_CLASSES[first](num_segments, use_BN, backend)
         self.eft2 = UNIT_CLASSES[second](num_segments, use_BN, backend)
+        if variant in REGISTRATION_ORDER:
+            self.register_load_state_dict_post_hook(_load_old_unit_order)
+
+    @property
+    def backend(self) -> str:
+        first, second = self.eft1.backend, self.eft2.backend
+        if first != second:
+            raise ValueError(f"the units of a combined AIA variant run as one fused op, but eft1 asks for "
+                             f"backend {first!r} and eft2 for {second!r}; set one backend on both "
+                             f"(module.backend = ... sets both)")
+        return first
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.eft1.backend = self.eft2.backend = name
+
+    def _record_backend(self, name: str) -> None:
+        self.last_backend = self.eft1.last_backend = self.eft2.last_backend = name
 
     def units(self):
         return [(self.eft1.kind, self.eft1), (self.eft2.kind, self.eft2)]
+
+
+
+def _load_old_unit_order(module: AIACombined, incompatible_keys) -> None:
+    """Load post-hook of a standalone ``CinST+STinC``: a checkpoint whose metadata gives it
+    version 1 was saved by aia_kernels 0.1 (eft1 = CinST); the loaded unit states are swapped.
+    A state_dict without metadata is read in the current layout."""
+    version = module.__dict__.pop("_checkpoint_version", None)
+    if version is not None and version < AIACombined._version:
+        swap_unit_states(module.eft1, module.eft2)
+        warn_old_unit_order(module.variant)
+
+
+def swap_unit_states(first: nn.Module, second: nn.Module) -> None:
+    """Exchange the values of every parameter and buffer of two units of one kind of layout
+    (the same gate names), in place: parameter objects (and an optimizer holding them) stay."""
+    a, b = first.state_dict(keep_vars=True), second.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key in a:
+            kept = a[key].detach().clone()
+            a[key].copy_(b[key])
+            b[key].copy_(kept)
+
+
+def warn_old_unit_order(variant: str) -> None:
+    """One message for every block of a network (warnings shows a repeated message once)."""
+    first, second = parse_variant(variant)[1]
+    warnings.warn(f"aia_kernels: the checkpoint's {variant} units were saved by aia_kernels 0.1, whose eft1 "
+                  f"held the {second} unit; they were loaded into the current layout (eft1 = {first}, eft2 = "
+                  f"{second}, as the authors' code). Save the model again to store the current layout.",
+                  RuntimeWarning, stacklevel=4)
+
+
+def runs_aia(module: nn.Module) -> AIAModule | None:
+    """The AIA module that ``module`` stands for: itself if it is one, or a combined module
+    that it exposes as ``attention`` without registering it (over units it registers itself,
+    as ``models.Bottleneck`` does so that names stay the authors' ``eft1``/``eft2``)."""
+    if isinstance(module, AIAModule):
+        return module
+    held = getattr(module, "attention", None)
+    if isinstance(held, AIAModule) and all(held is not child for child in module.children()):
+        return held
+    return None
+
+
+def aia_modules(model: nn.Module) -> list[tuple[str, AIAModule]]:
+    """(name, module) of every AIA module ``model`` runs, each once: units, and combined
+    modules (named after the block that holds them, see :func:`runs_aia`), not the units of
+    a combined module on their own."""
+    found: list[tuple[str, AIAModule]] = []
+    covered: set[int] = set()
+    for name, module in model.named_modules():  # pre-order: a block comes before its units
+        aia = runs_aia(module)
+        if aia is not None and id(aia) not in covered:
+            found.append((name, aia))
+            covered.update(id(m) for m in aia.modules())
+    return found
 
 
 def build(variant: str, num_segments: int = 8, use_BN: bool = True, backend: str = "auto") -> AIAModule:

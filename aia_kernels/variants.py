@@ -11,13 +11,21 @@ VARIANTS = ("C", "ST", "CinST", "STinC", "C->ST", "ST->C", "C+ST",
 
 COMBINATIONS = ("->", "+")
 
+# A combined variant registers its units as eft1, eft2 in name order (A, B), except where the
+# authors' network file orders them otherwise: their only CinST+STinC network is
+# `STinCplusCinST`, whose eft1 is the STinC unit. The parallel mean is symmetric, so only the
+# checkpoint keys depend on this; both units own the same gate names, so a wrong order loads
+# strictly and computes wrong outputs.
+REGISTRATION_ORDER = {"CinST+STinC": ("STinC", "CinST")}
+
 
 def parse_variant(variant: str) -> tuple[str | None, tuple[str, ...]]:
-    """``"CinST->STinC"`` -> ``("->", ("CinST", "STinC"))``; ``"C"`` -> ``(None, ("C",))``."""
+    """The combination and the units in registration order (eft1, eft2):
+    ``"CinST->STinC"`` -> ``("->", ("CinST", "STinC"))``; ``"CinST+STinC"`` ->
+    ``("+", ("STinC", "CinST"))``; ``"C"`` -> ``(None, ("C",))``."""
     if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"unknown AIA variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     for combine in COMBINATIONS:
         if combine in variant:
-            first, second = variant.split(combine)
-            return combine, (first, second)
+            return combine, REGISTRATION_ORDER.get(variant, tuple(variant.split(combine)))
     return None, (variant,)

@@ -58,7 +58,7 @@ def _worker(rank, port, path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             step(ddp, x[part], y[part])
-        aia = [m for m in model.modules() if isinstance(m, aia_kernels.AIAModule) and m.combine]
+        aia = [m for _, m in aia_kernels.aia_modules(model)]
         result = {"state": model.state_dict(), "last_backends": {m.last_backend for m in aia},
                   "warned": any("SyncBatchNorm" in str(w.message) for w in caught),
                   "n_sync": sum(isinstance(m, SyncBatchNorm) for m in model.modules())}

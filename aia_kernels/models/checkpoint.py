@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -43,21 +44,30 @@ class CheckpointMismatch(RuntimeError):
         self.report = report
 
 
-def read_state_dict(path_or_state_dict) -> dict[str, torch.Tensor]:
+def read_state_dict(path_or_state_dict) -> OrderedDict[str, torch.Tensor]:
     """A state_dict from a file or a dict: the authors' ``{"state_dict": ..., "epoch": ...}``
-    layout or a bare state_dict; DataParallel's ``module.`` prefix removed."""
+    layout or a bare state_dict; DataParallel's ``module.`` prefix removed. Its ``_metadata``
+    (module versions, which say how a checkpoint was laid out) is kept under the same renames."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path_or_state_dict = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
     if not isinstance(path_or_state_dict, Mapping):
         raise TypeError(f"expected a path or a state_dict mapping, got {type(path_or_state_dict).__name__}")
     state = path_or_state_dict.get("state_dict", path_or_state_dict)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    out = {}
-    for key, value in state.items():
+    metadata = getattr(state, "_metadata", None)
+    strip = "module." if state and all(k.startswith("module.") for k in state) else ""
+
+    def rename(key: str) -> str:
+        key = key[len(strip):] if key.startswith(strip) else key
         for old, new in _KEY_ALIASES:
             key = key.replace(old, new)
-        out[key] = value
+        return key
+
+    out = OrderedDict((rename(k), v) for k, v in state.items())
+    if metadata is not None:
+        # Module names have no trailing dot; with the prefix stripped, "module" becomes the root
+        # and the DataParallel wrapper's own entry ("") goes.
+        out._metadata = OrderedDict((rename(name + ".")[:-1], meta) for name, meta in metadata.items()
+                                    if not (strip and name == ""))
     return out
 
 
@@ -78,7 +88,10 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
                 report.loaded.append(key)
     if strict and not report.ok:
         raise CheckpointMismatch(report)
-    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    loaded = OrderedDict((k, state[k]) for k in report.loaded)
+    if hasattr(state, "_metadata"):
+        loaded._metadata = state._metadata  # module versions: see modules.AIACombined._version
+    model.load_state_dict(loaded, strict=False)
     return report
 
 

@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ..modules import AIACombined, AIAModule
+from ..modules import AIAModule, aia_modules
 from ..variants import VARIANTS
 from .resnet import Bottleneck
 from .tsn import tsn_resnet50
@@ -41,8 +41,8 @@ UNIT_ELEMENTWISE = {"C": 2 + 1, "ST": 6 + 3 + 1, "CinST": 2 + 1 + 6 + 3 + 1, "ST
 def count(model: nn.Module, frames: int, size: int) -> dict[str, float]:
     """Operation counts of one clip of ``frames`` frames of ``size`` x ``size`` (see the module docstring)."""
     counts: dict[str, float] = defaultdict(float)
-    aia_parts = {id(m) for a in model.modules() if isinstance(a, AIAModule) for m in a.modules()}
-    units_of_combined = {id(u) for a in model.modules() if isinstance(a, AIACombined) for u in (a.eft1, a.eft2)}
+    tops = [m for _, m in aia_modules(model)]
+    aia_parts = {id(m) for a in tops for m in a.modules()}
 
     def hook(module, inputs, y):
         x = inputs[0]
@@ -58,8 +58,7 @@ def count(model: nn.Module, frames: int, size: int) -> dict[str, float]:
         elif isinstance(module, nn.Linear):
             counts["conv/fc MACs"] += y.numel() * module.in_features
         elif isinstance(module, AIAModule):
-            units = [module.eft1.kind, module.eft2.kind] if isinstance(module, AIACombined) else [module.kind]
-            ops = sum(UNIT_ELEMENTWISE[k] for k in units) + (3 if module.combine == "+" else 0)
+            ops = sum(UNIT_ELEMENTWISE[kind] for kind, _ in module.units()) + (3 if module.combine == "+" else 0)
             counts["AIA elementwise"] += ops * x.numel()
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             counts["AIA BN elements" if id(module) in aia_parts else "BN elements"] += y.numel()
@@ -70,7 +69,8 @@ def count(model: nn.Module, frames: int, size: int) -> dict[str, float]:
         elif isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
             counts["other elementwise"] += x.numel()
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if id(m) not in units_of_combined]
+    # Each AIA module once (a combined one counts its units), and every other module.
+    hooks = [m.register_forward_hook(hook) for m in tops + [m for m in model.modules() if not isinstance(m, AIAModule)]]
     try:
         with torch.no_grad():
             model(torch.empty(1, frames, 3, size, size, device="meta"))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules import AIACombined, build
+from ..modules import AIACombined, AIAModule, aia_modules, build, swap_unit_states, warn_old_unit_order
+from ..variants import REGISTRATION_ORDER
 
 # A stage with this many blocks or more (ResNet-101's third stage) carries AIA (and
 # the shift) in every other block only, the first included.
@@ -36,25 +37,32 @@ def temporal_shift(x: torch.Tensor, num_segments: int, fold_div: int = 8) -> tor
     return out.view(x.shape)
 
 
-def _flatten_aia_keys(module, state_dict, prefix, local_metadata) -> None:
-    """State_dict post-hook: ``<prefix>aia.eft1.*`` -> ``<prefix>eft1.*`` (order kept)."""
-    nested = prefix + "aia."
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        value = state_dict.pop(key)
-        state_dict[prefix + key[len(nested):] if key.startswith(nested) else key] = value
-
-
-def _nest_aia_keys(module, state_dict, prefix, *args) -> None:
-    """Load pre-hook, the inverse of ``_flatten_aia_keys``."""
-    for unit in ("eft1.", "eft2."):
-        for key in [k for k in state_dict if k.startswith(prefix + unit)]:
-            state_dict[prefix + "aia." + key[len(prefix):]] = state_dict.pop(key)
+def _load_old_unit_order(block: "Bottleneck", incompatible_keys) -> None:
+    """Load post-hook of a block with a ``CinST+STinC`` unit pair: a checkpoint saved by
+    aia_kernels 0.1 held the units under the block's ``aia`` module, with eft1 = CinST. Its
+    metadata then has an entry for the block (version 1) but none for ``eft1``/``eft2`` at the
+    block's level (the authors' checkpoints have both), so the loaded unit states are swapped."""
+    version = block.__dict__.pop("_checkpoint_version", None)
+    units = (block.eft1, block.eft2)
+    unit_versions = [u.__dict__.pop("_checkpoint_version", None) for u in units]
+    if version is not None and version < Bottleneck._version and unit_versions == [None, None]:
+        swap_unit_states(*units)
+        warn_old_unit_order(block.attention.variant)
 
 
 class Bottleneck(nn.Module):
-    """torchvision's Bottleneck (stride on the 3x3 conv) with AIA after ``bn2``."""
+    """torchvision's Bottleneck (stride on the 3x3 conv) with AIA after ``bn2``.
+
+    A single unit is the child ``eft``; a combined variant's units are the children ``eft1``
+    and ``eft2``, so parameter, module and state_dict names are the authors'
+    (``layer1.0.eft1.C_conv.weight``). The combined module that runs them as one fused op
+    holds those same units and is not a child (``attention`` returns it).
+    """
 
     expansion = 4
+    # 2: a combined variant's units are the children eft1/eft2 in the spec's order. 1
+    # (aia_kernels 0.1): they were saved from a child ``aia``, CinST+STinC with eft1 = CinST.
+    _version = 2
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  variant: str | None = None, num_segments: int = 8, backend: str = "auto",
@@ -69,23 +77,26 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self._combined = None
         if variant is not None:
             aia = build(variant, num_segments=num_segments, backend=backend)
             if isinstance(aia, AIACombined):
-                # Registered as ``aia``; its units are saved and loaded as eft1/eft2 of the Bottleneck.
-                self.aia = aia
-                self.register_state_dict_post_hook(_flatten_aia_keys)
-                self.register_load_state_dict_pre_hook(_nest_aia_keys)
+                self.eft1, self.eft2 = aia.eft1, aia.eft2
+                self.__dict__["_combined"] = aia  # not a child: names stay the authors' eft1.*/eft2.*
+                if aia.variant in REGISTRATION_ORDER:
+                    self.register_load_state_dict_post_hook(_load_old_unit_order)
             else:
                 self.eft = aia
 
     @property
-    def attention(self) -> nn.Module | None:
-        """The block's AIA module (``eft``, or the combined ``aia`` saved as eft1/eft2), or None."""
-        for name in ("eft", "aia"):
-            if name in self._modules:
-                return self._modules[name]
-        return None
+    def attention(self) -> AIAModule | None:
+        """The block's AIA module: the unit ``eft``, the combined module over ``eft1``/``eft2``, or None."""
+        return self._modules.get("eft") or self._combined
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        # Read by _load_old_unit_order once the units are loaded.
+        self.__dict__["_checkpoint_version"] = local_metadata.get("version")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -149,8 +160,8 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def aia_modules(self) -> list[nn.Module]:
-        return [m.attention for m in self.modules() if isinstance(m, Bottleneck) and m.attention is not None]
+    def aia_modules(self) -> list[AIAModule]:
+        return [m for _, m in aia_modules(self)]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
