@@ -1,6 +1,6 @@
 """Drop-in AIA layers: the four units, the combined variants, and ``build``.
 
-Parameter names, registration order and initialisation follow the spec so that
+Parameter names, registration order and initialisation follow docs/semantics.md so that
 the authors' checkpoints load with ``strict=True``. Every module runs on the
 backend named by its ``backend`` attribute and records in ``last_backend`` which
 backend actually ran.
@@ -97,7 +97,8 @@ class AIAUnit(AIAModule):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The released code's initialisation (spec, "Parameters")."""
+        """The released code's initialisation (docs/semantics.md, "Parameters, state_dict keys,
+        initialisation")."""
         for g in UNIT_GATES[self.kind]:
             conv = getattr(self, f"{g}_conv")
             if self.kind == "STinC" and g == "C" or self.kind == "CinST" and g in "TH":

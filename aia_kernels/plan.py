@@ -1,8 +1,8 @@
 """A variant as data: the pool stages it runs and the weights each stage applies.
 
 Every AIA variant computes ``out = W * v`` where ``W`` is built from gates, and each
-gate comes from pooling ``W_s * v`` for weights ``W_s`` known at that point (spec,
-"Every variant is M * v"). A :class:`Plan` lists those stages in order. Fused
+gate comes from pooling ``W_s * v`` for weights ``W_s`` known at that point
+(docs/semantics.md, "The ten variants"). A :class:`Plan` lists those stages in order. Fused
 backends never see variant names: the generic executor (``fused.py``) walks the
 plan and calls the same few primitives for every variant.
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch AIA, written to be read line by line against ``shared/spec/AIA.md``.
+"""Pure-PyTorch AIA, written to be read line by line against ``docs/semantics.md``.
 
 This is the correctness oracle for every fused backend. It favours clarity over
 speed: it materialises every intermediate the spec names, exactly as the authors'
@@ -14,7 +14,7 @@ from torch import nn
 # Dimension of each axis in v = (N, T, C, H, W).
 AXIS_DIM = {"T": 1, "C": 2, "H": 3, "W": 4}
 
-# Spec table "One gate": the three axes the conv slides over, in order, for the
+# docs/semantics.md, table "One gate": the three axes the conv slides over, in order, for the
 # gate that pools the given axis. The W gate reads (T, H, C): H before C.
 CONV_AXES = {"C": "THW", "T": "CHW", "H": "TCW", "W": "THC"}
 
@@ -62,7 +62,7 @@ def spatiotemporal_weights(u: torch.Tensor, unit: nn.Module) -> torch.Tensor:
 
 
 def unit_weights(kind: str, unit: nn.Module, v: torch.Tensor) -> torch.Tensor:
-    """The weights M of one unit (spec table "The four units"): ``unit(v) = M * v``."""
+    """The weights M of one unit (docs/semantics.md, "The four units"): ``unit(v) = M * v``."""
     if kind == "C":
         return channel_weights(v, unit)
     if kind == "ST":

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compiler reports of registers and local memory for sm_90, without a GPU, into
 # benchmarks/results/<date>_register_report/: for the current tree and for a base commit
-# (default 7a01641: the Triton tiles and CUDA sources before the changes that README's
-# "Compile check" paragraphs describe).
+# (default 7a01641: the Triton tiles and CUDA sources before the changes that docs/triton.md
+# ("The heuristic tile sizes") and docs/native.md ("Tests": local memory) describe).
 #   triton_<label>.json  python -m aia_kernels.triton.compile_check --shapes spec
 #                        (label current, or base_tiles: the base commit's tiles.py in this tree)
 #   nvcc_<label>_<file>.txt  nvcc -c --resource-usage of csrc/<file> (label current or base)

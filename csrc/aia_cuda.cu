@@ -1,4 +1,4 @@
-// CUDA kernels of the AIA primitives. COMPILED IN CI, NEVER RUN ON A GPU (see README):
+// CUDA kernels of the AIA primitives. COMPILED IN CI, NEVER RUN ON A GPU (see docs/native.md):
 // the Python loader refuses CUDA devices unless AIA_NATIVE_CUDA=1.
 //
 // Straightforward, deterministic kernels built on the per-element formulas of

@@ -28,7 +28,7 @@ def test_executor_matches_reference(torch_backend, variant, train, use_bn):
 
 
 def test_plan_of_paper_module():
-    """CinST->STinC: C, ST on v; ST, C on u = Y_ST1 * v; output Y_C2 * Y_ST1 (spec example)."""
+    """CinST->STinC: C, ST on v; ST, C on u = Y_ST1 * v; output Y_C2 * Y_ST1 (docs/design.md, "The plan")."""
     plan = build_plan("CinST->STinC")
     assert [s.axes for s in plan.stages] == ["C", "THW", "THW", "C"]
     assert [s.weight.factors for s in plan.stages] == [(), ((0,),), ((1, 2, 3),), ((1, 2, 3), (5, 6, 7))]

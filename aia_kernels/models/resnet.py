@@ -2,8 +2,8 @@
 
 Keys match torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
 ``layer1.0.downsample.0``, ``fc``) plus the AIA unit(s) of a Bottleneck: ``eft``
-for a single unit, ``eft1``/``eft2`` for a combined variant (spec, "Use in a
-network"). No torchvision is needed.
+for a single unit, ``eft1``/``eft2`` for a combined variant (docs/semantics.md,
+"Use in a TSN / TSM network"). No torchvision is needed.
 """
 from __future__ import annotations
 
