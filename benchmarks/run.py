@@ -64,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds of torch.compile time; after it, compile cases are reported as skipped")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     p.add_argument("--interpreter", action="store_true",
-                   help="on CPU, also run triton through Triton's interpreter (TRITON_INTERPRET=1): a dry run "
-                        "of the code (gpu_run.sh --dry-run), its times mean nothing")
+                   help="on CPU, run triton through Triton's interpreter (TRITON_INTERPRET=1) in the first case: "
+                        "a dry run of the code (gpu_run.sh --dry-run; seconds a call), its times mean nothing")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p.parse_args(argv)
 
@@ -302,7 +302,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
 
     report.write_all(payload, out_dir, plot_png=False)
     for case, impl in task_order(cases, impls):
-        run_task(timer, case, impl, rows[(case, impl)], reps, warmup, budget, references, args.interpreter)
+        run_task(timer, case, impl, rows[(case, impl)], reps, warmup, budget, references,
+                 args.interpreter and case == cases[0])
         report.write_all(payload, out_dir, plot_png=False)  # partial results survive a kill
     meta["elapsed_s"] = round(budget.elapsed(), 1)
     text = report.write_all(payload, out_dir, plot_png=not args.no_plot)
