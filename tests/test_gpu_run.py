@@ -8,10 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 native = pytest.importorskip("aia_kernels.native")
+interpreter_problem = pytest.importorskip("aia_kernels.triton").interpreter_problem
 
 
 def gpu_run(out: Path, *args, timeout=900, **env) -> subprocess.CompletedProcess:
@@ -22,6 +24,8 @@ def gpu_run(out: Path, *args, timeout=900, **env) -> subprocess.CompletedProcess
                           text=True, timeout=timeout)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run rehearses the GPU run on a CPU machine; on a GPU "
+                                                      "machine gpu_run.sh runs for real")
 def test_dry_run_walks_every_step(tmp_path):
     native.load()  # the build is cached (its time on 2 busy CPU cores is not the GPU machine's)
     proc = gpu_run(tmp_path)
@@ -43,8 +47,11 @@ def test_dry_run_walks_every_step(tmp_path):
     cheap = [r for r in rows if r["impl"] in ("eager", "authors", "native")]
     assert all(r["status"] == "ok" for r in cheap), [r["reason"] for r in cheap if r["status"] != "ok"]
     triton = [r for r in rows if r["impl"] == "triton" and r["status"] == "ok"]
-    assert [(r["mode"], r["dtype"]) for r in triton] == [("fwd-bwd", "float32")]  # the interpreter: one case
-    assert "interpreter" in triton[0]["note"] and triton[0]["max_abs_diff"] < 1e-4
+    if interpreter_problem() is None:
+        assert [(r["mode"], r["dtype"]) for r in triton] == [("fwd-bwd", "float32")]  # the interpreter: one case
+        assert "interpreter" in triton[0]["note"] and triton[0]["max_abs_diff"] < 1e-4
+    else:  # this machine's Triton and NumPy clash: the row says so
+        assert not triton
     compiled = [r for r in rows if r["impl"].startswith("compile")]
     assert {r["status"] for r in compiled} <= {"ok", "skipped"}
     ok = [(r["impl"], r["mode"], r["dtype"]) for r in compiled if r["status"] == "ok"]
