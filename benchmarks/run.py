@@ -64,8 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds of torch.compile time; after it, compile cases are reported as skipped")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     p.add_argument("--interpreter", action="store_true",
-                   help="on CPU, run triton through Triton's interpreter (TRITON_INTERPRET=1) in the first case: "
-                        "a dry run of the code (gpu_run.sh --dry-run; seconds a call), its times mean nothing")
+                   help="on CPU, run triton through Triton's interpreter (TRITON_INTERPRET=1) in one case, the first "
+                        "fwd-infer one if asked (the interpreter takes seconds a call): a dry run of the code "
+                        "(gpu_run.sh --dry-run), its times mean nothing")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p.parse_args(argv)
 
@@ -301,9 +302,9 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
             payload["copy_bandwidth"].append(measure_copy(timer, shape, DTYPES[dt], device, reps, warmup))
 
     report.write_all(payload, out_dir, plot_png=False)
+    interpreted = next((c for c in cases if c[1] == "fwd-infer"), cases[0]) if args.interpreter else None
     for case, impl in task_order(cases, impls):
-        run_task(timer, case, impl, rows[(case, impl)], reps, warmup, budget, references,
-                 args.interpreter and case == cases[0])
+        run_task(timer, case, impl, rows[(case, impl)], reps, warmup, budget, references, case == interpreted)
         report.write_all(payload, out_dir, plot_png=False)  # partial results survive a kill
     meta["elapsed_s"] = round(budget.elapsed(), 1)
     text = report.write_all(payload, out_dir, plot_png=not args.no_plot)

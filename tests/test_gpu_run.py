@@ -44,19 +44,23 @@ def test_dry_run_walks_every_step(tmp_path):
                                                        for d in ("float32", "bfloat16")}
     assert {r["impl"] for r in rows} == {"eager", "authors", "compile-default", "compile-max-autotune", "triton",
                                          "native"}
+    # Rows run or are cut by the 60 s budget (how many fit depends on this machine's load), in
+    # the headline's order: every cheap row before any compile row.
+    assert {r["status"] for r in rows} <= {"ok", "skipped", "not available"}
+    assert all("budget" in r["reason"] for r in rows if r["status"] == "skipped")
     cheap = [r for r in rows if r["impl"] in ("eager", "authors", "native")]
-    assert all(r["status"] == "ok" for r in cheap), [r["reason"] for r in cheap if r["status"] != "ok"]
-    triton = [r for r in rows if r["impl"] == "triton" and r["status"] == "ok"]
-    if interpreter_problem() is None:
-        assert [(r["mode"], r["dtype"]) for r in triton] == [("fwd-bwd", "float32")]  # the interpreter: one case
-        assert "interpreter" in triton[0]["note"] and triton[0]["max_abs_diff"] < 1e-4
-    else:  # this machine's Triton and NumPy clash: the row says so
-        assert not triton
+    assert all(r["status"] == "ok" for r in cheap[:3])  # the first case, fwd-bwd float32
     compiled = [r for r in rows if r["impl"].startswith("compile")]
-    assert {r["status"] for r in compiled} <= {"ok", "skipped"}
     ok = [(r["impl"], r["mode"], r["dtype"]) for r in compiled if r["status"] == "ok"]
-    assert not ok or ok[0] == ("compile-default", "fwd-bwd", "float32")  # the compile rows' first, if any
-    assert all("budget" in r["reason"] for r in compiled if r["status"] == "skipped")
+    if ok:
+        assert ok[0] == ("compile-default", "fwd-bwd", "float32") and all(r["status"] == "ok" for r in cheap)
+    triton = [(r["mode"], r["dtype"], r["status"], r["note"] if r["status"] == "ok" else r["reason"])
+              for r in rows if r["impl"] == "triton"]
+    interpreted = [t for t in triton if t[2] == "ok"]
+    if interpreter_problem() is None and all(r["status"] == "ok" for r in cheap):  # the interpreter: one case
+        assert [t[:2] for t in interpreted] == [("fwd-infer", "float32")] and "interpreter" in interpreted[0][3]
+    elif interpreter_problem() is not None:  # this machine's Triton and NumPy clash: the row says so
+        assert not interpreted
 
 
 def test_a_failing_step_fails_the_run(tmp_path):
