@@ -1,79 +1,174 @@
-"""Demo: every AIA variant on every backend this machine can run.
+"""What aia_kernels is for, in under a minute: ``python -m aia_kernels.demo``.
 
-    python -m aia_kernels.demo [--device cuda] [--shape 16 32 14 14] [--segments 8]
+1. Which backends run on this device (and why the others do not).
+2. That each one agrees with the reference: every variant, forward and backward, on a
+   small clip (a backend that runs through Triton's interpreter, which takes minutes a
+   variant, is checked on the first variant only).
+3. What the fused path gains on a whole network: a TSM-ResNet-50 with ``CinST->STinC`` in
+   its 16 blocks, eval forward of one clip, the reference against the backend ``auto``
+   picks, and the same backbone without AIA, timed in interleaved rounds.
 
-Builds each variant, runs forward and backward on a random clip with each backend,
-and prints the backend that ran, the largest absolute difference from the
-reference (output and input gradient) and the time of one forward+backward.
+Options: ``--device`` (default: cuda if available), ``--variants``, ``--resolution`` and
+``--frames`` of the network's clip, ``--rounds``, ``--threads`` (CPU).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import statistics
 import time
 
 import torch
 
-from . import VARIANTS, backends, build
+from . import VARIANTS, AIAModule, backends, build
+
+SHAPE = (8, 8, 7, 7)  # the agreement check's input: 2 clips of 4 frames
+SEGMENTS = 4
+NETWORK_VARIANT = "CinST->STinC"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m aia_kernels.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--resolution", type=int, default=112, help="frame height and width of the network's clip")
+    parser.add_argument("--frames", type=int, default=8, help="frames of the network's clip (num_segments)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    return parser.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _interpreted(name: str, device: torch.device) -> bool:
+    return name == "triton" and device.type == "cpu"  # on CPU Triton only runs through its interpreter
 
 
 def _forward_backward(module, x, grad_out):
     x = x.detach().clone().requires_grad_()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
     out = module(x)
     out.backward(grad_out)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return out.detach(), x.grad, time.perf_counter() - start
+    return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
 
 
-def _unavailable(name: str, device: torch.device) -> str | None:
-    try:
-        backends.get(name, device)
-    except (NotImplementedError, RuntimeError) as err:
-        return str(err)
-    return None
-
-
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", type=int, nargs=4, default=[8, 16, 14, 14], metavar=("NT", "C", "H", "W"))
-    parser.add_argument("--segments", type=int, default=4)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+def agreement(device: torch.device, variants, fused: list[str]) -> list[dict]:
+    """Largest absolute differences from the reference of the output, the input gradient and
+    any parameter gradient, per variant and fused backend (float32, train mode)."""
     torch.manual_seed(0)
-    x = torch.randn(args.shape, device=device)
-    grad_out = torch.randn(args.shape, device=device)
-    fused = [name for name in backends.FUSED_BACKENDS]
-    skipped = {name: _unavailable(name, device) for name in fused}
-    for name, reason in skipped.items():
-        if reason:
-            print(f"[{name}] not run: {reason}")
-    print(f"input {tuple(args.shape)} on {device}, num_segments={args.segments}, float32, train mode")
-    if device.type == "cpu" and not skipped.get("triton"):
-        print("note: on the CPU, triton runs through Triton's interpreter: its times are not kernel timings")
-    print()
-    print(f"{'variant':14s} {'backend':10s} {'max|dy|':>10s} {'max|dx|':>10s} {'fwd+bwd ms':>11s}")
+    x = torch.randn(SHAPE, device=device)
+    grad_out = torch.randn(SHAPE, device=device)
     rows = []
-    for variant in args.variants:
-        reference = build(variant, num_segments=args.segments, backend="reference").to(device)
-        for name in ["reference"] + [n for n in fused if not skipped[n]]:
+    print(f"{'variant':14s} {'backend':8s} {'max|dy|':>9s} {'max|dx|':>9s} {'max|dw|':>9s}")
+    for index, variant in enumerate(variants):
+        reference = build(variant, num_segments=SEGMENTS, backend="reference").to(device)
+        ref_out, ref_grad, ref_params = _forward_backward(copy.deepcopy(reference), x, grad_out)
+        for name in fused:
+            if index > 0 and _interpreted(name, device):
+                continue
             module = copy.deepcopy(reference)
             module.backend = name
-            _forward_backward(module, x, grad_out)  # warm-up (first call compiles kernels)
-            ref_out, ref_grad, _ = _forward_backward(copy.deepcopy(reference), x, grad_out)
-            out, grad, seconds = _forward_backward(module, x, grad_out)
-            row = dict(variant=variant, backend=module.last_backend,
-                       out_err=(out - ref_out).abs().max().item(), grad_err=(grad - ref_grad).abs().max().item(),
-                       ms=seconds * 1e3)
+            out, grad, params = _forward_backward(module, x, grad_out)
+            row = dict(variant=variant, backend=module.last_backend, out_err=(out - ref_out).abs().max().item(),
+                       grad_err=(grad - ref_grad).abs().max().item(),
+                       param_err=max((params[n] - g).abs().max().item() for n, g in ref_params.items()))
             rows.append(row)
-            print(f"{variant:14s} {row['backend']:10s} {row['out_err']:10.2e} {row['grad_err']:10.2e} "
-                  f"{row['ms']:11.2f}")
+            print(f"{variant:14s} {row['backend']:8s} {row['out_err']:9.1e} {row['grad_err']:9.1e} "
+                  f"{row['param_err']:9.1e}")
     return rows
+
+
+def _set_backend(model: torch.nn.Module, name: str) -> None:
+    for module in model.modules():
+        if isinstance(module, AIAModule):
+            module.backend = name
+
+
+def network_speed(device: torch.device, fused: str, resolution: int, frames: int, rounds: int) -> dict:
+    """Median eval-forward time of one clip through TSM-ResNet-50: AIA on the reference, AIA
+    on ``fused``, and no AIA; one warm-up call each, then ``rounds`` interleaved rounds."""
+    from .models import tsm_resnet50
+    torch.manual_seed(0)
+    with_aia = tsm_resnet50(num_classes=174, num_segments=frames, variant=NETWORK_VARIANT,
+                            backend="reference").to(device).eval()
+    plain = tsm_resnet50(num_classes=174, num_segments=frames, variant=None).to(device).eval()
+    fused_model = copy.deepcopy(with_aia)
+    _set_backend(fused_model, fused)
+    clip = torch.randn(1, frames, 3, resolution, resolution, device=device)
+    models = {"reference": with_aia, fused: fused_model, "no AIA": plain}
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        scores = {name: model(clip) for name, model in models.items()}  # warm-up
+        for _ in range(rounds):
+            for name, model in models.items():
+                _sync(device)
+                start = time.perf_counter()
+                model(clip)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    score_err = (scores[fused] - scores["reference"]).abs().max().item()
+    return dict(ms=ms, fused=fused, speedup=ms["reference"] / ms[fused], score_err=score_err, rounds=rounds,
+                aia_share={name: (ms[name] - ms["no AIA"]) / ms[name] for name in ("reference", fused)})
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
+    print(f"aia_kernels demo on {device}{threads}, torch {torch.__version__}\n")
+
+    print("1. Backends")
+    reasons = {}
+    for name in backends.FUSED_BACKENDS:
+        try:
+            backends.get(name, device)
+            reasons[name] = None
+        except (NotImplementedError, RuntimeError) as err:
+            reasons[name] = str(err)
+    print("   reference: runs (pure PyTorch, the contract's oracle)")
+    for name, reason in reasons.items():
+        how = " through Triton's interpreter (slow; not kernel speed)" if _interpreted(name, device) else ""
+        print(f"   {name}: " + (f"runs{how}" if reason is None else f"not here: {reason}"))
+    fused = [name for name, reason in reasons.items() if reason is None]
+
+    print(f"\n2. Agreement with the reference: float32, train mode, input {SHAPE}, num_segments={SEGMENTS}")
+    rows = agreement(device, args.variants, fused) if fused and args.variants else []
+    if not fused:
+        print("   no fused backend runs here: nothing to compare")
+    elif any(_interpreted(name, device) for name in fused) and len(args.variants) > 1:
+        print(f"   (triton through the interpreter: {args.variants[0]} only)")
+
+    auto = backends.resolve("auto", device) if fused else "reference"
+    network = None
+    print(f"\n3. A whole network: TSM-ResNet-50 with {NETWORK_VARIANT} in 16 blocks, eval forward of one clip "
+          f"(1 x {args.frames} x 3 x {args.resolution} x {args.resolution}), median of {args.rounds} "
+          f"interleaved rounds")
+    if auto == "reference":
+        print("   no fused backend for backend='auto' here: nothing to compare")
+    else:
+        network = network_speed(device, auto, args.resolution, args.frames, args.rounds)
+        ms, share = network["ms"], network["aia_share"]
+        print(f"   reference (eager PyTorch): {ms['reference']:9.1f} ms   AIA's share {share['reference']:5.0%}")
+        print(f"   {auto + ' (fused)':26s} {ms[auto]:9.1f} ms   AIA's share {share[auto]:5.0%}")
+        print(f"   no AIA (the backbone):     {ms['no AIA']:9.1f} ms")
+        print(f"   -> the fused network is {network['speedup']:.2f}x the speed of the eager one "
+              f"(class scores differ by at most {network['score_err']:.1e})")
+        if device.type == "cpu":
+            print(f"   ({torch.get_num_threads()} threads; times on a shared machine vary from run to run)")
+    print(f"\ndemo took {time.perf_counter() - started:.0f} s")
+    return dict(device=device, threads=torch.get_num_threads(), backends=reasons, rows=rows, network=network,
+                interpreter=os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 An *implementation* ("impl") is how a module runs:
 
 - ``eager``: the pure-PyTorch reference (``backend="reference"``),
+- ``authors``: the same module written the way the authors' released code writes it
+  (``authors_style.py``: the eager code a user would otherwise run), same weights; a bf16
+  input runs it under ``torch.autocast`` (its convs take the input's dtype),
 - ``compile-default`` / ``compile-max-autotune``: the reference under ``torch.compile``
   (default mode, and ``mode="max-autotune-no-cudagraphs"``); the faster of the two is
   *the compiled peer*,
@@ -27,6 +30,7 @@ import torch
 import aia_kernels
 from aia_kernels import backends
 
+from . import authors_style
 from .bytes_model import MODES
 
 NUM_SEGMENTS = 8
@@ -44,9 +48,10 @@ FUSED = ("triton", "native")
 NATIVE_PATHS = {"native-walk": "0", "native-1launch": "1"}  # AIA_NATIVE_CUDA_PERSISTENT while timed
 PATH_ENV = "AIA_NATIVE_CUDA_PERSISTENT"
 _USER_PATH_SETTING = os.environ.get(PATH_ENV)  # what plain ``native`` runs with
-IMPLS = ("eager", *COMPILE_MODES, *FUSED, *NATIVE_PATHS)
-IMPL_GROUPS = {"all": ("eager", *COMPILE_MODES, *FUSED), "compile": tuple(COMPILE_MODES), "fused": FUSED,
+IMPLS = ("eager", "authors", *COMPILE_MODES, *FUSED, *NATIVE_PATHS)
+IMPL_GROUPS = {"all": ("eager", "authors", *COMPILE_MODES, *FUSED), "compile": tuple(COMPILE_MODES), "fused": FUSED,
                "native-paths": tuple(NATIVE_PATHS)}
+INTERPRETER_NOTE = "not timed: Triton runs through its interpreter on CPU (TRITON_INTERPRET=1)"
 
 
 def shape_str(shape) -> str:
@@ -83,8 +88,9 @@ def parse_list(text: str, allowed, groups: dict | None = None, name: str = "valu
     return list(dict.fromkeys(out))
 
 
-def unavailable_reason(impl: str, device: torch.device) -> str | None:
-    """Why ``impl`` is not timed on ``device``, or None when it is."""
+def unavailable_reason(impl: str, device: torch.device, interpreter: bool = False) -> str | None:
+    """Why ``impl`` is not timed on ``device``, or None when it is. ``interpreter``: Triton
+    through its interpreter on CPU counts as available (a dry run of the code, not a timing)."""
     if impl in NATIVE_PATHS:
         if device.type != "cuda":
             return "the native backend's walk / one-launch choice exists on CUDA only"
@@ -97,8 +103,8 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
         except Exception as exc:  # the registry's own explanation
             return str(exc)
         return "not available"
-    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return "not timed: Triton runs through its interpreter on CPU (TRITON_INTERPRET=1)"
+    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and not interpreter:
+        return INTERPRETER_NOTE
     return None
 
 
@@ -142,7 +148,22 @@ def prepare_impl(base: torch.nn.Module, impl: str) -> tuple[torch.nn.Module, Cal
         return module, torch.compile(module, mode=COMPILE_MODES[impl])
     if impl == "eager":
         return module, module
+    if impl == "authors":
+        authors = authors_style.copy_of(module)
+        return authors, _autocast_for_half_inputs(authors)
     raise ValueError(f"unknown impl {impl!r}")
+
+
+def _autocast_for_half_inputs(module: torch.nn.Module) -> Callable:
+    """``module`` as a user of an fp32 module runs it on half inputs: under autocast to the
+    input's dtype, the output in that dtype."""
+    def call(x):
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return module(x)
+        with torch.autocast(x.device.type, dtype=x.dtype):
+            out = module(x)
+        return out.to(x.dtype)
+    return call
 
 
 def make_step(module: torch.nn.Module, fn: Callable, x: torch.Tensor, mode: str) -> Callable[[], object]:

@@ -1,125 +1,191 @@
 #!/usr/bin/env bash
-# One command for a GPU session: the full test suite (real GPU, no Triton interpreter),
-# then the benchmark matrix, saved under benchmarks/results/<date>_<device>/.
-# Sized for the GPU runner's 10-minute command limit, every step under `timeout`:
-#   0. native extension build (CPU + CUDA), in the background from the start -> native_build.log
-#   1. tests but the native CUDA ones (and their emulator run) and the compile-only checks,
-#      pytest-xdist  <= 170 s -> tests.log
-#   2. native CUDA kernels against the reference (tests/test_native_cuda.py) <= 80 s
-#      -> native_cuda.log; only if they pass are they benchmarked (AIA_NATIVE_CUDA=1)
-#   3. tune (not in the default STEPS): benchmarks/tune_triton.py sweeps the Triton kernels'
-#      tiles (spec shapes x {fp32, bf16} x {contiguous, channels_last} x {channel,
-#      spatiotemporal, elementwise}) <= TUNE_S (240) s -> the table into the package,
-#      aia_kernels/triton/tuned_tiles.json, so the later steps of this command use it; a copy
-#      and tuning.{md,json} in tuning/, log tuning.log. Keys the budget cuts are listed there.
-#   4. headline CinST->STinC: spec shapes x {fp32, bf16} x {fwd-bwd, fwd-infer, fwd-train}
-#      x {eager, compile-default, compile-max-autotune, triton, native}
-#                                               <= HEADLINE_S (240) s -> results.{md,json}, summary.png
-#   5. paths (not in the default STEPS): CinST->STinC, spec shapes x {fp32, bf16} x
-#      {fwd-bwd, fwd-infer} x {triton, native-walk, native-1launch}: the native CUDA
-#      multi-launch walk against the one-launch kernels and Triton, to set the one-launch
-#      size threshold and what `auto` picks  <= PATHS_S (120) s -> native_paths/
-#   6. all ten variants, {eager, triton, native}, {fwd-bwd, fwd-infer}, 10 reps
-#                                               <= VARIANTS_S (110) s -> all_variants/
-# STEPS picks steps: the default "tests,native,headline" takes at most ~8.5 min; run
-# STEPS=native,paths,variants as a second command (the native build is redone on a fresh
-# machine, the gate in step 2 too). Cases the budgets cut are listed as
-# "skipped: ... budget" in the report, never dropped.
-# Tile tuning: STEPS=tune,headline (<= ~8.5 min) tunes, then benchmarks with the tuned tiles.
-# The device runner returns only $OUT: commit tuning/tuned_tiles.json from the archive as
-# aia_kernels/triton/tuned_tiles.json (it is the merged table), with the tuning/ reports.
-# The native build (step 0) starts only when the tests or native step runs.
-# If $OUT is set (the device runner's output dir), the results are archived there too.
-# Usage: [STEPS=...] bash benchmarks/gpu_run.sh [extra args for the headline run]
+# One command for a GPU session: the test suite on the GPU (no Triton interpreter), the native
+# CUDA kernels against the reference, then the benchmarks. The GPU machine gives one command
+# of at most 10 minutes and returns only the files under $OUT (at most 8, at most 2 folders
+# down), so every step runs under `timeout`, the whole run under a deadline (TOTAL_S, 540 s),
+# and each step writes straight into the output folder as it goes: a run cut anywhere still
+# returns what the finished steps produced. README ("GPU run") has the plan and its timings.
+#
+#   0. native extension build (C++ and CUDA), in the background from the start, <= BUILD_S (300)
+#      s; its output goes into run.log when it ends
+#   1. tests   the suite but the native CUDA tests, their emulator run and the compile-only
+#              checks (CI runs those), pytest-xdist          <= TESTS_S (170) s -> tests.log
+#   2. native  tests/test_native_cuda.py: the native CUDA kernels against the reference, on
+#              the GPU; only if they pass are they benchmarked (AIA_NATIVE_CUDA=1)
+#                                                            <= NATIVE_S (80) s -> native_cuda.log
+#   3. tune    (not default) benchmarks/tune_triton.py sweeps the Triton tiles into the
+#              package table, so later steps use it   <= TUNE_S (240) s -> tuning/ (4 files)
+#   4. headline CinST->STinC, spec shapes x {fp32, bf16} x {fwd-bwd, fwd-infer, fwd-train} x
+#              {eager, authors, triton, native, compile-default, compile-max-autotune}: every
+#              cheap row first, the compiled peers in the time left (benchmarks/run.py)
+#                                                    <= HEADLINE_S (240) s -> headline/ (3 files)
+#   5. paths   (not default) native CUDA multi-launch walk vs one launch vs triton
+#                                                    <= PATHS_S (120) s -> native_paths/ (3 files)
+#   6. variants (not default) all ten variants, eager vs fused
+#                                                  <= VARIANTS_S (110) s -> all_variants/ (3 files)
+# STEPS picks steps (default "tests,native,headline", 6 files); run.log (one file) says what
+# each step did and how long it took. A STEPS whose files exceed 8 is refused before it starts:
+# e.g. STEPS=native,paths,variants or STEPS=tune,headline as a second command.
+# After a tune step, commit tuning/tuned_tiles.json as aia_kernels/triton/tuned_tiles.json.
+#
+# --dry-run: the same steps and timeouts on a CPU machine, through Triton's interpreter, with
+# tiny shapes (tests: tests/test_api.py only; headline: one 8x8x8x8 case per mode and dtype,
+# a 60 s time budget); exits non-zero when a step fails or the output breaks the runner's
+# limits. CI runs it.
+# Output: $OUT if set, else benchmarks/results/<date>_<device>/ (a dry run: a temporary folder).
+# Usage: [STEPS=...] bash benchmarks/gpu_run.sh [--dry-run] [extra args for the headline run]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-
-if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_run.sh: no CUDA device visible to torch; GPU benchmarks need one." >&2
-    exit 2
-fi
-DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-DEVICE=${DEVICE:-$($PY -c "import torch; print(torch.cuda.get_device_name())")}
-SLUG=$(echo "$DEVICE" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')
-DIR=benchmarks/results/$(date -u +%Y-%m-%d)_${SLUG}
-mkdir -p "$DIR"
-echo "gpu_run.sh: $DEVICE -> $DIR"
-nvidia-smi > "$DIR/nvidia-smi.txt" 2>&1 || true
-
+DRY=0 DRY_FLAG=
+if [ "${1:-}" = "--dry-run" ]; then DRY=1 DRY_FLAG=" --dry-run"; shift; fi
 STEPS=${STEPS:-tests,native,headline}
 step() { [[ ",$STEPS," == *",$1,"* ]]; }
 START=$(date +%s)
+TOTAL_S=${TOTAL_S:-540}
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
 
-# The build is cached in the build dir; tests that need it wait on torch's build lock.
+# Files each step leaves in the output folder; run.log is the eighth at most.
+declare -A STEP_FILES=([tests]=1 [native]=1 [tune]=4 [headline]=3 [paths]=3 [variants]=3)
+FILES=1
+for s in ${STEPS//,/ }; do
+    [ -n "${STEP_FILES[$s]:-}" ] || { echo "gpu_run.sh: unknown step '$s' in STEPS=$STEPS" >&2; exit 2; }
+    FILES=$(( FILES + STEP_FILES[$s] ))
+done
+if [ $FILES -gt 8 ]; then
+    echo "gpu_run.sh: STEPS=$STEPS leaves $FILES files; the GPU runner returns 8: split it into two commands" >&2
+    exit 2
+fi
+
+if [ $DRY -eq 1 ]; then
+    export TRITON_INTERPRET=1
+    DEVICE="dry run on $(nproc) CPU cores"
+    DIR=${OUT:-$(mktemp -d -t gpu_run_dry.XXXXXX)}
+    BENCH=(--device cpu --shapes tiny --reps 1 --warmup 0 --threads "$(nproc)" --interpreter --no-plot)
+else
+    unset TRITON_INTERPRET
+    if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu_run.sh: no CUDA device visible to torch; GPU benchmarks need one (--dry-run: a CPU walk)." >&2
+        exit 2
+    fi
+    DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+    DEVICE=${DEVICE:-$($PY -c "import torch; print(torch.cuda.get_device_name())")}
+    SLUG=$(echo "$DEVICE" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')
+    DIR=${OUT:-benchmarks/results/$(date -u +%Y-%m-%d)_${SLUG}}
+    BENCH=(--shapes spec --reps 20 --warmup 3 --no-plot)
+fi
+mkdir -p "$DIR"
+LOG=$DIR/run.log
+log() { echo "$*" | tee -a "$LOG"; }
+left() { echo $(( START + TOTAL_S - $(date +%s) )); }
+FAILED=()
+
+log "gpu_run.sh$DRY_FLAG: $DEVICE -> $DIR; $(date -u +%FT%TZ)"
+log "command: STEPS=$STEPS bash benchmarks/gpu_run.sh$DRY_FLAG $*"
+$PY -c "import platform, torch, numpy; import triton; print('python', platform.python_version(), '| torch', \
+torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__, '| cpus', __import__('os').cpu_count())" \
+    2>&1 | tee -a "$LOG"
+[ $DRY -eq 1 ] || nvidia-smi 2>&1 | head -20 >> "$LOG"
+
+# run STEP LIMIT_S LOGFILE CMD...: CMD under `timeout` (cut to the time left before the
+# deadline), its output streamed into LOGFILE; a line in run.log with exit code and time.
+run() {
+    local name=$1 limit=$2 logfile=$3 t0 rc
+    shift 3
+    if (( $(left) < 15 )); then log "$name: not run, the run's deadline (${TOTAL_S} s) is reached"; FAILED+=("$name"); return 1; fi
+    (( limit > $(left) - 5 )) && limit=$(( $(left) - 5 ))
+    log "== $name (<= ${limit} s) -> ${logfile#"$DIR"/}"
+    t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" > "$logfile" 2>&1
+    rc=$?
+    log "$name: exit $rc$( ((rc == 124)) && echo ' (timed out)') in $(( $(date +%s) - t0 )) s"
+    tail -n 3 "$logfile" | sed 's/^/    /' | tee -a "$LOG"
+    ((rc == 0)) || FAILED+=("$name")
+    return $rc
+}
+
+# 0. The native build, cached in torch's extensions dir; the tests that need it wait on its lock.
 BUILD=
+BUILD_LOG=$(mktemp -t native_build.XXXXXX)
 if step tests || step native; then
-    $PY -c "import time, aia_kernels.native as n; t = time.time(); n.load(); \
-print(f'native extension loaded in {time.time() - t:.0f} s: {n.build_info()}')" \
-        > "$DIR/native_build.log" 2>&1 &
+    timeout -k 10 "${BUILD_S:-300}" $PY -c "import time, aia_kernels.native as n; t = time.time(); n.load(); \
+print(f'native extension loaded in {time.time() - t:.0f} s: {n.build_info()}')" > "$BUILD_LOG" 2>&1 &
     BUILD=$!
 fi
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+build_done() {
+    [ -n "$BUILD" ] || return 0
+    wait "$BUILD"
+    local rc=$?
+    BUILD=
+    log "native build: exit $rc$( ((rc == 124)) && echo ' (timed out)')"
+    sed 's/^/    /' "$BUILD_LOG" | tail -n 40 | tee -a "$LOG"
+    ((rc == 0)) || FAILED+=("native build")
+}
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n $(( $(nproc) < 8 ? $(nproc) : 8 ))")
 
 if step tests; then
-    echo "== 1 tests (no interpreter) ${XDIST}"
-    T0=$(date +%s)
-    # test_native_cuda.py runs in step 2 on the GPU itself, so its CPU-emulator run is skipped here;
-    # so are the compile-only checks (CI runs them; the spec-shape Triton one alone takes minutes cold).
-    timeout 170 $PY -m pytest tests -q -p no:cacheprovider $XDIST --ignore tests/test_native_cuda.py \
-        --ignore tests/test_native_cuda_emulated.py --ignore tests/test_triton_compile.py \
-        --ignore tests/test_native_cuda_compile.py > "$DIR/tests.log" 2>&1
-    echo "tests: exit $? in $(( $(date +%s) - T0 )) s (log: $DIR/tests.log)" | tee -a "$DIR/tests.log"
-    tail -3 "$DIR/tests.log"
+    if [ $DRY -eq 1 ]; then TESTS=(tests/test_api.py); else
+        # test_native_cuda.py is step 2 (on the GPU itself): its emulator run is left out here, and so
+        # are the compile-only checks (CI runs them; the spec-shape Triton one alone takes minutes cold)
+        # and the two tests that build the C++ library again with CUDA hidden (as in CI, minutes of g++).
+        TESTS=(tests --ignore tests/test_native_cuda.py --ignore tests/test_native_cuda_emulated.py
+               --ignore tests/test_triton_compile.py --ignore tests/test_native_cuda_compile.py
+               --deselect tests/test_native_prebuilt.py::test_setup_builds_a_library_the_loader_uses
+               --deselect tests/test_native_backend.py::test_portable_build_matches_reference)
+    fi
+    run tests "${TESTS_S:-170}" "$DIR/tests.log" $PY -m pytest -q -p no:cacheprovider $XDIST "${TESTS[@]}"
 fi
-if [ -n "$BUILD" ]; then wait $BUILD; tail -3 "$DIR/native_build.log"; fi
+build_done
 
 if step native; then
-    echo "== 2 native CUDA kernels against the reference"
-    # 163 tests (one-launch backward included): spread over the xdist workers too.
-    timeout 80 $PY -m pytest tests/test_native_cuda.py -q -p no:cacheprovider $XDIST > "$DIR/native_cuda.log" 2>&1
-    RC=$?
-    tail -3 "$DIR/native_cuda.log"
-    if [ $RC -eq 0 ]; then export AIA_NATIVE_CUDA=1; else echo "native CUDA: exit $RC, not benchmarked"; fi
+    # 163 tests (one-launch backward included), spread over the xdist workers too; on CPU all skip.
+    if run native "${NATIVE_S:-80}" "$DIR/native_cuda.log" $PY -m pytest tests/test_native_cuda.py -q \
+            -p no:cacheprovider $XDIST; then
+        export AIA_NATIVE_CUDA=1
+    else
+        log "native CUDA kernels: not benchmarked"
+    fi
 fi
 
 if step tune; then
-    echo "== 3 tune the Triton tiles -> aia_kernels/triton/tuned_tiles.json, $DIR/tuning/"
-    T0=$(date +%s)
-    timeout "${TUNE_S:-240}" $PY -m benchmarks.tune_triton --time-budget $(( ${TUNE_S:-240} - 45 )) \
-        --results-dir "$DIR/tuning" > "$DIR/tuning.log" 2>&1
-    RC=$?
-    echo "tune: exit $RC in $(( $(date +%s) - T0 )) s; $(grep -c ': tuned$' "$DIR/tuning.log") keys tuned" \
-        "(report: $DIR/tuning/tuning.md, log: $DIR/tuning.log)"
+    LIMIT=${TUNE_S:-240}
+    mkdir -p "$DIR/tuning"
+    run tune "$LIMIT" "$DIR/tuning/log.txt" $PY -m benchmarks.tune_triton --time-budget $(( LIMIT - 45 )) \
+        --results-dir "$DIR/tuning" $([ $DRY -eq 1 ] && echo --dry-run)
 fi
 
+# A benchmark step: its time budget is its limit less a margin for the last row and the report.
+bench() {
+    local name=$1 limit=$2 folder=$DIR/$3 budget
+    shift 3
+    (( limit > $(left) - 5 )) && limit=$(( $(left) - 5 ))
+    budget=$(( DRY == 1 ? 60 : limit - 45 ))
+    mkdir -p "$folder"
+    run "$name" "$limit" "$folder/log.txt" $PY -m benchmarks.run --variants 'CinST->STinC' "${BENCH[@]}" \
+        --time-budget "$budget" --out "$folder" "$@"
+}
 if step headline; then
-    echo "== 4 headline CinST->STinC"
-    timeout "${HEADLINE_S:-240}" $PY -m benchmarks.run --variants 'CinST->STinC' --shapes spec \
-        --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer,fwd-train --backends all --reps 20 --warmup 3 \
-        --time-budget $(( ${HEADLINE_S:-240} - 60 )) --compile-budget $(( ${HEADLINE_S:-240} - 110 )) --out "$DIR" "$@"
-    echo "headline: exit $?"
+    bench headline "${HEADLINE_S:-240}" headline --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer,fwd-train \
+        --backends all "$@"
 fi
-
 if step paths; then
-    echo "== 5 native CUDA paths: walk vs one launch vs triton"
-    timeout "${PATHS_S:-120}" $PY -m benchmarks.run --variants 'CinST->STinC' --shapes spec \
-        --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer --backends triton,native-paths --reps 20 --warmup 3 \
-        --time-budget $(( ${PATHS_S:-120} - 30 )) --out "$DIR/native_paths" > "$DIR/native_paths.log" 2>&1
-    echo "native paths: exit $? (table: $DIR/native_paths/results.md)"
+    bench paths "${PATHS_S:-120}" native_paths --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer \
+        --backends triton,native-paths
 fi
-
 if step variants; then
-    echo "== 6 all variants, eager vs fused"
-    timeout "${VARIANTS_S:-110}" $PY -m benchmarks.run --variants all --shapes spec \
-        --dtypes float32,bfloat16 --modes fwd-bwd,fwd-infer --backends eager,fused --reps 10 --warmup 2 \
-        --time-budget $(( ${VARIANTS_S:-110} - 35 )) --out "$DIR/all_variants" > "$DIR/all_variants.log" 2>&1
-    echo "all variants: exit $? (table: $DIR/all_variants/results.md)"
+    bench variants "${VARIANTS_S:-110}" all_variants --variants all --dtypes float32,bfloat16 \
+        --modes fwd-bwd,fwd-infer --backends eager,fused
 fi
 
-if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the runner returns few files: one archive
-    tar czf "$OUT/gpu_results.tgz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
+# What the runner will return: at most 8 files, at most 2 folders down, plain names.
+COUNT=$(find "$DIR" -type f | wc -l)
+DEEP=$(find "$DIR" -mindepth 4 | head -3)
+ODD=$(find "$DIR" -mindepth 1 | sed "s|^$DIR/||" | grep -v '^[A-Za-z0-9._/-]*$' | head -3)
+log "output: $COUNT files in $DIR: $(cd "$DIR" && find . -type f | sed 's|^\./||' | sort | tr '\n' ' ')"
+if [ "$COUNT" -gt 8 ] || [ -n "$DEEP" ] || [ -n "$ODD" ]; then
+    log "output: beyond what the GPU runner returns (8 files, 2 folders down, names of letters, digits, . _ -)"
+    FAILED+=("output")
 fi
-echo "gpu_run.sh: done in $(( $(date +%s) - START )) s; results in $DIR"
+rm -f "$BUILD_LOG"
+log "gpu_run.sh: done in $(( $(date +%s) - START )) s; ${#FAILED[@]} failed${FAILED[*]:+: ${FAILED[*]}}"
+[ ${#FAILED[@]} -eq 0 ]

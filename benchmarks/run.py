@@ -4,11 +4,20 @@ Times every requested (variant, shape, dtype, mode) on every requested implement
 in one process, measures the copy bandwidth of each (shape, dtype), and writes
 ``results.md`` (also printed), ``results.json`` and ``summary.png`` to ``--out``.
 Without CUDA it says so and runs on CPU (default shapes: ``small``, N*T = 8).
+
+Order (so that a time budget cuts the least valuable rows): the copy bandwidths, then the
+cheap rows of every case (eager, authors, the fused backends: no compile step), then the
+``torch.compile`` rows, whose first call compiles for tens of seconds: ``compile-default``
+before ``compile-max-autotune``, each in the order of ``--modes`` and ``--dtypes``, largest
+shape first. A row not started within ``--time-budget`` is reported as skipped, as is a
+compile row when less time is left than that compile mode took before for that mode. The
+report is rewritten after every row (rows not reached yet say "pending").
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -54,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-budget", type=float, default=None,
                    help="seconds of torch.compile time; after it, compile cases are reported as skipped")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
+    p.add_argument("--interpreter", action="store_true",
+                   help="on CPU, run triton through Triton's interpreter (TRITON_INTERPRET=1) in one case, the first "
+                        "fwd-infer one if asked (the interpreter takes seconds a call): a dry run of the code "
+                        "(gpu_run.sh --dry-run), its times mean nothing")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p.parse_args(argv)
 
@@ -129,6 +142,10 @@ def measure_impl(timer: Timer, base, impl: str, x, mode: str, reps: int, warmup:
     fields["launches"], fields["launches_kind"] = timer.launches(step)
     if impl in FUSED or impl in NATIVE_PATHS:
         fields["note"] = f"ran {getattr(module, 'last_backend', None)}"
+        if impl == "triton" and x.device.type == "cpu":
+            fields["note"] += " through Triton's interpreter: not a timing"
+    if impl == "authors" and x.dtype != torch.float32:
+        fields["note"] = f"under autocast({str(x.dtype).removeprefix('torch.')})"
     if paths_before is not None:  # which CUDA paths the first call took: [walk, one launch] calls
         after = _native_cuda_paths()
         fields["note"] += (f"; forward {[a - b for a, b in zip(after[0], paths_before[0])]}, "
@@ -141,41 +158,102 @@ def _native_cuda_paths() -> tuple[list[int], list[int]]:
     return list(ops.plan_forward_cuda_paths()), list(ops.plan_backward_cuda_paths())
 
 
-def run_case(timer: Timer, variant: str, mode: str, shape, dt: str, impls, reps: int, warmup: int,
-             skip: str | None, budget: dict, compile_budget: float | None) -> list[dict]:
-    """One row per impl for one (variant, mode, shape, dtype); every impl runs a copy of one module.
-    ``skip``: a reason to skip the whole case; ``budget["compile_s"]`` accumulates compile time."""
-    dtype = DTYPES[dt]
+def case_order(variants, modes, shapes, dtypes) -> list[tuple]:
+    """Every (variant, mode, shape, dtype), most valuable first: modes and dtypes in the order
+    asked for, then shapes in the order given (spec: largest first)."""
+    return [(variant, mode, shape, dt) for variant in variants for mode in modes for dt in dtypes for shape in shapes]
+
+
+def task_order(cases: list[tuple], impls: list[str]) -> list[tuple[tuple, str]]:
+    """(case, impl) in run order: the cheap impls of every case, then each compile mode over
+    the cases, largest shape first within the same variant, mode and dtype."""
+    cheap = [(case, impl) for case in cases for impl in impls if impl not in COMPILE_MODES]
+    groups = list(dict.fromkeys((variant, mode, dt) for variant, mode, _, dt in cases))
+    by_size = sorted(cases, key=lambda c: (groups.index((c[0], c[1], c[3])), -math.prod(c[2])))
+    return cheap + [(case, impl) for impl in impls if impl in COMPILE_MODES for case in by_size]
+
+
+def new_row(case, impl: str) -> dict:
+    variant, mode, shape, dt = case
+    return {"variant": variant, "shape": shape_str(shape), "dtype": dt, "mode": mode, "impl": impl,
+            "design_passes": design_passes(variant, mode)["total"],
+            "design_bytes": design_bytes(variant, shape, DTYPES[dt], mode),
+            "status": "pending", "reason": "not reached: the run ended before this row"}
+
+
+class Budget:
+    """The run's clock: ``--time-budget`` for starting any row, ``--compile-budget`` for the
+    compile rows' first calls, and the longest compile so far, to skip a compile row that
+    would not finish in the time left."""
+
+    def __init__(self, seconds: float | None, compile_seconds: float | None, clock=None):
+        self.seconds, self.compile_seconds = seconds, compile_seconds
+        self.clock = clock or time.perf_counter
+        self.start = self.clock()
+        self.compile_spent = 0.0
+        self.longest_compile: dict[tuple[str, str], float] = {}  # (impl, mode) -> first-call seconds
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def compile_estimate(self, impl: str, mode: str) -> tuple[float, str] | None:
+        """The longest compile so far of ``impl`` in ``mode``, else of ``impl``, else of any
+        compile row: (seconds, which)."""
+        for keys in ([(impl, mode)], [k for k in self.longest_compile if k[0] == impl], list(self.longest_compile)):
+            known = [k for k in keys if k in self.longest_compile]
+            if known:
+                key = max(known, key=self.longest_compile.get)
+                return self.longest_compile[key], " ".join(key)
+        return None
+
+    def skip_reason(self, impl: str, mode: str) -> str | None:
+        left = None if self.seconds is None else self.seconds - self.elapsed()
+        if left is not None and left <= 0:
+            return f"time budget ({self.seconds:g} s) used up"
+        if impl not in COMPILE_MODES:
+            return None
+        if self.compile_seconds is not None and self.compile_spent > self.compile_seconds:
+            return f"compile budget ({self.compile_seconds:g} s) used up"
+        estimate = self.compile_estimate(impl, mode)
+        if left is not None and estimate is not None and estimate[0] > left:
+            return f"time budget: {left:.0f} s left, {estimate[1]} took {estimate[0]:.0f} s to compile"
+        return None
+
+    def record(self, impl: str, mode: str, first_call_s: float) -> None:
+        if impl in COMPILE_MODES:
+            self.compile_spent += first_call_s
+            key = (impl, mode)
+            self.longest_compile[key] = max(first_call_s, self.longest_compile.get(key, 0.0))
+
+
+def run_task(timer: Timer, case, impl: str, row: dict, reps: int, warmup: int, budget: Budget,
+             references: dict, interpreter: bool) -> None:
+    """Measure one row in place. ``references[case]``: eager's first output (the comparison
+    of every other impl); every impl runs a copy of the same module."""
+    variant, mode, shape, dt = case
     device = timer.device
-    x = make_input(shape, dtype, device)
-    base = make_module(variant, mode, device)
-    reference, rows = None, []
-    for impl in impls:
-        row = {"variant": variant, "shape": shape_str(shape), "dtype": dt, "mode": mode, "impl": impl,
-               "design_passes": design_passes(variant, mode)["total"],
-               "design_bytes": design_bytes(variant, shape, dtype, mode)}
-        reason = unavailable_reason(impl, device)
-        status = "not available" if reason else "ok"
-        if not reason and skip:
-            status, reason = "skipped", skip
-        if not reason and impl in COMPILE_MODES and compile_budget is not None \
-                and budget["compile_s"] > compile_budget:
-            status, reason = "skipped", f"compile budget ({compile_budget:g} s) used up"
-        if not reason:
-            try:
-                fields, out = measure_impl(timer, base, impl, x, mode, reps, warmup, reference)
-                row.update(fields)
-                if impl == "eager":
-                    reference = out
-                if impl in COMPILE_MODES:
-                    budget["compile_s"] += fields["first_call_s"]
-            except Exception as exc:  # report it, keep going
-                status, reason = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        row["status"], row["reason"] = status, reason
-        rows.append(row)
-    return rows
+    reason = unavailable_reason(impl, device, interpreter)
+    status = "not available" if reason else "ok"
+    if not reason:
+        reason = budget.skip_reason(impl, mode)
+        status = "skipped" if reason else "ok"
+    if not reason:
+        try:
+            x = make_input(shape, DTYPES[dt], device)
+            fields, out = measure_impl(timer, make_module(variant, mode, device), impl, x, mode, reps, warmup,
+                                       references.get(case))
+            row.update(fields)
+            if impl == "eager":
+                references[case] = out
+            budget.record(impl, mode, fields["first_call_s"])
+        except Exception as exc:  # report it, keep going
+            status, reason = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    row["status"], row["reason"] = status, reason
+    done = f"{row['median_ms']:.3f} ms" if status == "ok" else f"{status}: {reason}"
+    print(f"benchmarks: [{budget.elapsed():5.0f} s] {variant} {mode} {shape_str(shape)} {dt} {impl}: {done}",
+          file=sys.stderr)
 
 
 def main(argv=None) -> dict:
@@ -200,7 +278,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
     shapes = parse_shapes(args.shapes or ("spec" if cuda else "small"))
     dtypes = parse_list(args.dtypes, tuple(DTYPES), name="dtype")
     modes = parse_list(args.modes, MODES, name="mode")
-    impls = parse_list(args.backends, IMPLS, {k: v for k, v in IMPL_GROUPS.items() if k != "all"}, "backend")
+    impls = parse_list(args.backends, IMPLS, IMPL_GROUPS, "backend")
     if "eager" not in impls:
         impls.insert(0, "eager")  # the baseline of every speedup
     reps = args.reps or (30 if cuda else 10)
@@ -214,23 +292,21 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
     out_dir = Path(args.out) if args.out else default_out_dir(meta)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    budget, references = Budget(args.time_budget, args.compile_budget), {}
     timer = Timer(device)
-    payload = {"meta": meta, "copy_bandwidth": [], "results": []}
+    cases = case_order(variants, modes, shapes, dtypes)
+    rows = {(case, impl): new_row(case, impl) for case in cases for impl in impls}
+    payload = {"meta": meta, "copy_bandwidth": [], "results": list(rows.values())}  # rows are filled in place
     for shape in shapes:
         for dt in dtypes:
             payload["copy_bandwidth"].append(measure_copy(timer, shape, DTYPES[dt], device, reps, warmup))
 
-    start, budget = time.perf_counter(), {"compile_s": 0.0}
-    for variant in variants:
-        for mode in modes:
-            for shape in shapes:
-                for dt in dtypes:
-                    over = args.time_budget is not None and time.perf_counter() - start > args.time_budget
-                    skip = f"time budget ({args.time_budget:g} s) used up" if over else None
-                    payload["results"] += run_case(timer, variant, mode, shape, dt, impls, reps, warmup,
-                                                   skip, budget, args.compile_budget)
-                    report.write_all(payload, out_dir, plot_png=False)  # partial results survive a kill
-    meta["elapsed_s"] = round(time.perf_counter() - start, 1)
+    report.write_all(payload, out_dir, plot_png=False)
+    interpreted = next((c for c in cases if c[1] == "fwd-infer"), cases[0]) if args.interpreter else None
+    for case, impl in task_order(cases, impls):
+        run_task(timer, case, impl, rows[(case, impl)], reps, warmup, budget, references, case == interpreted)
+        report.write_all(payload, out_dir, plot_png=False)  # partial results survive a kill
+    meta["elapsed_s"] = round(budget.elapsed(), 1)
     text = report.write_all(payload, out_dir, plot_png=not args.no_plot)
     print(text)
     print(f"benchmarks: wrote {out_dir}/results.md, results.json" + ("" if args.no_plot else ", summary.png"),

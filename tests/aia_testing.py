@@ -114,3 +114,33 @@ def plan_op_args(variant: str = "CinST->STinC", dtype: torch.dtype = torch.float
             [bn.weight.detach() for bn in bns], [bn.bias.detach() for bn in bns], [bn.running_mean for bn in bns],
             [bn.running_var for bn in bns], [bn_mode(bn) for bn in bns], [bn.eps for bn in bns])
     return module, args
+
+
+# ---- the GPU machine's conditions, reproduced on a CPU machine ----
+# What benchmarks/gpu_run.sh meets there (README, "GPU run"): CUDA available and a CUDA
+# toolkit, so the native extension is built with its CUDA kernels, and these versions.
+GPU_MACHINE_VERSIONS = {"torch": "2.11.0+cu130", "triton": "3.6.0", "numpy": "2.5.2"}
+
+
+def report_cuda_available(monkeypatch) -> None:
+    """This process says what the GPU machine says: CUDA available, a CUDA toolkit present
+    (nothing can run on a CUDA device; for the code paths that choose by it)."""
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME or "/usr/local/cuda")
+
+
+# Prepended to a child process's script: where this machine has no CUDA, the child reports
+# CUDA available (and a CUDA toolkit) as the GPU machine does, unless CUDA_VISIBLE_DEVICES=""
+# hides it, as it would hide a real GPU. On a GPU machine it changes nothing.
+AS_ON_A_GPU_MACHINE = (
+    "import os as _os, torch as _torch, torch.utils.cpp_extension as _ext\n"
+    "if not _torch.cuda.is_available() and _os.environ.get('CUDA_VISIBLE_DEVICES') != '':\n"
+    "    _torch.cuda.is_available = lambda: True\n"
+    "    _ext.CUDA_HOME = _ext.CUDA_HOME or '/usr/local/cuda'\n")
+
+
+def cuda_hidden(env: dict) -> dict:
+    """``env`` for a child process that must build and run the C++ CPU code only, also on a
+    GPU machine (where the native build would otherwise add the CUDA kernels: minutes of nvcc)."""
+    return {**env, "CUDA_VISIBLE_DEVICES": ""}

@@ -108,13 +108,35 @@ def test_fused_backend_unusable_on_device(monkeypatch):
         module(torch.randn(6, 5, 4, 7))
 
 
-def test_demo_runs_every_available_backend(capsys):
-    rows = demo.main(["--shape", "6", "4", "3", "5", "--segments", "3", "--variants", "C", "CinST->STinC"])
+def test_demo_shows_backends_agreement_and_network_speed(capsys):
+    """The demo on its default device (CUDA where there is one): the backends that run there
+    are the ones it says run and checks, they agree with the reference, and the network
+    comparison runs the backend "auto" picks there."""
+    result = demo.main(["--variants", "C", "CinST->STinC", "--resolution", "32", "--rounds", "1"])
     out = capsys.readouterr().out
-    assert "CinST->STinC" in out and "max|dy|" in out
-    ran = {row["backend"] for row in rows}
-    assert "reference" in ran
+    device = result["device"]
+    assert device == torch.device(demo.default_device())
+    checked = {(row["variant"], row["backend"]) for row in result["rows"]}
     for name in backends.FUSED_BACKENDS:
-        assert (name in ran) == backends.is_available(name, torch.device("cpu"))
-    for row in rows:
-        assert row["out_err"] < 1e-4 and row["grad_err"] < 1e-4, row
+        runs = backends.is_available(name, device)
+        assert (result["backends"][name] is None) == runs
+        assert (("C", name) in checked) == runs
+        if runs and not (name == "triton" and device.type == "cpu"):  # the interpreter checks one variant
+            assert ("CinST->STinC", name) in checked
+    for row in result["rows"]:
+        assert row["out_err"] < 1e-4 and row["grad_err"] < 1e-4 and row["param_err"] < 1e-3, row
+    auto = backends.resolve("auto", device)
+    if auto == "reference":
+        assert result["network"] is None
+    else:
+        network = result["network"]
+        assert network["fused"] == auto and network["score_err"] < 1e-4 and network["speedup"] > 0
+        assert set(network["ms"]) == {"reference", auto, "no AIA"} and min(network["ms"].values()) > 0
+    assert "TSM-ResNet-50" in out and "max|dx|" in out
+
+
+def test_demo_runs_on_cuda_where_there_is_one(monkeypatch):
+    """On the GPU machine the demo's default device is CUDA (and the test above then checks
+    what runs on CUDA, not on the CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo.default_device() == "cuda" and demo.parse_args([]).device == "cuda"

@@ -37,7 +37,7 @@ def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
     fake = backends.FusedBackend("native", TorchPrimitives(), lambda device: None)
     monkeypatch.setitem(backends._registry, "native", fake)
     payload = run.main(["--device", "cpu", "--shapes", "tiny", "--variants", "CinST->STinC", "--dtypes", "float32",
-                        "--modes", "fwd-infer,fwd-bwd", "--backends", "eager,triton,native,native-paths", "--reps", "2",
+                        "--modes", "fwd-infer,fwd-bwd", "--backends", "eager,authors,triton,native,native-paths", "--reps", "2",
                         "--warmup", "1", "--threads", "1", "--out", str(tmp_path)])
     stdout = capsys.readouterr().out
     assert "| variant | shape | dtype | mode | impl |" in stdout and "kernel timings need CUDA" in stdout
@@ -49,7 +49,7 @@ def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
     assert "benchmarks.run" in meta["command"] and meta["date"]
     assert [c["shape"] for c in data["copy_bandwidth"]] == ["8x8x8x8"] and data["copy_bandwidth"][0]["gbps"] > 0
     rows = {(r["mode"], r["impl"]): r for r in data["results"]}
-    impls = ("eager", "triton", "native", "native-walk", "native-1launch")
+    impls = ("eager", "authors", "triton", "native", "native-walk", "native-1launch")
     assert set(rows) == {(m, i) for m in ("fwd-infer", "fwd-bwd") for i in impls}
     for mode, passes in (("fwd-infer", 6), ("fwd-bwd", 13)):
         eager = rows[(mode, "eager")]
@@ -59,6 +59,9 @@ def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
         assert eager["design_passes"] == passes and eager["gbps"] > 0 and eager["roofline_frac"] > 0
         assert eager["launches"] > 0 and eager["launches_kind"] == "aten ops (cpu)"
         assert eager["peak_mem_bytes"] is None and eager["targets"] == []
+        authors = rows[(mode, "authors")]  # the authors'-style eager module: same result
+        assert authors["status"] == "ok" and authors["max_abs_diff"] < 1e-4 and authors["speedup_authors"] == 1.0
+        assert eager["speedup_authors"] == pytest.approx(authors["median_ms"] / eager["median_ms"])
         # triton never times on CPU: missing, or only its interpreter -> reported, not run
         assert rows[(mode, "triton")]["status"] == "not available" and rows[(mode, "triton")]["reason"]
         for path in ("native-walk", "native-1launch"):  # the CUDA path choice: CUDA only
@@ -69,7 +72,7 @@ def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
         assert fused["speedup_eager"] > 0 and fused["speedup_compiled"] is None and fused["targets"] == []
 
     md = (tmp_path / "results.md").read_text()
-    assert md.count("| CinST->STinC | 8x8x8x8 | float32 |") == 4 and "No target applies" in md
+    assert md.count("| CinST->STinC | 8x8x8x8 | float32 |") == 6 and "No target applies" in md
     assert "- `triton` (2 cases): " in md  # not-available backends: listed once, not as rows
     png = (tmp_path / "summary.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
@@ -99,17 +102,74 @@ def test_speedups_and_target_checks():
     assert report.target_checks(triton, "cpu") == [] and report.target_checks(rows[0], "cuda") == []
 
 
-def test_bf16_input_runs_on_the_fp32_module():
-    """bf16 cases feed a bf16 input to the module as-is (fp32 parameters); every mode works."""
+@pytest.mark.parametrize("impl", ["eager", "authors"])
+def test_bf16_input_runs_on_the_fp32_module(impl):
+    """bf16 cases feed a bf16 input to the module as-is (fp32 parameters; the authors'-style
+    module under autocast); every mode works."""
     from benchmarks.cases import make_input, make_module, make_step, prepare_impl
     for mode in ("fwd-infer", "fwd-train", "fwd-bwd"):
-        module, fn = prepare_impl(make_module("CinST->STinC", mode, torch.device("cpu")), "eager")
+        module, fn = prepare_impl(make_module("CinST->STinC", mode, torch.device("cpu")), impl)
         assert all(p.dtype == torch.float32 for p in module.parameters())
         result = make_step(module, fn, make_input((8, 4, 5, 6), torch.bfloat16, torch.device("cpu")), mode)()
         out = result[0] if mode == "fwd-bwd" else result
         assert out.dtype == torch.bfloat16 and out.shape == (8, 4, 5, 6) and torch.isfinite(out.float()).all()
         if mode == "fwd-bwd":  # grad_x, then every parameter's gradient, in the parameter's dtype
             assert all(g.dtype == torch.float32 for g in result[1:]) and len(result) == 1 + 4 * 2 * 3
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_headline_schedule_under_a_time_budget(tmp_path, monkeypatch):
+    """gpu_run.sh's headline run, its measurements replaced by a clock that advances as the
+    GPU machine's would (a cold torch.compile costs tens of seconds): every cheap row of the
+    24 cases is measured before any compile starts, the compiled peers then fill the time
+    left, fwd-bwd float32 largest shape first, and a compile row that would not finish in
+    the time left is skipped, saying why."""
+    clock = FakeClock()
+    monkeypatch.setattr(run, "time", clock)
+    cost = {"eager": 2.0, "authors": 3.0, "native": 1.0, "compile-default": 40.0, "compile-max-autotune": 90.0}
+    measured = []
+
+    def fake_measure(timer, base, impl, x, mode, reps, warmup, reference):
+        measured.append((impl, mode, "x".join(map(str, x.shape)), str(x.dtype).removeprefix("torch.")))
+        clock.now += cost[impl]
+        times = {k: 1.0 for k in ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms")}
+        return ({"first_call_s": cost[impl], "max_abs_diff": None if reference is None else 0.0, **times,
+                 "reps": reps, "peak_mem_bytes": None, "launches": 1, "launches_kind": "fake"}, torch.zeros(1))
+
+    monkeypatch.setattr(run, "measure_impl", fake_measure)
+    monkeypatch.setattr(run, "measure_copy", lambda timer, shape, dtype, device, reps, warmup: {
+        "shape": "x".join(map(str, shape)), "dtype": str(dtype).removeprefix("torch."), "median_ms": 1.0,
+        "gbps": 1.0})
+    monkeypatch.setattr(run, "make_input", lambda shape, dtype, device: torch.empty(shape, dtype=dtype,
+                                                                                    device="meta"))
+    monkeypatch.setattr(run, "unavailable_reason", lambda impl, device, interpreter=False:
+                        "not here" if impl == "triton" else None)
+    payload = run.main(["--device", "cpu", "--shapes", "spec", "--dtypes", "float32,bfloat16",
+                        "--modes", "fwd-bwd,fwd-infer,fwd-train", "--backends", "all", "--reps", "2",
+                        "--time-budget", "200", "--no-plot", "--out", str(tmp_path)])
+    rows = payload["results"]
+    assert len(rows) == 24 * 6 and not [r for r in rows if r["status"] == "pending"]
+    cheap = [r for r in rows if r["impl"] in ("eager", "authors", "native")]
+    assert all(r["status"] == "ok" for r in cheap)  # 24 x 6 s = 144 s, within the budget
+    first_compile = next(i for i, m in enumerate(measured) if m[0].startswith("compile"))
+    assert first_compile == len(cheap) and all(m[0].startswith("compile") for m in measured[first_compile:])
+    compiled = [r for r in rows if r["impl"].startswith("compile")]
+    ok = [(r["impl"], r["mode"], r["shape"], r["dtype"]) for r in compiled if r["status"] == "ok"]
+    assert ok == [("compile-default", "fwd-bwd", "64x64x56x56", "float32")]  # 144 + 40 = 184 s
+    reasons = {r["reason"] for r in compiled if r["status"] == "skipped"}
+    # The same mode's compile, else another mode's, else another compile mode's, is the estimate.
+    assert reasons == {"time budget: 16 s left, compile-default fwd-bwd took 40 s to compile"}
+    assert measured[-1] == ("compile-default", "fwd-bwd", "64x64x56x56", "float32")
+    peer = next(r for r in rows if r["impl"] == "native" and r["mode"] == "fwd-bwd" and r["dtype"] == "float32"
+                and r["shape"] == "64x64x56x56")
+    assert peer["compiled_peer"] == "compile-default" and peer["speedup_authors"] == 1.0
 
 
 def test_cpu_native_benchmark_smoke(tmp_path, monkeypatch):
@@ -153,6 +213,6 @@ def test_native_path_impls_set_the_switch(monkeypatch):
         fn(x)
         assert os.environ.get(cases.PATH_ENV) == expected, impl
     assert cases.parse_list("all", cases.IMPLS, cases.IMPL_GROUPS, "backend") == [
-        "eager", "compile-default", "compile-max-autotune", "triton", "native"]
+        "eager", "authors", "compile-default", "compile-max-autotune", "triton", "native"]
     assert cases.parse_list("native-paths", cases.IMPLS, cases.IMPL_GROUPS, "backend") == ["native-walk",
                                                                                           "native-1launch"]

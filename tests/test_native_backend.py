@@ -2,7 +2,9 @@
 dtypes, layouts, gradients, determinism, bad inputs, the op schemas (opcheck), and
 what backend="auto" picks. The extension is built on first use (the first test pays)."""
 import os
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ import aia_kernels
 from aia_kernels import backends
 from aia_kernels.primitives import PrimitivesOnly
 
-from aia_testing import SHAPE, assert_equal_results, compare_with_reference, make_pair, plan_op_args, run
+from aia_testing import (AS_ON_A_GPU_MACHINE, SHAPE, assert_equal_results, compare_with_reference, cuda_hidden,
+                          make_pair, plan_op_args, report_cuda_available, run)
 
 native = pytest.importorskip("aia_kernels.native")
 
@@ -142,16 +145,37 @@ def test_cuda_refused_unless_opted_in(monkeypatch):
     assert native.unavailable_reason(torch.device("cpu")) is None
 
 
-def test_build_failure_reports_compiler_message(monkeypatch, tmp_path):
+@pytest.mark.parametrize("machine", ["this", "gpu"])
+def test_build_failure_reports_compiler_message(monkeypatch, tmp_path, machine):
+    """A source folder holding one broken C++ file: the compiler's message is the error, also
+    where the build would add the CUDA sources (the GPU machine), which that folder lacks."""
+    if machine == "gpu":
+        report_cuda_available(monkeypatch)
+        assert native._with_cuda()
     (tmp_path / "broken.cpp").write_text("int main() { return undeclared_name_xyz; }\n")
     monkeypatch.setattr(native, "CSRC", tmp_path)
     monkeypatch.setattr(native, "CPU_SOURCES", ("broken.cpp",))
+    monkeypatch.setattr(native, "CUDA_SOURCES", ())
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("AIA_KERNELS_BUILD_DIR", str(tmp_path / "build"))
     with pytest.raises(RuntimeError, match="undeclared_name_xyz"):
         native.load()
     reason = native.unavailable_reason(torch.device("cpu"))
     assert "undeclared_name_xyz" in reason and os.path.isdir(tmp_path / "build")
+
+
+def test_every_source_is_built_as_cxx17():
+    """The extension is compiled as C++17, the standard of the GPU machine's torch (2.11),
+    also under a torch whose default is C++20 (2.13, CI's): the last -std of each compile
+    line that torch wrote into build.ninja."""
+    info = native.build_info()
+    if info["build_directory"] is None:
+        pytest.skip("a prebuilt library is loaded (setup.py builds it with the same flags, native.CXX_FLAGS)")
+    text = (Path(info["build_directory"]) / "build.ninja").read_text()
+    lines = dict(re.findall(r"^((?:cuda_)?cflags) = (.*)$", text, flags=re.M))
+    assert "cflags" in lines and ("cuda_cflags" in lines) == info["cuda"], sorted(lines)
+    for key, line in lines.items():
+        assert re.findall(r"-std=(\S+)", line)[-1] == "c++17", (key, line)
 
 
 # ---- the ops directly ----
@@ -314,13 +338,17 @@ def test_portable_build_matches_reference(tmp_path):
         "import torch, aia_kernels.native as native\n"
         "from aia_testing import compare_with_reference\n"
         "assert '-march=native' not in native.CXX_FLAGS\n"
+        "assert native.build_info()['cuda'] is False\n"
         "for dtype, shape, tol in ((torch.float64, (6, 3, 5, 19), 1e-10), (torch.float32, (6, 3, 4, 23), 2e-4),\n"
         "                          (torch.float32, (6, 5, 4, 7), 2e-4)):\n"
         "    for variant in ('CinST->STinC', 'C+ST'):\n"
         "        compare_with_reference(variant, 'native', dtype=dtype, x=torch.randn(shape, dtype=dtype),\n"
         "                               atol=tol, rtol=tol)\n"
         "print('portable ok')\n")
-    env = dict(os.environ, AIA_NATIVE_CXXFLAGS="", AIA_KERNELS_BUILD_DIR=str(tmp_path / "build"),
-               PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    # C++ only, also on a GPU machine (AS_ON_A_GPU_MACHINE makes this one look like it):
+    # the CUDA kernels do not depend on these flags, and nvcc would take minutes.
+    env = cuda_hidden(dict(os.environ, AIA_NATIVE_CXXFLAGS="", AIA_KERNELS_BUILD_DIR=str(tmp_path / "build"),
+                           PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])))
+    proc = subprocess.run([sys.executable, "-c", AS_ON_A_GPU_MACHINE + script], env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0 and "portable ok" in proc.stdout, proc.stdout + proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-from aia_kernels.native import CPU_SOURCES, CUDA_SOURCES
+from aia_kernels.native import CPU_SOURCES, CUDA_SOURCES, CXX_STANDARD
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
@@ -54,7 +54,7 @@ def compile_cu(tmp_path_factory):
             pytest.skip("nvcc not found: the CUDA sources cannot be compile-checked on this machine")
         if source not in outputs:
             tmp = tmp_path_factory.mktemp("nvcc")
-            cmd = [nvcc, "-c", str(CSRC / source), "-o", str(tmp / (source + ".o")), "-std=c++17",
+            cmd = [nvcc, "-c", str(CSRC / source), "-o", str(tmp / (source + ".o")), CXX_STANDARD,
                    "-arch=sm_90", "--expt-relaxed-constexpr", "-DAIA_WITH_CUDA", "-Xcudafe", "--diag_suppress=3306",
                    "--resource-usage", *[f"-I{p}" for p in _includes(tmp)]]
             result = subprocess.run(cmd, capture_output=True, text=True)
@@ -106,7 +106,7 @@ def test_cxx_sources_compile_with_cuda_branches(tmp_path, source):
     cxx = shutil.which(os.environ.get("CXX", "c++"))
     if cxx is None:
         pytest.skip("no C++ compiler: the CUDA branches cannot be compile-checked")
-    cmd = [cxx, "-fsyntax-only", "-std=c++17", "-DAIA_WITH_CUDA", str(CSRC / source),
+    cmd = [cxx, "-fsyntax-only", CXX_STANDARD, "-DAIA_WITH_CUDA", str(CSRC / source),
            *[f"-I{p}" for p in _includes(tmp_path)]]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, f"compile failed:\n{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from aia_testing import AS_ON_A_GPU_MACHINE, cuda_hidden
+
 native = pytest.importorskip("aia_kernels.native")
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = ".cpython-test.so"
@@ -102,7 +104,10 @@ def test_setup_builds_a_library_the_loader_uses(tmp_path):
     meta = json.loads(library.with_name(native.PREBUILT_METADATA).read_text())
     assert meta["torch"] == torch.__version__ and meta["sources"] == native.sources_digest(native.CSRC)
 
-    script = (
+    # The library is C++ only; on a machine with CUDA (AS_ON_A_GPU_MACHINE makes the child one)
+    # the loader refuses it, since that process could build the CUDA kernels: the child runs
+    # with CUDA hidden, as a CPU-only process.
+    script = AS_ON_A_GPU_MACHINE + (
         "import sys\n"
         f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
         "from aia_kernels import native\n"
@@ -114,7 +119,7 @@ def test_setup_builds_a_library_the_loader_uses(tmp_path):
         "print('prebuilt ok')\n"
     )
     jit_dir = tmp_path / "jit"
-    env = {**os.environ, "AIA_NATIVE_PREBUILT": str(library), "AIA_KERNELS_BUILD_DIR": str(jit_dir)}
+    env = cuda_hidden({**os.environ, "AIA_NATIVE_PREBUILT": str(library), "AIA_KERNELS_BUILD_DIR": str(jit_dir)})
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "prebuilt ok" in run.stdout, run.stdout + run.stderr
     assert not jit_dir.exists() or not any(jit_dir.iterdir()), "the first-use build ran"

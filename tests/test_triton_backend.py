@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_flatten
 import aia_kernels
 from aia_kernels import backends, fused
 
-from aia_testing import NUM_SEGMENTS, SHAPE, assert_equal_results, compare_with_reference, make_pair, run
+from aia_testing import (GPU_MACHINE_VERSIONS, NUM_SEGMENTS, SHAPE, assert_equal_results, compare_with_reference,
+                          make_pair, run)
 
 pytest.importorskip("aia_kernels.triton")
 
@@ -257,13 +258,25 @@ def test_momentum_none_running_stats():
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8, msg=name)
 
 
-def test_unavailable_without_interpreter_or_cuda(monkeypatch):
-    from aia_kernels.triton import unavailable_reason
+@pytest.mark.parametrize("machine", ["this", "gpu"])
+def test_unavailable_without_interpreter_or_cuda(monkeypatch, machine):
+    """CUDA tensors always; CPU tensors only through the interpreter, and then only where
+    the interpreter works with the installed NumPy: on the GPU machine (Triton 3.6, NumPy
+    2.5.2) it does not, and the CPU is refused with that reason."""
+    import numpy
+    import triton
+
+    from aia_kernels.triton import interpreter_problem, unavailable_reason
+    if machine == "gpu":
+        monkeypatch.setattr(triton, "__version__", GPU_MACHINE_VERSIONS["triton"])
+        monkeypatch.setattr(numpy, "__version__", GPU_MACHINE_VERSIONS["numpy"])
+        assert "9171" in interpreter_problem()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "TRITON_INTERPRET=1" in unavailable_reason(torch.device("cpu"))
     assert unavailable_reason(torch.device("cuda", 0)) is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert unavailable_reason(torch.device("cpu")) is None
+    assert unavailable_reason(torch.device("cpu")) == interpreter_problem()
+    assert unavailable_reason(torch.device("cuda", 0)) is None
 
 
 def test_interpreter_refused_where_triton_and_numpy_clash(monkeypatch):
@@ -274,7 +287,8 @@ def test_interpreter_refused_where_triton_and_numpy_clash(monkeypatch):
 
     from aia_kernels.triton import unavailable_reason
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for triton_version, numpy_version, refused in (("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+    for triton_version, numpy_version, refused in (("3.6.0", "2.4.6", True), ("3.6.0", "2.5.2", True),
+                                                   ("3.6.0", "2.3.5", False),
                                                    ("3.7.0", "2.4.6", False), ("3.10.1", "2.5.0rc1", False),
                                                    ("3.5.1", "3.0.0", True)):
         monkeypatch.setattr(triton, "__version__", triton_version)

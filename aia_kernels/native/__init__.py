@@ -42,7 +42,8 @@ from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
 # The source tree's csrc/, or the copy a regular install puts inside the package.
 CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
              if p.is_dir()), Path(__file__).resolve().parents[2] / "csrc")
-from .build_config import (CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, EMULATED_CUDA_SOURCES,  # noqa: F401
+from .build_config import (CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, CXX_STANDARD,  # noqa: F401
+                           EMULATED_CUDA_SOURCES,
                            EMULATION_FLAGS, LD_FLAGS, NVCC_FLAGS, PREBUILT_METADATA, cpu_fingerprint, machine_specific,
                            sources_digest)
 
@@ -76,6 +77,12 @@ def build_directory() -> str | None:
         return None
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _torch_build_directory(name: str, verbose: bool) -> str:
+    """Where torch's load() builds ``name`` when not told (its extensions dir, created)."""
+    from torch.utils.cpp_extension import _get_build_directory
+    return _get_build_directory(name, verbose)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -138,10 +145,11 @@ def _load_prebuilt() -> bool:
 
 def build_info() -> dict:
     """How the loaded extension was built: {"source": "prebuilt" | "first use", "library"
-    (the prebuilt file or None), "cuda", "emulated"}; loads it first."""
+    (the prebuilt file or None), "build_directory" (of the first-use build, with its
+    build.ninja; else None), "cuda", "emulated"}; loads it first."""
     load()
     return {"source": "prebuilt" if "library" in _state else "first use", "library": _state.get("library"),
-            "cuda": _state["cuda"], "emulated": _state["emulated"]}
+            "build_directory": _state.get("build_directory"), "cuda": _state["cuda"], "emulated": _state["emulated"]}
 
 
 def load(verbose: bool = False) -> None:
@@ -168,18 +176,18 @@ def load(verbose: bool = False) -> None:
             warnings.warn("aia_kernels.native: AIA_NATIVE_CUDA_EMULATION=1: CPU tensors run the CUDA kernels on "
                           "a slow CPU emulator (a test tool, csrc/emulation/), not the C++ CPU kernels",
                           stacklevel=2)
+        name = _extension_name(cuda, emulated)
+        directory = build_directory() or _torch_build_directory(name, verbose)
         try:
-            load_extension(name=_extension_name(cuda, emulated), sources=sources,
+            load_extension(name=name, sources=sources,
                            extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines, extra_ldflags=LD_FLAGS,
-                           extra_include_paths=[str(CSRC)], build_directory=build_directory(),
+                           extra_include_paths=[str(CSRC)], build_directory=directory,
                            is_python_module=False, verbose=verbose)
         except Exception as exc:  # the message carries the compiler's output
             _state["error"] = f"building the aia_kernels native extension from {CSRC} failed: {exc}"
             raise RuntimeError(_state["error"]) from exc
         _register_fakes()
-        _state["cuda"] = cuda
-        _state["emulated"] = emulated
-        _state["loaded"] = True
+        _state.update(cuda=cuda, emulated=emulated, build_directory=directory, loaded=True)
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -15,11 +15,17 @@ EMULATED_CUDA_SOURCES = tuple(f"emulation/{Path(s).stem}_emulated.cpp" for s in 
 # Host code must not fuse the kernels' explicitly rounded a * b + c (the __fmul_rn & co. stand-ins).
 EMULATION_FLAGS = ["-DAIA_WITH_CUDA", "-DAIA_CUDA_EMULATION", "-ffp-contract=off"]
 CUDA_FLAGS = ["-DAIA_WITH_CUDA"]
+# The sources are C++17, whatever torch's default: torch 2.11 (the GPU machine's) builds extensions
+# as C++17, torch 2.13 as C++20, so without this CI would compile what no GPU run compiles. Given
+# after torch's own -std, it wins (nvcc: torch adds none when one is given). torch 2.13's headers
+# accept C++17 (ATen.h asks for >= C++17); GCC warns, -Wc++20-extensions, about their one C++20
+# construct (default member initialisers of bit-fields, c10/core/AutogradState.h).
+CXX_STANDARD = "-std=c++17"
 # -march=native: a build is for the machine that built it; set AIA_NATIVE_CXXFLAGS="" for a portable build.
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
-CXX_FLAGS = ["-O3", "-fopenmp"] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
+CXX_FLAGS = ["-O3", "-fopenmp", CXX_STANDARD] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
 LD_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", CXX_STANDARD]
 
 # The ahead-of-time build: aia_kernels/native/_aia_native<ext suffix>, and beside it
 # _aia_native.json saying what it was built for (torch version, CUDA, flags, CPU, sources).
