@@ -1,8 +1,13 @@
 """Test setup. Without a GPU, Triton kernels run on the CPU through Triton's
 interpreter, which must be switched on before triton is first imported."""
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# The repository root, so tests import `benchmarks` (the authors'-style peer, the runners).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

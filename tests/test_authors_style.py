@@ -1,17 +1,14 @@
 """benchmarks/authors_style.py, the eager peer written the authors' way, computes what the
 reference computes: every variant, train and eval, with and without BN; outputs, input and
 parameter gradients, running statistics. It also takes an aia_kernels module's state as is."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `benchmarks`
 
-import aia_kernels  # noqa: E402
-from aia_testing import assert_close_results, make_pair, run  # noqa: E402
-from benchmarks import authors_style  # noqa: E402
+import aia_kernels
+from aia_testing import assert_close_results, make_pair, run
+from benchmarks import authors_style
 
 
 @pytest.mark.parametrize("variant", aia_kernels.VARIANTS)

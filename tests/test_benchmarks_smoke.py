@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `benchmarks`
 
-from aia_kernels import backends  # noqa: E402
-from aia_kernels.primitives.torch_impl import TorchPrimitives  # noqa: E402
-from benchmarks import report, run  # noqa: E402
-from benchmarks.bytes_model import design_bytes, design_passes  # noqa: E402
+from aia_kernels import backends
+from aia_kernels.primitives.torch_impl import TorchPrimitives
+from benchmarks import report, run
+from benchmarks.bytes_model import design_bytes, design_passes
 
 
 def test_bytes_model_known_variants():

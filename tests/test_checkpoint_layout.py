@@ -2,8 +2,8 @@
 
 The authors' only ``CinST+STinC`` network file is ``STinCplusCinST``: its ``eft1`` is the STinC
 unit. Both units own the same gate names, so a wrong order loads strictly and computes wrong
-outputs; these tests build the authors' units from the spec's rules, independently of
-aia_kernels' module and reference code.
+outputs; these tests build the authors' units from the contract's rules
+(benchmarks/authors_style.py), independently of aia_kernels' module and reference code.
 """
 import warnings
 from collections import OrderedDict
@@ -17,52 +17,17 @@ import aia_kernels
 from aia_kernels import backends, variants
 from aia_kernels.models import TSN, ResNet, load_checkpoint, tsn_resnet50
 from aia_kernels.plan import build_plan
+from benchmarks import authors_style
 
 T = 3
-# Spec, "One gate": the axes each gate's conv slides over, as dims of v = (N, T, C, H, W).
-DIM = {"T": 1, "C": 2, "H": 3, "W": 4}
-CONV_AXES = {"C": "THW", "T": "CHW", "H": "TCW", "W": "THC"}
 V0_1 = Path(__file__).parent / "data" / "v0_1_cinst_plus_stinc.pt"
 
 
-class AuthorsUnit(nn.Module):
-    """A unit as the released code writes one: permute, [max, mean], Conv3d, BN, sigmoid."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-        for g in "CTHW":
-            setattr(self, f"{g}_conv", nn.Conv3d(2, 1, 3, padding=1, bias=False))
-            setattr(self, f"{g}_bn", nn.BatchNorm3d(1))
-
-    def weights(self, u: torch.Tensor, axis: str) -> torch.Tensor:
-        order = (0, DIM[axis], *(DIM[a] for a in CONV_AXES[axis]))
-        p = u.permute(order)
-        pooled = torch.cat([p.max(1, keepdim=True)[0], p.mean(1, keepdim=True)], 1)
-        y = torch.sigmoid(getattr(self, f"{axis}_bn")(getattr(self, f"{axis}_conv")(pooled)))
-        return y.permute(tuple(order.index(d) for d in range(5)))
-
-    def st(self, u):
-        return (self.weights(u, "T") + self.weights(u, "H") + self.weights(u, "W")) / 3
-
-    def forward(self, x):
-        v = x.view(-1, T, *x.shape[1:])
-        if self.kind == "CinST":
-            m = self.st(self.weights(v, "C") * v)
-        else:  # STinC
-            m = self.weights(self.st(v) * v, "C")
-        return (m * v).view_as(x)
-
-
-class AuthorsSTinCplusCinST(nn.Module):
-    """The authors' parallel network unit pair: eft1 = STinC, eft2 = CinST, mean of both."""
-
-    def __init__(self):
-        super().__init__()
-        self.eft1, self.eft2 = AuthorsUnit("STinC"), AuthorsUnit("CinST")
-
-    def forward(self, x):
-        return 0.5 * self.eft1(x) + 0.5 * self.eft2(x)
+def authors_stinc_plus_cinst() -> nn.Module:
+    """The authors' parallel pair as their STinCplusCinST network holds it: eft1 = STinC,
+    eft2 = CinST, the mean of both (benchmarks/authors_style.py: written from the contract,
+    not from aia_kernels' modules or reference)."""
+    return authors_style.AuthorsCombined("+", "STinC", "CinST", num_segments=T)
 
 
 def randomized(module: nn.Module) -> nn.Module:
@@ -96,7 +61,7 @@ def test_units_are_registered_in_the_authors_order():
 @pytest.mark.parametrize("train", [False, True])
 def test_authors_checkpoint_gives_the_authors_outputs(train, monkeypatch):
     torch.manual_seed(0)
-    authors = randomized(AuthorsSTinCplusCinST().double()).train(train)
+    authors = randomized(authors_stinc_plus_cinst().double()).train(train)
     # One block's AIA weights taken out of their network checkpoint: a plain dict, no metadata.
     state = dict(authors.state_dict())
     x = torch.randn(2 * T, 5, 4, 7, dtype=torch.float64)

@@ -4,22 +4,19 @@ results with tuned tiles, invalid entries, ``AIA_TRITON_TILES=default``, the tun
 refusal without CUDA, and its dry run through the interpreter. Tiny shapes."""
 import json
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("aia_kernels.triton")
 
-import aia_kernels.triton as triton_backend  # noqa: E402
-from aia_kernels.triton import tiles  # noqa: E402
+import aia_kernels.triton as triton_backend
+from aia_kernels.triton import tiles
 
-from aia_testing import NUM_SEGMENTS, SHAPE, compare_with_reference  # noqa: E402
+from aia_testing import NUM_SEGMENTS, SHAPE, compare_with_reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `benchmarks`
-from benchmarks import tune_triton  # noqa: E402
+from benchmarks import tune_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V_SHAPE = (SHAPE[0] // NUM_SEGMENTS, NUM_SEGMENTS, *SHAPE[1:])  # (2, 3, 5, 4, 7)
