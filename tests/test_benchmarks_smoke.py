@@ -35,7 +35,7 @@ def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
     # Stand-in for a fused backend: the plain-torch primitives through the real executor,
     # so the fused rows' code path runs too (whatever the real "native" backend is).
     fake = backends.FusedBackend("native", TorchPrimitives(), lambda device: None)
-    monkeypatch.setitem(backends._registry, "native", fake)
+    monkeypatch.setitem(backends.stand_ins, "native", fake)
     payload = run.main(["--device", "cpu", "--shapes", "tiny", "--variants", "CinST->STinC", "--dtypes", "float32",
                         "--modes", "fwd-infer,fwd-bwd", "--backends", "eager,triton,native,native-paths", "--reps", "2",
                         "--warmup", "1", "--threads", "1", "--out", str(tmp_path)])

@@ -15,7 +15,7 @@ from aia_testing import compare_with_reference
 @pytest.fixture
 def torch_backend(monkeypatch):
     """Serve the plain-torch primitives under the name 'native' for this test only."""
-    monkeypatch.setitem(backends._registry, "native",
+    monkeypatch.setitem(backends.stand_ins, "native",
                         backends.FusedBackend("native", TorchPrimitives(), lambda device: None))
     return "native"
 

@@ -35,16 +35,26 @@ from pathlib import Path
 
 import torch
 
-from .. import backends
 from ..plan import Plan, Weight
 from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
+from .build_config import (
+    CPU_SOURCES,
+    CUDA_FLAGS,
+    CUDA_SOURCES,
+    CXX_FLAGS,
+    EMULATED_CUDA_SOURCES,
+    EMULATION_FLAGS,
+    LD_FLAGS,
+    NVCC_FLAGS,
+    PREBUILT_METADATA,
+    cpu_fingerprint,
+    machine_specific,
+    sources_digest,
+)
 
 # The source tree's csrc/, or the copy a regular install puts inside the package.
 CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
              if p.is_dir()), Path(__file__).resolve().parents[2] / "csrc")
-from .build_config import (CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, EMULATED_CUDA_SOURCES,  # noqa: F401
-                           EMULATION_FLAGS, LD_FLAGS, NVCC_FLAGS, PREBUILT_METADATA, cpu_fingerprint, machine_specific,
-                           sources_digest)
 
 _lock = threading.Lock()
 # "error": build failure message, "cuda": built with CUDA, "emulated": the CUDA emulation
@@ -170,8 +180,8 @@ def load(verbose: bool = False) -> None:
                           stacklevel=2)
         try:
             load_extension(name=_extension_name(cuda, emulated), sources=sources,
-                           extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines, extra_ldflags=LD_FLAGS,
-                           extra_include_paths=[str(CSRC)], build_directory=build_directory(),
+                           extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines,
+                           extra_ldflags=LD_FLAGS, extra_include_paths=[str(CSRC)], build_directory=build_directory(),
                            is_python_module=False, verbose=verbose)
         except Exception as exc:  # the message carries the compiler's output
             _state["error"] = f"building the aia_kernels native extension from {CSRC} failed: {exc}"
@@ -393,4 +403,5 @@ def _register_fakes() -> None:
                 maybe(needs[2] and bn_mode != 0, (1,)), maybe(needs[3] and bn_mode != 0, (1,)))
 
 
-backends.register(backends.FusedBackend("native", NativePrimitives(), unavailable_reason))
+# What the backend registry (aia_kernels/backends.py) reads from this module.
+primitives = NativePrimitives()
