@@ -110,6 +110,30 @@ def test_auto_fallback_warning_says_why(failing_module):
     assert module.last_backend == "reference"
 
 
+def test_a_backend_module_through_the_table(tmp_path, monkeypatch):
+    """What docs/adding_a_backend.md asks of a backend module is all the registry needs."""
+    (tmp_path / "aia_example_backend.py").write_text(
+        "import torch\n"
+        "from aia_kernels.primitives.torch_impl import TorchPrimitives\n"
+        "primitives = TorchPrimitives()\n"
+        "def unavailable_reason(device):\n"
+        "    return None if torch.device(device).type == 'cpu' else 'CPU only'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(backends.BACKEND_MODULES, "native", "aia_example_backend")
+    try:
+        assert backends.unavailable_reason("native", torch.device("meta")) == "CPU only"
+        torch.manual_seed(0)
+        module = aia_kernels.build("CinST->STinC", num_segments=3, backend="native").double()
+        reference = aia_kernels.build("CinST->STinC", num_segments=3, backend="reference").double()
+        reference.load_state_dict(module.state_dict())
+        x = torch.randn(6, 5, 4, 7, dtype=torch.float64)
+        torch.testing.assert_close(module(x), reference(x))
+        assert module.last_backend == "native"
+    finally:
+        sys.modules.pop("aia_example_backend", None)
+        backends._imported.pop("aia_example_backend", None)
+
+
 def test_stand_in_hook(monkeypatch):
     from aia_kernels.primitives.torch_impl import TorchPrimitives
     stand_in = backends.FusedBackend("triton", TorchPrimitives(), lambda device: None)
