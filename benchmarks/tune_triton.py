@@ -88,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kinds", default=",".join(KINDS), help="channel, spatiotemporal, elementwise or all")
     p.add_argument("--time-budget", type=float, default=TIME_BUDGET_S,
                    help=f"seconds of sweeping (default {TIME_BUDGET_S:g}: the whole run fits ~4 minutes)")
-    p.add_argument("--margin", type=float, default=MARGIN, help=f"required speedup over the heuristic (default {MARGIN})")
+    p.add_argument("--margin", type=float, default=MARGIN,
+                   help=f"required speedup over the heuristic (default {MARGIN})")
     p.add_argument("--warmup-ms", type=float, default=10, help="do_bench warmup per timing (ms)")
     p.add_argument("--rep-ms", type=float, default=40, help="do_bench repetition time per timing (ms)")
     p.add_argument("--table", default=None, help="table to merge into (default: the package's tuned_tiles.json; "

@@ -22,16 +22,16 @@ def naive_gate(v, axis, conv_weight, gamma, beta, eps=1e-5):
     sizes = [dims[a] for a in axes]
     n_count, length = dims["N"], dims[axis]
 
-    def element(n, coords, l):
-        index = dict(zip(axes, coords), **{axis: l})
+    def element(n, coords, pos):
+        index = dict(zip(axes, coords), **{axis: pos})
         return v[n, index["T"], index["C"], index["H"], index["W"]].item()
 
     pooled = {}
     for n in range(n_count):
         for coords in itertools.product(*map(range, sizes)):
-            values = [element(n, coords, l) for l in range(length)]
-            pooled[n, 0, *coords] = max(values)              # channel 0: max
-            pooled[n, 1, *coords] = sum(values) / length     # channel 1: mean
+            values = [element(n, coords, pos) for pos in range(length)]
+            pooled[(n, 0, *coords)] = max(values)            # channel 0: max
+            pooled[(n, 1, *coords)] = sum(values) / length   # channel 1: mean
     z = {}
     for n in range(n_count):
         for coords in itertools.product(*map(range, sizes)):
@@ -41,7 +41,7 @@ def naive_gate(v, axis, conv_weight, gamma, beta, eps=1e-5):
                     src = [c + o - 1 for c, o in zip(coords, offs)]
                     if all(0 <= s < size for s, size in zip(src, sizes)):
                         total += conv_weight[0, ch, offs[0], offs[1], offs[2]].item() * pooled[(n, ch, *src)]
-            z[n, *coords] = total
+            z[(n, *coords)] = total
     mean = sum(z.values()) / len(z)
     var = sum((val - mean) ** 2 for val in z.values()) / len(z)
     out = torch.empty_like(v)

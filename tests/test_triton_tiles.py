@@ -181,7 +181,8 @@ def test_candidate_grid_on_the_spec_shapes():
     for shape in ((64, 64, 56, 56), (64, 512, 7, 7)):
         for layout in ("contiguous", "channels_last"):
             x = torch.empty(shape, device="meta")
-            v = (x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x).view(8, 8, *shape[1:])
+            x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+            v = x.view(8, 8, *shape[1:])
             for kind in tiles.KINDS:
                 found = tune_triton.candidate_tiles(tiles, kind, v)
                 assert 4 <= len(found) <= 16 and tiles.heuristic_tile(kind, v) not in found
