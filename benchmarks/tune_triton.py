@@ -183,10 +183,6 @@ def mismatch(reference: list, got: list) -> str | None:
     return None
 
 
-def _tile_str(tile) -> str:
-    return "(" + ", ".join(map(str, tile.blocks)) + f") {tile.num_warps}w"
-
-
 def _tile_json(tiles, tile) -> dict:
     return {"blocks": dict(zip(tiles.BLOCK_NAMES[tile.kind], tile.blocks)), "num_warps": tile.num_warps}
 
