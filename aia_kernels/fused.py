@@ -4,9 +4,9 @@ Ops: ``aia_kernels::fused_forward`` and ``aia_kernels::fused_backward`` run the 
 executor (``executor.py``) on a backend's primitives, with fake kernels (the plain-torch
 primitives on fake tensors) and autograd registered, so ``torch.compile(fullgraph=True)``
 traces modules that use them. In eager mode :class:`_EagerFused` runs the same executor
-(docs/autograd.md says why there are two autograd paths). :func:`fused_forward`, called
-by ``AIAModule.forward``, picks the path and then updates the BN running statistics
-(``running_stats.py``).
+with less Python per call (docs/design.md, "The executor", measures both paths).
+:func:`fused_forward`, called by ``AIAModule.forward``, picks the path and then updates
+the BN running statistics (``running_stats.py``).
 """
 from __future__ import annotations
 
@@ -116,9 +116,10 @@ fused_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerFused(torch.autograd.Function):
     """The fused forward/backward for eager autograd, without torch.library's Python
-    autograd wrapper (it flattens every list argument and output with pytree: about half
-    of a step's Python overhead at 7x7). Same computation as the custom ops
-    (``run_forward``/``run_backward``); under torch.compile the ops are used."""
+    autograd wrapper (it flattens every list argument and output with pytree: half of the
+    Python and autograd time of a library-op train step at 7x7, measured in
+    benchmarks/results/autograd_paths_20261130_8x512x7x7_t1.md). Same computation as the
+    custom ops (``run_forward``/``run_backward``); under torch.compile the ops are used."""
 
     @staticmethod
     def forward(ctx, meta, x, *params):
@@ -175,7 +176,7 @@ def forward_with_autograd_function(module, x: Tensor, backend: str, args) -> tup
     return _EagerFused.apply(meta, x, *conv_weights, *bn_weights, *bn_biases)
 
 
-# The eager path (docs/autograd.md); benchmarks/autograd_paths.py swaps in the library op to time both.
+# The eager path (docs/design.md, "The executor"); benchmarks/autograd_paths.py swaps in the library op to time both.
 EAGER_FORWARD = forward_with_autograd_function
 
 
