@@ -3,7 +3,7 @@
 Every AIA variant computes ``out = W * v`` where ``W`` is built from gates, and each
 gate comes from pooling ``W_s * v`` for weights ``W_s`` known at that point
 (docs/semantics.md, "The ten variants"). A :class:`Plan` lists those stages in order. Fused
-backends never see variant names: the generic executor (``fused.py``) walks the
+backends never see variant names: the generic executor (``executor.py``) walks the
 plan and calls the same few primitives for every variant.
 
 Gates are numbered in state_dict order (unit by unit, C, T, H, W within a unit).

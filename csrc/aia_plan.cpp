@@ -1,7 +1,7 @@
 // The whole forward / backward of an AIA module in one op: aia_native::plan_forward
 // and aia_native::plan_backward walk a variant's plan (aia_kernels/plan.py, encoded
 // as ints by its encode_plan) over the same device entry points as the
-// six primitive ops, in the order of the generic executor (aia_kernels/fused.py).
+// six primitive ops, in the order of the generic executor (aia_kernels/executor.py).
 //
 // Why a second walker: at small shapes (7x7, 14x14 planes) a train step's 26 primitive
 // calls from Python, each re-deriving its gate values, were a large share of the step

@@ -14,7 +14,7 @@ unless ``AIA_NATIVE_CUDA=1`` is set, so ``backend="auto"`` never picks them.
 :class:`NativePrimitives` adapts the primitive contract (``aia_kernels.primitives``)
 to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``), and offers
 the whole plan in one op per direction (``csrc/aia_plan.cpp``), which the executor in
-``aia_kernels/fused.py`` prefers. On CUDA, small problems run that forward, and that
+``aia_kernels/executor.py`` prefers. On CUDA, small problems run that forward, and that
 backward, as one cooperative launch each (``csrc/aia_cuda_persistent.cu``;
 ``AIA_NATIVE_CUDA_PERSISTENT`` selects).
 
@@ -258,7 +258,7 @@ def _none_if_empty(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
 
 class NativePrimitives:
     """The six primitives as ``aia_native`` ops, plus the whole plan in one op
-    (``forward_plan``/``backward_plan``, which the executor in ``fused.py`` prefers: no
+    (``forward_plan``/``backward_plan``, which the executor in ``executor.py`` prefers: no
     Python between primitives, gate values computed once per direction)."""
 
     name = "native"
