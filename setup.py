@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -75,15 +75,5 @@ def native_extension():
 
 ext_modules, build_ext_command = native_extension()
 
-setup(
-    name="aia_kernels",
-    version="0.2.0",
-    description="Fused GPU kernels for Attention-in-Attention (AIA) video modules",
-    packages=find_packages(include=["aia_kernels", "aia_kernels.*"]),
-    package_data={"aia_kernels.triton": ["tuned_tiles.json"]},  # the tuned tile table, once a GPU wrote one
-    python_requires=">=3.10",
-    install_requires=["torch>=2.5", "triton>=3.2", "ninja", "numpy"],
-    extras_require={"test": ["pytest", "pytest-xdist", "pytest-benchmark", "matplotlib"]},
-    ext_modules=ext_modules,
-    cmdclass={"build_py": BuildPyWithSources, **build_ext_command},
-)
+# Metadata, dependencies, extras and package data: pyproject.toml.
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **build_ext_command})

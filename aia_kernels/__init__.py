@@ -7,7 +7,7 @@
 """
 from .backends import BACKENDS
 from .convert import convert
-from .modules import C, CinST, ST, STinC, AIACombined, AIAModule, AIAUnit, aia_modules, build
+from .modules import ST, AIACombined, AIAModule, AIAUnit, C, CinST, STinC, aia_modules, build
 from .variants import VARIANTS
 
 __all__ = ["VARIANTS", "BACKENDS", "build", "C", "ST", "CinST", "STinC",

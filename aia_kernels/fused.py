@@ -1,14 +1,12 @@
-"""The generic fused forward and backward of any AIA variant, as torch.library ops.
+"""The fused forward and backward of an AIA module: torch.library ops and autograd.
 
-One executor serves every variant and every backend: it walks the variant's
-:class:`~aia_kernels.plan.Plan` and calls the backend's primitives
-(``aia_kernels.primitives``). Only ``out`` (forward) and ``grad_x`` (backward)
-are full-size; what the backward needs is kept as small tensors per gate
-(pooled P, argmax, conv output z, folded BN scale/shift) and the input itself.
-
-Ops: ``aia_kernels::fused_forward`` and ``aia_kernels::fused_backward``, with fake
-kernels (the plain-torch primitives on fake tensors) and autograd registered, so
-``torch.compile(fullgraph=True)`` traces modules that use them.
+Ops: ``aia_kernels::fused_forward`` and ``aia_kernels::fused_backward`` run the plan
+executor (``executor.py``) on a backend's primitives, with fake kernels (the plain-torch
+primitives on fake tensors) and autograd registered, so ``torch.compile(fullgraph=True)``
+traces modules that use them. In eager mode :class:`_EagerFused` runs the same executor
+with less Python per call (docs/design.md, "The executor", measures both paths).
+:func:`fused_forward`, called by ``AIAModule.forward``, picks the path and then updates
+the BN running statistics (``running_stats.py``).
 """
 from __future__ import annotations
 
@@ -16,118 +14,14 @@ import math
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import backends
-from .plan import Plan, Weight, build_plan
-from .primitives import BN_BATCH, BN_NONE, BN_RUNNING, GateValue, PooledGrad, WeightValue, gate_shape
+from .executor import run_backward, run_forward
+from .plan import build_plan
+from .primitives import gate_shape
 from .primitives.torch_impl import TorchPrimitives
-
-SAVED_PER_GATE = 4  # pooled P, argmax, z, scale_shift
-
-
-def _weight_value(weight: Weight, gates: list[GateValue]) -> WeightValue:
-    return WeightValue(tuple(tuple(gates[i] for i in f) for f in weight.factors), weight.combine)
-
-
-def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
-    """Parameter gradients in the parameter's dtype, whatever the accumulation dtype."""
-    return grad if grad is None or like is None else grad.to(like.dtype)
-
-
-def _view5(x: Tensor, num_segments: int) -> Tensor:
-    nt, c, h, w = x.shape
-    return x.view(nt // num_segments, num_segments, c, h, w)
-
-
-def _check_batch_stats(plan: Plan, v_shape, bn_modes) -> None:
-    """BatchNorm in train mode needs more than one value per channel (as nn.BatchNorm3d)."""
-    for g, axis in enumerate(plan.gate_axes):
-        shape = gate_shape(v_shape, axis)
-        if bn_modes[g] == BN_BATCH and math.prod(shape) == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training the {axis} gate's "
-                             f"BatchNorm (its input has shape {(shape[0], 1, *shape[1:])})")
-
-
-def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, bn_weights, bn_biases,
-                running_means, running_vars, bn_modes, eps):
-    """Returns ``(out, saved, bn_stats)``: ``saved`` holds SAVED_PER_GATE small tensors per
-    gate; ``bn_stats`` (gates, 2) the mean and variance that normalised each gate's z
-    (batch statistics, biased, in train mode; running statistics in eval mode).
-
-    A backend whose primitives offer ``forward_plan`` (the native one) runs the whole
-    plan in one call instead; it walks the stages in the same order."""
-    v = _view5(x, num_segments)
-    _check_batch_stats(plan, v.shape, bn_modes)
-    if hasattr(prims, "forward_plan"):
-        return prims.forward_plan(plan, x, num_segments, conv_weights, bn_weights, bn_biases, running_means,
-                                  running_vars, bn_modes, eps)
-    n_gates = len(plan.gate_axes)
-    gates: list[GateValue | None] = [None] * n_gates
-    saved: list[Tensor | None] = [None] * (SAVED_PER_GATE * n_gates)
-    stats: list[Tensor | None] = [None] * n_gates
-    for stage in plan.stages:
-        pooled = prims.pool(v, _weight_value(stage.weight, gates), stage.axes)
-        for axis, g, (p, argmax) in zip(stage.axes, stage.gates, pooled):
-            fw = prims.gate_forward(p, conv_weights[g], bn_modes[g], bn_weights[g], bn_biases[g],
-                                    running_means[g], running_vars[g], eps[g])
-            gates[g] = GateValue(axis, fw.z, fw.scale_shift)
-            saved[SAVED_PER_GATE * g:SAVED_PER_GATE * (g + 1)] = [p, argmax, fw.z, fw.scale_shift]
-            stats[g] = fw.bn_stats
-    out = torch.empty_like(x)
-    prims.apply(v, _weight_value(plan.output, gates), out.view(v.shape))
-    return out, saved, torch.stack(stats)
-
-
-def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: int, conv_weights,
-                 bn_weights, bn_modes, eps, saved, bn_stats, needs):
-    """``needs`` = [x] + [conv weight] * G + [bn weight] * G + [bn bias] * G; a backend's
-    ``backward_plan`` replaces the walk below, as ``forward_plan`` does in run_forward."""
-    if hasattr(prims, "backward_plan"):
-        return prims.backward_plan(plan, grad_out, x, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
-                                   bn_stats, needs)
-    v = _view5(x, num_segments)
-    dout = _view5(grad_out, num_segments)
-    n_gates = len(plan.gate_axes)
-    need_x = needs[0]
-    need_conv, need_bn_w, need_bn_b = (needs[1 + k * n_gates:1 + (k + 1) * n_gates] for k in range(3))
-    pooled = saved[0::SAVED_PER_GATE]
-    argmaxes = saved[1::SAVED_PER_GATE]
-    gates = [GateValue(axis, z, ss) for axis, z, ss in
-             zip(plan.gate_axes, saved[2::SAVED_PER_GATE], saved[3::SAVED_PER_GATE])]
-    gate_grads: list[Tensor | None] = [None] * n_gates  # d loss / d gate, summed over its uses
-
-    def add_weight_grads(weight: Weight, upstream) -> None:
-        if not weight.factors:
-            return
-        grads = prims.weight_grad(v, upstream, _weight_value(weight, gates))
-        for ids, factor_grads in zip(weight.factors, grads):
-            for g, grad in zip(ids, factor_grads):
-                gate_grads[g] = grad if gate_grads[g] is None else gate_grads[g] + grad
-
-    add_weight_grads(plan.output, dout)
-    terms = [(plan.output, dout)]
-    d_conv, d_bn_w, d_bn_b = [None] * n_gates, [None] * n_gates, [None] * n_gates
-    # Reverse order: a gate's gradient is complete once every later stage is done.
-    for stage in reversed(plan.stages):
-        need_pooled = need_x or bool(stage.weight.factors)
-        pooled_grads = []
-        for axis, g in zip(stage.axes, stage.gates):
-            grads = prims.gate_backward(gate_grads[g], pooled[g], gates[g], bn_stats[g], conv_weights[g], bn_modes[g],
-                                        bn_weights[g], eps[g],
-                                        (need_pooled, need_conv[g], need_bn_w[g], need_bn_b[g]))
-            d_conv[g] = _cast(grads.conv_weight, conv_weights[g])
-            d_bn_w[g] = _cast(grads.bn_weight, bn_weights[g])
-            d_bn_b[g] = _cast(grads.bn_bias, bn_weights[g])
-            pooled_grads.append(PooledGrad(axis, grads.pooled, argmaxes[g]))
-        if need_pooled:
-            add_weight_grads(stage.weight, pooled_grads)
-            terms.append((stage.weight, pooled_grads))
-    grad_x = None
-    if need_x:
-        grad_x = torch.empty_like(x)
-        prims.input_grad([(_weight_value(w, gates), up) for w, up in terms], grad_x.view(v.shape))
-    return grad_x, d_conv, d_bn_w, d_bn_b
+from .running_stats import bn_mode, update_running_stats
 
 
 def _primitives(backend: str, device: torch.device):
@@ -158,7 +52,8 @@ def _(x, variant, num_segments, backend, conv_weights, bn_weights, bn_biases, ru
 
 @torch.library.custom_op("aia_kernels::fused_backward", mutates_args=())
 def fused_backward_op(grad_out: Tensor, x: Tensor, variant: str, num_segments: int, backend: str,
-                      conv_weights: list[Tensor], bn_weights: list[Optional[Tensor]], bn_modes: list[int], eps: list[float], saved: list[Tensor], bn_stats: Tensor,
+                      conv_weights: list[Tensor], bn_weights: list[Optional[Tensor]], bn_modes: list[int],
+                      eps: list[float], saved: list[Tensor], bn_stats: Tensor,
                       needs: list[bool]) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     with torch.autocast(x.device.type, enabled=False):
         return _backward_impl(_primitives(backend, x.device), grad_out, x, variant, num_segments, conv_weights,
@@ -219,55 +114,12 @@ def _backward(ctx, grad_out, grad_saved, grad_stats):
 fused_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def bn_mode(bn: nn.BatchNorm3d | None) -> int:
-    """How a BN layer normalises now, as ``nn.BatchNorm3d.forward`` decides it."""
-    if bn is None:
-        return BN_NONE
-    if bn.training or bn.running_mean is None:
-        return BN_BATCH
-    return BN_RUNNING
-
-
-def _update_running_stats(bn: nn.BatchNorm3d, stats: Tensor, count: int) -> None:
-    """What ``nn.BatchNorm3d`` does to its buffers in a training step."""
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        # momentum=None: cumulative average; the factor in the buffers' dtype (1 / int64 tensor is float32)
-        factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype) if bn.momentum is None else bn.momentum
-        mean, var = stats[0], stats[1] * (count / (count - 1))  # running var is unbiased
-        bn.running_mean.mul_(1 - factor).add_(factor * mean.to(bn.running_mean.dtype))
-        bn.running_var.mul_(1 - factor).add_(factor * var.to(bn.running_var.dtype))
-
-
-def _update_all_running_stats(bns: list, stats: Tensor, counts: list[int]) -> None:
-    """:func:`_update_running_stats` for every gate BN that tracks statistics in this step;
-    those with a fixed momentum and float32 buffers (the usual case) in a few foreach ops,
-    since a step's many tiny per-BN ops cost more than they compute."""
-    todo = [i for i, bn in enumerate(bns)
-            if bn is not None and bn.training and bn.track_running_stats and bn.running_mean is not None]
-    batched = [i for i in todo if bns[i].momentum is not None and bns[i].running_mean.dtype == torch.float32]
-    for i in todo:
-        if i not in batched:
-            _update_running_stats(bns[i], stats[i], counts[i])
-    if not batched:
-        return
-    with torch.no_grad():
-        torch._foreach_add_([bns[i].num_batches_tracked for i in batched], 1)
-        keep = [1 - bns[i].momentum for i in batched]
-        # running var is unbiased: var * count / (count - 1)
-        scale = stats.new_tensor([[bns[i].momentum, bns[i].momentum * counts[i] / (counts[i] - 1)] for i in batched])
-        new = (stats[batched] * scale).to(torch.float32)
-        for buffers, column in (("running_mean", 0), ("running_var", 1)):
-            tensors = [getattr(bns[i], buffers) for i in batched]
-            torch._foreach_mul_(tensors, keep)
-            torch._foreach_add_(tensors, list(new[:, column:column + 1].unbind(0)))
-
-
 class _EagerFused(torch.autograd.Function):
     """The fused forward/backward for eager autograd, without torch.library's Python
-    autograd wrapper (it flattens every list argument and output with pytree: about half
-    of a step's Python overhead at 7x7). Same computation as the custom ops
-    (``run_forward``/``run_backward``); under torch.compile the ops are used."""
+    autograd wrapper (it flattens every list argument and output with pytree: half of the
+    Python and autograd time of a library-op train step at 7x7, measured in
+    benchmarks/results/autograd_paths_20261130_8x512x7x7_t1.md). Same computation as the
+    custom ops (``run_forward``/``run_backward``); under torch.compile the ops are used."""
 
     @staticmethod
     def forward(ctx, meta, x, *params):
@@ -297,24 +149,46 @@ class _EagerFused(torch.autograd.Function):
         return (None, *(g if need else None for g, need in zip(grads, ctx.needs)))
 
 
-def fused_forward(module, x: Tensor, backend: str) -> Tensor:
-    """Forward of an AIA module with a fused backend (called by ``AIAModule.forward``)."""
-    gates = module.gates()
+def op_arguments(gates) -> tuple[list, ...]:
+    """The fused ops' per-gate arguments for an AIA module's ``gates()``: (conv weights, BN
+    weights, BN biases, running means, running variances, BN modes, eps)."""
     bns = [bn for _, _, bn in gates]
-    conv_weights = [conv.weight for _, conv, _ in gates]
-    bn_weights = [bn.weight if bn is not None else None for bn in bns]
-    bn_biases = [bn.bias if bn is not None else None for bn in bns]
-    running_means = [bn.running_mean if bn is not None else None for bn in bns]
-    running_vars = [bn.running_var if bn is not None else None for bn in bns]
-    bn_modes = [bn_mode(bn) for bn in bns]
-    eps = [bn.eps if bn is not None else 0.0 for bn in bns]
-    if torch.compiler.is_compiling():  # the custom op: traceable, with fake kernels
-        out, _, bn_stats = torch.ops.aia_kernels.fused_forward(
-            x, module.variant, module.num_segments, backend, conv_weights, bn_weights, bn_biases, running_means,
-            running_vars, bn_modes, eps)
-    else:
-        meta = (module.variant, module.num_segments, backend, running_means, running_vars, bn_modes, eps)
-        out, bn_stats = _EagerFused.apply(meta, x, *conv_weights, *bn_weights, *bn_biases)
+    return ([conv.weight for _, conv, _ in gates],
+            [bn.weight if bn is not None else None for bn in bns],
+            [bn.bias if bn is not None else None for bn in bns],
+            [bn.running_mean if bn is not None else None for bn in bns],
+            [bn.running_var if bn is not None else None for bn in bns],
+            [bn_mode(bn) for bn in bns],
+            [bn.eps if bn is not None else 0.0 for bn in bns])
+
+
+def forward_with_library_op(module, x: Tensor, backend: str, args) -> tuple[Tensor, Tensor]:
+    """(out, bn_stats) through ``aia_kernels::fused_forward`` and its registered autograd;
+    ``args``: :func:`op_arguments`."""
+    out, _, bn_stats = torch.ops.aia_kernels.fused_forward(x, module.variant, module.num_segments, backend, *args)
+    return out, bn_stats
+
+
+def forward_with_autograd_function(module, x: Tensor, backend: str, args) -> tuple[Tensor, Tensor]:
+    """(out, bn_stats) through :class:`_EagerFused`: the same executor, less Python per call."""
+    conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps = args
+    meta = (module.variant, module.num_segments, backend, running_means, running_vars, bn_modes, eps)
+    return _EagerFused.apply(meta, x, *conv_weights, *bn_weights, *bn_biases)
+
+
+# The eager path (docs/design.md, "The executor"); benchmarks/autograd_paths.py swaps in the library op to time both.
+EAGER_FORWARD = forward_with_autograd_function
+
+
+def fused_forward(module, x: Tensor, backend: str) -> Tensor:
+    """Forward of an AIA module with a fused backend (called by ``AIAModule.forward``):
+    the library op under torch.compile (traceable, with fake kernels), else
+    ``EAGER_FORWARD``; then the BN running statistics."""
+    gates = module.gates()
+    args = op_arguments(gates)
+    forward = forward_with_library_op if torch.compiler.is_compiling() else EAGER_FORWARD
+    out, bn_stats = forward(module, x, backend, args)
     v_shape = (x.shape[0] // module.num_segments, module.num_segments, *x.shape[1:])
-    _update_all_running_stats(bns, bn_stats, [math.prod(gate_shape(v_shape, axis)) for axis, _, _ in gates])
+    update_running_stats([bn for _, _, bn in gates], bn_stats,
+                         [math.prod(gate_shape(v_shape, axis)) for axis, _, _ in gates])
     return out

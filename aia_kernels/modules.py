@@ -15,6 +15,7 @@ from torch import nn
 from . import backends, reference
 from .validation import check_input, check_num_segments
 from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
+from .warnings_once import warn_once
 
 
 class AIAModule(nn.Module):
@@ -49,9 +50,9 @@ class AIAModule(nn.Module):
         check_input(x, self.num_segments, self.parameters())
         name = backends.resolve(self.backend, x.device)
         if name != "reference" and self._syncs_bn_statistics():
-            backends.warn_once("sync-bn", "aia_kernels: a gate BatchNorm is a SyncBatchNorm in training mode "
-                               "across ranks; the fused backends would not sync its batch statistics, so "
-                               "this module runs the reference path")
+            warn_once("sync-bn", "aia_kernels: a gate BatchNorm is a SyncBatchNorm in training mode "
+                      "across ranks; the fused backends would not sync its batch statistics, so "
+                      "this module runs the reference path")
             name = "reference"
         self._record_backend(name)
         if name == "reference":

@@ -140,7 +140,8 @@ def main() -> None:
              f"{info['date_utc']}, {info['cpu']} ({info['cpu_count']} cores), torch {info['torch']}. "
              f"Command: `{info['command']}`", "",
              "| measure | ms |", "|---|---|",
-             f"| native step, run alone (median, IQR) | {row['native_alone_ms']:.2f} ({row['native_alone_ms_iqr']:.2f}) |",
+             f"| native step, run alone (median, IQR) | {row['native_alone_ms']:.2f} "
+             f"({row['native_alone_ms_iqr']:.2f}) |",
              f"| eager step, run alone (median, IQR) | {row['eager_alone_ms']:.2f} ({row['eager_alone_ms_iqr']:.2f}) |",
              f"| native steps 1, 2, 3 after 3 eager steps (medians) | {a[0]:.2f}, {a[1]:.2f}, {a[2]:.2f} |",
              f"| Python and autograd overhead of a native step | {row['python_autograd_overhead_ms']:.3f} |",

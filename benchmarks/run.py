@@ -32,9 +32,24 @@ import aia_kernels
 
 from . import report
 from .bytes_model import MODES, copy_bytes, design_bytes, design_passes
-from .cases import (COMPILE_MODES, DTYPES, FUSED, HEADLINE, IMPL_GROUPS, IMPLS, NATIVE_PATHS, NUM_SEGMENTS,
-                    make_input, make_module, make_step, parse_list, parse_shapes, prepare_impl, shape_str,
-                    unavailable_reason)
+from .cases import (
+    COMPILE_MODES,
+    DTYPES,
+    FUSED,
+    HEADLINE,
+    IMPL_GROUPS,
+    IMPLS,
+    NATIVE_PATHS,
+    NUM_SEGMENTS,
+    make_input,
+    make_module,
+    make_step,
+    parse_list,
+    parse_shapes,
+    prepare_impl,
+    shape_str,
+    unavailable_reason,
+)
 from .timing import Timer, summarize
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -20,8 +20,21 @@ import torch
 import aia_kernels
 
 from .bytes_model import MODES, copy_bytes, design_bytes
-from .cases import (COMPILE_MODES, DTYPES, HEADLINE, IMPLS, SHAPE_SETS, SPEC_SHAPES, make_input, make_module,
-                    make_step, parse_list, prepare_impl, shape_str, unavailable_reason)
+from .cases import (
+    COMPILE_MODES,
+    DTYPES,
+    HEADLINE,
+    IMPLS,
+    SHAPE_SETS,
+    SPEC_SHAPES,
+    make_input,
+    make_module,
+    make_step,
+    parse_list,
+    prepare_impl,
+    shape_str,
+    unavailable_reason,
+)
 from .timing import Timer
 
 CUDA = torch.cuda.is_available()

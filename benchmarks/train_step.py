@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's aia_kernels
+from aia_kernels import aia_modules  # noqa: E402
 from aia_kernels.models import tsn_resnet50  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402  (device, driver, versions, date, command)
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
             except (NotImplementedError, RuntimeError) as err:
                 print(f"{name:<24}{str(dtype)[6:]:<10}skipped: {err}")
                 continue
-            ran = {m.attention.last_backend for m in model.modules() if getattr(m, "attention", None) is not None}
+            ran = {m.last_backend for _, m in aia_modules(model)}
             ran = "/".join(sorted(ran)) or "-"
             rows.append({"model": name, "dtype": str(dtype)[6:], "backend": ran, "ms_per_step": ms,
                          "clips_per_s": args.clips * 1000 / ms, "peak_gib": peak})

@@ -88,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kinds", default=",".join(KINDS), help="channel, spatiotemporal, elementwise or all")
     p.add_argument("--time-budget", type=float, default=TIME_BUDGET_S,
                    help=f"seconds of sweeping (default {TIME_BUDGET_S:g}: the whole run fits ~4 minutes)")
-    p.add_argument("--margin", type=float, default=MARGIN, help=f"required speedup over the heuristic (default {MARGIN})")
+    p.add_argument("--margin", type=float, default=MARGIN,
+                   help=f"required speedup over the heuristic (default {MARGIN})")
     p.add_argument("--warmup-ms", type=float, default=10, help="do_bench warmup per timing (ms)")
     p.add_argument("--rep-ms", type=float, default=40, help="do_bench repetition time per timing (ms)")
     p.add_argument("--table", default=None, help="table to merge into (default: the package's tuned_tiles.json; "
@@ -180,10 +181,6 @@ def mismatch(reference: list, got: list) -> str | None:
         elif not torch.allclose(a.double(), b.double(), **TOLERANCES[a.dtype]):
             return f"output {i}: max abs diff {(a.double() - b.double()).abs().max().item():.3g}"
     return None
-
-
-def _tile_str(tile) -> str:
-    return "(" + ", ".join(map(str, tile.blocks)) + f") {tile.num_warps}w"
 
 
 def _tile_json(tiles, tile) -> dict:

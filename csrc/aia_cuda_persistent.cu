@@ -25,7 +25,7 @@
 // argmax (int32), z, scale_shift (2) in the accumulation dtype (float64 for float64 x,
 // else float32); the stacked (G, 2) BN statistics (batch: mean and biased variance;
 // running: the running values; none: zeros), so plan_backward and the running-stat
-// updates in aia_kernels/fused.py are unchanged.
+// updates in aia_kernels/running_stats.py are unchanged.
 //
 // Phases, separated by grid.sync(), all grid-stride loops over a fixed thread numbering:
 //   0. (block 0, overlapped with stage 0's pool) conv weights and BN values of every gate

@@ -1,7 +1,7 @@
 // The whole forward / backward of an AIA module in one op: aia_native::plan_forward
 // and aia_native::plan_backward walk a variant's plan (aia_kernels/plan.py, encoded
-// as ints by aia_kernels/native/__init__.py) over the same device entry points as the
-// six primitive ops, in the order of the generic executor (aia_kernels/fused.py).
+// as ints by its encode_plan) over the same device entry points as the
+// six primitive ops, in the order of the generic executor (aia_kernels/executor.py).
 //
 // Why a second walker: at small shapes (7x7, 14x14 planes) a train step's 26 primitive
 // calls from Python, each re-deriving its gate values, were a large share of the step
@@ -13,11 +13,10 @@
 // On CUDA, small problems skip this walk: plan_forward runs as one cooperative launch
 // (aia_cuda_persistent.cu; AIA_NATIVE_CUDA_PERSISTENT selects, see aia_plan.h).
 //
-// Plan encoding (int[]):
-//   G, axis code of each gate (0 C, 1 T, 2 H, 3 W),
-//   S, then per stage: pooled axes (0: C, 1: T, H, W), its weight, its gate count and ids,
-//   then the output weight;
-//   a weight is: combine (0 prod, 1 mean), factor count, then per factor its size and ids.
+// The plan arrives as ints: the encoding and the limits checked here are defined in
+// aia_kernels/plan.py (encode_plan, MAX_*); aia_native::plan_encoding_roundtrip re-encodes
+// what parse_plan read and aia_native::plan_limits returns the limits, so tests check that
+// both sides agree.
 #include <torch/library.h>
 
 #include <atomic>
@@ -73,13 +72,15 @@ Plan parse_plan(at::IntArrayRef desc) {
   PlanReader r(desc);
   Plan plan;
   const int n_gates = r.next();
-  TORCH_CHECK(n_gates > 0 && n_gates <= 16, "aia_native: a plan has 1 to 16 gates");
+  TORCH_CHECK(n_gates > 0 && n_gates <= kMaxPlanGates, "aia_native: a plan has 1 to ", kMaxPlanGates, " gates");
   for (int g = 0; g < n_gates; ++g) {
     const int axis = r.next();
     TORCH_CHECK(axis >= kAxisC && axis <= kAxisW, "aia_native: unknown axis code ", axis);
     plan.gate_axis.push_back(axis);
   }
   const int n_stages = r.next();
+  // input_grad sums one term for the output and one per stage, in fixed arrays of kMaxTerms.
+  TORCH_CHECK(n_stages >= 0 && n_stages < kMaxTerms, "aia_native: a plan has 0 to ", kMaxTerms - 1, " stages");
   for (int s = 0; s < n_stages; ++s) {
     PlanStage stage;
     const int kind = r.next();
@@ -98,6 +99,35 @@ Plan parse_plan(at::IntArrayRef desc) {
   TORCH_CHECK(r.done(), "aia_native: plan encoding too long");
   return plan;
 }
+
+void encode_weight(const WeightSpec& w, std::vector<int64_t>& out) {
+  out.push_back(w.mean ? 1 : 0);
+  out.push_back(static_cast<int64_t>(w.factors.size()));
+  for (const auto& factor : w.factors) {
+    out.push_back(static_cast<int64_t>(factor.size()));
+    out.insert(out.end(), factor.begin(), factor.end());
+  }
+}
+
+// parse_plan's inverse: aia_native::plan_encoding_roundtrip(plan) returns encode_plan(parse_plan(plan)).
+std::vector<int64_t> plan_encoding_roundtrip(at::IntArrayRef desc) {
+  const Plan plan = parse_plan(desc);
+  std::vector<int64_t> out = {static_cast<int64_t>(plan.gate_axis.size())};
+  out.insert(out.end(), plan.gate_axis.begin(), plan.gate_axis.end());
+  out.push_back(static_cast<int64_t>(plan.stages.size()));
+  for (const PlanStage& stage : plan.stages) {
+    out.push_back(stage.axes.size() == 1 ? 0 : 1);
+    encode_weight(stage.weight, out);
+    out.push_back(static_cast<int64_t>(stage.gates.size()));
+    out.insert(out.end(), stage.gates.begin(), stage.gates.end());
+  }
+  encode_weight(plan.output, out);
+  return out;
+}
+
+// The limits parse_plan and the kernels assume, in the order of aia_kernels/plan.py's check:
+// factors per weight, gates per factor, pooled-gradient items per upstream, input_grad terms, gates per plan.
+std::vector<int64_t> plan_limits() { return {kMaxFactors, kMaxFactorGates, kMaxItems, kMaxTerms, kMaxPlanGates}; }
 
 at::Tensor view5(const at::Tensor& x, int64_t num_segments) {
   TORCH_CHECK(x.dim() == 4, "aia_native: x must be (N*T, C, H, W), got ", x.sizes());
@@ -288,6 +318,9 @@ TORCH_LIBRARY_FRAGMENT(aia_native, m) {
   // Debug counters (no tensors, one kernel for all devices): [multi-launch, persistent].
   m.def("plan_forward_cuda_paths() -> int[]", &aia::plan_forward_cuda_paths);
   m.def("plan_backward_cuda_paths() -> int[]", &aia::plan_backward_cuda_paths);
+  // The plan encoding and limits as this library reads them (tests compare them with aia_kernels/plan.py).
+  m.def("plan_encoding_roundtrip(int[] plan) -> int[]", &aia::plan_encoding_roundtrip);
+  m.def("plan_limits() -> int[]", &aia::plan_limits);
 }
 
 TORCH_LIBRARY_IMPL(aia_native, CPU, m) {

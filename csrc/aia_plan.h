@@ -11,6 +11,8 @@
 
 namespace aia {
 
+constexpr int kMaxPlanGates = 16;  // gates in one plan (aia_kernels/plan.py: MAX_GATES)
+
 struct PlanStage {
   std::vector<int> axes;  // pooled axes, in gate order
   WeightSpec weight;

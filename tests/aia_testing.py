@@ -110,7 +110,8 @@ def plan_op_args(variant: str = "CinST->STinC", dtype: torch.dtype = torch.float
     gates = module.gates()
     x = torch.randn(SHAPE, dtype=dtype, device=device)
     bns = [bn for _, _, bn in gates]
-    args = (x, NUM_SEGMENTS, list(native.encode_plan(build_plan(variant))), [conv.weight.detach() for _, conv, _ in gates],
+    args = (x, NUM_SEGMENTS, list(native.encode_plan(build_plan(variant))),
+            [conv.weight.detach() for _, conv, _ in gates],
             [bn.weight.detach() for bn in bns], [bn.bias.detach() for bn in bns], [bn.running_mean for bn in bns],
             [bn.running_var for bn in bns], [bn_mode(bn) for bn in bns], [bn.eps for bn in bns])
     return module, args

@@ -5,15 +5,15 @@ import pytest
 import torch
 
 import aia_kernels
-from aia_kernels import backends, demo
+from aia_kernels import backends, demo, warnings_once
 
 
 @pytest.fixture
 def no_fused_backends(monkeypatch):
-    """A build of aia_kernels in which no fused backend exists."""
-    monkeypatch.setattr(backends, "_registry", {})
-    monkeypatch.setattr(backends, "_load", lambda name: None)
-    monkeypatch.setattr(backends, "_warned", set())
+    """An install of aia_kernels in which no fused backend's module can be imported."""
+    for name in backends.FUSED_BACKENDS:
+        monkeypatch.setitem(backends.BACKEND_MODULES, name, f"aia_kernels.no_such_{name}_module")
+    monkeypatch.setattr(warnings_once, "_warned", set())
 
 
 def test_build_returns_modules_of_the_right_class():
@@ -84,10 +84,11 @@ def test_backend_is_settable_and_recorded():
 
 
 @pytest.mark.parametrize("name", ["triton", "native"])
-def test_missing_fused_backend_raises_not_implemented(no_fused_backends, name):
+def test_backend_whose_import_fails_says_why(no_fused_backends, name):
     module = aia_kernels.build("C", num_segments=3, backend=name)
-    with pytest.raises(NotImplementedError, match=name):
+    with pytest.raises(RuntimeError, match=f"{name}.*ModuleNotFoundError: No module named 'aia_kernels.no_such_{name}"):
         module(torch.randn(6, 5, 4, 7))
+    assert not backends.is_available(name, torch.device("cpu"))
 
 
 def test_auto_falls_back_visibly(no_fused_backends):
@@ -101,7 +102,7 @@ def test_auto_falls_back_visibly(no_fused_backends):
 
 
 def test_fused_backend_unusable_on_device(monkeypatch):
-    monkeypatch.setitem(backends._registry, "native", backends.FusedBackend(
+    monkeypatch.setitem(backends.stand_ins, "native", backends.FusedBackend(
         "native", object(), lambda device: "no kernels for this device"))
     module = aia_kernels.build("C", num_segments=3, backend="native")
     with pytest.raises(RuntimeError, match="no kernels for this device"):

@@ -5,10 +5,10 @@ parameter gradients, running statistics. It also takes an aia_kernels module's s
 import pytest
 import torch
 
-
 import aia_kernels
-from aia_testing import assert_close_results, make_pair, run
 from benchmarks import authors_style
+
+from aia_testing import assert_close_results, make_pair, run
 
 
 @pytest.mark.parametrize("variant", aia_kernels.VARIANTS)

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-
 from aia_kernels import backends
 from aia_kernels.primitives.torch_impl import TorchPrimitives
 from benchmarks import report, run
@@ -33,10 +32,10 @@ def test_runner_smoke_on_cpu(tmp_path, capsys, monkeypatch):
     # Stand-in for a fused backend: the plain-torch primitives through the real executor,
     # so the fused rows' code path runs too (whatever the real "native" backend is).
     fake = backends.FusedBackend("native", TorchPrimitives(), lambda device: None)
-    monkeypatch.setitem(backends._registry, "native", fake)
+    monkeypatch.setitem(backends.stand_ins, "native", fake)
     payload = run.main(["--device", "cpu", "--shapes", "tiny", "--variants", "CinST->STinC", "--dtypes", "float32",
-                        "--modes", "fwd-infer,fwd-bwd", "--backends", "eager,authors,triton,native,native-paths", "--reps", "2",
-                        "--warmup", "1", "--threads", "1", "--out", str(tmp_path)])
+                        "--modes", "fwd-infer,fwd-bwd", "--backends", "eager,authors,triton,native,native-paths",
+                        "--reps", "2", "--warmup", "1", "--threads", "1", "--out", str(tmp_path)])
     stdout = capsys.readouterr().out
     assert "| variant | shape | dtype | mode | impl |" in stdout and "kernel timings need CUDA" in stdout
 

@@ -89,7 +89,8 @@ def test_networks_name_units_as_the_authors_do():
     assert "base_model.layer1.0.eft1.C_conv.weight" in names and "base_model.layer4.2.eft2.W_bn.bias" in names
     assert not any(".aia." in n for n in names + [n for n, _ in model.named_modules()])
     assert names == [k for k in model.state_dict() if k in dict(model.named_parameters())]
-    assert model.get_parameter("base_model.layer1.0.eft2.T_conv.weight") is model.base_model.layer1[0].eft2.T_conv.weight
+    unit = model.base_model.layer1[0].eft2
+    assert model.get_parameter("base_model.layer1.0.eft2.T_conv.weight") is unit.T_conv.weight
     assert isinstance(model.get_submodule("base_model.layer2.1.eft1"), aia_kernels.CinST)
     # The block runs both units as one fused op, over the registered units themselves.
     block = model.base_model.layer1[0]

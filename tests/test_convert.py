@@ -107,7 +107,7 @@ def test_converted_network_runs_fused_and_matches_reference(monkeypatch):
     from aia_kernels import backends
     from aia_kernels.models import TSN, ResNet
     from aia_kernels.primitives.torch_impl import TorchPrimitives
-    monkeypatch.setitem(backends._registry, "native", backends.FusedBackend("native", TorchPrimitives(),
+    monkeypatch.setitem(backends.stand_ins, "native", backends.FusedBackend("native", TorchPrimitives(),
                                                                             lambda device: None))
     torch.manual_seed(0)
     ref = TSN(ResNet((1, 1), (4, 8), variant="CinST->STinC", num_segments=3, backend="reference"), 3, 3, 0.0)

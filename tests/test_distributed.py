@@ -49,7 +49,7 @@ def _worker(rank, port, path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         # A stand-in fused backend (the plain-torch primitives) so "fused" is requested on CPU.
-        backends.register(backends.FusedBackend("triton", TorchPrimitives(), lambda device: None))
+        backends.stand_ins["triton"] = backends.FusedBackend("triton", TorchPrimitives(), lambda device: None)
         model = convert_sync_batchnorm(make_model())
         aia_kernels.convert(model, backend="triton")
         ddp = nn.parallel.DistributedDataParallel(model)

@@ -15,7 +15,7 @@ from aia_testing import compare_with_reference
 @pytest.fixture
 def torch_backend(monkeypatch):
     """Serve the plain-torch primitives under the name 'native' for this test only."""
-    monkeypatch.setitem(backends._registry, "native",
+    monkeypatch.setitem(backends.stand_ins, "native",
                         backends.FusedBackend("native", TorchPrimitives(), lambda device: None))
     return "native"
 
@@ -57,3 +57,29 @@ def test_compile_fullgraph(torch_backend):
     y = compiled(x)
     y.sum().backward()
     torch.testing.assert_close(y, eager(x))
+
+
+@pytest.mark.parametrize("variant", ["C", "CinST->STinC", "CinST+STinC"])
+def test_eager_autograd_paths_agree_bitwise(torch_backend, monkeypatch, variant):
+    """The autograd.Function that eager mode uses and the library op's registered autograd
+    (what torch.compile traces) give the same outputs, gradients and BN buffers."""
+    from aia_kernels import fused
+    torch.manual_seed(0)
+    module = aia_kernels.build(variant, num_segments=3, backend=torch_backend).double().train()
+    x = torch.randn(6, 5, 4, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(6, 5, 4, 7, dtype=torch.float64)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    results = []
+    for path in (fused.forward_with_autograd_function, fused.forward_with_library_op):
+        monkeypatch.setattr(fused, "EAGER_FORWARD", path)
+        module.load_state_dict(state)
+        module.zero_grad()
+        x.grad = None
+        out = module(x)
+        out.backward(grad)
+        results.append([out, x.grad] + [p.grad for p in module.parameters()] + list(module.state_dict().values()))
+    names = [type(r[0].grad_fn).__name__ for r in results]
+    assert names == ["_EagerFusedBackward", "GeneratedBackwardFor_aia_kernels_fused_forward_defaultBackward"]
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -2,8 +2,16 @@
 import pytest
 import torch
 
-from aia_kernels.models import (CheckpointMismatch, ResNet, TSN, load_checkpoint, temporal_shift, tsm_resnet50,
-                                tsm_resnet101, tsn_resnet50)
+from aia_kernels.models import (
+    TSN,
+    CheckpointMismatch,
+    ResNet,
+    load_checkpoint,
+    temporal_shift,
+    tsm_resnet50,
+    tsm_resnet101,
+    tsn_resnet50,
+)
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 GATES = {"C": "C", "ST": "THW", "CinST": "CTHW", "STinC": "CTHW"}  # spec: the gates each unit owns

@@ -11,11 +11,20 @@ import torch
 from torch.func import functional_call
 
 import aia_kernels
-from aia_kernels import backends
+from aia_kernels import backends, warnings_once
 from aia_kernels.primitives import PrimitivesOnly
 
-from aia_testing import (AS_ON_A_GPU_MACHINE, SHAPE, assert_equal_results, compare_with_reference, cuda_hidden,
-                          make_pair, plan_op_args, report_cuda_available, run)
+from aia_testing import (
+    AS_ON_A_GPU_MACHINE,
+    SHAPE,
+    assert_equal_results,
+    compare_with_reference,
+    cuda_hidden,
+    make_pair,
+    plan_op_args,
+    report_cuda_available,
+    run,
+)
 
 native = pytest.importorskip("aia_kernels.native")
 
@@ -129,9 +138,9 @@ def test_auto_uses_native_on_cpu():
 
 
 def test_auto_falls_back_to_reference_with_warning(monkeypatch):
-    monkeypatch.setitem(backends._registry, "native",
+    monkeypatch.setitem(backends.stand_ins, "native",
                         backends.FusedBackend("native", native.NativePrimitives(), lambda device: "not built"))
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(warnings_once, "_warned", set())
     module = aia_kernels.build("C", num_segments=3, backend="auto")
     with pytest.warns(RuntimeWarning, match="reference"):
         module(torch.randn(SHAPE))

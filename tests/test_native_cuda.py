@@ -17,8 +17,16 @@ from torch.func import functional_call
 
 import aia_kernels
 
-from aia_testing import (NUM_SEGMENTS, SHAPE, assert_close_results, assert_equal_results, compare_with_reference,
-                          make_pair, plan_op_args, run)
+from aia_testing import (
+    NUM_SEGMENTS,
+    SHAPE,
+    assert_close_results,
+    assert_equal_results,
+    compare_with_reference,
+    make_pair,
+    plan_op_args,
+    run,
+)
 
 native = pytest.importorskip("aia_kernels.native")
 EMULATED = native.emulating_cuda()

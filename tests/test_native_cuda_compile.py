@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-from aia_kernels.native import CPU_SOURCES, CUDA_SOURCES, CXX_STANDARD
+from aia_kernels.native.build_config import CPU_SOURCES, CUDA_SOURCES, CXX_STANDARD
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))

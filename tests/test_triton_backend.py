@@ -14,8 +14,15 @@ from torch.utils._pytree import tree_flatten
 import aia_kernels
 from aia_kernels import backends, fused
 
-from aia_testing import (GPU_MACHINE_VERSIONS, NUM_SEGMENTS, SHAPE, assert_equal_results, compare_with_reference,
-                          make_pair, run)
+from aia_testing import (
+    GPU_MACHINE_VERSIONS,
+    NUM_SEGMENTS,
+    SHAPE,
+    assert_equal_results,
+    compare_with_reference,
+    make_pair,
+    run,
+)
 
 pytest.importorskip("aia_kernels.triton")
 

@@ -5,8 +5,7 @@ and the multi-block code paths (C chunks, H row blocks)."""
 import pytest
 import torch
 
-from aia_kernels.primitives import (BN_BATCH, BN_NONE, BN_RUNNING, GateValue, PooledGrad, WeightValue,
-                                    gate_shape)
+from aia_kernels.primitives import BN_BATCH, BN_NONE, BN_RUNNING, GateValue, PooledGrad, WeightValue, gate_shape
 from aia_kernels.primitives.torch_impl import TorchPrimitives
 
 triton_backend = pytest.importorskip("aia_kernels.triton")

@@ -13,10 +13,9 @@ pytest.importorskip("aia_kernels.triton")
 
 import aia_kernels.triton as triton_backend
 from aia_kernels.triton import tiles
+from benchmarks import tune_triton
 
 from aia_testing import NUM_SEGMENTS, SHAPE, compare_with_reference
-
-from benchmarks import tune_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V_SHAPE = (SHAPE[0] // NUM_SEGMENTS, NUM_SEGMENTS, *SHAPE[1:])  # (2, 3, 5, 4, 7)
@@ -178,7 +177,8 @@ def test_candidate_grid_on_the_spec_shapes():
     for shape in ((64, 64, 56, 56), (64, 512, 7, 7)):
         for layout in ("contiguous", "channels_last"):
             x = torch.empty(shape, device="meta")
-            v = (x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x).view(8, 8, *shape[1:])
+            x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+            v = x.view(8, 8, *shape[1:])
             for kind in tiles.KINDS:
                 found = tune_triton.candidate_tiles(tiles, kind, v)
                 assert 4 <= len(found) <= 16 and tiles.heuristic_tile(kind, v) not in found

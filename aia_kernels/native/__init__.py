@@ -14,7 +14,7 @@ unless ``AIA_NATIVE_CUDA=1`` is set, so ``backend="auto"`` never picks them.
 :class:`NativePrimitives` adapts the primitive contract (``aia_kernels.primitives``)
 to the flat ``torch.ops.aia_native.*`` schemas (see ``csrc/aia_ops.cpp``), and offers
 the whole plan in one op per direction (``csrc/aia_plan.cpp``), which the executor in
-``aia_kernels/fused.py`` prefers. On CUDA, small problems run that forward, and that
+``aia_kernels/executor.py`` prefers. On CUDA, small problems run that forward, and that
 backward, as one cooperative launch each (``csrc/aia_cuda_persistent.cu``;
 ``AIA_NATIVE_CUDA_PERSISTENT`` selects).
 
@@ -25,7 +25,6 @@ can be checked against the reference without a GPU (``tests/test_native_cuda_emu
 """
 from __future__ import annotations
 
-import functools
 import importlib.machinery
 import json
 import os
@@ -35,17 +34,26 @@ from pathlib import Path
 
 import torch
 
-from .. import backends
-from ..plan import Plan, Weight
+from ..plan import decode_plan, encode_plan
 from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
+from .build_config import (
+    CPU_SOURCES,
+    CUDA_FLAGS,
+    CUDA_SOURCES,
+    CXX_FLAGS,
+    EMULATED_CUDA_SOURCES,
+    EMULATION_FLAGS,
+    LD_FLAGS,
+    NVCC_FLAGS,
+    PREBUILT_METADATA,
+    cpu_fingerprint,
+    machine_specific,
+    sources_digest,
+)
 
 # The source tree's csrc/, or the copy a regular install puts inside the package.
 CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
              if p.is_dir()), Path(__file__).resolve().parents[2] / "csrc")
-from .build_config import (CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, CXX_STANDARD,  # noqa: F401
-                           EMULATED_CUDA_SOURCES,
-                           EMULATION_FLAGS, LD_FLAGS, NVCC_FLAGS, PREBUILT_METADATA, cpu_fingerprint, machine_specific,
-                           sources_digest)
 
 _lock = threading.Lock()
 # "error": build failure message, "cuda": built with CUDA, "emulated": the CUDA emulation
@@ -180,8 +188,8 @@ def load(verbose: bool = False) -> None:
         directory = build_directory() or _torch_build_directory(name, verbose)
         try:
             load_extension(name=name, sources=sources,
-                           extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines, extra_ldflags=LD_FLAGS,
-                           extra_include_paths=[str(CSRC)], build_directory=directory,
+                           extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines,
+                           extra_ldflags=LD_FLAGS, extra_include_paths=[str(CSRC)], build_directory=directory,
                            is_python_module=False, verbose=verbose)
         except Exception as exc:  # the message carries the compiler's output
             _state["error"] = f"building the aia_kernels native extension from {CSRC} failed: {exc}"
@@ -255,30 +263,9 @@ def _none_if_empty(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
     return t if needed and t.numel() > 0 else None
 
 
-# Axis codes of the ops (csrc/aia_common.h: kAxisC = 0 ... kAxisW = 3).
-_AXIS_CHARS = "CTHW"
-
-
-def _encode_weight(weight: Weight) -> list[int]:
-    out = [1 if weight.combine == "mean" else 0, len(weight.factors)]
-    for factor in weight.factors:
-        out += [len(factor), *factor]
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def encode_plan(plan: Plan) -> tuple[int, ...]:
-    """A :class:`~aia_kernels.plan.Plan` as the ints ``aia_native::plan_forward/backward``
-    read (layout in ``csrc/aia_plan.cpp``)."""
-    out = [len(plan.gate_axes), *(_AXIS_CHARS.index(a) for a in plan.gate_axes), len(plan.stages)]
-    for stage in plan.stages:
-        out += [0 if stage.axes == "C" else 1, *_encode_weight(stage.weight), len(stage.gates), *stage.gates]
-    return tuple(out + _encode_weight(plan.output))
-
-
 class NativePrimitives:
     """The six primitives as ``aia_native`` ops, plus the whole plan in one op
-    (``forward_plan``/``backward_plan``, which the executor in ``fused.py`` prefers: no
+    (``forward_plan``/``backward_plan``, which the executor in ``executor.py`` prefers: no
     Python between primitives, gate values computed once per direction)."""
 
     name = "native"
@@ -376,15 +363,16 @@ def _register_fakes() -> None:
     def _(x, num_segments, plan, conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps):
         v_shape = (x.shape[0] // num_segments, num_segments, *x.shape[1:])
         saved = []
-        for code in plan[1:1 + plan[0]]:
-            shape = gate_shape(v_shape, _AXIS_CHARS[code])
+        gate_axes = decode_plan(plan).gate_axes
+        for axis in gate_axes:
+            shape = gate_shape(v_shape, axis)
             saved += [x.new_empty((shape[0], 2, *shape[1:]), dtype=acc(x)), x.new_empty(shape, dtype=torch.int32),
                       x.new_empty(shape, dtype=acc(x)), x.new_empty(2, dtype=acc(x))]
-        return torch.empty_like(x), saved, x.new_empty((plan[0], 2), dtype=acc(x))
+        return torch.empty_like(x), saved, x.new_empty((len(gate_axes), 2), dtype=acc(x))
 
     @torch.library.register_fake(lib + "plan_backward")
     def _(grad_out, x, num_segments, plan, conv_weights, bn_weights, bn_modes, eps, saved, bn_stats, needs):
-        n = plan[0]
+        n = len(decode_plan(plan).gate_axes)
 
         def maybe(flag, shape):
             return x.new_empty(shape if flag else (0,), dtype=acc(x))
@@ -401,4 +389,5 @@ def _register_fakes() -> None:
                 maybe(needs[2] and bn_mode != 0, (1,)), maybe(needs[3] and bn_mode != 0, (1,)))
 
 
-backends.register(backends.FusedBackend("native", NativePrimitives(), unavailable_reason))
+# What the backend registry (aia_kernels/backends.py) reads from this module.
+primitives = NativePrimitives()

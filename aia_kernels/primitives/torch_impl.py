@@ -9,8 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import (AXIS_DIM, BN_BATCH, BN_NONE, BN_RUNNING, GATE_CONV_AXES, GateForward,
-               GateGrads, GateValue, Upstream, WeightValue, acc_dtype)
+from . import (
+    AXIS_DIM,
+    BN_BATCH,
+    BN_NONE,
+    BN_RUNNING,
+    GATE_CONV_AXES,
+    GateForward,
+    GateGrads,
+    GateValue,
+    Upstream,
+    WeightValue,
+    acc_dtype,
+)
 
 
 def _perm(axis: str) -> tuple[int, ...]:

@@ -1,5 +1,6 @@
 """The fused Triton backend: the six primitives of ``aia_kernels.primitives`` as
-Triton kernels, registered as ``backend="triton"`` on import.
+Triton kernels: ``backend="triton"`` (``aia_kernels/backends.py`` imports this module
+on first use and reads ``primitives`` and ``unavailable_reason``).
 
 Files: ``weights.py`` (jit helpers: gate/factor/weight values and expanded pooled
 gradients at a tile), ``reduce_channels.py`` and ``reduce_spatiotemporal.py``
@@ -17,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backends
 from ..primitives import BN_BATCH, BN_NONE, GateForward, GateGrads, PooledGrad, WeightValue, acc_dtype
 from . import tiles
 from .elementwise import TERM_CODE_BITS, term_code, weighted_sum_kernel
@@ -265,4 +265,5 @@ def unavailable_reason(device: torch.device) -> str | None:
             "them on the CPU through Triton's interpreter")
 
 
-backends.register(backends.FusedBackend("triton", TritonPrimitives(), unavailable_reason))
+# What the backend registry (aia_kernels/backends.py) reads from this module.
+primitives = TritonPrimitives()

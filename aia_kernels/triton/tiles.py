@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import triton
 
-from .. import backends
+from ..warnings_once import warn_once
 
 KINDS = ("channel", "spatiotemporal", "elementwise")
 LAYOUTS = ("contiguous", "channels_last")
@@ -241,7 +241,7 @@ def table_path() -> Path | None:
 
 
 def _warn(message: str) -> None:
-    backends.warn_once(message, f"aia_kernels: {message}")
+    warn_once(message, f"aia_kernels: {message}")
 
 
 def read_table(path: Path) -> dict[tuple, Tile]:

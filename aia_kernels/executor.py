@@ -1,0 +1,124 @@
+"""The generic executor: any variant's forward and backward as a walk of its plan.
+
+One executor serves every variant and every backend: it walks the variant's
+:class:`~aia_kernels.plan.Plan` and calls the backend's primitives
+(``aia_kernels.primitives``). Only ``out`` (forward) and ``grad_x`` (backward)
+are full-size; what the backward needs is kept as small tensors per gate
+(pooled P, argmax, conv output z, folded BN scale/shift) and the input itself.
+The torch.library ops and autograd around it are in ``fused.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .plan import Plan, Weight
+from .primitives import BN_BATCH, GateValue, PooledGrad, WeightValue, gate_shape
+
+SAVED_PER_GATE = 4  # pooled P, argmax, z, scale_shift
+
+
+def _weight_value(weight: Weight, gates: list[GateValue]) -> WeightValue:
+    return WeightValue(tuple(tuple(gates[i] for i in f) for f in weight.factors), weight.combine)
+
+
+def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    """Parameter gradients in the parameter's dtype, whatever the accumulation dtype."""
+    return grad if grad is None or like is None else grad.to(like.dtype)
+
+
+def _view5(x: Tensor, num_segments: int) -> Tensor:
+    nt, c, h, w = x.shape
+    return x.view(nt // num_segments, num_segments, c, h, w)
+
+
+def _check_batch_stats(plan: Plan, v_shape, bn_modes) -> None:
+    """BatchNorm in train mode needs more than one value per channel (as nn.BatchNorm3d)."""
+    for g, axis in enumerate(plan.gate_axes):
+        shape = gate_shape(v_shape, axis)
+        if bn_modes[g] == BN_BATCH and math.prod(shape) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training the {axis} gate's "
+                             f"BatchNorm (its input has shape {(shape[0], 1, *shape[1:])})")
+
+
+def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, bn_weights, bn_biases,
+                running_means, running_vars, bn_modes, eps):
+    """Returns ``(out, saved, bn_stats)``: ``saved`` holds SAVED_PER_GATE small tensors per
+    gate; ``bn_stats`` (gates, 2) the mean and variance that normalised each gate's z
+    (batch statistics, biased, in train mode; running statistics in eval mode).
+
+    A backend whose primitives offer ``forward_plan`` (the native one) runs the whole
+    plan in one call instead; it walks the stages in the same order."""
+    v = _view5(x, num_segments)
+    _check_batch_stats(plan, v.shape, bn_modes)
+    if hasattr(prims, "forward_plan"):
+        return prims.forward_plan(plan, x, num_segments, conv_weights, bn_weights, bn_biases, running_means,
+                                  running_vars, bn_modes, eps)
+    n_gates = len(plan.gate_axes)
+    gates: list[GateValue | None] = [None] * n_gates
+    saved: list[Tensor | None] = [None] * (SAVED_PER_GATE * n_gates)
+    stats: list[Tensor | None] = [None] * n_gates
+    for stage in plan.stages:
+        pooled = prims.pool(v, _weight_value(stage.weight, gates), stage.axes)
+        for axis, g, (p, argmax) in zip(stage.axes, stage.gates, pooled):
+            fw = prims.gate_forward(p, conv_weights[g], bn_modes[g], bn_weights[g], bn_biases[g],
+                                    running_means[g], running_vars[g], eps[g])
+            gates[g] = GateValue(axis, fw.z, fw.scale_shift)
+            saved[SAVED_PER_GATE * g:SAVED_PER_GATE * (g + 1)] = [p, argmax, fw.z, fw.scale_shift]
+            stats[g] = fw.bn_stats
+    out = torch.empty_like(x)
+    prims.apply(v, _weight_value(plan.output, gates), out.view(v.shape))
+    return out, saved, torch.stack(stats)
+
+
+def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: int, conv_weights,
+                 bn_weights, bn_modes, eps, saved, bn_stats, needs):
+    """``needs`` = [x] + [conv weight] * G + [bn weight] * G + [bn bias] * G; a backend's
+    ``backward_plan`` replaces the walk below, as ``forward_plan`` does in run_forward."""
+    if hasattr(prims, "backward_plan"):
+        return prims.backward_plan(plan, grad_out, x, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
+                                   bn_stats, needs)
+    v = _view5(x, num_segments)
+    dout = _view5(grad_out, num_segments)
+    n_gates = len(plan.gate_axes)
+    need_x = needs[0]
+    need_conv, need_bn_w, need_bn_b = (needs[1 + k * n_gates:1 + (k + 1) * n_gates] for k in range(3))
+    pooled = saved[0::SAVED_PER_GATE]
+    argmaxes = saved[1::SAVED_PER_GATE]
+    gates = [GateValue(axis, z, ss) for axis, z, ss in
+             zip(plan.gate_axes, saved[2::SAVED_PER_GATE], saved[3::SAVED_PER_GATE])]
+    gate_grads: list[Tensor | None] = [None] * n_gates  # d loss / d gate, summed over its uses
+
+    def add_weight_grads(weight: Weight, upstream) -> None:
+        if not weight.factors:
+            return
+        grads = prims.weight_grad(v, upstream, _weight_value(weight, gates))
+        for ids, factor_grads in zip(weight.factors, grads):
+            for g, grad in zip(ids, factor_grads):
+                gate_grads[g] = grad if gate_grads[g] is None else gate_grads[g] + grad
+
+    add_weight_grads(plan.output, dout)
+    terms = [(plan.output, dout)]
+    d_conv, d_bn_w, d_bn_b = [None] * n_gates, [None] * n_gates, [None] * n_gates
+    # Reverse order: a gate's gradient is complete once every later stage is done.
+    for stage in reversed(plan.stages):
+        need_pooled = need_x or bool(stage.weight.factors)
+        pooled_grads = []
+        for axis, g in zip(stage.axes, stage.gates):
+            grads = prims.gate_backward(gate_grads[g], pooled[g], gates[g], bn_stats[g], conv_weights[g], bn_modes[g],
+                                        bn_weights[g], eps[g],
+                                        (need_pooled, need_conv[g], need_bn_w[g], need_bn_b[g]))
+            d_conv[g] = _cast(grads.conv_weight, conv_weights[g])
+            d_bn_w[g] = _cast(grads.bn_weight, bn_weights[g])
+            d_bn_b[g] = _cast(grads.bn_bias, bn_weights[g])
+            pooled_grads.append(PooledGrad(axis, grads.pooled, argmaxes[g]))
+        if need_pooled:
+            add_weight_grads(stage.weight, pooled_grads)
+            terms.append((stage.weight, pooled_grads))
+    grad_x = None
+    if need_x:
+        grad_x = torch.empty_like(x)
+        prims.input_grad([(_weight_value(w, gates), up) for w, up in terms], grad_x.view(v.shape))
+    return grad_x, d_conv, d_bn_w, d_bn_b
