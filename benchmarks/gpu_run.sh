@@ -127,11 +127,10 @@ if step tests; then
     if [ $DRY -eq 1 ]; then TESTS=(tests/test_api.py); else
         # test_native_cuda.py is step 2 (on the GPU itself): its emulator run is left out here, and so
         # are the compile-only checks (CI runs them; the spec-shape Triton one alone takes minutes cold)
-        # and the two tests that build the C++ library again with CUDA hidden (as in CI, minutes of g++).
+        # and the test that builds the C++ library again with CUDA hidden (as in CI, minutes of g++).
         TESTS=(tests --ignore tests/test_native_cuda.py --ignore tests/test_native_cuda_emulated.py
                --ignore tests/test_triton_compile.py --ignore tests/test_native_cuda_compile.py
-               --deselect tests/test_native_prebuilt.py::test_setup_builds_a_library_the_loader_uses
-               --deselect tests/test_native_backend.py::test_portable_build_matches_reference)
+               --deselect tests/test_native_prebuilt.py::test_setup_builds_a_portable_library_the_loader_uses)
     fi
     run tests "${TESTS_S:-170}" "$DIR/tests.log" $PY -m pytest -q -p no:cacheprovider $XDIST "${TESTS[@]}"
 fi

@@ -72,3 +72,14 @@ def test_a_failing_step_fails_the_run(tmp_path):
 def test_steps_beyond_the_runners_files_are_refused(tmp_path):
     proc = gpu_run(tmp_path, STEPS="tests,native,tune,headline", timeout=60)
     assert proc.returncode == 2 and "leaves 10 files" in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_what_the_gpu_run_leaves_out_exists():
+    """pytest ignores a --deselect or --ignore that names nothing, so a renamed test would
+    silently come back into the GPU run's budget: every one named must exist."""
+    import re
+    script = SCRIPT.read_text()
+    for path in re.findall(r"--ignore (\S+)", script):
+        assert (ROOT / path).is_file(), path
+    for path, name in re.findall(r"--deselect (\S+?)::(\w+)", script):
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{path}::{name}"

@@ -15,11 +15,9 @@ from aia_kernels import backends, warnings_once
 from aia_kernels.primitives import PrimitivesOnly
 
 from aia_testing import (
-    AS_ON_A_GPU_MACHINE,
     SHAPE,
     assert_equal_results,
     compare_with_reference,
-    cuda_hidden,
     make_pair,
     plan_op_args,
     report_cuda_available,
@@ -334,30 +332,3 @@ def test_bad_module_inputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module(torch.randn(SHAPE))
-
-
-def test_portable_build_matches_reference(tmp_path):
-    """A build without -march=native (AIA_NATIVE_CXXFLAGS=""): no AVX-512, so chunks take
-    the element-loop paths, and vector types are split by the compiler. Own process and
-    build directory, since an extension loads once per process."""
-    import subprocess
-    import sys
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    script = (
-        "import torch, aia_kernels.native as native\n"
-        "from aia_testing import compare_with_reference\n"
-        "assert '-march=native' not in native.CXX_FLAGS\n"
-        "assert native.build_info()['cuda'] is False\n"
-        "for dtype, shape, tol in ((torch.float64, (6, 3, 5, 19), 1e-10), (torch.float32, (6, 3, 4, 23), 2e-4),\n"
-        "                          (torch.float32, (6, 5, 4, 7), 2e-4)):\n"
-        "    for variant in ('CinST->STinC', 'C+ST'):\n"
-        "        compare_with_reference(variant, 'native', dtype=dtype, x=torch.randn(shape, dtype=dtype),\n"
-        "                               atol=tol, rtol=tol)\n"
-        "print('portable ok')\n")
-    # C++ only, also on a GPU machine (AS_ON_A_GPU_MACHINE makes this one look like it):
-    # the CUDA kernels do not depend on these flags, and nvcc would take minutes.
-    env = cuda_hidden(dict(os.environ, AIA_NATIVE_CXXFLAGS="", AIA_KERNELS_BUILD_DIR=str(tmp_path / "build"),
-                           PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])))
-    proc = subprocess.run([sys.executable, "-c", AS_ON_A_GPU_MACHINE + script], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0 and "portable ok" in proc.stdout, proc.stdout + proc.stderr

@@ -91,11 +91,14 @@ def test_named_but_unusable_raises(package_dir, monkeypatch):
         native._load_prebuilt()
 
 
-def test_setup_builds_a_library_the_loader_uses(tmp_path):
-    """setup.py build_ext into a temporary dir; a fresh process loads that library (no
-    first-use build: its build dir stays empty) and matches the reference. C++ only
-    (=cpu), so a GPU machine does not spend minutes in nvcc here."""
-    env = {**os.environ, "AIA_KERNELS_BUILD_NATIVE": "cpu", "MAX_JOBS": "2"}
+def test_setup_builds_a_portable_library_the_loader_uses(tmp_path):
+    """setup.py build_ext into a temporary dir, without -march=native (AIA_NATIVE_CXXFLAGS=""),
+    C++ only (=cpu, so a GPU machine does not spend minutes in nvcc here); a fresh process
+    asking for the same flags loads that library (no first-use build: its build dir stays
+    empty) and matches the reference. One build checks two things: the prebuilt path, and
+    the portable kernels (no AVX-512, so chunks take the element-loop paths and vector types
+    are split by the compiler), at odd shapes in float64 and float32."""
+    env = {**os.environ, "AIA_KERNELS_BUILD_NATIVE": "cpu", "AIA_NATIVE_CXXFLAGS": "", "MAX_JOBS": "2"}
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
                             "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=900)
@@ -103,23 +106,30 @@ def test_setup_builds_a_library_the_loader_uses(tmp_path):
     (library,) = (tmp_path / "lib/aia_kernels/native").glob("_aia_native*.so")
     meta = json.loads(library.with_name(native.PREBUILT_METADATA).read_text())
     assert meta["torch"] == torch.__version__ and meta["sources"] == native.sources_digest(native.CSRC)
+    assert "-march=native" not in meta["cxx_flags"], meta
 
     # The library is C++ only; on a machine with CUDA (AS_ON_A_GPU_MACHINE makes the child one)
     # the loader refuses it, since that process could build the CUDA kernels: the child runs
     # with CUDA hidden, as a CPU-only process.
     script = AS_ON_A_GPU_MACHINE + (
-        "import sys\n"
+        "import sys, torch\n"
         f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
         "from aia_kernels import native\n"
         "from aia_testing import compare_with_reference\n"
+        "assert '-march=native' not in native.CXX_FLAGS\n"
         "info = native.build_info()\n"
         f"assert info['source'] == 'prebuilt' and info['library'] == {str(library)!r}, info\n"
-        "for variant in ('CinST->STinC', 'C+ST'):\n"
-        "    compare_with_reference(variant, 'native')\n"
+        "assert info['cuda'] is False, info\n"
+        "for dtype, shape, tol in ((torch.float64, (6, 3, 5, 19), 1e-10), (torch.float32, (6, 3, 4, 23), 2e-4),\n"
+        "                          (torch.float32, (6, 5, 4, 7), 2e-4)):\n"
+        "    for variant in ('CinST->STinC', 'C+ST'):\n"
+        "        compare_with_reference(variant, 'native', dtype=dtype, x=torch.randn(shape, dtype=dtype),\n"
+        "                               atol=tol, rtol=tol)\n"
         "print('prebuilt ok')\n"
     )
     jit_dir = tmp_path / "jit"
-    env = cuda_hidden({**os.environ, "AIA_NATIVE_PREBUILT": str(library), "AIA_KERNELS_BUILD_DIR": str(jit_dir)})
+    env = cuda_hidden({**os.environ, "AIA_NATIVE_PREBUILT": str(library), "AIA_KERNELS_BUILD_DIR": str(jit_dir),
+                       "AIA_NATIVE_CXXFLAGS": ""})
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "prebuilt ok" in run.stdout, run.stdout + run.stderr
     assert not jit_dir.exists() or not any(jit_dir.iterdir()), "the first-use build ran"
