@@ -234,3 +234,18 @@ def test_network_benchmark_smoke(tmp_path, monkeypatch):
     assert train["plain"] < train["native"] < train["native-keep"] < train["reference"]
     assert info["command"] and info["torch"] == torch.__version__
     assert "| tsm | train | 32 | 1 | native |" in (tmp_path / "network_cpu_smoke.md").read_text()
+
+
+def test_memory_report_smoke(tmp_path, monkeypatch):
+    """benchmarks/memory.py on one tiny shape: the recompute keeps less than keeping every stage."""
+    from benchmarks import memory
+    monkeypatch.setitem(backends.stand_ins, "native",
+                        backends.FusedBackend("native", TorchPrimitives(), lambda device: None))
+    memory.main(["--shapes", "8,6,5,4", "--variants", "C,CinST->STinC", "--results-dir", str(tmp_path),
+                 "--tag", "smoke"])
+    info = json.loads((tmp_path / "memory_cpu_smoke.json").read_text())
+    rows = {r["variant"]: r for r in info["results"]}
+    assert rows["C"]["native"] == rows["C"]["native-keep"]  # nothing to recompute
+    paper = rows["CinST->STinC"]
+    assert paper["input_bytes"] < paper["native"] < paper["native-keep"] < paper["reference"]
+    assert "| CinST->STinC | (8, 6, 5, 4) |" in (tmp_path / "memory_cpu_smoke.md").read_text()
