@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
+from aia_kernels import backends  # noqa: E402
 from benchmarks.network import keeping_every_stage  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 from benchmarks.saved_bytes import saved_bytes  # noqa: E402
@@ -68,15 +68,17 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=None, help="N*T,C,H,W;... (default: see SHAPES)")
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--configs", default=None,
-                        help="reference,native,native-keep (+triton on CUDA by default)")
+                        help="of reference,native,native-keep,triton (default: those available)")
     parser.add_argument("--tag", default=None)
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        os.environ.setdefault("AIA_NATIVE_CUDA", "1")
-    configs = (args.configs or ("reference,native,native-keep,triton" if device.type == "cuda"
-                                else "reference,native,native-keep")).split(",")
+    if args.configs is None:  # those available (native on CUDA needs AIA_NATIVE_CUDA=1)
+        native = backends.is_available("native", device)
+        args.configs = ",".join(["reference"] + (["native", "native-keep"] if native else [])
+                                + (["triton"] if device.type == "cuda" and backends.is_available("triton", device)
+                                   else []))
+    configs = args.configs.split(",")
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     rows = []
     for shape in shapes:

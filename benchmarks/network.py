@@ -39,6 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's aia_kernels and benchmarks
 from aia_kernels import aia_modules, fused, plan as plans  # noqa: E402
+from aia_kernels import backends as aia_backends  # noqa: E402
 from aia_kernels.models import tsm_resnet50, tsn_resnet50  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 from benchmarks.saved_bytes import saved_bytes  # noqa: E402
@@ -243,7 +244,8 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default="tsn,tsm")
     parser.add_argument("--modes", default="eval,train")
     parser.add_argument("--backends", default=None,
-                        help="AIA backends (default: reference,native on CPU; reference,native,triton on CUDA)")
+                        help="AIA backends (default: reference,native on CPU; reference,native,triton on CUDA, "
+                             "those available: native on CUDA needs AIA_NATIVE_CUDA=1)")
     parser.add_argument("--no-keep", dest="keep", action="store_false",
                         help="skip native-keep (native with every stage kept for backward)")
     parser.add_argument("--clips", type=int, default=1)
@@ -261,11 +263,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible to torch")
-    if args.backends is None:
-        args.backends = "reference,native,triton" if device.type == "cuda" else "reference,native"
+    if args.backends is None:  # on CUDA, native only where the user opted in (AIA_NATIVE_CUDA=1)
+        candidates = ("reference", "native", "triton") if device.type == "cuda" else ("reference", "native")
+        args.backends = ",".join(b for b in candidates if aia_backends.is_available(b, device))
     args.backends = [b for b in args.backends.split(",") if b]
     if device.type == "cuda":
-        os.environ.setdefault("AIA_NATIVE_CUDA", "1")  # the native CUDA kernels are opt-in
         torch.backends.cudnn.benchmark = True
         thread_counts = [None]
     else:
