@@ -22,7 +22,12 @@
 //   possible = float32/float64/float16/bfloat16 x on a device with cooperative launch, a
 //   plan of at most kMaxGates gates and kMaxStages stages (every variant has <= 8 and <= 4)
 //   that recomputes no stage with a C gate (a C gate's split pool, below, depends on the
-//   grid, which differs between the two kernels: the backward could not repeat it bit for bit).
+//   grid, which differs between the two kernels: the backward could not repeat it bit for bit);
+//   for a plan that recomputes stages, possible for both kernels, so that forward and backward
+//   take the same path: the backward recomputes with its own path's gate values (this file's
+//   sigmoid or ATen's), bitwise the forward's only on the forward's path. A change of
+//   AIA_NATIVE_CUDA_PERSISTENT between a forward and its backward breaks that: the gradients
+//   then differ from those of the forward's path by rounding (as the two paths' results do).
 // The outputs are those of the multi-launch walk: out; per gate P (N, 2, D1, D2, D3),
 // argmax (int32), z, scale_shift (2) in the accumulation dtype (float64 for float64 x,
 // else float32), P, argmax and z empty for a stage the backward recomputes (Stage.recompute
@@ -786,11 +791,22 @@ bool one_launch_applies(const at::Tensor& v, const Plan& plan, size_t max_stages
   const int mode = env_mode();
   if (mode == 0 || !supported_dtype(v.scalar_type()) || v.numel() == 0) return false;
   if (plan.gate_axis.size() > static_cast<size_t>(kMaxGates) || plan.stages.size() > max_stages) return false;
+  bool recomputes = false;
   for (const PlanStage& stage : plan.stages) {  // see the top: a recomputed C gate's split pool
+    recomputes = recomputes || stage.recompute;
     for (int axis : stage.axes)
       if (stage.recompute && axis == kAxisC) return false;
   }
   if (mode < 0 && v.numel() > max_elements()) return false;
+  if (recomputes) {
+    // The backward recomputes stages with the gate values of its own path (this kernel's
+    // sigmoid, or ATen's in the walk): the forward must have taken the same path for the
+    // recomputed stages to be bitwise the forward's. So both passes take one launch only
+    // where both kernels can.
+    return plan.stages.size() <= static_cast<size_t>(std::min(kMaxStages, kMaxBwdStages)) &&
+           coresident_blocks(v.get_device(), v.scalar_type(), false) > 0 &&
+           coresident_blocks(v.get_device(), v.scalar_type(), true) > 0;
+  }
   return coresident_blocks(v.get_device(), v.scalar_type(), backward) > 0;
 }
 }  // namespace
