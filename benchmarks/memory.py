@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
 from aia_kernels import backends  # noqa: E402
-from benchmarks.network import keeping_every_stage  # noqa: E402
+from benchmarks.network import keeping_every_stage, write_results  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 from benchmarks.saved_bytes import saved_bytes  # noqa: E402
 
@@ -92,12 +91,7 @@ def main(argv=None) -> int:
     meta = machine_meta(device, sys.argv[1:] if argv is None else argv, entry=("benchmarks/memory.py",))
     info = {**meta, "segments": args.segments, "dtype": "float32", "configs": configs, "budget": BUDGET,
             "results": rows}
-    tag = args.tag or time.strftime("%Y%m%d", time.gmtime())
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / f"memory_{device.type}_{tag}"
-    stem.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(info))
-    print(markdown(info))
+    write_results(info, markdown(info), args.results_dir, f"memory_{device.type}", args.tag)
     return 0
 
 

@@ -217,6 +217,15 @@ def run_case(arch, mode, threads, args, device) -> list[dict]:
     return rows
 
 
+def write_results(info: dict, text: str, results_dir: Path, prefix: str, tag: str | None) -> None:
+    """``<prefix>_<tag>.json`` (``info``) and ``.md`` (``text``, also printed); tag: today by default."""
+    tag = tag or time.strftime("%Y%m%d", time.gmtime())
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{prefix}_{tag}.json").write_text(json.dumps(info, indent=1) + "\n")
+    (results_dir / f"{prefix}_{tag}.md").write_text(text)
+    print(text)
+
+
 def markdown(info: dict) -> str:
     def mib(b):
         return "-" if b is None else f"{b / 2**20:.1f}"
@@ -286,12 +295,7 @@ def main(argv=None) -> int:
                         f"of the per-round ratio to plain; peak: one step; load average before/after "
                         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": rows}
-    tag = args.tag or time.strftime("%Y%m%d", time.gmtime())
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / f"network_{device.type}_{tag}"
-    stem.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(info))
-    print(markdown(info))
+    write_results(info, markdown(info), args.results_dir, f"network_{device.type}", args.tag)
     return 0
 
 
