@@ -45,7 +45,9 @@ class PlanReader {
 
   WeightSpec weight(const Plan& plan) {
     WeightSpec w;
-    w.mean = next() == 1;
+    const int combine = next();
+    TORCH_CHECK(combine == 0 || combine == 1, "aia_native: a weight combines its factors by product (0) or mean (1)");
+    w.mean = combine == 1;
     const int n_factors = next();
     TORCH_CHECK(n_factors >= 0 && n_factors <= kMaxFactors, "aia_native: a weight has 0 to 2 factors");
     for (int k = 0; k < n_factors; ++k) {
