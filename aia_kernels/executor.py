@@ -3,8 +3,10 @@
 One executor serves every variant and every backend: it walks the variant's
 :class:`~aia_kernels.plan.Plan` and calls the backend's primitives
 (``aia_kernels.primitives``). Only ``out`` (forward) and ``grad_x`` (backward)
-are full-size; what the backward needs is kept as small tensors per gate
-(pooled P, argmax, conv output z, folded BN scale/shift) and the input itself.
+are full-size. What the backward needs besides the input is kept as small tensors
+per gate: the folded BN scale/shift always; the pooled P, argmax and conv output z
+only for the stages the plan keeps, those of the other stages (``Stage.recompute``)
+are pooled again from the input at the start of the backward (:func:`recompute`).
 The torch.library ops and autograd around it are in ``fused.py``.
 """
 from __future__ import annotations
@@ -15,9 +17,9 @@ import torch
 from torch import Tensor
 
 from .plan import Plan, Weight
-from .primitives import BN_BATCH, GateValue, PooledGrad, WeightValue, gate_shape
+from .primitives import BN_BATCH, BN_NONE, GateValue, PooledGrad, WeightValue, gate_shape
 
-SAVED_PER_GATE = 4  # pooled P, argmax, z, scale_shift
+SAVED_PER_GATE = 4  # pooled P, argmax, z, scale_shift (the first three empty where the stage is recomputed)
 
 
 def _weight_value(weight: Weight, gates: list[GateValue]) -> WeightValue:
@@ -46,7 +48,7 @@ def _check_batch_stats(plan: Plan, v_shape, bn_modes) -> None:
 def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, bn_weights, bn_biases,
                 running_means, running_vars, bn_modes, eps):
     """Returns ``(out, saved, bn_stats)``: ``saved`` holds SAVED_PER_GATE small tensors per
-    gate; ``bn_stats`` (gates, 2) the mean and variance that normalised each gate's z
+    gate (P, argmax and z empty for a stage the backward recomputes); ``bn_stats`` (gates, 2) the mean and variance that normalised each gate's z
     (batch statistics, biased, in train mode; running statistics in eval mode).
 
     A backend whose primitives offer ``forward_plan`` (the native one) runs the whole
@@ -66,22 +68,48 @@ def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, b
             fw = prims.gate_forward(p, conv_weights[g], bn_modes[g], bn_weights[g], bn_biases[g],
                                     running_means[g], running_vars[g], eps[g])
             gates[g] = GateValue(axis, fw.z, fw.scale_shift)
-            saved[SAVED_PER_GATE * g:SAVED_PER_GATE * (g + 1)] = [p, argmax, fw.z, fw.scale_shift]
+            kept = [p.new_empty(0), argmax.new_empty(0), fw.z.new_empty(0)] if stage.recompute else [p, argmax, fw.z]
+            saved[SAVED_PER_GATE * g:SAVED_PER_GATE * (g + 1)] = [*kept, fw.scale_shift]
             stats[g] = fw.bn_stats
     out = torch.empty_like(x)
     prims.apply(v, _weight_value(plan.output, gates), out.view(v.shape))
     return out, saved, torch.stack(stats)
 
 
+def recompute(prims, plan: Plan, v: Tensor, conv_weights, saved) -> list[Tensor]:
+    """``saved`` with the pooled tensors, argmaxes and z of every recomputed stage filled in.
+
+    Such a stage is pooled again in plan order (its weight's gates are kept, or recomputed by
+    an earlier stage) and its gates' z recomputed by their conv, with the kernels the forward
+    used: bitwise what the forward computed. The gates' kept ``scale_shift`` stands for the
+    BN, which is not run again: no BN statistic is computed or updated here."""
+    if not any(stage.recompute for stage in plan.stages):
+        return saved
+    saved = list(saved)
+    gates = [GateValue(axis, z, ss) for axis, z, ss in
+             zip(plan.gate_axes, saved[2::SAVED_PER_GATE], saved[3::SAVED_PER_GATE])]
+    for stage in plan.stages:
+        if not stage.recompute:
+            continue
+        pooled = prims.pool(v, _weight_value(stage.weight, gates), stage.axes)
+        for axis, g, (p, argmax) in zip(stage.axes, stage.gates, pooled):
+            z = prims.gate_forward(p, conv_weights[g], BN_NONE, None, None, None, None, 0.0).z
+            saved[SAVED_PER_GATE * g:SAVED_PER_GATE * g + 3] = [p, argmax, z]
+            gates[g] = GateValue(axis, z, saved[SAVED_PER_GATE * g + 3])
+    return saved
+
+
 def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: int, conv_weights,
                  bn_weights, bn_modes, eps, saved, bn_stats, needs):
     """``needs`` = [x] + [conv weight] * G + [bn weight] * G + [bn bias] * G; a backend's
-    ``backward_plan`` replaces the walk below, as ``forward_plan`` does in run_forward."""
+    ``backward_plan`` replaces the walk below (recompute included), as ``forward_plan`` does
+    in run_forward."""
     if hasattr(prims, "backward_plan"):
         return prims.backward_plan(plan, grad_out, x, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
                                    bn_stats, needs)
     v = _view5(x, num_segments)
     dout = _view5(grad_out, num_segments)
+    saved = recompute(prims, plan, v, conv_weights, saved)
     n_gates = len(plan.gate_axes)
     need_x = needs[0]
     need_conv, need_bn_w, need_bn_b = (needs[1 + k * n_gates:1 + (k + 1) * n_gates] for k in range(3))

@@ -11,6 +11,11 @@ A *factor* is one C gate ``(c,)`` or the spatio-temporal mean of three gates
 ``(t, h, w)``; a :class:`Weight` is the product (sequential) or the mean (parallel)
 of at most two factors, which is all the ten variants need.
 
+A stage either keeps its small tensors (pooled P, argmax, conv output z) for the backward
+or has them recomputed there from ``v`` (``Stage.recompute``): a T, H, W stage's tensors
+are (2 + 1 + 1) / T + 4 / H + 4 / W of the input (over half of it at T = 8), a C stage's
+4 / C (6% at C = 64), so the T, H, W stages are recomputed (docs/design.md, "Memory").
+
 The kernels assume those shapes in fixed-size arrays; the limits below say how far,
 and :func:`build_plan` checks every plan against them (:func:`check_plan`), so a new
 variant beyond them fails here with a clear message, not inside a backend. The plan
@@ -18,7 +23,7 @@ travels to C++ as ints (:func:`encode_plan`; decoded by ``csrc/aia_plan.cpp``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from .variants import UNIT_GATES, parse_variant
@@ -55,10 +60,14 @@ class Weight:
 
 @dataclass(frozen=True)
 class Stage:
-    """Pool ``weight * v`` along ``axes`` ("C" or "THW"); gate ``gates[i]`` comes from ``axes[i]``."""
+    """Pool ``weight * v`` along ``axes`` ("C" or "THW"); gate ``gates[i]`` comes from ``axes[i]``.
+    ``recompute``: the backward pools the stage again (and recomputes its gates' z) instead of
+    keeping its pooled tensors, argmaxes and z from the forward; its gates' folded BN
+    ``scale_shift`` is kept either way."""
     axes: str
     weight: Weight
     gates: tuple[int, ...]
+    recompute: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,18 +78,26 @@ class Plan:
     output: Weight
 
 
+# Which stages the backward recomputes (see the module docstring): those pooling along T, H, W.
+RECOMPUTED_AXES = ("THW",)
+
+
+def _stage(axes: str, weight: Weight, gates: tuple[int, ...]) -> Stage:
+    return Stage(axes, weight, gates, recompute=axes in RECOMPUTED_AXES)
+
+
 def _unit_stages(kind: str, gate_ids: dict[str, int], prev: tuple[Factor, ...]):
     """Stages of one unit applied to ``prev``-weighted input, and the unit's own factor."""
     c = (gate_ids["C"],) if "C" in gate_ids else None
     st = tuple(gate_ids[a] for a in "THW") if "T" in gate_ids else None
     if kind == "C":
-        return [Stage("C", Weight(prev), c)], c
+        return [_stage("C", Weight(prev), c)], c
     if kind == "ST":
-        return [Stage("THW", Weight(prev), st)], st
+        return [_stage("THW", Weight(prev), st)], st
     if kind == "CinST":  # Y_ST(Y_C(v) * v) * v
-        return [Stage("C", Weight(prev), c), Stage("THW", Weight(prev + (c,)), st)], st
+        return [_stage("C", Weight(prev), c), _stage("THW", Weight(prev + (c,)), st)], st
     if kind == "STinC":  # Y_C(Y_ST(v) * v) * v
-        return [Stage("THW", Weight(prev), st), Stage("C", Weight(prev + (st,)), c)], c
+        return [_stage("THW", Weight(prev), st), _stage("C", Weight(prev + (st,)), c)], c
     raise ValueError(f"unknown AIA unit {kind!r}")
 
 
@@ -123,6 +140,8 @@ def check_plan(plan: Plan) -> Plan:
                 not isinstance(g, int) or not 0 <= g < len(plan.gate_axes) or plan.gate_axes[g] != axis
                 for g, axis in zip(stage.gates, stage.axes)):
             fail(f"computes gates {stage.gates} in stage {i}, which pools {stage.axes}: one gate of each axis")
+        if not isinstance(stage.recompute, bool):
+            fail(f"says recompute={stage.recompute!r} for stage {i}; True or False")
         if computed.intersection(stage.gates):
             fail(f"computes gates {sorted(computed.intersection(stage.gates))} twice")
         computed.update(stage.gates)
@@ -153,10 +172,17 @@ def build_plan(variant: str) -> Plan:
     return check_plan(Plan(variant, tuple(gate_axes), tuple(stages), output))
 
 
+def without_recompute(plan: Plan) -> Plan:
+    """``plan`` with every stage's tensors kept for the backward: the same results bit for bit
+    (the recompute is deterministic) with more memory and no recompute passes; tests and
+    benchmarks compare the two."""
+    return replace(plan, stages=tuple(replace(stage, recompute=False) for stage in plan.stages))
+
+
 # ---- the int encoding that aia_native::plan_forward / plan_backward read (csrc/aia_plan.cpp decodes it) ----
 #   G, the axis code of each gate (index in AXES: 0 C, 1 T, 2 H, 3 W),
 #   S, then per stage: its pooled axes (0: C, 1: T, H, W), its weight, its gate count and gate ids,
-#   then the output weight;
+#   and 1 if the backward recomputes it (else 0), then the output weight;
 #   a weight is: combine (0 prod, 1 mean), factor count, then per factor its size and gate ids.
 # aia_native::plan_encoding_roundtrip decodes and re-encodes in C++; tests check it returns its input.
 
@@ -172,7 +198,8 @@ def encode_plan(plan: Plan) -> tuple[int, ...]:
     """``plan`` as the ints ``aia_native::plan_forward`` / ``plan_backward`` take."""
     out = [len(plan.gate_axes), *(AXES.index(a) for a in plan.gate_axes), len(plan.stages)]
     for stage in plan.stages:
-        out += [STAGE_AXES.index(stage.axes), *_encode_weight(stage.weight), len(stage.gates), *stage.gates]
+        out += [STAGE_AXES.index(stage.axes), *_encode_weight(stage.weight), len(stage.gates), *stage.gates,
+                int(stage.recompute)]
     return tuple(out + _encode_weight(plan.output))
 
 
@@ -188,7 +215,8 @@ def decode_plan(codes, variant: str = "") -> Plan:
     stages = []
     for _ in range(next(codes)):
         axes, stage_weight = STAGE_AXES[next(codes)], weight()
-        stages.append(Stage(axes, stage_weight, tuple(next(codes) for _ in range(next(codes)))))
+        gates = tuple(next(codes) for _ in range(next(codes)))
+        stages.append(Stage(axes, stage_weight, gates, bool(next(codes))))
     plan = Plan(variant, gate_axes, tuple(stages), weight())
     if next(codes, None) is not None:
         raise ValueError("plan encoding too long")

@@ -26,7 +26,9 @@ def design_passes(variant: str, mode: str) -> dict[str, int]:
       - one read of ``v`` for the ``weight_grad`` of every stage whose weight has
         factors (a stage pooling plain ``v`` has no gate gradient to propagate),
       - ``input_grad``: read ``dout``, write ``grad_x`` (2); the stages' terms are
-        expanded on the fly from small pooled gradients.
+        expanded on the fly from small pooled gradients,
+      - one read of ``v`` per stage the backward recomputes (``Stage.recompute``: the
+        T, H, W stages, pooled again instead of kept; docs/design.md, "Memory").
 
     Returns ``{"forward": f, "backward": b, "total": f + b}``.
     """
@@ -37,7 +39,8 @@ def design_passes(variant: str, mode: str) -> dict[str, int]:
     backward = 0
     if mode == "fwd-bwd":
         backward = (2 if plan.output.factors else 0) \
-            + sum(1 for stage in plan.stages if stage.weight.factors) + 2
+            + sum(1 for stage in plan.stages if stage.weight.factors) + 2 \
+            + sum(1 for stage in plan.stages if stage.recompute)
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 

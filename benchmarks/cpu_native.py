@@ -11,6 +11,8 @@ average before and after is recorded).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime
 import json
 import os
@@ -24,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
+from benchmarks.network import keeping_every_stage  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,27 +47,31 @@ def iqr(values: list[float]) -> float:
     return q[2] - q[0]
 
 
-def fwd_bwd_step(module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def fwd_bwd_step(module, x: torch.Tensor, grad: torch.Tensor, context=contextlib.nullcontext) -> float:
     start = time.perf_counter()
-    module(x).backward(grad)
+    with context():
+        module(x).backward(grad)
     return time.perf_counter() - start
 
 
 def time_interleaved(modules: dict, x: torch.Tensor, grad: torch.Tensor, rounds: int, steps: int,
-                     warmup: int) -> dict:
+                     warmup: int, contexts: dict | None = None) -> dict:
     """Per module: step times (s), measured in `rounds` rounds of `steps` steps that
     alternate between the modules, so that a slow phase of this shared machine (timings
     of the same code vary by 10-30% over seconds) hits every module alike; and per
-    module, the ratios of its median step time to the native one, round by round."""
+    module, the ratios of its median step time to the native one, round by round. ``contexts``:
+    per module name, a context manager factory entered around each of its steps."""
+    contexts = contexts or {}
     x = x.detach().requires_grad_()
-    for module in modules.values():
+    for name, module in modules.items():
         for _ in range(warmup):
-            module(x).backward(grad)
+            fwd_bwd_step(module, x, grad, contexts.get(name, contextlib.nullcontext))
     times = {name: [] for name in modules}
     per_round = {name: [] for name in modules}
     for _ in range(rounds):
         for name, module in modules.items():
-            round_times = [fwd_bwd_step(module, x, grad) for _ in range(steps)]
+            round_times = [fwd_bwd_step(module, x, grad, contexts.get(name, contextlib.nullcontext))
+                           for _ in range(steps)]
             times[name] += round_times
             per_round[name].append(statistics.median(round_times))
     ratios = {name: [a / b for a, b in zip(per_round[name], per_round["native"])] for name in modules}
@@ -80,6 +87,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager reference")
+    parser.add_argument("--keep", action="store_true",
+                        help="add native-keep: native with every stage kept for backward (plan.without_recompute)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: date and threads)")
     parser.add_argument("--shapes", default=None,
                         help="inputs as N*T,C,H,W;... (default: the spec's ResNet-50 shapes at N*T = 8)")
@@ -105,7 +115,7 @@ def main() -> None:
         fused = aia_kernels.build(args.variant, num_segments=args.segments, backend="native").train()
         fused.load_state_dict(ref.state_dict())
         row = {"shape": list(shape)}
-        modules = {"eager": ref}
+        modules = {} if args.no_eager else {"eager": ref}
         if not args.no_compile:
             # The reference calls one gate function per (unit, axis): allow its recompiles,
             # and start each shape afresh, so nothing falls back to eager silently.
@@ -116,23 +126,27 @@ def main() -> None:
             row["compile_time_s"] = fwd_bwd_step(compiled, x.detach().requires_grad_(), grad)
             modules["compiled"] = compiled
         modules["native"] = fused
-        timed = time_interleaved(modules, x, grad, args.rounds, args.steps, args.warmup)
+        if args.keep:
+            modules["native-keep"] = copy.deepcopy(fused)
+        timed = time_interleaved(modules, x, grad, args.rounds, args.steps, args.warmup,
+                                 {"native-keep": keeping_every_stage})
         assert fused.last_backend == "native"
         for name in modules:
             row[f"{name}_ms"] = 1e3 * statistics.median(timed["times"][name])
             row[f"{name}_ms_iqr"] = 1e3 * iqr(timed["times"][name])
-        row["speedup_vs_eager"] = statistics.median(timed["ratios"]["eager"])
-        if "compiled" in modules:
-            row["speedup_vs_compiled"] = statistics.median(timed["ratios"]["compiled"])
+        for name in modules:
+            if name != "native":
+                row[f"speedup_vs_{name.replace('-', '_')}"] = statistics.median(timed["ratios"][name])
         print(json.dumps(row), flush=True)
         rows.append(row)
 
+    names = list(modules)
     now = datetime.datetime.now(datetime.timezone.utc)
     info = {
         "date_utc": now.isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
         "variant": args.variant, "num_segments": args.segments, "dtype": "float32", "mode": "train",
-        "measure": (f"forward+backward steps in {args.rounds} rounds alternating eager, compiled, native "
+        "measure": (f"forward+backward steps in {args.rounds} rounds alternating {', '.join(names)} "
                     f"({args.steps} steps each per round, after {args.warmup} warm-up steps); times: median "
                     f"(IQR) of all steps; speedups: median over rounds of the per-round ratio"),
         "threads": threads, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -150,17 +164,17 @@ def main() -> None:
              f"torch {info['torch']}; {info['measure']}; load average before/after "
              f"{load_before[0]:.2f}/{info['loadavg_after'][0]:.2f}. Command: `{info['command']}`",
              "",
-             "| input (N*T, C, H, W) | eager ms (IQR) | compiled ms (IQR) | native ms (IQR) | native vs eager "
-             "| native vs compiled |",
-             "|---|---|---|---|---|---|"]
+             "| input (N*T, C, H, W) | " + " | ".join(f"{n} ms (IQR)" for n in names) + " | "
+             + " | ".join(f"native vs {n}" for n in names if n != "native") + " |",
+             "|---|" + "---|" * (2 * len(names) - 1)]
 
     def ms(r, name):
         return f"{r[name + '_ms']:.1f} ({r[name + '_ms_iqr']:.1f})" if name + "_ms" in r else "-"
 
     for r in rows:
-        vs_comp = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
-        lines.append(f"| {tuple(r['shape'])} | {ms(r, 'eager')} | {ms(r, 'compiled')} | {ms(r, 'native')} | "
-                     f"{r['speedup_vs_eager']:.2f}x | {vs_comp} |")
+        ratios = [f"{r['speedup_vs_' + n.replace('-', '_')]:.2f}x" for n in names if n != "native"]
+        lines.append(f"| {tuple(r['shape'])} | " + " | ".join(ms(r, n) for n in names) + " | "
+                     + " | ".join(ratios) + " |")
     (args.results_dir / f"cpu_native_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -23,9 +23,12 @@
 #                                                    <= PATHS_S (120) s -> native_paths/ (3 files)
 #   6. variants (not default) all ten variants, eager vs fused
 #                                                  <= VARIANTS_S (110) s -> all_variants/ (3 files)
+#   7. network (not default) whole TSN/TSM-ResNet-50, plain vs AIA per backend, 8 clips x 8
+#              frames, 224x224 (benchmarks/network.py), then the bytes each module keeps for
+#              backward (benchmarks/memory.py)   <= NETWORK_S (240) s -> network/ (5 files)
 # STEPS picks steps (default "tests,native,headline", 6 files); run.log (one file) says what
 # each step did and how long it took. A STEPS whose files exceed 8 is refused before it starts:
-# e.g. STEPS=native,paths,variants or STEPS=tune,headline as a second command.
+# e.g. STEPS=native,paths,variants, STEPS=tune,headline or STEPS=native,network as a second command.
 # After a tune step, commit tuning/tuned_tiles.json as aia_kernels/triton/tuned_tiles.json.
 #
 # --dry-run: the same steps and timeouts on a CPU machine, through Triton's interpreter, with
@@ -46,7 +49,7 @@ TOTAL_S=${TOTAL_S:-540}
 export PYTHONUNBUFFERED=1
 
 # Files each step leaves in the output folder; run.log is the eighth at most.
-declare -A STEP_FILES=([tests]=1 [native]=1 [tune]=4 [headline]=3 [paths]=3 [variants]=3)
+declare -A STEP_FILES=([tests]=1 [native]=1 [tune]=4 [headline]=3 [paths]=3 [variants]=3 [network]=5)
 FILES=1
 for s in ${STEPS//,/ }; do
     [ -n "${STEP_FILES[$s]:-}" ] || { echo "gpu_run.sh: unknown step '$s' in STEPS=$STEPS" >&2; exit 2; }
@@ -62,6 +65,9 @@ if [ $DRY -eq 1 ]; then
     DEVICE="dry run on $(nproc) CPU cores"
     DIR=${OUT:-$(mktemp -d -t gpu_run_dry.XXXXXX)}
     BENCH=(--device cpu --shapes tiny --reps 1 --warmup 0 --threads "$(nproc)" --interpreter --no-plot)
+    NETWORK=(--device cpu --archs tsm --frames 2 --size-eval 32 --size-train 32 --threads 1 --rounds 1 --warmup 0
+             --backends reference,native)
+    MEMORY="--device cpu --shapes 8,8,6,6"  # words without shell metacharacters: see the network step
 else
     unset TRITON_INTERPRET
     if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -73,6 +79,8 @@ else
     SLUG=$(echo "$DEVICE" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')
     DIR=${OUT:-benchmarks/results/$(date -u +%Y-%m-%d)_${SLUG}}
     BENCH=(--shapes spec --reps 20 --warmup 3 --no-plot)
+    NETWORK=(--device cuda --clips 8 --frames 8 --size-eval 224 --size-train 224 --rounds 3)
+    MEMORY="--device cuda"
 fi
 mkdir -p "$DIR"
 LOG=$DIR/run.log
@@ -174,6 +182,14 @@ fi
 if step variants; then
     bench variants "${VARIANTS_S:-110}" all_variants --variants all --dtypes float32,bfloat16 \
         --modes fwd-bwd,fwd-infer --backends eager,fused
+fi
+if step network; then
+    LIMIT=${NETWORK_S:-240}
+    mkdir -p "$DIR/network"
+    # One timeout for both scripts: bash -c runs them in turn ($0 python, $1 the folder, $2 the
+    # memory arguments, word-split, then the network arguments).
+    run network "$LIMIT" "$DIR/network/log.txt" bash -c '"$0" benchmarks/network.py "${@:3}" --results-dir "$1" \
+&& "$0" benchmarks/memory.py $2 --results-dir "$1"' "$PY" "$DIR/network" "$MEMORY" "${NETWORK[@]}"
 fi
 
 # What the runner will return: at most 8 files, at most 2 folders down, plain names.

@@ -20,10 +20,19 @@
 //   2^21 = 2,097,152: the spec's (64, 512, 7, 7) = 1.6M is in, (64, 256, 14, 14) = 3.2M
 //   is out; a first guess, to be set from GPU timings);
 //   possible = float32/float64/float16/bfloat16 x on a device with cooperative launch, a
-//   plan of at most kMaxGates gates and kMaxStages stages (every variant has <= 8 and <= 4).
+//   plan of at most kMaxGates gates and kMaxStages stages (every variant has <= 8 and <= 4)
+//   that recomputes no stage with a C gate (a C gate's split pool, below, depends on the
+//   grid, which differs between the two kernels: the backward could not repeat it bit for bit);
+//   for a plan that recomputes stages, possible for both kernels, so that forward and backward
+//   take the same path: the backward recomputes with its own path's gate values (this file's
+//   sigmoid or ATen's), bitwise the forward's only on the forward's path. A change of
+//   AIA_NATIVE_CUDA_PERSISTENT between a forward and its backward breaks that: the gradients
+//   then differ from those of the forward's path by rounding (as the two paths' results do).
 // The outputs are those of the multi-launch walk: out; per gate P (N, 2, D1, D2, D3),
 // argmax (int32), z, scale_shift (2) in the accumulation dtype (float64 for float64 x,
-// else float32); the stacked (G, 2) BN statistics (batch: mean and biased variance;
+// else float32), P, argmax and z empty for a stage the backward recomputes (Stage.recompute
+// of aia_kernels/plan.py: the backward kernel pools it again with this kernel's code); the
+// stacked (G, 2) BN statistics (batch: mean and biased variance;
 // running: the running values; none: zeros), so plan_backward and the running-stat
 // updates in aia_kernels/running_stats.py are unchanged.
 //
@@ -250,6 +259,23 @@ __device__ void load_params(const GateT* gates, int n_gates, acc_t* params) {
   }
 }
 
+// Phase A of a stage without a split: pool_entry for every entry of the stage's gates, their
+// entries numbered one after the other. Both kernels pool with it (the backward recomputes
+// stages), so a recomputed stage is bitwise the forward's. GateT: GateArgs or BwdGateArgs.
+template <typename scalar_t, typename acc_t, typename GateT>
+__device__ void pool_entries(const scalar_t* v, const Strides5& vs, const Dims& d, const Weight<acc_t>& weight,
+                             const GateT* gates, const int* ids, int n_ids, int64_t first, int64_t step) {
+  int64_t total = 0;
+  for (int j = 0; j < n_ids; ++j) total += gates[ids[j]].entries;
+  for (int64_t i = first; i < total; i += step) {
+    int j = 0;
+    int64_t e = i;
+    while (e >= gates[ids[j]].entries) e -= gates[ids[j++]].entries;
+    const GateT& ga = gates[ids[j]];
+    pool_entry(v, vs, d, weight, ga.axis, e, ga.P, ga.argmax);
+  }
+}
+
 // ---- the kernel ----
 
 template <typename scalar_t, typename acc_t>
@@ -266,8 +292,6 @@ __global__ void __launch_bounds__(kThreads) plan_forward_kernel(const __grid_con
     const StageArgs<acc_t>& st = args.stage[s];
 
     // A: pool the stage's axes (their entries numbered one after the other).
-    int64_t total = 0;
-    for (int j = 0; j < st.n_gates; ++j) total += args.gate[st.gates[j]].entries;
     if (st.split.parts > 1) {  // one C gate: its axis in segments, then merged in order
       const GateArgs<acc_t>& ga = args.gate[st.gates[0]];
       const int64_t len = axis_length(ga.axis, args.d);
@@ -294,13 +318,7 @@ __global__ void __launch_bounds__(kThreads) plan_forward_kernel(const __grid_con
         write_pooled(r, ga.axis, args.d, e, ga.P, ga.argmax);
       }
     } else {
-      for (int64_t i = first; i < total; i += step) {
-        int j = 0;
-        int64_t e = i;
-        while (e >= args.gate[st.gates[j]].entries) e -= args.gate[st.gates[j++]].entries;
-        const GateArgs<acc_t>& ga = args.gate[st.gates[j]];
-        pool_entry(args.v, args.vs, args.d, st.weight, ga.axis, e, ga.P, ga.argmax);
-      }
+      pool_entries(args.v, args.vs, args.d, st.weight, args.gate, st.gates, st.n_gates, first, step);
     }
     grid.sync();
 
@@ -375,7 +393,9 @@ __global__ void __launch_bounds__(kThreads) plan_forward_kernel(const __grid_con
 // same formulas in the same order of terms; its BN and conv-weight sums are per-block
 // partials (fixed trees) merged in block order, so results match the walk to rounding.
 // Phases, separated by grid.sync():
-//   0. conv weights and BN gamma to acc_t (block 0); every gate's value sigmoid(a z + b).
+//   0. conv weights and BN gamma to acc_t (block 0); the kept gates' values sigmoid(a z + b).
+//   R. the recomputed stages, in plan order: pool (pool_entries), then z = conv (as the
+//      forward kernel's phase B) and the values from the kept (a, b): no BN statistic.
 //   W. d loss / d gate from the output term (weight_grad_entry), stored or added per gate
 //      in term order, as the walk accumulates them; a C gate with few entries in axis
 //      segments (weight_grad_range), summed in order after a grid sync.
@@ -400,8 +420,10 @@ struct BwdGateArgs {
   double eps;
   int64_t entries;       // N * D1 * D2 * D3
   ConvDims cd;
-  const acc_t* P;
-  const acc_t* z;
+  bool recompute;        // its stage is pooled again (phase R), into P, argmax and z below
+  acc_t* P;              // saved by the forward, or scratch (recompute: written in phase R)
+  int32_t* argmax;
+  acc_t* z;
   const acc_t* scale_shift;
   const acc_t* stats;    // (mean, var) the forward normalised with
   GateParamRefs refs;
@@ -426,6 +448,8 @@ struct BwdArgs {
   BwdGateArgs<acc_t> gate[kMaxGates];
   int stage_n_gates[kMaxBwdStages];
   int stage_gates[kMaxBwdStages][kMaxStageGates];
+  bool stage_recompute[kMaxBwdStages];
+  Weight<acc_t> stage_weight[kMaxBwdStages];  // of a recomputed stage (gate pointers into the value scratch)
   int stage_term[kMaxBwdStages];  // its term (weight, pooled gradients), or -1: d pooled not needed
   // Terms in the walk's order (output, then stages last first); per factor gate: its id,
   // and whether this term is its first gradient (store) or not (add).
@@ -508,14 +532,34 @@ __global__ void __launch_bounds__(kThreads) plan_backward_kernel(const __grid_co
   const int64_t first = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   const int64_t step = int64_t(gridDim.x) * kThreads;
 
-  // 0: parameters (block 0) and gate values.
+  // 0: parameters (block 0) and the kept gates' values.
   load_params(args.gate, args.n_gates, args.params);
   for (int g = 0; g < args.n_gates; ++g) {
     const BwdGateArgs<acc_t>& ga = args.gate[g];
+    if (ga.recompute) continue;
     for (int64_t i = first; i < ga.entries; i += step)
       ga.value[i] = gate_value_at(ga.z[i], ga.scale_shift[0], ga.scale_shift[1]);
   }
   grid.sync();
+
+  // R: the recomputed stages in plan order (their weights' gates are kept or recomputed before).
+  for (int s = 0; s < args.n_stages; ++s) {
+    if (!args.stage_recompute[s]) continue;
+    pool_entries(args.v, args.vs, args.d, args.stage_weight[s], args.gate, args.stage_gates[s], args.stage_n_gates[s],
+                 first, step);
+    grid.sync();
+    for (int j = 0; j < args.stage_n_gates[s]; ++j) {
+      const int g = args.stage_gates[s][j];
+      const BwdGateArgs<acc_t>& ga = args.gate[g];
+      const acc_t* prm = args.params + g * kParamsPerGate;
+      for (int64_t i = first; i < ga.entries; i += step) {
+        const acc_t z = conv_output_flat<acc_t>(ga.P, prm, ga.cd, i);
+        ga.z[i] = z;
+        ga.value[i] = gate_value_at(z, ga.scale_shift[0], ga.scale_shift[1]);
+      }
+    }
+    grid.sync();
+  }
 
   // W: the output term.
   term_gate_grads(args, 0, first, step);
@@ -747,7 +791,22 @@ bool one_launch_applies(const at::Tensor& v, const Plan& plan, size_t max_stages
   const int mode = env_mode();
   if (mode == 0 || !supported_dtype(v.scalar_type()) || v.numel() == 0) return false;
   if (plan.gate_axis.size() > static_cast<size_t>(kMaxGates) || plan.stages.size() > max_stages) return false;
+  bool recomputes = false;
+  for (const PlanStage& stage : plan.stages) {  // see the top: a recomputed C gate's split pool
+    recomputes = recomputes || stage.recompute;
+    for (int axis : stage.axes)
+      if (stage.recompute && axis == kAxisC) return false;
+  }
   if (mode < 0 && v.numel() > max_elements()) return false;
+  if (recomputes) {
+    // The backward recomputes stages with the gate values of its own path (this kernel's
+    // sigmoid, or ATen's in the walk): the forward must have taken the same path for the
+    // recomputed stages to be bitwise the forward's. So both passes take one launch only
+    // where both kernels can.
+    return plan.stages.size() <= static_cast<size_t>(std::min(kMaxStages, kMaxBwdStages)) &&
+           coresident_blocks(v.get_device(), v.scalar_type(), false) > 0 &&
+           coresident_blocks(v.get_device(), v.scalar_type(), true) > 0;
+  }
   return coresident_blocks(v.get_device(), v.scalar_type(), backward) > 0;
 }
 }  // namespace
@@ -886,6 +945,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
                                                kernel_args, 0, c10::cuda::getCurrentCUDAStream()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  // A recomputed stage's P, argmax and z are not returned (the caching allocator reuses their
+  // memory only for work queued after this launch on the stream).
+  for (const PlanStage& stage : plan.stages) {
+    if (!stage.recompute) continue;
+    for (int g : stage.gates)
+      for (int k = 0; k < 3; ++k) saved[kSavedPerGate * g + k] = at::empty({0}, saved[kSavedPerGate * g + k].options());
+  }
   return {out, saved, stats};
 }
 
@@ -899,7 +965,7 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
   const int n_stages = static_cast<int>(plan.stages.size());
   TORCH_CHECK(n_gates <= kMaxGates && n_stages <= kMaxBwdStages, "aia_native: the one-launch backward takes at most ",
               kMaxGates, " gates and ", kMaxBwdStages, " stages");
-  TORCH_CHECK(params.size() == static_cast<size_t>(n_gates) && saved.size() == static_cast<size_t>(4 * n_gates) &&
+  TORCH_CHECK(params.size() == static_cast<size_t>(n_gates) && saved.size() == static_cast<size_t>(kSavedPerGate * n_gates) &&
                   needs.size() == static_cast<size_t>(1 + 3 * n_gates),
               "aia_native: the one-launch backward got inconsistent gate counts");
   TORCH_CHECK(supported_dtype(x.scalar_type()), "aia_native: the one-launch backward takes float32, float64, "
@@ -912,30 +978,46 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
   const bool need_x = needs[0] != 0;
   const auto need = [&](int k, int g) { return needs[1 + k * n_gates + g] != 0; };  // k: 0 conv, 1 bn w, 2 bn b
 
-  // The saved tensors the walk would read, checked: the kernel indexes them as contiguous.
+  // The saved tensors the walk would read, checked: the kernel indexes them as contiguous. A
+  // recomputed stage's P, argmax and z are empty; phase R writes them into scratch.
   std::vector<int64_t> entries(n_gates);
+  std::vector<bool> recomputed(n_gates, false);
+  for (const PlanStage& stage : plan.stages)
+    for (int g : stage.gates) recomputed[g] = stage.recompute;
   for (int g = 0; g < n_gates; ++g) {
     std::vector<int64_t> shape = gate_shape(plan.gate_axis[g], d);
     const at::Tensor &P = saved[4 * g], &argmax = saved[4 * g + 1], &z = saved[4 * g + 2], &ss = saved[4 * g + 3];
+    entries[g] = c10::multiply_integers(shape);
+    TORCH_CHECK(ss.numel() == 2 && ss.scalar_type() == acc_dtype && ss.is_contiguous() && ss.device() == x.device(),
+                "aia_native: scale_shift of gate ", g, " must be 2 contiguous ", acc_dtype, " on ", x.device());
+    if (recomputed[g]) {
+      TORCH_CHECK(P.numel() == 0 && argmax.numel() == 0 && z.numel() == 0,
+                  "aia_native: gate ", g, "'s stage is recomputed: its saved P, argmax and z must be empty");
+      continue;
+    }
     TORCH_CHECK(z.sizes() == at::IntArrayRef(shape) && argmax.sizes() == z.sizes() && P.dim() == 5 &&
-                    P.size(1) == 2 && P.numel() == 2 * z.numel() && ss.numel() == 2,
+                    P.size(1) == 2 && P.numel() == 2 * z.numel(),
                 "aia_native: saved tensors of gate ", g, " do not match x and the plan");
-    for (const at::Tensor* t : {&P, &z, &ss})
+    for (const at::Tensor* t : {&P, &z})
       TORCH_CHECK(t->scalar_type() == acc_dtype && t->is_contiguous() && t->device() == x.device(),
                   "aia_native: saved tensors must be contiguous ", acc_dtype, " on ", x.device());
     TORCH_CHECK(argmax.scalar_type() == at::kInt && argmax.is_contiguous(), "aia_native: argmax must be contiguous int32");
-    entries[g] = z.numel();
   }
   const at::Tensor stats = bn_stats.contiguous();
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({n_gates, 2}) && stats.scalar_type() == acc_dtype,
               "aia_native: bn_stats must be (gates, 2) in ", acc_dtype);
 
-  // Scratch: per gate value, grad, dz (entries each) and d pooled (2 x entries); parameters.
-  std::vector<int64_t> offset(n_gates);
-  int64_t scratch_size = 0;
+  // Scratch: per gate value, grad, dz (entries each) and d pooled (2 x entries), and a
+  // recomputed gate's P (2 x entries) and z; parameters. A recomputed gate's argmax: int32 scratch.
+  std::vector<int64_t> offset(n_gates), argmax_offset(n_gates, 0);
+  int64_t scratch_size = 0, argmax_size = 0;
   for (int g = 0; g < n_gates; ++g) {
     offset[g] = scratch_size;
-    scratch_size += 5 * entries[g];
+    scratch_size += (recomputed[g] ? 8 : 5) * entries[g];
+    if (recomputed[g]) {
+      argmax_offset[g] = argmax_size;
+      argmax_size += entries[g];
+    }
   }
   const int64_t params_offset = scratch_size;
   scratch_size += int64_t(n_gates) * kParamsPerGate;
@@ -949,6 +1031,7 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
   const int64_t split_offset = scratch_size;
   scratch_size += split_size;
   at::Tensor scratch = at::empty({scratch_size}, acc);
+  at::Tensor argmax_scratch = at::empty({argmax_size}, x.options().dtype(at::kInt));
   at::Tensor partials = at::empty({int64_t(kMaxStageGates) * blocks * kPartialFields}, x.options().dtype(at::kDouble));
 
   const at::Tensor empty = at::empty({0}, acc);
@@ -996,10 +1079,18 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
       ga.active = need_pooled[stage_of[g]] || need(0, g) || (p.bn_mode != kBnNone && (need(1, g) || need(2, g)));
       ga.eps = p.eps;
       ga.entries = entries[g];
-      const auto zs = saved[4 * g + 2].sizes();
+      const std::vector<int64_t> zs = gate_shape(plan.gate_axis[g], d);
       ga.cd = ConvDims{zs[0], zs[1], zs[2], zs[3]};
-      ga.P = saved[4 * g].data_ptr<acc_t>();
-      ga.z = saved[4 * g + 2].data_ptr<acc_t>();
+      ga.recompute = recomputed[g];
+      if (ga.recompute) {  // written by phase R
+        ga.P = base + offset[g] + 5 * entries[g];
+        ga.z = base + offset[g] + 7 * entries[g];
+        ga.argmax = argmax_scratch.data_ptr<int32_t>() + argmax_offset[g];
+      } else {  // read only
+        ga.P = saved[4 * g].data_ptr<acc_t>();
+        ga.z = saved[4 * g + 2].data_ptr<acc_t>();
+        ga.argmax = saved[4 * g + 1].data_ptr<int32_t>();
+      }
       ga.scale_shift = saved[4 * g + 3].data_ptr<acc_t>();
       ga.stats = stats.data_ptr<acc_t>() + 2 * g;
       ga.value = base + offset[g];
@@ -1046,9 +1137,11 @@ plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::
         args.gate[g].has_grad = written[g];  // every later term has been added
         pooled.axis[j] = plan.gate_axis[g];
         pooled.grad[j] = args.gate[g].d_pooled;
-        pooled.argmax[j] = saved[4 * g + 1].data_ptr<int32_t>();
+        pooled.argmax[j] = args.gate[g].argmax;
       }
       args.stage_term[s] = need_pooled[s] ? add_term(stage.weight, pooled) : -1;
+      args.stage_recompute[s] = stage.recompute;
+      if (stage.recompute) args.stage_weight[s] = make_weight<acc_t>(gates, stage.weight);
     }
     args.params = base + params_offset;
     args.partials = partials.data_ptr<double>();

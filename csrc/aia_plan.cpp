@@ -45,7 +45,9 @@ class PlanReader {
 
   WeightSpec weight(const Plan& plan) {
     WeightSpec w;
-    w.mean = next() == 1;
+    const int combine = next();
+    TORCH_CHECK(combine == 0 || combine == 1, "aia_native: a weight combines its factors by product (0) or mean (1)");
+    w.mean = combine == 1;
     const int n_factors = next();
     TORCH_CHECK(n_factors >= 0 && n_factors <= kMaxFactors, "aia_native: a weight has 0 to 2 factors");
     for (int k = 0; k < n_factors; ++k) {
@@ -93,6 +95,9 @@ Plan parse_plan(at::IntArrayRef desc) {
       TORCH_CHECK(plan.gate_axis[g] == axis, "aia_native: stage gate ", g, " pools another axis");
       stage.gates.push_back(g);
     }
+    const int recompute = r.next();
+    TORCH_CHECK(recompute == 0 || recompute == 1, "aia_native: a stage is kept (0) or recomputed (1)");
+    stage.recompute = recompute == 1;
     plan.stages.push_back(stage);
   }
   plan.output = r.weight(plan);
@@ -120,6 +125,7 @@ std::vector<int64_t> plan_encoding_roundtrip(at::IntArrayRef desc) {
     encode_weight(stage.weight, out);
     out.push_back(static_cast<int64_t>(stage.gates.size()));
     out.insert(out.end(), stage.gates.begin(), stage.gates.end());
+    out.push_back(stage.recompute ? 1 : 0);
   }
   encode_weight(plan.output, out);
   return out;
@@ -146,8 +152,6 @@ void check_lengths(size_t n_gates, size_t conv, size_t modes, size_t eps) {
   TORCH_CHECK(conv == n_gates && modes == n_gates && eps == n_gates, "aia_native: the plan has ", n_gates,
               " gates but ", conv, " conv weights, ", modes, " BN modes and ", eps, " eps values");
 }
-
-constexpr int kSavedPerGate = 4;  // pooled P, argmax, z, scale_shift (as fused.SAVED_PER_GATE)
 
 // How many CUDA plan_forward / plan_backward calls took each path since the library
 // loaded: [multi-launch walk, one cooperative launch]; read by aia_native::plan_*_cuda_paths.
@@ -207,9 +211,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
           gate_forward_op(P, conv_weights[g], bn_modes[g], at_or_none(bn_weights, g), at_or_none(bn_biases, g),
                           at_or_none(running_means, g), at_or_none(running_vars, g), eps[g]);
       gates.values[g] = gate_value(z, scale_shift);
-      saved[kSavedPerGate * g] = P;
-      saved[kSavedPerGate * g + 1] = argmax;
-      saved[kSavedPerGate * g + 2] = z;
+      // A recomputed stage's P, argmax and z are pooled again by the backward (recompute_stages).
+      saved[kSavedPerGate * g] = stage.recompute ? at::empty({0}, P.options()) : P;
+      saved[kSavedPerGate * g + 1] = stage.recompute ? at::empty({0}, argmax.options()) : argmax;
+      saved[kSavedPerGate * g + 2] = stage.recompute ? at::empty({0}, z.options()) : z;
       saved[kSavedPerGate * g + 3] = scale_shift;
       stats[g] = bn_stats;
     }
@@ -218,6 +223,37 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
   const at::Tensor out5 = out.view(v.sizes());
   on_device::apply(v, gates, plan.output, out5);
   return {out, saved, at::stack(stats)};
+}
+
+// The saved tensors with those of every recomputed stage filled in (executor.recompute): the
+// stage pooled again in plan order with the forward's kernels (its weight's gates are kept or
+// recomputed before it), its gates' z the conv of the pooled tensor; the kept scale_shift
+// folds the BN as in the forward, so no BN statistic is computed. `gates` receives every
+// gate's value.
+std::vector<at::Tensor> recompute_stages(const at::Tensor& v, const Plan& plan, at::TensorList saved,
+                                         at::TensorList conv_weights, GateSet& gates) {
+  std::vector<at::Tensor> full(saved.begin(), saved.end());
+  gates.axis = plan.gate_axis;
+  gates.values.assign(plan.gate_axis.size(), at::Tensor());
+  for (const PlanStage& stage : plan.stages) {
+    if (stage.recompute) continue;
+    for (int g : stage.gates) gates.values[g] = gate_value(full[kSavedPerGate * g + 2], full[kSavedPerGate * g + 3]);
+  }
+  for (const PlanStage& stage : plan.stages) {
+    if (!stage.recompute) continue;
+    const std::vector<at::Tensor> pooled = on_device::pool(v, gates, stage.weight, stage.axes);
+    for (size_t i = 0; i < stage.gates.size(); ++i) {
+      const int g = stage.gates[i];
+      const at::Tensor& ss = full[kSavedPerGate * g + 3];
+      const at::Tensor z = std::get<0>(gate_forward_op(pooled[2 * i], conv_weights[g], /*bn_mode none*/ 0,
+                                                       c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, 0.0));
+      full[kSavedPerGate * g] = pooled[2 * i];
+      full[kSavedPerGate * g + 1] = pooled[2 * i + 1];
+      full[kSavedPerGate * g + 2] = z;
+      gates.values[g] = gate_value(z, ss);
+    }
+  }
+  return full;
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> plan_backward_op(
@@ -248,9 +284,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   const auto need = [&](int k, size_t g) -> int64_t { return needs[1 + k * n_gates + g] != 0; };  // k: 0 conv, 1 bn w, 2 bn b
 
   GateSet gates;
-  gates.axis = plan.gate_axis;
-  for (size_t g = 0; g < n_gates; ++g)
-    gates.values.push_back(gate_value(saved[kSavedPerGate * g + 2], saved[kSavedPerGate * g + 3]));
+  const std::vector<at::Tensor> kept = recompute_stages(v, plan, saved, conv_weights, gates);
   std::vector<at::Tensor> gate_grads(n_gates);  // d loss / d gate, summed over its uses
 
   std::vector<Term> terms;
@@ -278,17 +312,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     const bool need_pooled = need_x || !stage.weight.factors.empty();
     UpstreamSpec pooled_grads;
     for (int g : stage.gates) {
-      const at::Tensor& z = saved[kSavedPerGate * g + 2];
+      const at::Tensor& z = kept[kSavedPerGate * g + 2];
       const at::Tensor gate_grad = gate_grads[g].defined() ? gate_grads[g] : at::zeros_like(z);
       const std::vector<int64_t> flags = {need_pooled, need(0, g), need(1, g), need(2, g)};
       auto [d_pooled, dc, dw, db] =
-          gate_backward_op(gate_grad, saved[kSavedPerGate * g], z, saved[kSavedPerGate * g + 3], bn_stats[g],
+          gate_backward_op(gate_grad, kept[kSavedPerGate * g], z, kept[kSavedPerGate * g + 3], bn_stats[g],
                            conv_weights[g], bn_modes[g], at_or_none(bn_weights, g), eps[g], flags);
       d_conv[g] = dc;
       d_bn_w[g] = dw;
       d_bn_b[g] = db;
       pooled_grads.grad.push_back(d_pooled);
-      pooled_grads.argmax.push_back(saved[kSavedPerGate * g + 1]);
+      pooled_grads.argmax.push_back(kept[kSavedPerGate * g + 1]);
       pooled_grads.axis.push_back(plan.gate_axis[g]);
     }
     if (need_pooled) {

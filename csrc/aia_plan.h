@@ -17,7 +17,12 @@ struct PlanStage {
   std::vector<int> axes;  // pooled axes, in gate order
   WeightSpec weight;
   std::vector<int> gates;
+  // The backward pools it again instead of reading its P, argmax and z from the forward's
+  // saved tensors (empty for such a stage; its scale_shift is kept). aia_kernels/plan.py decides.
+  bool recompute = false;
 };
+
+constexpr int kSavedPerGate = 4;  // pooled P, argmax, z, scale_shift (as executor.SAVED_PER_GATE)
 
 struct Plan {
   std::vector<int> gate_axis;
@@ -42,7 +47,8 @@ namespace cuda {
 bool persistent_forward_applies(const at::Tensor& v, const Plan& plan);
 
 // plan_forward in one launch: the same outputs as the multi-launch walk in aia_plan.cpp
-// (out, saved P/argmax/z/scale_shift per gate, stacked BN statistics).
+// (out, saved P/argmax/z/scale_shift per gate, those of a recomputed stage empty but its
+// scale_shift, stacked BN statistics).
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persistent(
     const at::Tensor& x, const at::Tensor& v, const Plan& plan, const std::vector<GateParams>& params);
 
@@ -50,7 +56,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_persist
 bool persistent_backward_applies(const at::Tensor& v, const Plan& plan);
 
 // plan_backward in one launch: (grad_x, d conv weights, d BN weights, d BN biases), the
-// walk's outputs, empty where `needs` says not needed. `dout` is grad_out, x-shaped.
+// walk's outputs, empty where `needs` says not needed. `dout` is grad_out, x-shaped. The
+// recomputed stages are pooled again inside the launch, with the forward launch's code.
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 plan_backward_persistent(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& v, const Plan& plan,
                          const std::vector<GateParams>& params, at::TensorList saved, const at::Tensor& bn_stats,

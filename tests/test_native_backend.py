@@ -267,15 +267,17 @@ def test_plan_ops_equal_primitive_walk(variant, monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["too_short", "too_long", "bad_axis", "factor", "stage_axis", "segments", "needs"])
+@pytest.mark.parametrize("case", ["too_short", "too_long", "bad_axis", "factor", "stage_axis", "recompute_flag",
+                                  "combine", "segments", "needs"])
 def test_bad_plan_arguments(case):
     ops = torch.ops.aia_native
     _, args = plan_op_args("C")
     x, segments, plan, *rest = args
-    # "C": 1 gate (axis C); 1 stage pooling C with no weight; output weight = the C gate.
-    assert plan == [1, 0, 1, 0, 0, 0, 1, 0, 0, 1, 1, 0]
+    # "C": 1 gate (axis C); 1 stage pooling C with no weight, gate 0, kept (0); output weight = the C gate.
+    assert plan == [1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0]
     bad = {"too_short": plan[:-1], "too_long": plan + [0], "bad_axis": [1, 7] + plan[2:],
-           "factor": plan[:-2] + [3, 0], "stage_axis": plan[:3] + [1] + plan[4:]}
+           "factor": plan[:-2] + [3, 0], "stage_axis": plan[:3] + [1] + plan[4:],
+           "recompute_flag": plan[:8] + [2] + plan[9:], "combine": plan[:9] + [2] + plan[10:]}
     with pytest.raises(RuntimeError, match="aia_native"):
         if case == "segments":
             ops.plan_forward(x, 4, plan, *rest)

@@ -11,11 +11,14 @@ The forward has two CUDA paths (AIA_NATIVE_CUDA_PERSISTENT: 0 the multi-launch w
 the one-launch cooperative kernel of csrc/aia_cuda_persistent.cu, unset: by size); the
 tests at the end run both on the same module and inputs and compare, and check through
 aia_native::plan_forward_cuda_paths which path ran."""
+import copy
+
 import pytest
 import torch
 from torch.func import functional_call
 
 import aia_kernels
+from aia_kernels import fused, plan as plans
 
 from aia_testing import (
     NUM_SEGMENTS,
@@ -354,3 +357,54 @@ def test_persistent_backward_needs(monkeypatch, needs):
         for g, (m, p) in enumerate(zip(list_m, list_p)):
             assert p.shape == m.shape and p.dtype == m.dtype, (kind, g)
             torch.testing.assert_close(p, m, atol=1e-12, rtol=1e-11, msg=f"output {kind} of gate {g}")
+
+
+# ---- recompute (Stage.recompute, tests/test_training_memory.py) on both CUDA paths ----
+
+def _run_paths(monkeypatch, module, x, grad_out, forward_persistent, backward_persistent):
+    """One train step, the forward on one path and the backward on the other or the same."""
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", "1" if forward_persistent else "0")
+    x = x.detach().clone().requires_grad_()
+    before = _backward_paths()
+    out = module(x)
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", "1" if backward_persistent else "0")
+    out.backward(grad_out)
+    assert [a - b for a, b in zip(_backward_paths(), before)] == ([0, 1] if backward_persistent else [1, 0])
+    return [out, x.grad, *(p.grad for p in module.parameters()), *(b.clone() for b in module.buffers())]
+
+
+@pytest.mark.parametrize("variant", SUBSET)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("paths", [(False, False), (True, True), (True, False), (False, True)],
+                         ids=["multi", "persistent", "persistent_then_multi", "multi_then_persistent"])
+def test_recompute_on_both_paths(monkeypatch, variant, dtype, paths):
+    """The recomputed stages pool with their path's code: on the forward's path, bitwise the
+    plan that keeps everything; with AIA_NATIVE_CUDA_PERSISTENT changed between forward and
+    backward (the recompute then uses the other path's gate values), equal to rounding."""
+    _, module = make_pair(variant, "native", dtype=dtype, device=DEVICE)
+    kept_module = copy.deepcopy(module)
+    x = torch.randn(SHAPE, dtype=dtype, device=DEVICE)
+    grad_out = torch.randn_like(x)
+    recomputed = _run_paths(monkeypatch, module, x, grad_out, *paths)
+    with monkeypatch.context() as m:
+        m.setattr(fused, "build_plan", lambda v: plans.without_recompute(plans.build_plan(v)))
+        kept = _run_paths(monkeypatch, kept_module, x, grad_out, *paths)
+    assert len(kept) == len(recomputed)
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    for i, (a, b) in enumerate(zip(kept, recomputed)):
+        if paths[0] == paths[1]:
+            assert torch.equal(a, b), i
+        else:
+            torch.testing.assert_close(b, a, atol=tol, rtol=tol, msg=f"result {i}")
+
+
+def test_both_passes_take_one_launch_only_where_both_can(monkeypatch):
+    """A plan that recomputes stages takes the one-launch forward only where the one-launch
+    backward applies too (so the default, by size, never mixes the paths)."""
+    monkeypatch.setenv("AIA_NATIVE_CUDA_PERSISTENT", "1")
+    _, module = make_pair("CinST->STinC", "native", device=DEVICE)
+    x = torch.randn(SHAPE, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    before, before_bwd = _paths(), _backward_paths()
+    module(x).sum().backward()
+    assert [a - b for a, b in zip(_paths(), before)] == [0, 1]
+    assert [a - b for a, b in zip(_backward_paths(), before_bwd)] == [0, 1]

@@ -21,9 +21,22 @@ def test_every_variant_is_within_the_limits_and_round_trips(variant):
     assert decode_plan(encode_plan(plan), variant) == plan
 
 
-def test_encoding_of_the_simplest_plan():
-    # "C": 1 gate (axis C); 1 stage pooling C with no weight; output weight = the C gate.
-    assert encode_plan(build_plan("C")) == (1, 0, 1, 0, 0, 0, 1, 0, 0, 1, 1, 0)
+def test_encoding_of_the_simplest_plans():
+    # "C": 1 gate (axis C); 1 stage pooling C with no weight, gate 0, kept; output weight = the C gate.
+    assert encode_plan(build_plan("C")) == (1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0)
+    # "ST": gates T, H, W; 1 stage pooling T, H, W with no weight, gates 0-2, recomputed; output = their mean.
+    assert encode_plan(build_plan("ST")) == (3, 1, 2, 3, 1, 1, 0, 0, 3, 0, 1, 2, 1, 0, 1, 3, 0, 1, 2)
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+def test_the_backward_recomputes_exactly_the_t_h_w_stages(variant):
+    """A T, H, W stage keeps (2 + 1 + 1) / T + 4 / H + 4 / W of the input, a C stage 4 / C
+    (plan.py): the first are recomputed, the second kept; without_recompute keeps both."""
+    plan = build_plan(variant)
+    assert [stage.recompute for stage in plan.stages] == [stage.axes == "THW" for stage in plan.stages]
+    kept = plans.without_recompute(plan)
+    assert not any(stage.recompute for stage in kept.stages)
+    assert [(s.axes, s.weight, s.gates) for s in kept.stages] == [(s.axes, s.weight, s.gates) for s in plan.stages]
 
 
 BROKEN = {
@@ -46,6 +59,8 @@ BROKEN = {
                               "never computes gates \\[1\\]"),
     "a stage gate of another axis": (Plan("synthetic", ("T",), (Stage("C", Weight(), (0,)),), Weight()),
                                      "one gate of each axis"),
+    "a recompute flag that is not a bool": (Plan("synthetic", ("C",), (Stage("C", Weight(), (0,), 1),),
+                                                 Weight(((0,),))), "says recompute=1 for stage 0"),
 }
 
 

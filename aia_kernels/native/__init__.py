@@ -362,13 +362,17 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "plan_forward")
     def _(x, num_segments, plan, conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps):
         v_shape = (x.shape[0] // num_segments, num_segments, *x.shape[1:])
+        decoded = decode_plan(plan)
+        recomputed = {g for stage in decoded.stages if stage.recompute for g in stage.gates}
         saved = []
-        gate_axes = decode_plan(plan).gate_axes
-        for axis in gate_axes:
+        for g, axis in enumerate(decoded.gate_axes):
             shape = gate_shape(v_shape, axis)
-            saved += [x.new_empty((shape[0], 2, *shape[1:]), dtype=acc(x)), x.new_empty(shape, dtype=torch.int32),
+            pooled = (shape[0], 2, *shape[1:])
+            if g in recomputed:  # the backward pools its stage again: only scale_shift is kept
+                shape = pooled = (0,)
+            saved += [x.new_empty(pooled, dtype=acc(x)), x.new_empty(shape, dtype=torch.int32),
                       x.new_empty(shape, dtype=acc(x)), x.new_empty(2, dtype=acc(x))]
-        return torch.empty_like(x), saved, x.new_empty((len(gate_axes), 2), dtype=acc(x))
+        return torch.empty_like(x), saved, x.new_empty((len(decoded.gate_axes), 2), dtype=acc(x))
 
     @torch.library.register_fake(lib + "plan_backward")
     def _(grad_out, x, num_segments, plan, conv_weights, bn_weights, bn_modes, eps, saved, bn_stats, needs):

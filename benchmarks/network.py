@@ -1,0 +1,303 @@
+"""Whole networks: the plain ResNet-50 against the same network with AIA on each backend.
+
+    python benchmarks/network.py                          # CPU: TSN and TSM, 1 clip x 8 frames,
+                                                          # eval 224x224, train 160x160, 1 and N threads
+    python benchmarks/network.py --device cuda --clips 8 --size-eval 224 --size-train 224
+
+For each architecture (TSN, TSM ResNet-50 with ``--variant`` in every Bottleneck that the
+spec's placement rule gives it), each mode (eval forward under ``torch.no_grad``; train
+step: forward, cross-entropy, backward) and, on CPU, each thread count, the configurations
+(``plain``: no AIA; ``reference``, ``native``, and ``triton`` on CUDA; ``native-keep``:
+native with every stage's tensors kept for backward, ``plan.without_recompute``, the
+memory layout before the backward recomputed its T, H, W stages) run in interleaved
+rounds: each round times ``--steps`` steps of every configuration in turn, so a slow phase
+of a shared machine hits all alike. Reported per configuration: median step time, IQR, the
+overhead over plain (median over rounds of the per-round ratio), peak memory of one step
+(CUDA: ``max_memory_allocated`` above the memory before it; CPU on Linux: the process's
+peak resident set above its size before the step, after ``malloc_trim``, with ``VmHWM``
+reset through ``/proc/self/clear_refs``) and, for the train step, the bytes saved for backward
+(benchmarks/saved_bytes.py, each storage once). All configurations share the same
+weights. Writes benchmarks/results/network_<device>_<tag>.json and .md (machine, versions,
+date, command).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's aia_kernels and benchmarks
+from aia_kernels import aia_modules, fused, plan as plans  # noqa: E402
+from aia_kernels import backends as aia_backends  # noqa: E402
+from aia_kernels.models import tsm_resnet50, tsn_resnet50  # noqa: E402
+from benchmarks.run import machine_meta  # noqa: E402
+from benchmarks.saved_bytes import saved_bytes  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ARCHS = {"tsn": tsn_resnet50, "tsm": tsm_resnet50}
+CLASSES = 174
+
+
+@contextlib.contextmanager
+def keeping_every_stage():
+    """The fused ops run each variant's plan without recompute (``native-keep``)."""
+    build = fused.build_plan
+    fused.build_plan = lambda variant: plans.without_recompute(build(variant))
+    try:
+        yield
+    finally:
+        fused.build_plan = build
+
+
+class Config:
+    """One network configuration: a model, the AIA backend it must run (None: plain) and
+    whether its plan keeps every stage."""
+
+    def __init__(self, name: str, model: nn.Module, backend: str | None, keep: bool = False):
+        self.name, self.model, self.backend, self.keep = name, model, backend, keep
+
+    def context(self):
+        return keeping_every_stage() if self.keep else contextlib.nullcontext()
+
+    def check_backend(self) -> None:
+        ran = {m.last_backend for _, m in aia_modules(self.model)}
+        expected = set() if self.backend is None else {self.backend}
+        if ran != expected:
+            raise RuntimeError(f"{self.name}: AIA ran on {sorted(ran)}, expected {sorted(expected)}")
+
+
+def build_configs(arch: str, variant: str, frames: int, backends: list[str], keep: bool, device) -> list[Config]:
+    """plain + one configuration per backend, all with the weights of the first AIA model."""
+    torch.manual_seed(0)
+    aia = ARCHS[arch](CLASSES, frames, variant, backends[0] if backends else "reference").to(device)
+    plain = ARCHS[arch](CLASSES, frames, None).to(device)
+    plain.load_state_dict({k: v for k, v in aia.state_dict().items() if k in plain.state_dict()}, strict=True)
+    configs = [Config("plain", plain, None)]
+    names = list(backends) + (["native-keep"] if keep and "native" in backends else [])
+    for name in names:
+        backend = "native" if name == "native-keep" else name
+        model = copy.deepcopy(aia)
+        for _, m in aia_modules(model):
+            m.backend = backend
+        configs.append(Config(name, model, backend, keep=name == "native-keep"))
+    return configs
+
+
+def step_function(config: Config, mode: str, x: torch.Tensor, y: torch.Tensor):
+    model = config.model
+    if mode == "eval":
+        model.eval()
+
+        def step():
+            with torch.no_grad(), config.context():
+                return model(x)
+    else:
+        model.train()
+
+        def step():
+            with config.context():
+                loss = nn.functional.cross_entropy(model(x), y)
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+            return loss
+    return step
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_bytes(step, device) -> int | None:
+    """Peak memory of one call of ``step`` above the memory before it (see the module doc)."""
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        # Free heap pages back to the OS first, so that the step's reuse of them counts.
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    except (OSError, AttributeError):
+        return None
+    before = _rss_kib("VmRSS")
+    step()
+    peak = _rss_kib("VmHWM")
+    return None if before is None or peak is None else 1024 * (peak - before)
+
+
+def train_saved_bytes(config: Config, x, y) -> int:
+    config.model.train()
+    with config.context():
+        saved, loss = saved_bytes(lambda: nn.functional.cross_entropy(config.model(x), y))
+        config.model.zero_grad(set_to_none=True)
+        loss.backward()
+    return saved
+
+
+def time_interleaved(steps: dict, rounds: int, per_round: int, warmup: int, device) -> dict:
+    """Per configuration: every step time (ms) and the per-round medians."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    medians = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            round_times = []
+            for _ in range(per_round):
+                _sync(device)
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                round_times.append((time.perf_counter() - start) * 1e3)
+            times[name] += round_times
+            medians[name].append(statistics.median(round_times))
+    return {"times": times, "medians": medians}
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def run_case(arch, mode, threads, args, device) -> list[dict]:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    size = args.size_eval if mode == "eval" else args.size_train
+    configs = build_configs(arch, args.variant, args.frames, args.backends, args.keep, device)
+    torch.manual_seed(1)
+    x = torch.randn(args.clips * args.frames, 3, size, size, device=device)
+    y = torch.randint(0, CLASSES, (args.clips,), device=device)
+    steps = {c.name: step_function(c, mode, x, y) for c in configs}
+    timed = time_interleaved(steps, args.rounds, args.steps, args.warmup, device)
+    rows = []
+    for c in configs:
+        c.check_backend()
+        ratios = [a / b for a, b in zip(timed["medians"][c.name], timed["medians"]["plain"])]
+        row = {"arch": arch, "mode": mode, "size": size, "threads": threads, "config": c.name,
+               "median_ms": statistics.median(timed["times"][c.name]), "iqr_ms": _iqr(timed["times"][c.name]),
+               "overhead": statistics.median(ratios) - 1.0, "peak_bytes": peak_bytes(steps[c.name], device)}
+        if mode == "train":
+            row["saved_bytes"] = train_saved_bytes(c, x, y)
+        rows.append(row)
+    plain = rows[0]
+    for row in rows:
+        if plain.get("saved_bytes"):
+            row["saved_over_plain"] = row["saved_bytes"] / plain["saved_bytes"] - 1.0
+        if plain["peak_bytes"] and row["peak_bytes"] is not None:
+            row["peak_over_plain"] = row["peak_bytes"] / plain["peak_bytes"] - 1.0
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write_results(info: dict, text: str, results_dir: Path, prefix: str, tag: str | None) -> None:
+    """``<prefix>_<tag>.json`` (``info``) and ``.md`` (``text``, also printed); tag: today by default."""
+    tag = tag or time.strftime("%Y%m%d", time.gmtime())
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{prefix}_{tag}.json").write_text(json.dumps(info, indent=1) + "\n")
+    (results_dir / f"{prefix}_{tag}.md").write_text(text)
+    print(text)
+
+
+def markdown(info: dict) -> str:
+    def mib(b):
+        return "-" if b is None else f"{b / 2**20:.1f}"
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:+.1f}%"
+
+    lines = [f"# Whole network: plain vs AIA ({info['variant']}), {info['clips']} clip(s) x {info['frames']} "
+             f"frames, {info['device_name']}", "",
+             f"{info['date']}; torch {info['torch']}; {info['measure']}. Command: `{info['command']}`", "",
+             "| arch | mode | size | threads | config | median ms (IQR) | overhead vs plain | peak MiB "
+             "| saved for backward MiB | saved vs plain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in info["results"]:
+        lines.append(f"| {r['arch']} | {r['mode']} | {r['size']} | {r['threads'] or '-'} | {r['config']} "
+                     f"| {r['median_ms']:.1f} ({r['iqr_ms']:.1f}) | {pct(r['overhead'])} | {mib(r['peak_bytes'])} "
+                     f"| {mib(r.get('saved_bytes'))} | {pct(r.get('saved_over_plain'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", default="CinST->STinC")
+    parser.add_argument("--archs", default="tsn,tsm")
+    parser.add_argument("--modes", default="eval,train")
+    parser.add_argument("--backends", default=None,
+                        help="AIA backends (default: reference,native on CPU; reference,native,triton on CUDA, "
+                             "those available: native on CUDA needs AIA_NATIVE_CUDA=1)")
+    parser.add_argument("--no-keep", dest="keep", action="store_false",
+                        help="skip native-keep (native with every stage kept for backward)")
+    parser.add_argument("--clips", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size-eval", type=int, default=224)
+    parser.add_argument("--size-train", type=int, default=160)
+    parser.add_argument("--threads", default=None,
+                        help="CPU thread counts, comma-separated (default: 1 and the number of cores)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per configuration and round")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--tag", default=None, help="results file suffix (default: date)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible to torch")
+    if args.backends is None:  # on CUDA, native only where the user opted in (AIA_NATIVE_CUDA=1)
+        candidates = ("reference", "native", "triton") if device.type == "cuda" else ("reference", "native")
+        args.backends = ",".join(b for b in candidates if aia_backends.is_available(b, device))
+    args.backends = [b for b in args.backends.split(",") if b]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        thread_counts = [None]
+    else:
+        thread_counts = ([int(t) for t in args.threads.split(",")] if args.threads
+                         else sorted({1, os.cpu_count() or 1}))
+    meta = machine_meta(device, sys.argv[1:] if argv is None else argv, entry=("benchmarks/network.py",))
+    load_before = os.getloadavg()
+    rows = []
+    for threads in thread_counts:
+        for arch in args.archs.split(","):
+            for mode in args.modes.split(","):
+                rows += run_case(arch, mode, threads, args, device)
+    info = {**meta, "variant": args.variant, "clips": args.clips, "frames": args.frames, "dtype": "float32",
+            "measure": (f"{args.rounds} interleaved rounds of {args.steps} step(s) per configuration after "
+                        f"{args.warmup} warm-up step(s); median (IQR) of all steps; overhead: median over rounds "
+                        f"of the per-round ratio to plain; peak: one step; load average before/after "
+                        f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": rows}
+    write_results(info, markdown(info), args.results_dir, f"network_{device.type}", args.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
