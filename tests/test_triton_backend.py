@@ -8,13 +8,12 @@ import copy
 import pytest
 import torch
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import aia_kernels
-from aia_kernels import backends, fused
+from aia_kernels import backends
 
 from aia_testing import (
+    FullSizeAllocations,
     GPU_MACHINE_VERSIONS,
     NUM_SEGMENTS,
     SHAPE,
@@ -135,33 +134,6 @@ def test_deterministic(variant):
     first = run(copy.deepcopy(tri), x, grad_out)
     second = run(copy.deepcopy(tri), x, grad_out)
     assert_equal_results(first, second)
-
-
-class FullSizeAllocations(TorchDispatchMode):
-    """Records every op output with at least ``numel`` elements that is a new allocation
-    (not a view of an input). The fused ops are run from their Python implementation
-    with the mode still active, so the allocations inside them are seen too."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel = numel
-        self.allocations = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "aia_kernels":
-            impl = {"fused_forward": fused.fused_forward_op,
-                    "fused_backward": fused.fused_backward_op}[func.__name__.split(".")[0]]._init_fn
-            with self:
-                return impl(*args, **kwargs)
-        result = func(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(result)[0]:
-            if (isinstance(t, torch.Tensor) and t.numel() >= self.numel
-                    and t.untyped_storage().data_ptr() not in inputs):
-                self.allocations.append((str(func), tuple(t.shape)))
-        return result
 
 
 @pytest.mark.parametrize("variant", ALL)
