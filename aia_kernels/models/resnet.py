@@ -77,16 +77,21 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self._attach_attention(variant, num_segments=num_segments, backend=backend)
+
+    def _attach_attention(self, variant: str | None, **build_kwargs) -> None:
+        """AIA after bn2: the unit ``eft``, or a combined variant's units ``eft1``/``eft2``."""
         self._combined = None
-        if variant is not None:
-            aia = build(variant, num_segments=num_segments, backend=backend)
-            if isinstance(aia, AIACombined):
-                self.eft1, self.eft2 = aia.eft1, aia.eft2
-                self.__dict__["_combined"] = aia  # not a child: names stay the authors' eft1.*/eft2.*
-                if aia.variant in REGISTRATION_ORDER:
-                    self.register_load_state_dict_post_hook(_load_old_unit_order)
-            else:
-                self.eft = aia
+        if variant is None:
+            return
+        aia = build(variant, **build_kwargs)
+        if isinstance(aia, AIACombined):
+            self.eft1, self.eft2 = aia.eft1, aia.eft2
+            self.__dict__["_combined"] = aia  # not a child: names stay the authors' eft1.*/eft2.*
+            if aia.variant in REGISTRATION_ORDER:
+                self.register_load_state_dict_post_hook(_load_old_unit_order)
+        else:
+            self.eft = aia
 
     @property
     def attention(self) -> AIAModule | None:
