@@ -83,12 +83,12 @@ def test_reference_on_5d_equals_4d_of_the_same_clips(variant, layout_name):
 
 # ---- every backend against the reference ----
 
+# The Triton interpreter is slow: two variants (a THW stage; C and THW stages with factors)
+# cover its 5-D indexing, the others run the same kernels.
 @pytest.mark.parametrize("layout_name", VIDEO_LAYOUTS)
-@pytest.mark.parametrize("variant", SUBSET)
+@pytest.mark.parametrize("backend,variant", [(b, v) for b in ("executor", "native") for v in SUBSET]
+                         + [("triton", "ST"), ("triton", "CinST->STinC")], indirect=["backend"])
 def test_matches_reference(backend, variant, layout_name):
-    if backend == "triton" and variant not in ("ST", "CinST->STinC"):
-        pytest.skip("the Triton interpreter is slow: two variants (a THW stage, and C + THW stages with "
-                    "factors) cover its 5-D indexing; the others run the same kernels")
     x, layout = video_input(layout_name)
     compare_with_reference(variant, backend, x=x, layout=layout, num_segments=None)
 
@@ -134,7 +134,9 @@ def _as_function_of_flat_params(module, x):
     return fn, (x, flat)
 
 
-@pytest.mark.parametrize("layout_name", ["channels_last_3d", "NTCHW"])
+@pytest.mark.parametrize("backend,layout_name", [("executor", "channels_last_3d"), ("executor", "NTCHW"),
+                                                 ("native", "channels_last_3d"), ("native", "NTCHW"),
+                                                 ("triton", "channels_last_3d")], indirect=["backend"])
 def test_gradcheck(backend, layout_name):
     """float64, train mode, the input and every parameter (BN momentum 0 keeps the running stats fixed)."""
     x, layout = video_input(layout_name, shape=(2, 3, 2, 3, 4))
@@ -198,7 +200,9 @@ def _fused_forward_args(module, x, backend):
             [b.running_var for _, _, b in gates], [1] * len(gates), [1e-5] * len(gates))
 
 
-@pytest.mark.parametrize("layout_name", ["NCTHW", "channels_last_3d"])
+@pytest.mark.parametrize("backend,layout_name", [("executor", "NCTHW"), ("executor", "channels_last_3d"),
+                                                 ("native", "NCTHW"), ("native", "channels_last_3d"),
+                                                 ("triton", "channels_last_3d")], indirect=["backend"])
 def test_opcheck_fused_forward_on_the_clip_view(backend, layout_name):
     """The op receives the (N, T, C, H, W) view with the input's strides."""
     x, _ = video_input(layout_name)
