@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..modules import AIAModule, aia_modules
-from .resnet import Bottleneck, blocks_with_aia
+from .resnet import Bottleneck, blocks_with_aia, init_weights
 
 ARCHS = ("i3d", "slow")
 # Temporal kernel size of the Bottlenecks' first conv, per stage: a list cycles over its blocks.
@@ -104,14 +104,7 @@ class ResNet3d(nn.Module):
     def _init_weights(self) -> None:
         """Kaiming for the network's convs, BN weight 1 and bias 0; the AIA gates keep their own."""
         aia_parts = {id(m) for a in self.aia_modules() for m in a.modules()}
-        for m in self.modules():
-            if id(m) in aia_parts:
-                continue
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights((m for m in self.modules() if id(m) not in aia_parts), nn.Conv3d, nn.BatchNorm3d)
 
     def aia_modules(self) -> list[AIAModule]:
         return [m for _, m in aia_modules(self)]
