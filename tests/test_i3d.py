@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aia_kernels.models import ResNet3d, i3d_resnet50
-from aia_kernels.models.report import main as report_main
+from aia_kernels.models.report import format_report, report
 
 
 @pytest.mark.parametrize("arch,variant,params", [
@@ -14,19 +14,20 @@ from aia_kernels.models.report import main as report_main
     ("slow", None, 32_454_096), ("slow", "CinST->STinC", 32_461_264)])
 def test_parameter_counts(arch, variant, params):
     """400 classes; AIA adds 448 parameters per Bottleneck for CinST->STinC (16 blocks), 56 for C."""
-    model = i3d_resnet50(400, variant, arch=arch).to("meta")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        model = i3d_resnet50(400, variant, arch=arch)
     assert sum(p.numel() for p in model.parameters()) == params
 
 
 def test_names_and_placement_as_the_2d_networks():
-    model = i3d_resnet50(10, "CinST->STinC").to("meta")
+    with torch.device("meta"):
+        model, unit = i3d_resnet50(10, "CinST->STinC"), i3d_resnet50(10, "C")
     keys = model.state_dict().keys()
     assert "layer1.0.eft1.C_conv.weight" in keys and "layer4.2.eft2.T_bn.running_var" in keys
     assert len(model.aia_modules()) == 16
-    unit = i3d_resnet50(10, "C").to("meta")
     assert "layer3.5.eft.C_conv.weight" in unit.state_dict()
     for aia in model.aia_modules():
-        assert aia.num_segments is None and aia.layout is None  # T from each 5-D tensor
+        assert aia.num_segments is None and aia.layout == "NCTHW"  # 5-D only, T from each tensor
 
 
 @pytest.mark.parametrize("arch,kernels,stem", [
@@ -34,7 +35,8 @@ def test_names_and_placement_as_the_2d_networks():
     ("slow", [[1, 1, 1], [1, 1, 1, 1], [3, 3, 3, 3, 3, 3], [3, 3, 3]], 1)])
 def test_temporal_kernels(arch, kernels, stem):
     """Inflated first convs as documented; second convs 1x3x3; no stage strides in time."""
-    model = i3d_resnet50(10, arch=arch).to("meta")
+    with torch.device("meta"):
+        model = i3d_resnet50(10, arch=arch)
     assert model.conv1.kernel_size == (stem, 7, 7) and model.conv1.stride == (1, 2, 2)
     for i, expected in enumerate(kernels):
         layer = getattr(model, f"layer{i + 1}")
@@ -85,7 +87,11 @@ def test_clips_must_be_5d_rgb():
         ResNet3d(arch="x3d")
 
 
-def test_report_counts_the_3d_networks(capsys):
-    report_main(["--frames", "2", "--size", "32", "--classes", "400", "--network", "i3d"])
-    out = capsys.readouterr().out
-    assert out.startswith("I3D-ResNet-50") and "28,043,472" in out and "28,050,640" in out
+def test_report_counts_the_3d_networks():
+    rows = report(8, 224, 400, "i3d", variants=(None, "CinST->STinC"))
+    assert [r["params"] for r in rows] == [28_043_472, 28_050_640]
+    # Every Conv3d of the network counted as a network conv, the gates' as AIA's.
+    assert round(rows[0]["conv/fc MACs"] / 1e9, 2) == 28.41 and rows[0]["AIA conv3d MACs"] == 0
+    assert round(rows[1]["AIA conv3d MACs"] / 1e9, 3) == 0.218
+    text = format_report(rows, 8, 224, 400, "i3d")
+    assert text.startswith("I3D-ResNet-50") and "28,050,640" in text
