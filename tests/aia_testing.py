@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -74,6 +75,19 @@ def run(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Result:
     return Result(out.detach(), x.grad,
                   {n: p.grad for n, p in module.named_parameters() if p.grad is not None},
                   {n: b.detach().clone() for n, b in module.named_buffers()})
+
+
+def as_function_of_flat_params(module, x):
+    """(fn, inputs): fn(x, flat) runs the module with its parameters taken from one flat
+    vector, so that gradcheck perturbs two inputs instead of one per parameter (the
+    interpreter is slow); every parameter still gets checked."""
+    names, shapes = zip(*[(n, p.shape) for n, p in module.named_parameters()])
+    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()]).requires_grad_()
+
+    def fn(x, flat):
+        params = dict(zip(names, (f.view(s) for f, s in zip(flat.split([s.numel() for s in shapes]), shapes))))
+        return functional_call(module, params, (x,))
+    return fn, (x, flat)
 
 
 def assert_close_results(a: Result, b: Result, atol: float, rtol: float) -> None:

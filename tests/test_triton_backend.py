@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import aia_kernels
 from aia_kernels import backends
@@ -17,6 +16,7 @@ from aia_testing import (
     GPU_MACHINE_VERSIONS,
     NUM_SEGMENTS,
     SHAPE,
+    as_function_of_flat_params,
     assert_equal_results,
     compare_with_reference,
     make_pair,
@@ -63,19 +63,6 @@ def test_half_matches_reference(variant, dtype, train):
     compare(variant, dtype=dtype, train=train, **HALF_TOL[dtype])
 
 
-def _as_function_of_flat_params(module, x):
-    """(fn, inputs): fn(x, flat) runs the module with its parameters taken from one flat
-    vector, so that gradcheck perturbs two inputs instead of one per parameter (the
-    interpreter is slow); every parameter still gets checked."""
-    names, shapes = zip(*[(n, p.shape) for n, p in module.named_parameters()])
-    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()]).requires_grad_()
-
-    def fn(x, flat):
-        params = dict(zip(names, (f.view(s) for f, s in zip(flat.split([s.numel() for s in shapes]), shapes))))
-        return functional_call(module, params, (x,))
-    return fn, (x, flat)
-
-
 @pytest.mark.parametrize("variant", ALL)
 def test_gradcheck(variant):
     """Float64, train mode, input and every parameter. BN momentum 0 keeps the running stats fixed."""
@@ -84,7 +71,7 @@ def test_gradcheck(variant):
         if isinstance(m, torch.nn.BatchNorm3d):
             m.momentum = 0.0
     x = torch.randn(4, 3, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    fn, inputs = _as_function_of_flat_params(module, x)
+    fn, inputs = as_function_of_flat_params(module, x)
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True, atol=1e-6, rtol=1e-4)
 
 

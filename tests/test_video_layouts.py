@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-from torch.func import functional_call
 from torch.profiler import ProfilerActivity, profile
 
 import aia_kernels
@@ -23,6 +22,7 @@ from aia_testing import (
     VIDEO_LAYOUTS,
     VIDEO_SHAPE,
     FullSizeAllocations,
+    as_function_of_flat_params,
     assert_close_results,
     assert_equal_results,
     compare_with_reference,
@@ -123,18 +123,6 @@ def test_sliced_5d_input(backend):
     compare_with_reference("CinST->STinC", backend, x=x, num_segments=None)
 
 
-def _as_function_of_flat_params(module, x):
-    """(fn, inputs): the module with its parameters taken from one flat vector (two
-    inputs for gradcheck to perturb, every parameter still checked)."""
-    names, shapes = zip(*[(n, p.shape) for n, p in module.named_parameters()])
-    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()]).requires_grad_()
-
-    def fn(x, flat):
-        params = dict(zip(names, (f.view(s) for f, s in zip(flat.split([s.numel() for s in shapes]), shapes))))
-        return functional_call(module, params, (x,))
-    return fn, (x, flat)
-
-
 @pytest.mark.parametrize("backend,layout_name", [("executor", "channels_last_3d"), ("executor", "NTCHW"),
                                                  ("native", "channels_last_3d"), ("native", "NTCHW"),
                                                  ("triton", "channels_last_3d")], indirect=["backend"])
@@ -145,7 +133,7 @@ def test_gradcheck(backend, layout_name):
     for m in module.modules():
         if isinstance(m, torch.nn.BatchNorm3d):
             m.momentum = 0.0
-    fn, inputs = _as_function_of_flat_params(module, x.requires_grad_())
+    fn, inputs = as_function_of_flat_params(module, x.requires_grad_())
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True, atol=1e-6, rtol=1e-4)
 
 
