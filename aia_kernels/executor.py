@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from .layouts import clip_view
 from .plan import Plan, Weight
 from .primitives import BN_BATCH, BN_NONE, GateValue, PooledGrad, WeightValue, gate_shape
 
@@ -31,11 +32,6 @@ def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
     return grad if grad is None or like is None else grad.to(like.dtype)
 
 
-def _view5(x: Tensor, num_segments: int) -> Tensor:
-    nt, c, h, w = x.shape
-    return x.view(nt // num_segments, num_segments, c, h, w)
-
-
 def _check_batch_stats(plan: Plan, v_shape, bn_modes) -> None:
     """BatchNorm in train mode needs more than one value per channel (as nn.BatchNorm3d)."""
     for g, axis in enumerate(plan.gate_axes):
@@ -47,13 +43,17 @@ def _check_batch_stats(plan: Plan, v_shape, bn_modes) -> None:
 
 def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, bn_weights, bn_biases,
                 running_means, running_vars, bn_modes, eps):
-    """Returns ``(out, saved, bn_stats)``: ``saved`` holds SAVED_PER_GATE small tensors per
-    gate (P, argmax and z empty for a stage the backward recomputes); ``bn_stats`` (gates, 2) the mean and variance that normalised each gate's z
+    """``x``: (N*T, C, H, W), or an (N, T, C, H, W) view with any strides (T = num_segments);
+    ``out`` is allocated like ``x`` (same strides where x is dense).
+
+    Returns ``(out, saved, bn_stats)``: ``saved`` holds SAVED_PER_GATE small tensors per
+    gate (P, argmax and z empty for a stage the backward recomputes); ``bn_stats`` (gates, 2)
+    the mean and variance that normalised each gate's z
     (batch statistics, biased, in train mode; running statistics in eval mode).
 
     A backend whose primitives offer ``forward_plan`` (the native one) runs the whole
     plan in one call instead; it walks the stages in the same order."""
-    v = _view5(x, num_segments)
+    v = clip_view(x, num_segments)
     _check_batch_stats(plan, v.shape, bn_modes)
     if hasattr(prims, "forward_plan"):
         return prims.forward_plan(plan, x, num_segments, conv_weights, bn_weights, bn_biases, running_means,
@@ -107,8 +107,8 @@ def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: i
     if hasattr(prims, "backward_plan"):
         return prims.backward_plan(plan, grad_out, x, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
                                    bn_stats, needs)
-    v = _view5(x, num_segments)
-    dout = _view5(grad_out, num_segments)
+    v = clip_view(x, num_segments)
+    dout = clip_view(grad_out, num_segments)
     saved = recompute(prims, plan, v, conv_weights, saved)
     n_gates = len(plan.gate_axes)
     need_x = needs[0]

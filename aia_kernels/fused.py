@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import backends
 from .executor import run_backward, run_forward
+from .layouts import clip_segments, clip_shape
 from .plan import build_plan
 from .primitives import gate_shape
 from .primitives.torch_impl import TorchPrimitives
@@ -165,14 +166,16 @@ def op_arguments(gates) -> tuple[list, ...]:
 def forward_with_library_op(module, x: Tensor, backend: str, args) -> tuple[Tensor, Tensor]:
     """(out, bn_stats) through ``aia_kernels::fused_forward`` and its registered autograd;
     ``args``: :func:`op_arguments`."""
-    out, _, bn_stats = torch.ops.aia_kernels.fused_forward(x, module.variant, module.num_segments, backend, *args)
+    out, _, bn_stats = torch.ops.aia_kernels.fused_forward(x, module.variant, clip_segments(x, module.num_segments),
+                                                           backend, *args)
     return out, bn_stats
 
 
 def forward_with_autograd_function(module, x: Tensor, backend: str, args) -> tuple[Tensor, Tensor]:
     """(out, bn_stats) through :class:`_EagerFused`: the same executor, less Python per call."""
     conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps = args
-    meta = (module.variant, module.num_segments, backend, running_means, running_vars, bn_modes, eps)
+    meta = (module.variant, clip_segments(x, module.num_segments), backend, running_means, running_vars, bn_modes,
+            eps)
     return _EagerFused.apply(meta, x, *conv_weights, *bn_weights, *bn_biases)
 
 
@@ -181,14 +184,15 @@ EAGER_FORWARD = forward_with_autograd_function
 
 
 def fused_forward(module, x: Tensor, backend: str) -> Tensor:
-    """Forward of an AIA module with a fused backend (called by ``AIAModule.forward``):
+    """Forward of an AIA module with a fused backend (called by ``AIAModule.forward``) on
+    ``x``, (N*T, C, H, W) or the (N, T, C, H, W) view of a 5-D input (``layouts.py``):
     the library op under torch.compile (traceable, with fake kernels), else
     ``EAGER_FORWARD``; then the BN running statistics."""
     gates = module.gates()
     args = op_arguments(gates)
     forward = forward_with_library_op if torch.compiler.is_compiling() else EAGER_FORWARD
     out, bn_stats = forward(module, x, backend, args)
-    v_shape = (x.shape[0] // module.num_segments, module.num_segments, *x.shape[1:])
+    v_shape = clip_shape(x.shape, clip_segments(x, module.num_segments))
     update_running_stats([bn for _, _, bn in gates], bn_stats,
                          [math.prod(gate_shape(v_shape, axis)) for axis, _, _ in gates])
     return out

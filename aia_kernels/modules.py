@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import backends, reference
+from .layouts import DEFAULT_5D_LAYOUT, DEFAULT_NUM_SEGMENTS, check_layout, from_clip_view, to_clip_view
 from .validation import check_input, check_num_segments
 from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
 from .warnings_once import warn_once
@@ -24,9 +25,10 @@ class AIAModule(nn.Module):
     variant: str
     combine: str | None = None
 
-    def __init__(self, num_segments: int = 8, use_BN: bool = True):
+    def __init__(self, num_segments: int | None = None, use_BN: bool = True, layout: str | None = None):
         super().__init__()
-        self.num_segments = check_num_segments(num_segments)
+        self.num_segments = num_segments
+        self.layout = layout
         self.use_BN = bool(use_BN)
         self.last_backend: str | None = None
 
@@ -38,6 +40,36 @@ class AIAModule(nn.Module):
     def backend(self, name: str) -> None:
         self._backend = backends.check_backend_name(name)
 
+    def __setstate__(self, state: dict) -> None:
+        # A module pickled whole before 5-D input: num_segments was a plain attribute, no layout.
+        if "num_segments" in state:
+            state["_num_segments"] = state.pop("num_segments")
+        state.setdefault("_layout", None)
+        super().__setstate__(state)
+
+    @property
+    def layout(self) -> str | None:
+        """How a 5-D input is laid out: ``"NCTHW"`` (the Conv3d layout) or ``"NTCHW"``; the module
+        then takes 5-D input only. None (the default): 4-D input is (N*T, C, H, W), 5-D is NCTHW."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, layout: str | None) -> None:
+        self._layout = check_layout(layout)
+
+    @property
+    def num_segments(self) -> int | None:
+        """T of a 4-D (N*T, C, H, W) input: as given, else 8 (None for a module with a ``layout``,
+        which takes 5-D input only). A 5-D input carries its T; a ``num_segments`` given
+        explicitly is checked against it."""
+        if self._num_segments is not None:
+            return self._num_segments
+        return DEFAULT_NUM_SEGMENTS if self.layout is None else None
+
+    @num_segments.setter
+    def num_segments(self, num_segments: int | None) -> None:
+        self._num_segments = None if num_segments is None else check_num_segments(num_segments)
+
     def units(self) -> list[tuple[str, "AIAUnit"]]:
         raise NotImplementedError
 
@@ -47,7 +79,8 @@ class AIAModule(nn.Module):
                 for kind, unit in self.units() for g in UNIT_GATES[kind]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.num_segments, self.parameters())
+        five_d = isinstance(x, torch.Tensor) and x.dim() == 5
+        check_input(x, self._num_segments if five_d else self.num_segments, self.parameters(), self.layout)
         name = backends.resolve(self.backend, x.device)
         if name != "reference" and self._syncs_bn_statistics():
             warn_once("sync-bn", "aia_kernels: a gate BatchNorm is a SyncBatchNorm in training mode "
@@ -55,8 +88,17 @@ class AIAModule(nn.Module):
                       "this module runs the reference path")
             name = "reference"
         self._record_backend(name)
+        if not five_d:
+            return self._run(x, self.num_segments, name)
+        # Every backend gets the (N, T, C, H, W) view of a 5-D input (docs/design.md, "Input layouts").
+        layout = self.layout or DEFAULT_5D_LAYOUT
+        v = to_clip_view(x, layout)
+        return from_clip_view(self._run(v, v.shape[1], name), layout)
+
+    def _run(self, x: torch.Tensor, num_segments: int, name: str) -> torch.Tensor:
+        """The variant on ``x``, (N*T, C, H, W) or the (N, T, C, H, W) view, on backend ``name``."""
         if name == "reference":
-            return reference.aia_forward(x, self.num_segments, self.combine, self.units())
+            return reference.aia_forward(x, num_segments, self.combine, self.units())
         from .fused import fused_forward
         return fused_forward(self, x, name)
 
@@ -78,7 +120,8 @@ class AIAModule(nn.Module):
                         and dist.get_world_size(bn.process_group) > 1 for _, _, bn in self.gates()))
 
     def extra_repr(self) -> str:
-        return (f"variant={self.variant!r}, num_segments={self.num_segments}, "
+        layout = "" if self.layout is None else f", layout={self.layout!r}"
+        return (f"variant={self.variant!r}, num_segments={self.num_segments}{layout}, "
                 f"use_BN={self.use_BN}, backend={self.backend!r}")
 
 
@@ -87,8 +130,9 @@ class AIAUnit(AIAModule):
 
     kind: str
 
-    def __init__(self, num_segments: int = 8, use_BN: bool = True, backend: str = "auto"):
-        super().__init__(num_segments, use_BN)
+    def __init__(self, num_segments: int | None = None, use_BN: bool = True, backend: str = "auto",
+                 layout: str | None = None):
+        super().__init__(num_segments, use_BN, layout)
         self.backend = backend
         self.variant = self.kind
         for g in UNIT_GATES[self.kind]:
@@ -150,14 +194,15 @@ class AIACombined(AIAModule):
     # 2: CinST+STinC registers eft1 = STinC, eft2 = CinST. 1 (aia_kernels 0.1): eft1 = CinST.
     _version = 2
 
-    def __init__(self, variant: str, num_segments: int = 8, use_BN: bool = True, backend: str = "auto"):
-        super().__init__(num_segments, use_BN)
+    def __init__(self, variant: str, num_segments: int | None = None, use_BN: bool = True, backend: str = "auto",
+                 layout: str | None = None):
+        super().__init__(num_segments, use_BN, layout)
         combine, (first, second) = parse_variant(variant)
         if combine is None:
             raise ValueError(f"{variant!r} is a single unit; use aia_kernels.build")
         self.variant, self.combine = variant, combine
-        self.eft1 = UNIT_CLASSES[first](num_segments, use_BN, backend)
-        self.eft2 = UNIT_CLASSES[second](num_segments, use_BN, backend)
+        self.eft1 = UNIT_CLASSES[first](num_segments, use_BN, backend, layout)
+        self.eft2 = UNIT_CLASSES[second](num_segments, use_BN, backend, layout)
         if variant in REGISTRATION_ORDER:
             self.register_load_state_dict_post_hook(_load_old_unit_order)
 
@@ -238,9 +283,14 @@ def aia_modules(model: nn.Module) -> list[tuple[str, AIAModule]]:
     return found
 
 
-def build(variant: str, num_segments: int = 8, use_BN: bool = True, backend: str = "auto") -> AIAModule:
-    """The AIA module for one of ``aia_kernels.VARIANTS``."""
+def build(variant: str, num_segments: int | None = None, use_BN: bool = True, backend: str = "auto",
+          layout: str | None = None) -> AIAModule:
+    """The AIA module for one of ``aia_kernels.VARIANTS``.
+
+    Input: (N*T, C, H, W) with T = ``num_segments`` (8 when not given), or 5-D, (N, C, T, H, W)
+    by default, T read from the tensor. ``layout="NCTHW"`` or ``"NTCHW"``: 5-D input only, in
+    that layout. A ``num_segments`` given explicitly is checked against a 5-D input's T."""
     combine, units = parse_variant(variant)
     if combine is None:
-        return UNIT_CLASSES[units[0]](num_segments, use_BN, backend)
-    return AIACombined(variant, num_segments, use_BN, backend)
+        return UNIT_CLASSES[units[0]](num_segments, use_BN, backend, layout)
+    return AIACombined(variant, num_segments, use_BN, backend, layout)

@@ -4,12 +4,15 @@ This is the correctness oracle for every fused backend. It favours clarity over
 speed: it materialises every intermediate the spec names, exactly as the authors'
 released code does, and lets autograd and ``nn.BatchNorm3d`` do the rest.
 
-Shapes: ``x`` is ``(N*T, C, H, W)``; ``v`` is its view ``(N, T, C, H, W)``.
+Shapes: ``x`` is ``(N*T, C, H, W)``, or already the ``(N, T, C, H, W)`` view of a 5-D
+input (``layouts.py``); ``v`` is the ``(N, T, C, H, W)`` view.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .layouts import clip_view
 
 # Dimension of each axis in v = (N, T, C, H, W).
 AXIS_DIM = {"T": 1, "C": 2, "H": 3, "W": 4}
@@ -81,13 +84,13 @@ def apply_unit(kind: str, unit: nn.Module, v: torch.Tensor) -> torch.Tensor:
 
 def aia_forward(x: torch.Tensor, num_segments: int, combine: str | None,
                 units: list[tuple[str, nn.Module]]) -> torch.Tensor:
-    """A variant on ``x`` of shape ``(N*T, C, H, W)``.
+    """A variant on ``x`` of shape ``(N*T, C, H, W)`` or ``(N, T, C, H, W)``; the output has
+    ``x``'s shape and memory layout.
 
     ``units`` holds one ``(kind, module)`` for a single unit, or two for a combined
     variant with ``combine`` "->" (``B(A(x))``) or "+" (``0.5*A(x) + 0.5*B(x)``).
     """
-    nt, c, h, w = x.shape
-    v = x.view(nt // num_segments, num_segments, c, h, w)
+    v = clip_view(x, num_segments)
     if combine is None:
         out = apply_unit(*units[0], v)
     elif combine == "->":
@@ -96,6 +99,8 @@ def aia_forward(x: torch.Tensor, num_segments: int, combine: str | None,
         out = 0.5 * apply_unit(*units[0], v) + 0.5 * apply_unit(*units[1], v)
     else:
         raise ValueError(f"unknown combination {combine!r}")
+    if x.dim() == 5:  # an (N, T, C, H, W) view: the output takes its strides, as a fused backend's
+        return out if out.stride() == x.stride() else torch.empty_like(x).copy_(out)
     out = out.reshape(x.shape)
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)  # keep the input's memory format

@@ -135,8 +135,15 @@ std::vector<int64_t> plan_encoding_roundtrip(at::IntArrayRef desc) {
 // factors per weight, gates per factor, pooled-gradient items per upstream, input_grad terms, gates per plan.
 std::vector<int64_t> plan_limits() { return {kMaxFactors, kMaxFactorGates, kMaxItems, kMaxTerms, kMaxPlanGates}; }
 
+// x as (N, T, C, H, W): a 4-D (N*T, C, H, W) split by num_segments, or already that view
+// (a 5-D input in any layout, aia_kernels/layouts.py), any strides: never a copy.
 at::Tensor view5(const at::Tensor& x, int64_t num_segments) {
-  TORCH_CHECK(x.dim() == 4, "aia_native: x must be (N*T, C, H, W), got ", x.sizes());
+  if (x.dim() == 5) {
+    TORCH_CHECK(x.size(1) == num_segments, "aia_native: the (N, T, C, H, W) view ", x.sizes(), " has T = ",
+                x.size(1), " but num_segments = ", num_segments);
+    return x;
+  }
+  TORCH_CHECK(x.dim() == 4, "aia_native: x must be (N*T, C, H, W) or (N, T, C, H, W), got ", x.sizes());
   TORCH_CHECK(num_segments > 0 && x.size(0) % num_segments == 0, "aia_native: N*T = ", x.size(0),
               " is not divisible by num_segments = ", num_segments);
   return x.view({x.size(0) / num_segments, num_segments, x.size(1), x.size(2), x.size(3)});

@@ -7,12 +7,32 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import aia_kernels
+from aia_kernels.fused import fused_backward_op, fused_forward_op
 
 # Small, odd sizes: (N*T, C, H, W) with T = 3.
 NUM_SEGMENTS = 3
 SHAPE = (6, 5, 4, 7)
+# The same clip sizes as a 5-D video tensor: N = 2, C = 5, T = 3, H = 4, W = 7.
+VIDEO_SHAPE = (2, 5, 3, 4, 7)
+# 5-D inputs by name: (module layout argument, how the tensor is made from an NCTHW one).
+VIDEO_LAYOUTS = ("NCTHW", "channels_last_3d", "NTCHW")
+
+
+def video_input(name: str, shape=VIDEO_SHAPE, dtype=torch.float64, device="cpu") -> tuple[torch.Tensor, str | None]:
+    """(x, layout argument) for a 5-D input named in VIDEO_LAYOUTS; ``shape`` is (N, C, T, H, W)."""
+    x = torch.randn(shape, dtype=dtype, device=device)
+    if name == "NCTHW":
+        return x, None
+    if name == "channels_last_3d":
+        return x.contiguous(memory_format=torch.channels_last_3d), None
+    if name == "NTCHW":
+        return x.transpose(1, 2).contiguous(), "NTCHW"
+    raise ValueError(name)
 
 
 def randomize_bn(module: nn.Module) -> None:
@@ -27,9 +47,10 @@ def randomize_bn(module: nn.Module) -> None:
 
 
 def make_pair(variant: str, backend: str, *, use_bn: bool = True, train: bool = True,
-              dtype: torch.dtype = torch.float64, num_segments: int = NUM_SEGMENTS, device="cpu"):
+              dtype: torch.dtype = torch.float64, num_segments: int | None = NUM_SEGMENTS, device="cpu",
+              layout: str | None = None):
     """(reference module, same weights on ``backend``)."""
-    ref = aia_kernels.build(variant, num_segments=num_segments, use_BN=use_bn, backend="reference")
+    ref = aia_kernels.build(variant, num_segments=num_segments, use_BN=use_bn, backend="reference", layout=layout)
     ref = ref.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     randomize_bn(ref)
     ref.train(train)
@@ -54,6 +75,19 @@ def run(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Result:
     return Result(out.detach(), x.grad,
                   {n: p.grad for n, p in module.named_parameters() if p.grad is not None},
                   {n: b.detach().clone() for n, b in module.named_buffers()})
+
+
+def as_function_of_flat_params(module, x):
+    """(fn, inputs): fn(x, flat) runs the module with its parameters taken from one flat
+    vector, so that gradcheck perturbs two inputs instead of one per parameter (the
+    interpreter is slow); every parameter still gets checked."""
+    names, shapes = zip(*[(n, p.shape) for n, p in module.named_parameters()])
+    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()]).requires_grad_()
+
+    def fn(x, flat):
+        params = dict(zip(names, (f.view(s) for f, s in zip(flat.split([s.numel() for s in shapes]), shapes))))
+        return functional_call(module, params, (x,))
+    return fn, (x, flat)
 
 
 def assert_close_results(a: Result, b: Result, atol: float, rtol: float) -> None:
@@ -81,14 +115,15 @@ def assert_equal_results(a: Result, b: Result) -> None:
 
 def compare_with_reference(variant: str, backend: str, *, use_bn=True, train=True, dtype=torch.float64,
                            x: torch.Tensor | None = None, atol=1e-10, rtol=1e-8, device="cpu",
-                           num_segments: int = NUM_SEGMENTS) -> tuple[Result, Result]:
-    """Run ``variant`` on the reference and on ``backend`` and assert they agree.
+                           num_segments: int | None = NUM_SEGMENTS, layout: str | None = None) -> tuple[Result, Result]:
+    """Run ``variant`` on the reference and on ``backend`` and assert they agree; the
+    output and grad_x have x's strides where x is dense (its memory format).
 
     For half types the reference runs in float32 on the same (rounded) input, so the
     tolerance measures the fused backend's own rounding only.
     """
     ref, other = make_pair(variant, backend, use_bn=use_bn, train=train, dtype=dtype,
-                           num_segments=num_segments, device=device)
+                           num_segments=num_segments, device=device, layout=layout)
     if x is None:
         x = torch.randn(SHAPE, dtype=dtype, device=device)
     grad_out = torch.randn(x.shape, dtype=dtype, device=device)
@@ -97,8 +132,37 @@ def compare_with_reference(variant: str, backend: str, *, use_bn=True, train=Tru
     b = run(other, x, grad_out)
     assert other.last_backend == backend
     assert b.out.dtype == x.dtype and b.out.shape == x.shape
+    if x.dim() == 5 and torch.empty_like(x).stride() == x.stride():  # dense: out and grad_x keep its memory format
+        assert b.out.stride() == x.stride() and b.grad_x.stride() == x.stride(), (b.out.stride(), x.stride())
     assert_close_results(a, b, atol, rtol)
     return a, b
+
+
+class FullSizeAllocations(TorchDispatchMode):
+    """Records every op output with at least ``numel`` elements that is a new allocation
+    (not a view of an input). The fused ops are run from their Python implementation
+    with the mode still active, so the allocations inside them are seen too."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel = numel
+        self.allocations = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "aia_kernels":
+            impl = {"fused_forward": fused_forward_op,
+                    "fused_backward": fused_backward_op}[func.__name__.split(".")[0]]._init_fn
+            with self:
+                return impl(*args, **kwargs)
+        result = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(result)[0]:
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.numel
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.allocations.append((str(func), tuple(t.shape)))
+        return result
 
 
 def plan_op_args(variant: str = "CinST->STinC", dtype: torch.dtype = torch.float64, device="cpu"):

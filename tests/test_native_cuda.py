@@ -23,12 +23,14 @@ from aia_kernels import fused, plan as plans
 from aia_testing import (
     NUM_SEGMENTS,
     SHAPE,
+    VIDEO_LAYOUTS,
     assert_close_results,
     assert_equal_results,
     compare_with_reference,
     make_pair,
     plan_op_args,
     run,
+    video_input,
 )
 
 native = pytest.importorskip("aia_kernels.native")
@@ -86,6 +88,14 @@ def test_strided_inputs(variant, layout):
     _, out = compare(variant, x=_strided_x(layout), atol=1e-10, rtol=1e-8)
     if layout == "channels_last":
         assert out.out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout_name", VIDEO_LAYOUTS)
+@pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST"])
+def test_video_layouts(variant, layout_name):
+    """5-D input: the kernels get the (N, T, C, H, W) view with the input's strides."""
+    x, layout = video_input(layout_name, device=DEVICE)
+    compare(variant, x=x, layout=layout, num_segments=None, atol=1e-10, rtol=1e-8)
 
 
 @pytest.mark.parametrize("shape", [(16, 64, 14, 14), (8, 37, 9, 70)], ids=["wide_c", "long_rows"])
@@ -172,10 +182,10 @@ def _run_path(monkeypatch, persistent: bool, module, x, grad_out):
 
 
 def _both_paths(monkeypatch, variant, *, dtype=torch.float64, use_bn=True, train=True, x=None,
-                num_segments=NUM_SEGMENTS, prepare=None):
+                num_segments=NUM_SEGMENTS, prepare=None, layout=None):
     """(multi-launch result, persistent result) of two copies of one module on the same x."""
     multi, persistent = make_pair(variant, "native", use_bn=use_bn, train=train, dtype=dtype,
-                                  num_segments=num_segments, device=DEVICE)
+                                  num_segments=num_segments, device=DEVICE, layout=layout)
     multi.backend = "native"
     for module in (multi, persistent):
         if prepare is not None:
@@ -230,6 +240,14 @@ def test_persistent_strided_inputs(monkeypatch, layout):
     assert_close_results(multi, persistent, atol=1e-12, rtol=1e-11)
     if layout == "channels_last":
         assert persistent.out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout_name", VIDEO_LAYOUTS)
+def test_persistent_video_layouts(monkeypatch, layout_name):
+    x, layout = video_input(layout_name, device=DEVICE)
+    multi, persistent = _both_paths(monkeypatch, "CinST->STinC", x=x, layout=layout)
+    assert_close_results(multi, persistent, atol=1e-12, rtol=1e-11)
+    assert persistent.out.stride() == x.stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

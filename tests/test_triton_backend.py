@@ -7,17 +7,16 @@ import copy
 
 import pytest
 import torch
-from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import aia_kernels
-from aia_kernels import backends, fused
+from aia_kernels import backends
 
 from aia_testing import (
+    FullSizeAllocations,
     GPU_MACHINE_VERSIONS,
     NUM_SEGMENTS,
     SHAPE,
+    as_function_of_flat_params,
     assert_equal_results,
     compare_with_reference,
     make_pair,
@@ -64,19 +63,6 @@ def test_half_matches_reference(variant, dtype, train):
     compare(variant, dtype=dtype, train=train, **HALF_TOL[dtype])
 
 
-def _as_function_of_flat_params(module, x):
-    """(fn, inputs): fn(x, flat) runs the module with its parameters taken from one flat
-    vector, so that gradcheck perturbs two inputs instead of one per parameter (the
-    interpreter is slow); every parameter still gets checked."""
-    names, shapes = zip(*[(n, p.shape) for n, p in module.named_parameters()])
-    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()]).requires_grad_()
-
-    def fn(x, flat):
-        params = dict(zip(names, (f.view(s) for f, s in zip(flat.split([s.numel() for s in shapes]), shapes))))
-        return functional_call(module, params, (x,))
-    return fn, (x, flat)
-
-
 @pytest.mark.parametrize("variant", ALL)
 def test_gradcheck(variant):
     """Float64, train mode, input and every parameter. BN momentum 0 keeps the running stats fixed."""
@@ -85,7 +71,7 @@ def test_gradcheck(variant):
         if isinstance(m, torch.nn.BatchNorm3d):
             m.momentum = 0.0
     x = torch.randn(4, 3, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    fn, inputs = _as_function_of_flat_params(module, x)
+    fn, inputs = as_function_of_flat_params(module, x)
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True, atol=1e-6, rtol=1e-4)
 
 
@@ -135,33 +121,6 @@ def test_deterministic(variant):
     first = run(copy.deepcopy(tri), x, grad_out)
     second = run(copy.deepcopy(tri), x, grad_out)
     assert_equal_results(first, second)
-
-
-class FullSizeAllocations(TorchDispatchMode):
-    """Records every op output with at least ``numel`` elements that is a new allocation
-    (not a view of an input). The fused ops are run from their Python implementation
-    with the mode still active, so the allocations inside them are seen too."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel = numel
-        self.allocations = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "aia_kernels":
-            impl = {"fused_forward": fused.fused_forward_op,
-                    "fused_backward": fused.fused_backward_op}[func.__name__.split(".")[0]]._init_fn
-            with self:
-                return impl(*args, **kwargs)
-        result = func(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(result)[0]:
-            if (isinstance(t, torch.Tensor) and t.numel() >= self.numel
-                    and t.untyped_storage().data_ptr() not in inputs):
-                self.allocations.append((str(func), tuple(t.shape)))
-        return result
 
 
 @pytest.mark.parametrize("variant", ALL)

@@ -1,6 +1,6 @@
 """Can the network tell which way an object moves? The paper's central claim, on CPU in minutes.
 
-    python -m aia_kernels.experiments.temporal_order [--epochs 12] [--out DIR]
+    python -m aia_kernels.experiments.temporal_order [--epochs 12] [--network tsn|i3d|slow] [--out DIR]
 
 A synthetic video task whose two classes differ only in temporal order: a bright
 square crosses the frame left-to-right (class 0) or right-to-left (class 1) among
@@ -10,6 +10,11 @@ information about its class: a TSN, which scores frames independently and averag
 the scores, is exactly invariant to frame order and must stay at chance. The same
 small TSN with AIA in its Bottlenecks (placed as in ResNet-50: after bn2, before its
 ReLU) sees across frames through the gates' 3D convolutions and can learn the task.
+
+``--network i3d`` / ``slow`` run the same comparison on a small 3D ResNet
+(``models.ResNet3d``) with AIA on its 5-D features: in the I3D form its stem and
+inflated Bottleneck convs see across frames by themselves; in the slow pathway's form
+its first two stages (all this small one has) have no temporal conv, like a TSN.
 """
 from __future__ import annotations
 
@@ -22,10 +27,12 @@ import time
 import torch
 from torch import nn
 
-from ..models import TSN, ResNet
+from ..models import TSN, ResNet, ResNet3d
 
 T, SIZE, SQUARE, SPEED = 8, 32, 4, 3
 DEFAULT_VARIANTS = ("plain", "C", "CinST->STinC")
+NETWORKS = ("tsn", "i3d", "slow")
+NETWORK_NAMES = {"tsn": "TSN", "i3d": "I3D", "slow": "Slow"}
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 
@@ -51,10 +58,29 @@ def make_clips(n: int, seed: int, frames: int = T, size: int = SIZE, distractors
     return clips, labels
 
 
-def build_model(variant: str, frames: int = T, backend: str = "auto") -> TSN:
-    """A small TSN: ResNet stem and two stages of one Bottleneck each (widths 8, 16)."""
-    base = ResNet(layers=(1, 1), widths=(8, 16), variant=None if variant == "plain" else variant,
-                  num_segments=frames, backend=backend, stem_width=16)
+class FramesAsConv3dInput(nn.Module):
+    """A 3D network on the task's (N, T, 3, H, W) clips: it reads their (N, 3, T, H, W) view."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.net(clips.transpose(1, 2))
+
+
+def build_model(variant: str, frames: int = T, backend: str = "auto", network: str = "tsn") -> nn.Module:
+    """A small TSN (``network="tsn"``): ResNet stem and two stages of one Bottleneck each
+    (widths 8, 16); or a 3D ResNet of the same sizes (``models.ResNet3d``) in the I3D form
+    (``"i3d"``: temporal convs in the stem and Bottlenecks) or the slow pathway's
+    (``"slow"``: its first two stages have none, so this small one sees frames apart)."""
+    aia = None if variant == "plain" else variant
+    if network in ("i3d", "slow"):
+        return FramesAsConv3dInput(ResNet3d(layers=(1, 1), widths=(8, 16), num_classes=2, variant=aia, arch=network,
+                                            backend=backend, stem_width=16, dropout=0.0))
+    if network != "tsn":
+        raise ValueError(f"unknown network {network!r}; expected one of {NETWORKS}")
+    base = ResNet(layers=(1, 1), widths=(8, 16), variant=aia, num_segments=frames, backend=backend, stem_width=16)
     return TSN(base, num_classes=2, num_segments=frames, dropout=0.0)
 
 
@@ -67,10 +93,10 @@ def accuracy(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor, batch:
 
 
 def train(variant: str, data, epochs: int, seed: int, batch: int = 32, lr: float = 3e-3,
-          backend: str = "auto", log=print) -> dict:
+          backend: str = "auto", log=print, network: str = "tsn") -> dict:
     (train_x, train_y), (test_x, test_y) = data
     torch.manual_seed(seed)
-    model = build_model(variant, train_x.shape[1], backend)
+    model = build_model(variant, train_x.shape[1], backend, network)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * (len(train_x) // batch))
     history = {"epoch": [], "train_loss": [], "train_acc": [], "test_acc": []}
@@ -95,7 +121,7 @@ def train(variant: str, data, epochs: int, seed: int, batch: int = 32, lr: float
             f"train acc {history['train_acc'][-1]:.3f}  held-out acc {history['test_acc'][-1]:.3f}  "
             f"({time.time() - start:.0f}s)")
     params = sum(p.numel() for p in model.parameters())
-    return {"variant": variant, "params": params, "test_acc": history["test_acc"][-1],
+    return {"network": network, "variant": variant, "params": params, "test_acc": history["test_acc"][-1],
             "seconds": round(time.time() - start, 1), "history": history}
 
 
@@ -120,9 +146,9 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def run(epochs: int = 12, train_size: int = 2000, test_size: int = 1000, seed: int = 0,
-        variants=DEFAULT_VARIANTS, backend: str = "auto", log=print) -> list[dict]:
+        variants=DEFAULT_VARIANTS, backend: str = "auto", log=print, network: str = "tsn") -> list[dict]:
     data = make_clips(train_size, seed=seed + 1), make_clips(test_size, seed=seed + 2)
-    return [train(v, data, epochs, seed, backend=backend, log=log) for v in variants]
+    return [train(v, data, epochs, seed, backend=backend, log=log, network=network) for v in variants]
 
 
 def write(results: list[dict], out: str, command: str, args: dict) -> None:
@@ -137,7 +163,8 @@ def write(results: list[dict], out: str, command: str, args: dict) -> None:
              "| model | parameters | held-out accuracy | best epoch's held-out accuracy | training time |",
              "|---|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| TSN {'+ AIA ' + r['variant'] if r['variant'] != 'plain' else '(plain)'} | {r['params']:,} "
+        net = NETWORK_NAMES[r.get("network", "tsn")]
+        lines.append(f"| {net} {'+ AIA ' + r['variant'] if r['variant'] != 'plain' else '(plain)'} | {r['params']:,} "
                      f"| {r['test_acc']:.3f} | {max(r['history']['test_acc']):.3f} | {r['seconds']:.0f} s |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -152,15 +179,20 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--network", choices=NETWORKS, default="tsn",
+                        help="tsn: the 2D network; i3d, slow: a 3D ResNet of the same sizes in that form (AIA on 5-D features)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest for these tiny tensors)")
-    parser.add_argument("--out", default=RESULTS_DIR, help="where results.json/.md and the PNG go")
+    parser.add_argument("--out", default=None, help="where results.json/.md and the PNG go (default: "
+                        "aia_kernels/experiments/results/, and its i3d/ or slow/ for those networks)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = run(args.epochs, args.train_size, args.test_size, args.seed, args.variants, args.backend)
+    results = run(args.epochs, args.train_size, args.test_size, args.seed, args.variants, args.backend,
+                  network=args.network)
     command = "python -m aia_kernels.experiments.temporal_order " + " ".join(argv if argv is not None else
                                                                            __import__("sys").argv[1:])
-    write(results, args.out, command.strip(), vars(args))
+    out = args.out or (RESULTS_DIR if args.network == "tsn" else os.path.join(RESULTS_DIR, args.network))
+    write(results, out, command.strip(), vars(args))
     for r in results:
         print(f"{r['variant']:>14}: held-out accuracy {r['test_acc']:.3f}")
 

@@ -1,12 +1,15 @@
-"""Parameters and multiply-adds of TSN-ResNet-50 with each AIA variant.
+"""Parameters and multiply-adds of TSN-ResNet-50 (or a 3D ResNet-50) with each AIA variant.
 
-    python -m aia_kernels.models.report [--frames 8] [--size 224] [--classes 174]
+    python -m aia_kernels.models.report [--frames 8] [--size 224] [--classes 174] [--network tsn]
+
+``--network``: ``tsn`` (TSN-ResNet-50, the paper's Table I), ``i3d`` or ``slow``
+(``i3d_resnet50`` in that ``arch``: AIA on 5-D features), or ``all``.
 
 Counted analytically from the shapes seen in one forward on the ``meta`` device
 (nothing is computed, so it takes about a second per model):
 
-* ``conv/fc MACs``: multiply-adds of every Conv2d (out elements x in channels/groups x
-  kernel area) and Linear (batch x in x out): the usual "FLOPs" of ResNet papers;
+* ``conv/fc MACs``: multiply-adds of every network Conv2d/Conv3d (out elements x in
+  channels/groups x kernel volume) and Linear (batch x in x out): the usual "FLOPs" of ResNet papers;
 * ``AIA conv3d MACs``: the gates' ``Conv3d(2, 1, 3)`` (54 multiply-adds per output);
 * ``AIA elementwise``: per gate, 2 ops per input element for its max and mean pooling;
   1 per element for each full-size product (applying weights, and the inner product
@@ -28,6 +31,7 @@ from torch import nn
 
 from ..modules import AIAModule, aia_modules
 from ..variants import VARIANTS
+from .i3d import i3d_resnet50
 from .resnet import Bottleneck
 from .tsn import tsn_resnet50
 
@@ -37,9 +41,22 @@ PAPER_TABLE_I = {"plain": 32.88, "CinST": 33.01, "CinST->STinC": 33.15}
 # Full-size elementwise ops of one unit per input element (see the module docstring).
 UNIT_ELEMENTWISE = {"C": 2 + 1, "ST": 6 + 3 + 1, "CinST": 2 + 1 + 6 + 3 + 1, "STinC": 6 + 3 + 1 + 2 + 1}
 
+# network: (title, model for (variant, classes, frames), the shape of one clip (frames, size)).
+NETWORKS = {
+    "tsn": ("TSN-ResNet-50", lambda v, classes, frames: tsn_resnet50(classes, num_segments=frames, variant=v,
+                                                                     backend="reference"),
+            lambda frames, size: (1, frames, 3, size, size)),
+    "i3d": ("I3D-ResNet-50", lambda v, classes, frames: i3d_resnet50(classes, v, arch="i3d", backend="reference"),
+            lambda frames, size: (1, 3, frames, size, size)),
+    "slow": ("Slow-pathway ResNet-50", lambda v, classes, frames: i3d_resnet50(classes, v, arch="slow",
+                                                                              backend="reference"),
+             lambda frames, size: (1, 3, frames, size, size)),
+}
 
-def count(model: nn.Module, frames: int, size: int) -> dict[str, float]:
-    """Operation counts of one clip of ``frames`` frames of ``size`` x ``size`` (see the module docstring)."""
+
+def count(model: nn.Module, frames: int, size: int, clip_shape=None) -> dict[str, float]:
+    """Operation counts of one clip of ``frames`` frames of ``size`` x ``size`` (see the module
+    docstring); ``clip_shape``: the model's input shape, (1, frames, 3, size, size) unless given."""
     counts: dict[str, float] = defaultdict(float)
     tops = [m for _, m in aia_modules(model)]
     aia_parts = {id(m) for a in tops for m in a.modules()}
@@ -50,7 +67,7 @@ def count(model: nn.Module, frames: int, size: int) -> dict[str, float]:
             k = module.in_channels // module.groups
             for s in module.kernel_size:
                 k *= s
-            if isinstance(module, nn.Conv3d):
+            if id(module) in aia_parts:
                 counts["AIA conv3d MACs"] += y.numel() * k
                 counts["AIA elementwise"] += y.numel()  # the gate's sigmoid
             else:
@@ -66,26 +83,29 @@ def count(model: nn.Module, frames: int, size: int) -> dict[str, float]:
             counts["other elementwise"] += y.numel()
         elif isinstance(module, Bottleneck):
             counts["other elementwise"] += y.numel()  # the residual add
-        elif isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
+        elif isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool3d)):
             counts["other elementwise"] += x.numel()
 
     # Each AIA module once (a combined one counts its units), and every other module.
     hooks = [m.register_forward_hook(hook) for m in tops + [m for m in model.modules() if not isinstance(m, AIAModule)]]
     try:
         with torch.no_grad():
-            model(torch.empty(1, frames, 3, size, size, device="meta"))
+            model(torch.empty(clip_shape or (1, frames, 3, size, size), device="meta"))
     finally:
         for h in hooks:
             h.remove()
     return dict(counts)
 
 
-def report(frames: int = 8, size: int = 224, classes: int = 174) -> list[dict]:
+def report(frames: int = 8, size: int = 224, classes: int = 174, network: str = "tsn",
+           variants=(None, *VARIANTS)) -> list[dict]:
     """One row per model (plain, then the ten variants): parameters and operation counts."""
+    _, make, clip_shape = NETWORKS[network]
     rows = []
-    for variant in (None, *VARIANTS):
-        model = tsn_resnet50(classes, num_segments=frames, variant=variant, backend="reference").to("meta").eval()
-        c = defaultdict(float, count(model, frames, size))
+    for variant in variants:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation work
+            model = make(variant, classes, frames).eval()
+        c = defaultdict(float, count(model, frames, size, clip_shape(frames, size)))
         macs = c["conv/fc MACs"] + c["AIA conv3d MACs"]
         rows.append({"variant": variant or "plain", "params": sum(p.numel() for p in model.parameters()),
                      "conv/fc MACs": c["conv/fc MACs"], "AIA conv3d MACs": c["AIA conv3d MACs"], "MACs": macs,
@@ -96,15 +116,16 @@ def report(frames: int = 8, size: int = 224, classes: int = 174) -> list[dict]:
     return rows
 
 
-def format_report(rows: list[dict], frames: int, size: int, classes: int) -> str:
+def format_report(rows: list[dict], frames: int, size: int, classes: int, network: str = "tsn") -> str:
     plain = rows[0]
-    out = [f"TSN-ResNet-50, {classes} classes, one clip of {frames} frames x {size}x{size}; G = 1e9",
+    table_one = PAPER_TABLE_I if network == "tsn" else {}
+    out = [f"{NETWORKS[network][0]}, {classes} classes, one clip of {frames} frames x {size}x{size}; G = 1e9",
            f"{'variant':<14}{'params':>12}{'+AIA':>7}{'conv/fc':>9}{'AIA c3d':>9}{'MACs':>9}{'+AIA':>7}"
            f"{'paper-style':>12}{'Table I':>8}{'AIA elem':>9}{'other elem':>11}",
            f"{'':<14}{'':>12}{'params':>7}{'GMACs':>9}{'GMACs':>9}{'G':>9}{'%':>7}{'G':>12}{'G':>8}"
            f"{'G':>9}{'G':>11}"]
     for r in rows:
-        paper = PAPER_TABLE_I.get(r["variant"])
+        paper = table_one.get(r["variant"])
         out.append(f"{r['variant']:<14}{r['params']:>12,}{r['params'] - plain['params']:>7,}"
                    f"{r['conv/fc MACs'] / 1e9:>9.3f}{r['AIA conv3d MACs'] / 1e9:>9.4f}{r['MACs'] / 1e9:>9.3f}"
                    f"{100 * (r['MACs'] - plain['MACs']) / plain['MACs']:>7.2f}{r['paper-style'] / 1e9:>12.3f}"
@@ -118,8 +139,11 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--classes", type=int, default=174)
+    parser.add_argument("--network", choices=[*NETWORKS, "all"], default="tsn")
     args = parser.parse_args(argv)
-    print(format_report(report(args.frames, args.size, args.classes), args.frames, args.size, args.classes))
+    networks = list(NETWORKS) if args.network == "all" else [args.network]
+    print("\n\n".join(format_report(report(args.frames, args.size, args.classes, n), args.frames, args.size,
+                                    args.classes, n) for n in networks))
 
 
 if __name__ == "__main__":

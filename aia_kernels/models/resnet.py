@@ -24,6 +24,17 @@ def blocks_with_aia(num_blocks: int) -> list[bool]:
     return [i % step == 0 for i in range(num_blocks)]
 
 
+def init_weights(modules, conv_type: type, norm_type: type) -> None:
+    """torchvision's ResNet initialisation: Kaiming normal (fan_out) for ``conv_type``,
+    weight 1 and bias 0 for ``norm_type``."""
+    for m in modules:
+        if isinstance(m, conv_type):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, norm_type):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def temporal_shift(x: torch.Tensor, num_segments: int, fold_div: int = 8) -> torch.Tensor:
     """TSM's shift on ``(N*T, C, H, W)``: channels ``[0, C/fold_div)`` take frame t+1's
     values, ``[C/fold_div, 2C/fold_div)`` frame t-1's, zeros at the clip's ends."""
@@ -77,16 +88,21 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self._attach_attention(variant, num_segments=num_segments, backend=backend)
+
+    def _attach_attention(self, variant: str | None, **build_kwargs) -> None:
+        """AIA after bn2: the unit ``eft``, or a combined variant's units ``eft1``/``eft2``."""
         self._combined = None
-        if variant is not None:
-            aia = build(variant, num_segments=num_segments, backend=backend)
-            if isinstance(aia, AIACombined):
-                self.eft1, self.eft2 = aia.eft1, aia.eft2
-                self.__dict__["_combined"] = aia  # not a child: names stay the authors' eft1.*/eft2.*
-                if aia.variant in REGISTRATION_ORDER:
-                    self.register_load_state_dict_post_hook(_load_old_unit_order)
-            else:
-                self.eft = aia
+        if variant is None:
+            return
+        aia = build(variant, **build_kwargs)
+        if isinstance(aia, AIACombined):
+            self.eft1, self.eft2 = aia.eft1, aia.eft2
+            self.__dict__["_combined"] = aia  # not a child: names stay the authors' eft1.*/eft2.*
+            if aia.variant in REGISTRATION_ORDER:
+                self.register_load_state_dict_post_hook(_load_old_unit_order)
+        else:
+            self.eft = aia
 
     @property
     def attention(self) -> AIAModule | None:
@@ -153,12 +169,7 @@ class ResNet(nn.Module):
 
     def _init_weights(self) -> None:
         """torchvision's initialisation of the 2D layers (AIA keeps its own)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self.modules(), nn.Conv2d, nn.BatchNorm2d)
 
     def aia_modules(self) -> list[AIAModule]:
         return [m for _, m in aia_modules(self)]

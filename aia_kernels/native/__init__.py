@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..layouts import clip_shape
 from ..plan import decode_plan, encode_plan
 from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
 from .build_config import (
@@ -361,7 +362,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "plan_forward")
     def _(x, num_segments, plan, conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps):
-        v_shape = (x.shape[0] // num_segments, num_segments, *x.shape[1:])
+        v_shape = clip_shape(x.shape, num_segments)
         decoded = decode_plan(plan)
         recomputed = {g for stage in decoded.stages if stage.recompute for g in stage.gates}
         saved = []
