@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import backends, reference
+from .exporting import check_exportable, is_exporting
 from .validation import check_input, check_num_segments
 from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
 from .warnings_once import warn_once
@@ -48,7 +49,11 @@ class AIAModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.num_segments, self.parameters())
-        name = backends.resolve(self.backend, x.device)
+        if is_exporting():  # plain aten ops for an exported graph (exporting.py)
+            check_exportable(self.variant, [bn for _, _, bn in self.gates()])
+            name = "reference"
+        else:
+            name = backends.resolve(self.backend, x.device)
         if name != "reference" and self._syncs_bn_statistics():
             warn_once("sync-bn", "aia_kernels: a gate BatchNorm is a SyncBatchNorm in training mode "
                       "across ranks; the fused backends would not sync its batch statistics, so "

@@ -1,0 +1,194 @@
+"""Export: torch.export and ONNX of AIA modules and of whole TSN / TSM networks.
+
+While exported, AIA modules run the reference path (aia_kernels/exporting.py), so the
+exported program is plain aten (core aten after ``run_decompositions()``) and the ONNX
+model is standard operators, which ONNX Runtime runs without this package. Eager mode
+keeps the fused backend: every comparison is against the eager module on ``native``.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+
+import pytest
+import torch
+from aia_testing import randomize_bn
+from torch import nn
+from torch.export import Dim
+
+import aia_kernels
+from aia_kernels.models import convert_sync_batchnorm, tsm_resnet50, tsn_resnet50
+
+T = 2  # frames per clip
+SHAPE = (5, 4, 6)  # C, H, W of a module's input
+# The AIA computation written out: pooling, the gate conv, BN, sigmoid, the products.
+AIA_OPS = {"aten.max.dim", "aten.mean.dim", "aten.convolution.default",
+           "aten._native_batch_norm_legit_no_training.default", "aten.sigmoid.default", "aten.mul.Tensor"}
+
+
+def _module(variant: str) -> nn.Module:
+    torch.manual_seed(0)
+    module = aia_kernels.build(variant, num_segments=T, backend="native")
+    randomize_bn(module)
+    return module.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _exported_module(variant: str):
+    """(eager module, its ExportedProgram with a dynamic number of clips); one export per variant.
+    torch.export specialises a module's program to 2 or more clips (a size-1 clip dimension
+    would change its contiguity); a network's batch dimension stays free (tests below)."""
+    module = _module(variant)
+    x = torch.randn(2 * T, *SHAPE)
+    return module, torch.export.export(module, (x,), dynamic_shapes=({0: T * Dim("clips")},))
+
+
+def call_targets(program) -> set[str]:
+    return {str(node.target) for node in program.graph.nodes
+            if node.op == "call_function" and node.target is not operator.getitem}
+
+
+def assert_core_aten(program) -> None:
+    """Every op of the program is a core aten op (torch.Tag.core): no custom op, no assertion
+    op. Python's ``operator`` functions (getitem, and size arithmetic of a dynamic shape) are
+    not tensor ops."""
+    not_core = {str(node.target) for node in program.graph.nodes if node.op == "call_function"
+                and getattr(node.target, "__module__", None) != operator.getitem.__module__  # "_operator"
+                and not (isinstance(node.target, torch._ops.OpOverload) and torch.Tag.core in node.target.tags)}
+    assert not not_core, f"not core aten: {sorted(not_core)}"
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+def test_module_export_equals_eager_and_decomposes_to_core_aten(variant):
+    module, program = _exported_module(variant)
+    for clips in (2, 3):
+        x = torch.randn(clips * T, *SHAPE)
+        with torch.no_grad():
+            expected = module(x)
+        assert module.last_backend == "native"  # eager stays on the fused backend
+        torch.testing.assert_close(program.module()(x), expected, atol=1e-5, rtol=1e-5)
+    assert not any("aia_kernels" in t for t in call_targets(program))
+    core = program.run_decompositions()
+    assert_core_aten(core)
+    assert AIA_OPS <= call_targets(core)
+    x = torch.randn(3 * T, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(core.module()(x), module(x), atol=1e-5, rtol=1e-5)
+
+
+def _onnx_session(program_or_model, args=None, dynamic_shapes=None):
+    import onnxruntime
+    onnx_program = torch.onnx.export(program_or_model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                     verbose=False)
+    proto = onnx_program.model_proto
+    domains = {node.domain for node in proto.graph.node} | {f.domain for f in proto.functions}
+    assert domains <= {"", "ai.onnx"}, f"non-standard ONNX domains: {domains}"
+    return onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _assert_matches(session, x: torch.Tensor, expected: torch.Tensor) -> None:
+    """ONNX Runtime's output against PyTorch's: float32, 1e-4 relative to the largest value."""
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+def test_module_onnx_runs_in_onnxruntime(variant):
+    pytest.importorskip("onnxruntime", reason="the test extras install onnxruntime")
+    module, program = _exported_module(variant)
+    session = _onnx_session(program)
+    for clips in (2, 3):  # the number of clips is dynamic
+        x = torch.randn(clips * T, *SHAPE)
+        with torch.no_grad():
+            _assert_matches(session, x, module(x))
+
+
+# Whole networks: the real ResNet-50 at a small resolution, few classes and frames.
+NETWORKS = {"tsn_resnet50": tsn_resnet50, "tsm_resnet50": tsm_resnet50}
+CLIP = (T, 3, 64, 64)
+
+
+def _network(arch: str, variant: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = NETWORKS[arch](num_classes=3, num_segments=T, variant=variant, backend="native")
+    for m in model.modules():  # non-trivial BN statistics everywhere (the AIA gates' and the ResNet's)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+def test_tsm_resnet50_export_equals_eager(variant):
+    model = _network("tsm_resnet50", variant)
+    program = torch.export.export(model, (torch.randn(2, *CLIP),), dynamic_shapes=({0: Dim("batch")},))
+    assert not any("aia_kernels" in t for t in call_targets(program))
+    x = torch.randn(3, *CLIP)
+    with torch.no_grad():
+        expected = model(x)
+    assert {m.last_backend for m in model.base_model.aia_modules()} == {"native"}
+    torch.testing.assert_close(program.module()(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch, variant", [("tsn_resnet50", "ST+C"), ("tsm_resnet50", "CinST->STinC")])
+def test_network_core_aten_and_onnx(arch, variant):
+    """One decomposition and one ONNX export per network (each takes a while on a CPU)."""
+    pytest.importorskip("onnxruntime", reason="the test extras install onnxruntime")
+    model = _network(arch, variant)
+    program = torch.export.export(model, (torch.randn(2, *CLIP),), dynamic_shapes=({0: Dim("batch")},))
+    core = program.run_decompositions()
+    assert_core_aten(core)
+    assert AIA_OPS <= call_targets(core)
+    session = _onnx_session(program)
+    for batch in (1, 3):
+        x = torch.randn(batch, *CLIP)
+        with torch.no_grad():
+            expected = model(x)
+        torch.testing.assert_close(core.module()(x), expected, atol=1e-5, rtol=1e-5)
+        _assert_matches(session, x, expected)
+
+
+# Bad input: training mode, SyncBatchNorm.
+
+@pytest.mark.parametrize("variant", ["C", "CinST+STinC"])
+def test_export_in_training_mode_says_call_eval(variant):
+    module = _module(variant).train()
+    with pytest.raises(RuntimeError, match=r"training mode.*Call model\.eval\(\)"):
+        torch.export.export(module, (torch.randn(2 * T, *SHAPE),))
+
+
+def test_onnx_export_in_training_mode_says_call_eval():
+    pytest.importorskip("onnxscript", reason="the test extras install onnxscript")
+    module = _module("CinST->STinC").train()
+    with pytest.raises(Exception, match=r"Call model\.eval\(\)"):
+        torch.onnx.export(module, (torch.randn(2 * T, *SHAPE),), dynamo=True, verbose=False)
+
+
+def test_module_without_bn_exports_in_training_mode():
+    """No gate BN: training and eval compute the same, so export works in either mode."""
+    module = aia_kernels.build("STinC", num_segments=T, use_BN=False, backend="native").train()
+    x = torch.randn(2 * T, *SHAPE)
+    program = torch.export.export(module, (x,))
+    torch.testing.assert_close(program.module()(x), module(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sync_bn", ["aia_kernels", "torch"])
+def test_sync_batchnorm_exports_as_batchnorm_in_eval_and_raises_in_training(sync_bn):
+    """A SyncBatchNorm in eval mode normalises with its running statistics, like a BatchNorm,
+    and exports as one; in training mode export raises as for any BatchNorm."""
+    module = _module("CinST->STinC")
+    if sync_bn == "aia_kernels":
+        module = convert_sync_batchnorm(module)
+    else:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    kinds = {type(bn) for _, _, bn in module.gates()}
+    assert len(kinds) == 1 and next(iter(kinds)) is not nn.BatchNorm3d
+    x = torch.randn(2 * T, *SHAPE)
+    module.eval()
+    expected = _module("CinST->STinC")(x)
+    program = torch.export.export(module, (x,))
+    torch.testing.assert_close(program.module()(x), expected, atol=1e-5, rtol=1e-5)
+    assert_core_aten(program.run_decompositions())
+    with pytest.raises(RuntimeError, match="SyncBatchNorm.*Call model.eval()"):
+        torch.export.export(module.train(), (x,))
