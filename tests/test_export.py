@@ -12,12 +12,13 @@ import operator
 
 import pytest
 import torch
-from aia_testing import randomize_bn
 from torch import nn
 from torch.export import Dim
 
 import aia_kernels
 from aia_kernels.models import convert_sync_batchnorm, tsm_resnet50, tsn_resnet50
+
+from aia_testing import randomize_bn
 
 T = 2  # frames per clip
 SHAPE = (5, 4, 6)  # C, H, W of a module's input
