@@ -19,6 +19,13 @@ from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
 from .warnings_once import warn_once
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend(requested: str, device: torch.device) -> str:
+    """``backends.resolve``, which torch.compile runs while tracing and keeps as a constant:
+    loading a backend (a build, its lock) is not something to trace into a graph."""
+    return backends.resolve(requested, device)
+
+
 class AIAModule(nn.Module):
     """Shared by units and combined variants: validation and backend dispatch."""
 
@@ -53,7 +60,7 @@ class AIAModule(nn.Module):
             check_exportable(self.variant, [bn for _, _, bn in self.gates()])
             name = "reference"
         else:
-            name = backends.resolve(self.backend, x.device)
+            name = _resolve_backend(self.backend, x.device)
         if name != "reference" and self._syncs_bn_statistics():
             warn_once("sync-bn", "aia_kernels: a gate BatchNorm is a SyncBatchNorm in training mode "
                       "across ranks; the fused backends would not sync its batch statistics, so "
