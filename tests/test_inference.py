@@ -11,9 +11,8 @@ from torch import nn
 from torch._dynamo.backends.debugging import aot_eager
 
 import aia_kernels
-from aia_kernels.models import TSN, ResNet
 
-from aia_testing import randomize_bn
+from aia_testing import randomize_bn, small_tsm
 
 T = 2
 
@@ -62,24 +61,10 @@ def test_eval_mode_leaves_bn_statistics_alone():
         assert not all(torch.equal(b, before[name]) for name, b in module.named_buffers())
 
 
-def _small_tsm(variant: str) -> TSN:
-    """A TSM network with the full ResNet structure (stem, four stages, shift, AIA in every
-    block) but one narrow block per stage, so compiling it on a CPU takes seconds."""
-    base = ResNet(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8), variant=variant, num_segments=T, backend="native",
-                  shift=True, stem_width=8)
-    model = TSN(base, num_classes=3, num_segments=T, dropout=0.5)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 @pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST"])
 def test_compile_fullgraph_of_a_network_runs_the_fused_ops(variant):
     torch._dynamo.reset()
-    model = _small_tsm(variant)
+    model = small_tsm(variant, T)
     reference = copy.deepcopy(model)
     for aia in reference.base_model.aia_modules():
         aia.backend = "reference"
