@@ -137,6 +137,19 @@ def test_tsn_resnet50_core_aten():
         torch.testing.assert_close(core.module()(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_strict_export_and_jit_trace_record_the_reference_path():
+    module = _module("CinST->STinC")
+    x = torch.randn(2 * T, *SHAPE)
+    with torch.no_grad():
+        expected = module(x)
+    program = torch.export.export(module, (x,), strict=True)
+    assert not any("aia_kernels" in t for t in call_targets(program))
+    torch.testing.assert_close(program.module()(x), expected, atol=1e-5, rtol=1e-5)
+    traced = torch.jit.trace(module, (x,), check_trace=False)
+    assert "aia_kernels::" not in str(traced.graph) and "sigmoid" in str(traced.graph)
+    torch.testing.assert_close(traced(x), expected, atol=1e-5, rtol=1e-5)
+
+
 # Bad input: training mode, SyncBatchNorm.
 
 @pytest.mark.parametrize("variant", ["C", "CinST+STinC"])
