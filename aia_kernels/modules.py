@@ -13,10 +13,18 @@ import torch
 from torch import nn
 
 from . import backends, reference
+from .exporting import check_exportable, is_exporting
 from .layouts import DEFAULT_5D_LAYOUT, DEFAULT_NUM_SEGMENTS, check_layout, from_clip_view, to_clip_view
 from .validation import check_input, check_num_segments
 from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
 from .warnings_once import warn_once
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(requested: str, device: torch.device) -> str:
+    """``backends.resolve``, which torch.compile runs while tracing and keeps as a constant:
+    loading a backend (a build, its lock) is not something to trace into a graph."""
+    return backends.resolve(requested, device)
 
 
 class AIAModule(nn.Module):
@@ -81,7 +89,11 @@ class AIAModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         five_d = isinstance(x, torch.Tensor) and x.dim() == 5
         check_input(x, self._num_segments if five_d else self.num_segments, self.parameters(), self.layout)
-        name = backends.resolve(self.backend, x.device)
+        if is_exporting():  # plain aten ops for an exported graph (exporting.py)
+            check_exportable(self.variant, [bn for _, _, bn in self.gates()])
+            name = "reference"
+        else:
+            name = _resolve_backend(self.backend, x.device)
         if name != "reference" and self._syncs_bn_statistics():
             warn_once("sync-bn", "aia_kernels: a gate BatchNorm is a SyncBatchNorm in training mode "
                       "across ranks; the fused backends would not sync its batch statistics, so "

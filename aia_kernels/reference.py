@@ -27,6 +27,12 @@ def gate_permutation(axis: str) -> tuple[int, ...]:
     return (0, AXIS_DIM[axis], *(AXIS_DIM[a] for a in CONV_AXES[axis]))
 
 
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, written only where it converts: torch.export records even a same-dtype
+    ``.to`` (as ``aten._assert_tensor_metadata``, not a core aten op; docs/deploy.md)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def pool(v: torch.Tensor, axis: str) -> torch.Tensor:
     """Max and mean of ``v`` along ``axis``, stacked max first: ``(N, 2, D1, D2, D3)``.
 
@@ -39,7 +45,7 @@ def pool(v: torch.Tensor, axis: str) -> torch.Tensor:
 
 def gate(pooled: torch.Tensor, conv: nn.Conv3d, bn: nn.BatchNorm3d | None) -> torch.Tensor:
     """``sigmoid(BN(conv(P)))``: weights in (0, 1) of shape ``(N, 1, D1, D2, D3)``."""
-    y = conv(pooled.to(conv.weight.dtype))
+    y = conv(_as_dtype(pooled, conv.weight.dtype))
     if bn is not None:
         y = bn(y)
     return torch.sigmoid(y)
@@ -79,7 +85,7 @@ def unit_weights(kind: str, unit: nn.Module, v: torch.Tensor) -> torch.Tensor:
 
 def apply_unit(kind: str, unit: nn.Module, v: torch.Tensor) -> torch.Tensor:
     """One unit: a new tensor ``M * v``, in ``v``'s dtype."""
-    return (unit_weights(kind, unit, v) * v).to(v.dtype)
+    return _as_dtype(unit_weights(kind, unit, v) * v, v.dtype)
 
 
 def aia_forward(x: torch.Tensor, num_segments: int, combine: str | None,

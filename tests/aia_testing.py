@@ -209,3 +209,29 @@ def cuda_hidden(env: dict) -> dict:
     """``env`` for a child process that must build and run the C++ CPU code only, also on a
     GPU machine (where the native build would otherwise add the CUDA kernels: minutes of nvcc)."""
     return {**env, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def randomize_network_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics in every BN of a network (eval mode uses them)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def small_tsm(variant: str, num_segments: int, backend: str = "native") -> nn.Module:
+    """A TSM network in eval mode with the whole ResNet structure (stem, four stages, the
+    shift, AIA in every block, TSN's head) but one narrow block per stage: cheap to export
+    and to compile on a CPU."""
+    from aia_kernels.models import TSN, ResNet
+    base = ResNet(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8), variant=variant, num_segments=num_segments,
+                  backend=backend, shift=True, stem_width=8)
+    return randomize_network_bn(TSN(base, num_classes=3, num_segments=num_segments)).eval()
+
+
+def assert_standard_onnx(model_proto) -> None:
+    """Standard ONNX operators only: no custom domain, no local functions left."""
+    domains = {node.domain for node in model_proto.graph.node} | {f.domain for f in model_proto.functions}
+    assert domains <= {"", "ai.onnx"}, f"non-standard ONNX domains: {domains}"
