@@ -13,13 +13,15 @@ import torch
 from torch import nn
 
 from . import backends, reference
+from .state_loading import AtomicLoadStateDict
 from .validation import check_input, check_num_segments
 from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
 from .warnings_once import warn_once
 
 
-class AIAModule(nn.Module):
-    """Shared by units and combined variants: validation and backend dispatch."""
+class AIAModule(AtomicLoadStateDict, nn.Module):
+    """Shared by units and combined variants: validation, backend dispatch, and a
+    ``load_state_dict`` that loads everything or changes nothing (``state_loading.py``)."""
 
     variant: str
     combine: str | None = None

@@ -5,11 +5,11 @@
     load_checkpoint(model, "TSN_something_RGB_resnet50_aia_segment8_best.pth.tar")
     scores = model(clips)          # clips: (N, T, 3, H, W) -> (N, num_classes)
 """
-from .checkpoint import CheckpointMismatch, LoadReport, load_checkpoint
+from .checkpoint import CheckpointMismatch, CheckpointReadError, LoadReport, load_checkpoint
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .resnet import Bottleneck, ResNet, blocks_with_aia, temporal_shift
 from .tsn import TSN, tsm_resnet50, tsm_resnet101, tsn_resnet50, tsn_resnet101
 
 __all__ = ["TSN", "ResNet", "Bottleneck", "tsn_resnet50", "tsn_resnet101", "tsm_resnet50", "tsm_resnet101",
-           "load_checkpoint", "LoadReport", "CheckpointMismatch", "blocks_with_aia", "temporal_shift",
-           "SyncBatchNorm", "convert_sync_batchnorm"]
+           "load_checkpoint", "LoadReport", "CheckpointMismatch", "CheckpointReadError", "blocks_with_aia",
+           "temporal_shift", "SyncBatchNorm", "convert_sync_batchnorm"]
