@@ -6,6 +6,7 @@ compiler error, a folder that cannot be written) raises with the reason for
 
 Each build runs in a subprocess with its own ``AIA_KERNELS_BUILD_DIR`` (a tmp dir), so this
 process's extension is left alone."""
+import contextlib
 import os
 import shutil
 import signal
@@ -140,15 +141,21 @@ def test_killed_build_then_two_processes_build_once_and_both_run(tmp_path):
     log = tmp_path / "compiles.log"
     # 1. A build whose compiler hangs, killed with everything it started (as an OOM kill or
     #    a Ctrl-C at the wrong moment would): torch's lock file stays behind.
-    hanging = compiler_wrapper(tmp_path / "hanging-cxx", 'if [[ " $* " == *" -c "* ]]; then sleep 600; fi')
+    #    ninja runs each compiler in a process group of its own: the hanging ones record their
+    #    pids, and are killed by them.
+    hung = tmp_path / "hung-compilers"
+    hanging = compiler_wrapper(tmp_path / "hanging-cxx",
+                               f'[[ " $* " == *" -c "* ]] && echo $$ >> {hung} && exec sleep 600')
     first = python(RUN_NATIVE, environment(build, CXX=hanging), start_new_session=True)
     try:
-        wait_for(lambda: (build / TORCH_LOCK_NAME).exists() and (build / "build.ninja").exists(), 120,
-                 "the first build to start")
+        wait_for(lambda: (build / TORCH_LOCK_NAME).exists() and hung.exists(), 300, "the first build to start")
         time.sleep(0.5)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+        for pid in (hung.read_text().split() if hung.exists() else ()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
     assert (build / TORCH_LOCK_NAME).exists()
 
     # 2. Two processes at once, with a compiler that logs what it compiles: one builds (and

@@ -7,7 +7,9 @@ Here the build runs under ``fcntl.flock`` on ``aia_build.lock`` in the same fold
 releases it when its holder dies, however it dies. Whoever holds it is the only aia_kernels
 process building in that folder, so a torch ``lock`` file found then is stale and is removed.
 A second process that starts meanwhile says whom it waits for, waits, then finds the build
-done (ninja has nothing to do) and loads it: one build, both run.
+done (ninja has nothing to do) and loads it: one build, both run. (The folder is this
+extension's alone: torch's default is one folder per extension, and ``AIA_KERNELS_BUILD_DIR``
+must not be shared with other extensions' builds, whose live lock file would look stale.)
 
 Without ``fcntl`` (Windows) only torch's own lock file guards the folder.
 """
