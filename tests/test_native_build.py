@@ -163,7 +163,11 @@ def test_killed_build_then_two_processes_build_once_and_both_run(tmp_path):
     logging = compiler_wrapper(tmp_path / "logging-cxx", f'[[ " $* " == *" -c "* ]] && echo "$@" >> {log}')
     env = environment(build, CXX=logging)
     runs = [python(RUN_NATIVE, env) for _ in range(2)]
-    results = [run.communicate(timeout=900) for run in runs]
+    try:  # a minute on an idle 2-core machine; 15 on one loaded eight times over
+        results = [run.communicate(timeout=1800) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
     for run, (out, err) in zip(runs, results):
         assert run.returncode == 0, err[-3000:]
         assert out.strip().endswith("ran")
