@@ -15,6 +15,7 @@ from torch import nn
 from . import backends, reference
 from .exporting import check_exportable, is_exporting
 from .layouts import DEFAULT_5D_LAYOUT, DEFAULT_NUM_SEGMENTS, check_layout, from_clip_view, to_clip_view
+from .state_loading import AtomicLoadStateDict
 from .validation import check_input, check_num_segments
 from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
 from .warnings_once import warn_once
@@ -27,8 +28,9 @@ def _resolve_backend(requested: str, device: torch.device) -> str:
     return backends.resolve(requested, device)
 
 
-class AIAModule(nn.Module):
-    """Shared by units and combined variants: validation and backend dispatch."""
+class AIAModule(AtomicLoadStateDict, nn.Module):
+    """Shared by units and combined variants: validation, backend dispatch, and a
+    ``load_state_dict`` that loads everything or changes nothing (``state_loading.py``)."""
 
     variant: str
     combine: str | None = None

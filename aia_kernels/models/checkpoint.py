@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..state_loading import load_state_dict_atomically
+
 # TSM's released code wraps a shifted block's conv1 as ``conv1.net``; our shift has no module.
 _KEY_ALIASES = ((".conv1.net.", ".conv1."),)
 
@@ -19,7 +21,8 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, checkpoint, model shape
+    # key, checkpoint shape (or why its value is no tensor), model shape
+    mismatched: list[tuple[str, tuple | str, tuple]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -35,13 +38,19 @@ class LoadReport:
                 + block("missing from the checkpoint", self.missing)
                 + block("unexpected in the checkpoint", self.unexpected)
                 + block("shape mismatch (checkpoint vs model)",
-                        (f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched)))
+                        (f"{k}: {a if isinstance(a, str) else tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched)))
 
 
 class CheckpointMismatch(RuntimeError):
+    """The checkpoint's keys or shapes do not fit the model (which is left unchanged)."""
+
     def __init__(self, report: LoadReport):
-        super().__init__(f"checkpoint does not match the model: {report}")
+        super().__init__(f"checkpoint does not match the model (the model is unchanged): {report}")
         self.report = report
+
+
+class CheckpointReadError(RuntimeError):
+    """The checkpoint file cannot be read (truncated, corrupt, not a torch file)."""
 
 
 def read_state_dict(path_or_state_dict) -> OrderedDict[str, torch.Tensor]:
@@ -49,7 +58,7 @@ def read_state_dict(path_or_state_dict) -> OrderedDict[str, torch.Tensor]:
     layout or a bare state_dict; DataParallel's ``module.`` prefix removed. Its ``_metadata``
     (module versions, which say how a checkpoint was laid out) is kept under the same renames."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        path_or_state_dict = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        path_or_state_dict = _read_file(path_or_state_dict)
     if not isinstance(path_or_state_dict, Mapping):
         raise TypeError(f"expected a path or a state_dict mapping, got {type(path_or_state_dict).__name__}")
     state = path_or_state_dict.get("state_dict", path_or_state_dict)
@@ -71,18 +80,34 @@ def read_state_dict(path_or_state_dict) -> OrderedDict[str, torch.Tensor]:
     return out
 
 
+def _read_file(path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch.load's errors name neither the file nor the likely cause
+        raise CheckpointReadError(f"cannot read the checkpoint {os.fspath(path)}: it is truncated, corrupt or not "
+                                  f"a torch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
                             expected_keys: Iterable[str] | None = None, strict: bool = True) -> LoadReport:
     """Copy ``state`` into ``model``; every key of ``expected_keys`` (default: all of the
     model's) must be present with its shape and no other key may appear. Raises
-    :class:`CheckpointMismatch` listing the differences when ``strict``."""
+    :class:`CheckpointMismatch` listing the differences when ``strict``, before anything is
+    copied; whatever raises, the model is unchanged."""
     own = model.state_dict()
     expected = list(own) if expected_keys is None else list(expected_keys)
     report = LoadReport(missing=[k for k in expected if k not in state],
                         unexpected=[k for k in state if k not in own or k not in set(expected)])
     for key in expected:
         if key in state:
-            if tuple(state[key].shape) != tuple(own[key].shape):
+            if not isinstance(state[key], torch.Tensor):
+                report.mismatched.append((key, f"not a tensor ({type(state[key]).__name__})", tuple(own[key].shape)))
+            elif own[key].is_floating_point() and not state[key].is_floating_point():  # complex, integer, bool
+                report.mismatched.append((key, f"dtype {state[key].dtype} for a {own[key].dtype} tensor",
+                                          tuple(own[key].shape)))
+            elif tuple(state[key].shape) != tuple(own[key].shape):
                 report.mismatched.append((key, tuple(state[key].shape), tuple(own[key].shape)))
             else:
                 report.loaded.append(key)
@@ -91,7 +116,8 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
     loaded = OrderedDict((k, state[k]) for k in report.loaded)
     if hasattr(state, "_metadata"):
         loaded._metadata = state._metadata  # module versions: see modules.AIACombined._version
-    model.load_state_dict(loaded, strict=False)
+    # Atomic: a value that cannot be copied (or a failing load hook) leaves the model unchanged.
+    load_state_dict_atomically(model, loaded, strict=False)
     return report
 
 

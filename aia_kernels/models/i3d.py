@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..modules import AIAModule, aia_modules
+from ..state_loading import AtomicLoadStateDict
 from .resnet import Bottleneck, blocks_with_aia, init_weights
 
 ARCHS = ("i3d", "slow")
@@ -57,7 +58,7 @@ class Bottleneck3d(Bottleneck):
         self._attach_attention(variant, backend=backend, layout="NCTHW")  # 5-D input only, T from each tensor
 
 
-class ResNet3d(nn.Module):
+class ResNet3d(AtomicLoadStateDict, nn.Module):
     """A 3D ResNet of :class:`Bottleneck3d` in one of ``ARCHS``, with AIA placed by the 2D
     networks' rule (every block; every other block of a stage of 23 or more).
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..modules import AIACombined, AIAModule, aia_modules, build, swap_unit_states, warn_old_unit_order
+from ..state_loading import AtomicLoadStateDict
 from ..variants import REGISTRATION_ORDER
 
 # A stage with this many blocks or more (ResNet-101's third stage) carries AIA (and
@@ -127,7 +128,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(AtomicLoadStateDict, nn.Module):
     """torchvision's ResNet of Bottlenecks, with AIA placed by the spec's rule.
 
     ``layers`` blocks per stage, ``widths`` the Bottleneck planes per stage (64, 128,

@@ -12,13 +12,14 @@ import os
 import torch
 from torch import nn
 
+from ..state_loading import AtomicLoadStateDict
 from .checkpoint import load_state_dict_checked, read_state_dict
 from .resnet import ResNet
 
 RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 
 
-class TSN(nn.Module):
+class TSN(AtomicLoadStateDict, nn.Module):
     """Frame-level 2D network over every frame; the clip's score is the mean of its frame scores.
 
     Input ``(N, T, 3, H, W)`` or ``(N*T, 3, H, W)`` (then ``T = num_segments``);

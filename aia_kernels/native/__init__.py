@@ -6,7 +6,10 @@ CPU-only torch builds only the C++ sources; the CUDA sources are added when
 ``torch.cuda.is_available()`` and a CUDA toolkit (``CUDA_HOME``) exist. An ahead-of-time
 build (``AIA_KERNELS_BUILD_NATIVE=1`` for ``setup.py``) is used instead when it was made
 for this torch version and CPU (``AIA_NATIVE_PREBUILT`` selects; :func:`build_info` says).
-Sources and flags: ``build_config.py``.
+Sources and flags: ``build_config.py``. The first-use build says on stderr what it compiles
+and where before it starts, and runs under a lock that a killed build does not leave
+behind (``build_lock.py``). A build that fails is remembered for the process: ``load``
+raises with the compiler's message, and ``backend="auto"`` runs the next backend, warning once.
 
 The CUDA kernels have never run on a GPU: ``unavailable_reason`` refuses CUDA devices
 unless ``AIA_NATIVE_CUDA=1`` is set, so ``backend="auto"`` never picks them.
@@ -51,6 +54,7 @@ from .build_config import (
     machine_specific,
     sources_digest,
 )
+from .build_lock import exclusive_build, needs_build, say
 
 # The source tree's csrc/, or the copy a regular install puts inside the package.
 CSRC = next((p for p in (Path(__file__).resolve().parents[2] / "csrc", Path(__file__).resolve().parents[1] / "csrc")
@@ -186,12 +190,17 @@ def load(verbose: bool = False) -> None:
                           "a slow CPU emulator (a test tool, csrc/emulation/), not the C++ CPU kernels",
                           stacklevel=2)
         name = _extension_name(cuda, emulated)
-        directory = build_directory() or _torch_build_directory(name, verbose)
         try:
-            load_extension(name=name, sources=sources,
-                           extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines,
-                           extra_ldflags=LD_FLAGS, extra_include_paths=[str(CSRC)], build_directory=directory,
-                           is_python_module=False, verbose=verbose)
+            directory = build_directory() or _torch_build_directory(name, verbose)
+            with exclusive_build(directory):
+                if needs_build(directory, name, CSRC):
+                    what = "CUDA and C++" if cuda else "emulated CUDA and C++" if emulated else "C++"
+                    say(f"compiling the native {what} kernels ({name}) on first use, about "
+                        f"{'2-5 minutes' if cuda or emulated else '30-90 s'}; cached in {directory}")
+                load_extension(name=name, sources=sources,
+                               extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines,
+                               extra_ldflags=LD_FLAGS, extra_include_paths=[str(CSRC)], build_directory=directory,
+                               is_python_module=False, verbose=verbose)
         except Exception as exc:  # the message carries the compiler's output
             _state["error"] = f"building the aia_kernels native extension from {CSRC} failed: {exc}"
             raise RuntimeError(_state["error"]) from exc
