@@ -10,8 +10,9 @@
 #      s; its output goes into run.log when it ends
 #   1. tests   the suite but the native CUDA tests, their emulator run and the compile-only
 #              checks (CI runs those), pytest-xdist          <= TESTS_S (170) s -> tests.log
-#   2. native  tests/test_native_cuda.py: the native CUDA kernels against the reference, on
-#              the GPU; only if they pass are they benchmarked (AIA_NATIVE_CUDA=1)
+#   2. native  tests/test_native_cuda.py and test_conformance.py's native-cuda target: the native
+#              CUDA kernels against the reference, on the GPU; only if they pass are they
+#              benchmarked (AIA_NATIVE_CUDA=1)
 #                                                            <= NATIVE_S (80) s -> native_cuda.log
 #   3. tune    (not default) benchmarks/tune_triton.py sweeps the Triton tiles into the
 #              package table, so later steps use it   <= TUNE_S (240) s -> tuning/ (4 files)
@@ -136,18 +137,23 @@ if step tests; then
         # test_native_cuda.py is step 2 (on the GPU itself): its emulator run is left out here, and so
         # are the compile-only checks (CI runs them; the spec-shape Triton one alone takes minutes cold)
         # and the test that builds the C++ library again with CUDA hidden (as in CI, minutes of g++).
+        # So are the native-cuda conformance cases (step 2), and the CPU-only tests that build the C++
+        # library again (test_native_build.py) or export whole networks (test_export_cli.py).
         TESTS=(tests --ignore tests/test_native_cuda.py --ignore tests/test_native_cuda_emulated.py
                --ignore tests/test_triton_compile.py --ignore tests/test_native_cuda_compile.py
-               --deselect tests/test_native_prebuilt.py::test_setup_builds_a_portable_library_the_loader_uses)
+               --ignore tests/test_native_build.py --ignore tests/test_export_cli.py
+               --deselect tests/test_native_prebuilt.py::test_setup_builds_a_portable_library_the_loader_uses
+               -k "not native-cuda")
     fi
     run tests "${TESTS_S:-170}" "$DIR/tests.log" $PY -m pytest -q -p no:cacheprovider $XDIST "${TESTS[@]}"
 fi
 build_done
 
 if step native; then
-    # 163 tests (one-launch backward included), spread over the xdist workers too; on CPU all skip.
-    if run native "${NATIVE_S:-80}" "$DIR/native_cuda.log" $PY -m pytest tests/test_native_cuda.py -q \
-            -p no:cacheprovider $XDIST; then
+    # test_native_cuda.py and the conformance suite's native-cuda target, spread over the xdist
+    # workers too; on CPU all skip.
+    if run native "${NATIVE_S:-80}" "$DIR/native_cuda.log" $PY -m pytest tests/test_native_cuda.py \
+            tests/test_conformance.py -k "native-cuda or not conformance" -q -p no:cacheprovider $XDIST; then
         export AIA_NATIVE_CUDA=1
     else
         log "native CUDA kernels: not benchmarked"

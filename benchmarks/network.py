@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's aia_kernels and benchmarks
-from aia_kernels import aia_modules, fused, plan as plans  # noqa: E402
+from aia_kernels import aia_modules, fused  # noqa: E402
 from aia_kernels import backends as aia_backends  # noqa: E402
+from aia_kernels import plan as plans
 from aia_kernels.models import tsm_resnet50, tsn_resnet50  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 from benchmarks.saved_bytes import saved_bytes  # noqa: E402

@@ -1,6 +1,9 @@
-"""The native backend (csrc/, C++ on CPU) against the reference: every variant, modes,
-dtypes, layouts, gradients, determinism, bad inputs, the op schemas (opcheck), and
-what backend="auto" picks. The extension is built on first use (the first test pays)."""
+"""What is specific to the native backend (csrc/, C++ on CPU): long rows (vector chunks),
+determinism across thread counts, the build (compiler errors, C++17, a portable build),
+its own ops (opcheck, bad arguments, the plan ops against the primitive walk), bad inputs,
+and what backend="auto" picks. The variant x mode x dtype matrix against the reference,
+gradcheck and layouts are test_conformance.py's native-cpu target. The extension is built
+on first use (the first test pays)."""
 import os
 import re
 import warnings
@@ -8,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import aia_kernels
 from aia_kernels import backends, warnings_once
@@ -32,32 +34,6 @@ def built():
     native.load()  # a build failure fails here, with the compiler's message
 
 
-@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("use_bn", [True, False], ids=["bn", "nobn"])
-def test_float64_matches_reference(variant, train, use_bn):
-    compare_with_reference(variant, "native", use_bn=use_bn, train=train, atol=1e-10, rtol=1e-8)
-
-
-@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_float32_matches_reference(variant, train):
-    # Same math, different summation order (row lanes, fused passes): float32 rounding only.
-    compare_with_reference(variant, "native", train=train, dtype=torch.float32, atol=2e-4, rtol=2e-4)
-
-
-# Half inputs: pooling, gates and gradients accumulate in float32 on both sides (the
-# reference runs in float32 on the same rounded input and upstream gradient), so only
-# the final rounding of `out` and `grad_x` to the half type differs: one ulp of the
-# half type (bf16 2**-8 = 3.9e-3, fp16 2**-11 = 4.9e-4) relative, plus a little for
-# values that round across a gate's sigmoid. Parameter gradients stay near float32.
-@pytest.mark.parametrize("variant", ["C", "ST", "CinST->STinC", "CinST+STinC"])
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)], ids=["bf16", "fp16"])
-def test_half_inputs(variant, dtype, tol):
-    _, out = compare_with_reference(variant, "native", dtype=dtype, atol=tol, rtol=tol)
-    assert out.grad_x.dtype == dtype
-
-
 # Rows longer than one vector (16 floats, 8 doubles) take several chunks; past 4 chunks,
 # several column groups (the default shapes have 7-wide rows: one chunk).
 @pytest.mark.parametrize("variant", ["CinST->STinC", "STinC->CinST", "C+ST", "ST"])
@@ -68,46 +44,6 @@ def test_long_rows(variant, dtype, shape):
     compare_with_reference(variant, "native", dtype=dtype, x=torch.randn(shape, dtype=dtype), atol=atol, rtol=rtol)
     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
     compare_with_reference(variant, "native", dtype=dtype, x=x, atol=atol, rtol=rtol)
-
-
-@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
-@pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST"])
-def test_strided_inputs(variant, layout):
-    """Any strides are read in place (the kernels take the strides); the output keeps x's layout."""
-    base = torch.randn(SHAPE, dtype=torch.float64)
-    if layout == "channels_last":
-        x = base.to(memory_format=torch.channels_last)
-    elif layout == "transposed":
-        x = base.transpose(2, 3).contiguous().transpose(2, 3)
-    else:
-        x = torch.randn(SHAPE[0], SHAPE[1] * 2, SHAPE[2], SHAPE[3] + 3, dtype=torch.float64)[:, ::2, :, 1:-2]
-    assert x.shape == SHAPE
-    _, out = compare_with_reference(variant, "native", x=x, atol=1e-10, rtol=1e-8)
-    if layout == "channels_last":
-        assert out.out.is_contiguous(memory_format=torch.channels_last)
-
-
-def _gradcheck_module(variant: str, use_bn: bool):
-    torch.manual_seed(1)
-    module = aia_kernels.build(variant, num_segments=2, use_BN=use_bn, backend="native").double().train()
-    names, params = zip(*module.named_parameters())
-    x = torch.randn(4, 3, 3, 4, dtype=torch.float64, requires_grad=True)
-
-    def f(x, *ps):
-        return functional_call(module, dict(zip(names, ps)), (x,))
-
-    # BN running statistics change on every call; they do not feed the train-mode output.
-    assert torch.autograd.gradcheck(f, (x, *[p.detach().requires_grad_() for p in params]), eps=1e-6,
-                                    atol=1e-6, rtol=1e-4)
-
-
-@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
-def test_gradcheck_train(variant):
-    _gradcheck_module(variant, use_bn=True)
-
-
-def test_gradcheck_without_bn():
-    _gradcheck_module("CinST->STinC", use_bn=False)
 
 
 def test_deterministic_across_runs_and_thread_counts():

@@ -1,7 +1,7 @@
 """The native CUDA kernels run on the CPU through the CUDA emulator (csrc/emulation/):
-test_native_cuda.py in subprocesses with AIA_NATIVE_CUDA_EMULATION=1 (the emulation build
-replaces the C++ CPU kernels for a whole process, so it cannot share this one), sharing
-one build directory.
+test_native_cuda.py and test_conformance.py's native-cuda target in subprocesses with
+AIA_NATIVE_CUDA_EMULATION=1 (the emulation build replaces the C++ CPU kernels for a whole
+process, so it cannot share this one), sharing one build directory.
 
 This is not a GPU run: it checks the kernels' indexing, arithmetic and barrier logic
 against the reference, not the memory model, races the emulator's thread orders cannot
@@ -19,6 +19,9 @@ pytest.importorskip("aia_kernels.native")
 TESTS = Path(__file__).resolve().parent
 # test_native_cuda.py's tests that need a real device (they skip under emulation, saying why).
 DEVICE_ONLY = 2
+# The CUDA-specific tests, and the conformance matrix of the one target the emulator runs.
+FILES = ("test_native_cuda.py", "test_conformance.py")
+EMULATED_TESTS = "not test_conformance or native-cuda"
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +29,16 @@ def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("emulation_build")
 
 
-def run_emulated(build_dir, *pytest_args, **env) -> tuple[int, int]:
-    """(passed, skipped) of test_native_cuda.py under emulation; fails on any failure."""
+def run_emulated(build_dir, keyword=EMULATED_TESTS, **env) -> tuple[int, int]:
+    """(passed, skipped) of the tests of FILES that ``keyword`` (pytest -k) selects, under
+    emulation; fails on any failure."""
     # The child is a plain pytest run: drop what an xdist worker parent leaves in the
     # environment (pytest-benchmark reacts to it with a warning on stderr).
     parent = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS"))}
     env = {**parent, "AIA_NATIVE_CUDA_EMULATION": "1", "AIA_KERNELS_BUILD_DIR": str(build_dir),
            "AIA_CUDA_EMULATION_ORDER": "forward", **env}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(TESTS / "test_native_cuda.py"),
-           *pytest_args]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *(str(TESTS / f) for f in FILES),
+           "-k", keyword]
     proc = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=1800)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-8000:]
@@ -49,12 +53,12 @@ def run_emulated(build_dir, *pytest_args, **env) -> tuple[int, int]:
 
 def test_cuda_kernels_on_the_emulator(build_dir):
     passed, skipped = run_emulated(build_dir)
-    assert skipped == DEVICE_ONLY and passed > 100, (passed, skipped)
+    assert skipped == DEVICE_ONLY and passed > 200, (passed, skipped)
 
 
 def test_one_launch_paths_on_a_large_grid(build_dir):
     """320 co-resident blocks (AIA_CUDA_EMULATION_SMS=160; an H100 has 132 SMs): the
     one-launch forward's BN merge reads more block partials than a block has threads,
     and the one-launch backward merges 320 partials per sum."""
-    passed, _ = run_emulated(build_dir, "-k", "persistent_many_blocks and f64", AIA_CUDA_EMULATION_SMS="160")
+    passed, _ = run_emulated(build_dir, "persistent_many_blocks and f64", AIA_CUDA_EMULATION_SMS="160")
     assert passed == 1

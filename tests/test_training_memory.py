@@ -15,12 +15,13 @@ import pytest
 import torch
 
 import aia_kernels
-from aia_kernels import backends, fused, plan as plans
+from aia_kernels import backends, fused
+from aia_kernels import plan as plans
 from aia_kernels.primitives import PrimitivesOnly
 from aia_kernels.primitives.torch_impl import TorchPrimitives
+from benchmarks.saved_bytes import saved_bytes
 
 from aia_testing import SHAPE, assert_equal_results, make_pair, run
-from benchmarks.saved_bytes import saved_bytes
 
 BUDGET = 1.15  # saved bytes / the input's bytes (issue 20)
 BUDGET_SHAPE, BUDGET_SEGMENTS = (8, 64, 40, 40), 8

@@ -5,8 +5,8 @@ input or the output, torch.compile(fullgraph=True), opcheck, clear errors.
 
 The backends: the generic executor on plain-torch primitives ("executor", which checks
 the plan and the 5-D view handling without any kernel), the native C++ kernels, and the
-Triton kernels (through the interpreter on CPU: a smaller matrix). The native CUDA
-kernels get the same inputs in test_native_cuda.py (run on the CUDA emulator)."""
+Triton kernels (through the interpreter on CPU: a smaller matrix). Every backend target,
+the CUDA ones included, also gets the three layouts in test_conformance.py."""
 import copy
 
 import pytest
@@ -83,11 +83,10 @@ def test_reference_on_5d_equals_4d_of_the_same_clips(variant, layout_name):
 
 # ---- every backend against the reference ----
 
-# The Triton interpreter is slow: one variant with C and THW stages and factors covers its
-# 5-D indexing (every kernel reads v and writes through strides); the others run the same kernels.
+# Triton gets the three layouts in test_conformance.py (the interpreter is slow).
 @pytest.mark.parametrize("layout_name", VIDEO_LAYOUTS)
-@pytest.mark.parametrize("backend,variant", [(b, v) for b in ("executor", "native") for v in SUBSET]
-                         + [("triton", "CinST->STinC")], indirect=["backend"])
+@pytest.mark.parametrize("backend,variant", [(b, v) for b in ("executor", "native") for v in SUBSET],
+                         indirect=["backend"])
 def test_matches_reference(backend, variant, layout_name):
     x, layout = video_input(layout_name)
     compare_with_reference(variant, backend, x=x, layout=layout, num_segments=None)

@@ -180,7 +180,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--network", choices=NETWORKS, default="tsn",
-                        help="tsn: the 2D network; i3d, slow: a 3D ResNet of the same sizes in that form (AIA on 5-D features)")
+                        help="tsn: the 2D network; i3d, slow: a 3D ResNet of the same sizes in that form "
+                             "(AIA on 5-D features)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest for these tiny tensors)")
     parser.add_argument("--out", default=None, help="where results.json/.md and the PNG go (default: "
