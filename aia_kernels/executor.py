@@ -42,7 +42,7 @@ def _check_batch_stats(plan: Plan, v_shape, bn_modes) -> None:
 
 
 def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, bn_weights, bn_biases,
-                running_means, running_vars, bn_modes, eps):
+                running_means, running_vars, bn_modes, eps, sync=None):
     """``x``: (N*T, C, H, W), or an (N, T, C, H, W) view with any strides (T = num_segments);
     ``out`` is allocated like ``x`` (same strides where x is dense).
 
@@ -52,10 +52,13 @@ def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, b
     (batch statistics, biased, in train mode; running statistics in eval mode).
 
     A backend whose primitives offer ``forward_plan`` (the native one) runs the whole
-    plan in one call instead; it walks the stages in the same order."""
+    plan in one call instead; it walks the stages in the same order. ``sync``
+    (``sync_bn.GateStatsSync``, or None) computes the gates whose BN syncs across ranks;
+    the walk below is then taken."""
     v = clip_view(x, num_segments)
-    _check_batch_stats(plan, v.shape, bn_modes)
-    if hasattr(prims, "forward_plan"):
+    batch_modes = bn_modes if sync is None else [BN_NONE if g in sync else m for g, m in enumerate(bn_modes)]
+    _check_batch_stats(plan, v.shape, batch_modes)  # a synced gate checks its global count
+    if hasattr(prims, "forward_plan") and sync is None:
         return prims.forward_plan(plan, x, num_segments, conv_weights, bn_weights, bn_biases, running_means,
                                   running_vars, bn_modes, eps)
     n_gates = len(plan.gate_axes)
@@ -65,8 +68,11 @@ def run_forward(prims, plan: Plan, x: Tensor, num_segments: int, conv_weights, b
     for stage in plan.stages:
         pooled = prims.pool(v, _weight_value(stage.weight, gates), stage.axes)
         for axis, g, (p, argmax) in zip(stage.axes, stage.gates, pooled):
-            fw = prims.gate_forward(p, conv_weights[g], bn_modes[g], bn_weights[g], bn_biases[g],
-                                    running_means[g], running_vars[g], eps[g])
+            if sync is not None and g in sync:
+                fw = sync.gate_forward(prims, g, p, conv_weights[g], bn_weights[g], bn_biases[g], eps[g])
+            else:
+                fw = prims.gate_forward(p, conv_weights[g], bn_modes[g], bn_weights[g], bn_biases[g],
+                                        running_means[g], running_vars[g], eps[g])
             gates[g] = GateValue(axis, fw.z, fw.scale_shift)
             kept = [p.new_empty(0), argmax.new_empty(0), fw.z.new_empty(0)] if stage.recompute else [p, argmax, fw.z]
             saved[SAVED_PER_GATE * g:SAVED_PER_GATE * (g + 1)] = [*kept, fw.scale_shift]
@@ -100,11 +106,11 @@ def recompute(prims, plan: Plan, v: Tensor, conv_weights, saved) -> list[Tensor]
 
 
 def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: int, conv_weights,
-                 bn_weights, bn_modes, eps, saved, bn_stats, needs):
+                 bn_weights, bn_modes, eps, saved, bn_stats, needs, sync=None):
     """``needs`` = [x] + [conv weight] * G + [bn weight] * G + [bn bias] * G; a backend's
     ``backward_plan`` replaces the walk below (recompute included), as ``forward_plan`` does
-    in run_forward."""
-    if hasattr(prims, "backward_plan"):
+    in run_forward; ``sync``: the forward's."""
+    if hasattr(prims, "backward_plan") and sync is None:
         return prims.backward_plan(plan, grad_out, x, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
                                    bn_stats, needs)
     v = clip_view(x, num_segments)
@@ -135,9 +141,13 @@ def run_backward(prims, plan: Plan, grad_out: Tensor, x: Tensor, num_segments: i
         need_pooled = need_x or bool(stage.weight.factors)
         pooled_grads = []
         for axis, g in zip(stage.axes, stage.gates):
-            grads = prims.gate_backward(gate_grads[g], pooled[g], gates[g], bn_stats[g], conv_weights[g], bn_modes[g],
-                                        bn_weights[g], eps[g],
-                                        (need_pooled, need_conv[g], need_bn_w[g], need_bn_b[g]))
+            gate_needs = (need_pooled, need_conv[g], need_bn_w[g], need_bn_b[g])
+            if sync is not None and g in sync:
+                grads = sync.gate_backward(prims, g, gate_grads[g], pooled[g], gates[g], bn_stats[g], conv_weights[g],
+                                           bn_weights[g], eps[g], gate_needs)
+            else:
+                grads = prims.gate_backward(gate_grads[g], pooled[g], gates[g], bn_stats[g], conv_weights[g],
+                                            bn_modes[g], bn_weights[g], eps[g], gate_needs)
             d_conv[g] = _cast(grads.conv_weight, conv_weights[g])
             d_bn_w[g] = _cast(grads.bn_weight, bn_weights[g])
             d_bn_b[g] = _cast(grads.bn_bias, bn_weights[g])

@@ -23,6 +23,7 @@ from .plan import build_plan
 from .primitives import gate_shape
 from .primitives.torch_impl import TorchPrimitives
 from .running_stats import bn_mode, update_running_stats
+from .sync_bn import gate_sync
 
 
 def _primitives(backend: str, device: torch.device):
@@ -124,13 +125,13 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, *params):
-        variant, num_segments, backend, running_means, running_vars, bn_modes, eps = meta
+        variant, num_segments, backend, running_means, running_vars, bn_modes, eps, sync = meta
         n = len(bn_modes)
         conv_weights, bn_weights, bn_biases = list(params[:n]), list(params[n:2 * n]), list(params[2 * n:])
         with torch.autocast(x.device.type, enabled=False):
             out, saved, bn_stats = run_forward(_primitives(backend, x.device), build_plan(variant), x, num_segments,
                                                conv_weights, bn_weights, bn_biases, running_means, running_vars,
-                                               bn_modes, eps)
+                                               bn_modes, eps, sync)
         ctx.meta = meta
         ctx.needs = [x.requires_grad] + [p is not None and p.requires_grad for p in params]
         ctx.save_for_backward(x, bn_stats, *conv_weights, *bn_weights, *saved)
@@ -139,13 +140,13 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_stats):
-        variant, num_segments, backend, _, _, bn_modes, eps = ctx.meta
+        variant, num_segments, backend, _, _, bn_modes, eps, sync = ctx.meta
         n = len(bn_modes)
         x, bn_stats, *rest = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             gx, d_conv, d_bn_w, d_bn_b = run_backward(
                 _primitives(backend, x.device), build_plan(variant), grad_out, x, num_segments, list(rest[:n]),
-                list(rest[n:2 * n]), bn_modes, eps, list(rest[2 * n:]), bn_stats, ctx.needs)
+                list(rest[n:2 * n]), bn_modes, eps, list(rest[2 * n:]), bn_stats, ctx.needs, sync)
         grads = [gx, *d_conv, *d_bn_w, *d_bn_b]
         return (None, *(g if need else None for g, need in zip(grads, ctx.needs)))
 
@@ -171,11 +172,12 @@ def forward_with_library_op(module, x: Tensor, backend: str, args) -> tuple[Tens
     return out, bn_stats
 
 
-def forward_with_autograd_function(module, x: Tensor, backend: str, args) -> tuple[Tensor, Tensor]:
-    """(out, bn_stats) through :class:`_EagerFused`: the same executor, less Python per call."""
+def forward_with_autograd_function(module, x: Tensor, backend: str, args, sync=None) -> tuple[Tensor, Tensor]:
+    """(out, bn_stats) through :class:`_EagerFused`: the same executor, less Python per call;
+    ``sync``: :class:`sync_bn.GateStatsSync` where gate BNs sync across ranks."""
     conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps = args
     meta = (module.variant, clip_segments(x, module.num_segments), backend, running_means, running_vars, bn_modes,
-            eps)
+            eps, sync)
     return _EagerFused.apply(meta, x, *conv_weights, *bn_weights, *bn_biases)
 
 
@@ -187,12 +189,21 @@ def fused_forward(module, x: Tensor, backend: str) -> Tensor:
     """Forward of an AIA module with a fused backend (called by ``AIAModule.forward``) on
     ``x``, (N*T, C, H, W) or the (N, T, C, H, W) view of a 5-D input (``layouts.py``):
     the library op under torch.compile (traceable, with fake kernels), else
-    ``EAGER_FORWARD``; then the BN running statistics."""
+    ``EAGER_FORWARD``; then the BN running statistics. Gate BNs that sync across ranks
+    (``sync_bn.py``) take the autograd Function, in eager mode only (AIAModule.forward
+    runs the reference path for them under torch.compile)."""
     gates = module.gates()
+    bns = [bn for _, _, bn in gates]
     args = op_arguments(gates)
-    forward = forward_with_library_op if torch.compiler.is_compiling() else EAGER_FORWARD
-    out, bn_stats = forward(module, x, backend, args)
+    sync = gate_sync(bns)
+    if sync is not None:
+        out, bn_stats = forward_with_autograd_function(module, x, backend, args, sync)
+    else:
+        forward = forward_with_library_op if torch.compiler.is_compiling() else EAGER_FORWARD
+        out, bn_stats = forward(module, x, backend, args)
     v_shape = clip_shape(x.shape, clip_segments(x, module.num_segments))
-    update_running_stats([bn for _, _, bn in gates], bn_stats,
-                         [math.prod(gate_shape(v_shape, axis)) for axis, _, _ in gates])
+    counts = [math.prod(gate_shape(v_shape, axis)) for axis, _, _ in gates]
+    if sync is not None:
+        counts = [sync.counts.get(g, count) for g, count in enumerate(counts)]  # the global batch's
+    update_running_stats(bns, bn_stats, counts)
     return out

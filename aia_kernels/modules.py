@@ -16,6 +16,7 @@ from . import backends, reference
 from .exporting import check_exportable, is_exporting
 from .layouts import DEFAULT_5D_LAYOUT, DEFAULT_NUM_SEGMENTS, check_layout, from_clip_view, to_clip_view
 from .state_loading import AtomicLoadStateDict
+from .sync_bn import gate_sync
 from .validation import check_input, check_num_segments
 from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
 from .warnings_once import warn_once
@@ -96,10 +97,11 @@ class AIAModule(AtomicLoadStateDict, nn.Module):
             name = "reference"
         else:
             name = _resolve_backend(self.backend, x.device)
-        if name != "reference" and self._syncs_bn_statistics():
-            warn_once("sync-bn", "aia_kernels: a gate BatchNorm is a SyncBatchNorm in training mode "
-                      "across ranks; the fused backends would not sync its batch statistics, so "
-                      "this module runs the reference path")
+        if name != "reference" and torch.compiler.is_compiling() and self._syncs_bn_statistics():
+            # The fused ops cannot carry a process group; eager mode syncs in the fused path (sync_bn.py).
+            warn_once("sync-bn-compile", "aia_kernels: a gate BatchNorm is a SyncBatchNorm in training mode "
+                      "across ranks; under torch.compile the fused backends do not sync its batch statistics, "
+                      "so this module runs the reference path")
             name = "reference"
         self._record_backend(name)
         if not five_d:
@@ -128,10 +130,7 @@ class AIAModule(AtomicLoadStateDict, nn.Module):
     def _syncs_bn_statistics(self) -> bool:
         """A gate BN is a training SyncBatchNorm (torch's, or one marked ``is_sync_batchnorm``)
         and torch.distributed runs more than one rank."""
-        dist = torch.distributed
-        return (dist.is_available() and dist.is_initialized()
-                and any((isinstance(bn, nn.SyncBatchNorm) or getattr(bn, "is_sync_batchnorm", False)) and bn.training
-                        and dist.get_world_size(bn.process_group) > 1 for _, _, bn in self.gates()))
+        return gate_sync([bn for _, _, bn in self.gates()]) is not None
 
     def extra_repr(self) -> str:
         layout = "" if self.layout is None else f", layout={self.layout!r}"

@@ -91,22 +91,33 @@ def upstream_values(upstream: Upstream, v: torch.Tensor) -> torch.Tensor:
 
 
 def _fold_bn(bn_mode, z, bn_weight, bn_bias, running_mean, running_var, eps):
+    if bn_mode == BN_NONE:
+        return torch.stack([z.new_ones(()), z.new_zeros(())]), z.new_zeros(2)
+    if bn_mode == BN_BATCH:
+        mean, var = z.mean(), z.var(unbiased=False)
+    elif bn_mode == BN_RUNNING:
+        mean, var = running_mean.to(z.dtype).reshape(()), running_var.to(z.dtype).reshape(())
+    else:
+        raise ValueError(f"unknown BN mode {bn_mode}")
+    return fold_bn_with(z, bn_weight, bn_bias, mean, var, eps)
+
+
+def fold_bn_with(z, bn_weight, bn_bias, mean, var, eps):
+    """(scale, shift) of BN normalising ``z`` with ``mean`` and ``var``, and (mean, var)."""
     acc = z.dtype
     gamma = bn_weight.to(acc).reshape(()) if bn_weight is not None else z.new_ones(())
     beta = bn_bias.to(acc).reshape(()) if bn_bias is not None else z.new_zeros(())
-    stats = z.new_zeros(2)
-    if bn_mode == BN_NONE:
-        return torch.stack([z.new_ones(()), z.new_zeros(())]), stats
-    if bn_mode == BN_BATCH:
-        mean, var = z.mean(), z.var(unbiased=False)
-        stats = torch.stack([mean, var])
-    elif bn_mode == BN_RUNNING:
-        mean, var = running_mean.to(acc).reshape(()), running_var.to(acc).reshape(())
-        stats = torch.stack([mean, var])
-    else:
-        raise ValueError(f"unknown BN mode {bn_mode}")
     scale = gamma * torch.rsqrt(var + eps)
-    return torch.stack([scale, beta - mean * scale]), stats
+    return torch.stack([scale, beta - mean * scale]), torch.stack([mean, var])
+
+
+def conv_backward(pooled, conv_weight, dz, need_pooled: bool, need_conv: bool):
+    """(d loss / d pooled, d loss / d conv weight) of a gate's conv, given d loss / d z."""
+    dz = dz.unsqueeze(1)
+    w = conv_weight.to(dz.dtype)
+    d_pooled = torch.nn.grad.conv3d_input(pooled.shape, w, dz, padding=1) if need_pooled else None
+    d_conv = torch.nn.grad.conv3d_weight(pooled, w.shape, dz, padding=1) if need_conv else None
+    return d_pooled, d_conv
 
 
 class TorchPrimitives:
@@ -157,10 +168,7 @@ class TorchPrimitives:
                 dz = dzhat * rstd
             dbn_w = (dy * zhat).sum().reshape(1) if needs[2] else None
             dbn_b = dy.sum().reshape(1) if needs[3] else None
-        dz = dz.unsqueeze(1)
-        w = conv_weight.to(z.dtype)
-        d_pooled = torch.nn.grad.conv3d_input(pooled.shape, w, dz, padding=1) if needs[0] else None
-        d_conv = torch.nn.grad.conv3d_weight(pooled, w.shape, dz, padding=1) if needs[1] else None
+        d_pooled, d_conv = conv_backward(pooled, conv_weight, dz, needs[0], needs[1])
         return GateGrads(d_pooled, d_conv, dbn_w, dbn_b)
 
     def input_grad(self, terms, out):
