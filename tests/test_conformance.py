@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -129,6 +130,35 @@ def target(request, monkeypatch):
     return t
 
 
+def slow_here(target: Target) -> bool:
+    """The target runs here through an interpreter or an emulator: seconds per module call."""
+    return (target.backend == "triton" and target.device_type == "cpu") or (EMULATED and target.id == EMULATED_TARGET)
+
+
+def diagonal(first, *rest) -> list[tuple]:
+    """Each value of ``first`` once, paired in turn with the combinations of ``rest``: every
+    value of every parameter appears, in len(first) cases instead of the whole product."""
+    combos = list(itertools.product(*rest))
+    return [(f, *combos[i % len(combos)]) for i, f in enumerate(first)]
+
+
+def _id(value) -> str:
+    return DTYPE_IDS.get(value, str(value))
+
+
+def on_targets(names: str, cases, slow_cases=None, ids=None):
+    """``pytest.mark.parametrize("target," + names)``: every case on every target, but only
+    ``slow_cases`` (a subset covering each parameter's values) on a target that is
+    :func:`slow_here`. The whole matrix runs where the kernels run natively (CPU, a GPU)."""
+    ids = ids or (lambda case: "-".join(_id(v) for v in case))
+    params = []
+    for t in TARGETS:
+        for case in (slow_cases if slow_cases is not None and slow_here(t) else cases):
+            case = case if isinstance(case, tuple) else (case,)
+            params.append(pytest.param(t, *case, id=f"{t.id}-{ids(case)}"))
+    return pytest.mark.parametrize("target," + names, params, indirect=["target"])
+
+
 def compare(target: Target, variant: str, *, dtype=torch.float64, **kwargs):
     atol, rtol = TOLERANCE[dtype]
     return compare_with_reference(variant, target.backend, dtype=dtype, device=tensor_device(target),
@@ -137,15 +167,18 @@ def compare(target: Target, variant: str, *, dtype=torch.float64, **kwargs):
 
 # ---- the matrix ----
 
-@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("use_bn", [True, False], ids=["bn", "nobn"])
+MODES = {(True, True): "train-bn", (True, False): "train-nobn", (False, True): "eval-bn", (False, False): "eval-nobn"}
+VARIANTS = aia_kernels.VARIANTS
+
+
+@on_targets("variant,train,use_bn", list(itertools.product(VARIANTS, [True, False], [True, False])),
+            diagonal(VARIANTS, [True, False], [True, False]), ids=lambda c: f"{c[0]}-{MODES[c[1:]]}")
 def test_float64_matches_reference(target, variant, train, use_bn):
     compare(target, variant, use_bn=use_bn, train=train)
 
 
-@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@on_targets("variant,train", list(itertools.product(VARIANTS, [True, False])), diagonal(VARIANTS, [True, False]),
+            ids=lambda c: f"{c[0]}-{'train' if c[1] else 'eval'}")
 def test_float32_matches_reference(target, variant, train):
     compare(target, variant, dtype=torch.float32, train=train)
 
@@ -155,8 +188,8 @@ HALF_CASES = [("C", True), ("ST", True), ("ST", False), ("CinST->STinC", True), 
               ("C+ST", True), ("STinC", False), ("STinC->CinST", True)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("variant,train", HALF_CASES)
+@on_targets("variant,train,dtype", [(v, t, d) for v, t in HALF_CASES for d in (torch.float16, torch.bfloat16)],
+            [(v, t, d) for (v, t), d in diagonal(HALF_CASES, (torch.float16, torch.bfloat16))])
 def test_half_matches_reference(target, variant, train, dtype):
     _, result = compare(target, variant, dtype=dtype, train=train)
     assert result.grad_x.dtype == dtype
@@ -175,10 +208,13 @@ def strided_input(layout: str, device) -> torch.Tensor:
                        device=device)[:, ::2, :, 1:-2]
 
 
-@pytest.mark.parametrize("variant,layout", [
+STRIDED_CASES = [
     ("CinST->STinC", "channels_last"), ("CinST->STinC", "transposed"), ("CinST->STinC", "sliced"),
     ("C+ST", "channels_last"), ("C+ST", "transposed"), ("C+ST", "sliced"),
-    ("ST", "channels_last"), ("STinC->CinST", "channels_last"), ("STinC->CinST", "transposed"), ("C", "sliced")])
+    ("ST", "channels_last"), ("STinC->CinST", "channels_last"), ("STinC->CinST", "transposed"), ("C", "sliced")]
+
+
+@on_targets("variant,layout", STRIDED_CASES, STRIDED_CASES[0:3] + [("C+ST", "channels_last"), ("C", "sliced")])
 def test_strided_inputs(target, variant, layout):
     """Any strides are read in place; the output keeps x's layout."""
     x = strided_input(layout, tensor_device(target))
@@ -188,8 +224,8 @@ def test_strided_inputs(target, variant, layout):
         assert result.out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("layout_name", VIDEO_LAYOUTS)
-@pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST"])
+@on_targets("variant,layout_name", list(itertools.product(["CinST->STinC", "C+ST"], VIDEO_LAYOUTS)),
+            [(v, layout) for layout, v in diagonal(VIDEO_LAYOUTS, ["CinST->STinC", "C+ST"])])
 def test_video_layouts(target, variant, layout_name):
     """5-D input (docs/design.md, "Input layouts"): the kernels get the (N, T, C, H, W) view
     with the input's strides; the output has the input's shape and memory format."""
@@ -252,7 +288,8 @@ def _gradcheck(target: Target, variant: str, use_bn: bool):
     assert module.last_backend == target.backend
 
 
-@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+# On slow targets: a unit, a chain and a parallel mean (the matrix compares every variant's gradients).
+@on_targets("variant", VARIANTS, ["ST", "CinST->STinC", "C+ST"])
 def test_gradcheck(target, variant):
     _gradcheck(target, variant, use_bn=True)
 
@@ -290,7 +327,7 @@ def test_deterministic(target, variant):
 
 # ---- integration: the torch.library op, torch.compile, autocast ----
 
-@pytest.mark.parametrize("variant", ["C", "CinST->STinC"])
+@on_targets("variant", ["C", "CinST->STinC"], ["C"])
 def test_opcheck_fused_forward(target, variant):
     device = tensor_device(target)
     ref = aia_kernels.build(variant, num_segments=3).double().to(device)
@@ -304,17 +341,8 @@ def test_opcheck_fused_forward(target, variant):
 
 # Targets known not to compile as one graph, and why: the test expects that failure
 # (strict: it fails once the target compiles, so the entry must then go).
-COMPILE_GRAPH_BREAK = {
-    "native": "the native backend's availability check, run in forward, takes a threading lock "
-              "(aia_kernels/native: load), which Dynamo cannot trace",
-}
-
-
-def test_compile_fullgraph(target, request):
+def test_compile_fullgraph(target):
     """A small model around the module compiles as one graph (aot_eager on CPU, inductor on CUDA)."""
-    if target.backend in COMPILE_GRAPH_BREAK:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                                              reason=COMPILE_GRAPH_BREAK[target.backend]))
     device = tensor_device(target)
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Conv2d(5, 5, 1),

@@ -123,8 +123,8 @@ def test_sliced_5d_input(backend):
 
 
 @pytest.mark.parametrize("backend,layout_name", [("executor", "channels_last_3d"), ("executor", "NTCHW"),
-                                                 ("native", "channels_last_3d"), ("native", "NTCHW"),
-                                                 ("triton", "channels_last_3d")], indirect=["backend"])
+                                                 ("native", "channels_last_3d"), ("native", "NTCHW")],
+                         indirect=["backend"])
 def test_gradcheck(backend, layout_name):
     """float64, train mode, the input and every parameter (BN momentum 0 keeps the running stats fixed)."""
     x, layout = video_input(layout_name, shape=(2, 3, 2, 3, 4))
@@ -136,6 +136,8 @@ def test_gradcheck(backend, layout_name):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True, atol=1e-6, rtol=1e-4)
 
 
+# Triton: test_conformance.py (its interpreter is slow; the kernels are those of 4-D input).
+@pytest.mark.parametrize("backend", ["executor", "native"], indirect=True)
 def test_deterministic(backend):
     """Same inputs, bitwise identical outputs, gradients and buffers."""
     _, module = make_pair("CinST->STinC", backend, dtype=torch.float32, num_segments=None)
@@ -188,6 +190,7 @@ def _fused_forward_args(module, x, backend):
             [b.running_var for _, _, b in gates], [1] * len(gates), [1e-5] * len(gates))
 
 
+@pytest.mark.parametrize("backend", ["executor", "native"], indirect=True)  # triton: test_conformance.py
 def test_opcheck_fused_forward_on_the_clip_view(backend):
     """The op receives the (N, T, C, H, W) view with the input's strides (channels_last_3d:
     C innermost; the other layouts' views pass through the same schema)."""
@@ -214,9 +217,7 @@ def test_opcheck_native_plan_ops_on_the_clip_view():
                                                       eps, saved, stats, [1] * (1 + 3 * n)))
 
 
-# Not "native": its backend lookup is not traceable by Dynamo, for 4-D input as well (a
-# limitation of the native backend, not of 5-D input).
-@pytest.mark.parametrize("backend", ["executor", "triton"], indirect=True)
+@pytest.mark.parametrize("backend", ["executor", "native", "triton"], indirect=True)
 def test_compile_fullgraph(backend):
     """A Conv3d network around the module, channels_last_3d, compiles as one graph and
     matches eager on the reference, values and gradients."""
