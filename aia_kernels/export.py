@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="the authors' checkpoint or a state_dict of this package's model")
     parser.add_argument("--out", required=True, help="the ONNX file to write")
     parser.add_argument("--no-optimize", action="store_true",
-                        help="skip the exporter's graph optimizer (faster export; ONNX Runtime optimizes on load anyway)")
+                        help="skip the exporter's graph optimizer (faster export; ONNX Runtime optimizes "
+                             "on load anyway)")
     args = parser.parse_args(argv)
     try:
         import onnxruntime  # noqa: F401
