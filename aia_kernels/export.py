@@ -43,14 +43,12 @@ def build_model(arch: str, variant: str | None, num_classes: int, num_segments: 
     return model.eval()
 
 
-def export_onnx(model: torch.nn.Module, path: str | os.PathLike, num_segments: int, resolution: int,
-                optimize: bool = True) -> None:
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, num_segments: int, resolution: int) -> None:
     """``model`` (eval mode) to ONNX at ``path``: input ``clips`` (batch, T, 3, H, W) with a
-    dynamic batch, output ``scores`` (batch, classes). ``optimize``: run the exporter's graph
-    optimizer (constant folding, dead code; over half the export time of a ResNet-50 on a CPU)."""
+    dynamic batch, output ``scores`` (batch, classes)."""
     example = torch.randn(2, num_segments, 3, resolution, resolution)  # 2: a batch of 1 would be specialised
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=["clips"], output_names=["scores"],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, optimize=optimize)
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     program.save(str(path))
 
 
@@ -78,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=224, help="frame height and width (default 224)")
     parser.add_argument("--checkpoint", help="the authors' checkpoint or a state_dict of this package's model")
     parser.add_argument("--out", required=True, help="the ONNX file to write")
-    parser.add_argument("--no-optimize", action="store_true",
-                        help="skip the exporter's graph optimizer (faster export; ONNX Runtime optimizes "
-                             "on load anyway)")
     args = parser.parse_args(argv)
     try:
         import onnxruntime  # noqa: F401
@@ -91,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     variant = None if args.variant == "none" else args.variant
     model = build_model(args.arch, variant, args.num_classes, args.num_segments, args.checkpoint)
-    export_onnx(model, args.out, args.num_segments, args.resolution, optimize=not args.no_optimize)
+    export_onnx(model, args.out, args.num_segments, args.resolution)
     clip = torch.randn(1, args.num_segments, 3, args.resolution, args.resolution)
     diff, relative = compare_with_onnxruntime(model, args.out, clip)
     size = os.path.getsize(args.out)

@@ -3,6 +3,7 @@ and compare outputs, every gradient and every buffer."""
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -235,3 +236,11 @@ def assert_standard_onnx(model_proto) -> None:
     """Standard ONNX operators only: no custom domain, no local functions left."""
     domains = {node.domain for node in model_proto.graph.node} | {f.domain for f in model_proto.functions}
     assert domains <= {"", "ai.onnx"}, f"non-standard ONNX domains: {domains}"
+
+
+def diagonal(first, *rest) -> list[tuple]:
+    """Each value of ``first`` once, paired in turn with the combinations of ``rest``: every
+    value of every parameter appears, in len(first) cases instead of the whole product.
+    Where kernels run interpreted or emulated (seconds a call) a matrix runs this subset."""
+    combos = list(itertools.product(*rest))
+    return [(f, *combos[i % len(combos)]) for i, f in enumerate(first)]

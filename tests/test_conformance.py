@@ -34,6 +34,7 @@ from aia_testing import (
     VIDEO_LAYOUTS,
     assert_equal_results,
     compare_with_reference,
+    diagonal,
     make_pair,
     run,
     video_input,
@@ -133,13 +134,6 @@ def target(request, monkeypatch):
 def slow_here(target: Target) -> bool:
     """The target runs here through an interpreter or an emulator: seconds per module call."""
     return (target.backend == "triton" and target.device_type == "cpu") or (EMULATED and target.id == EMULATED_TARGET)
-
-
-def diagonal(first, *rest) -> list[tuple]:
-    """Each value of ``first`` once, paired in turn with the combinations of ``rest``: every
-    value of every parameter appears, in len(first) cases instead of the whole product."""
-    combos = list(itertools.product(*rest))
-    return [(f, *combos[i % len(combos)]) for i, f in enumerate(first)]
 
 
 def _id(value) -> str:

@@ -16,6 +16,7 @@ the one-launch cooperative kernel of csrc/aia_cuda_persistent.cu, unset: by size
 tests at the end run both on the same module and inputs and compare, and check through
 aia_native::plan_forward_cuda_paths which path ran."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from aia_testing import (
     assert_close_results,
     assert_equal_results,
     compare_with_reference,
+    diagonal,
     make_pair,
     plan_op_args,
     run,
@@ -152,9 +154,18 @@ def _both_paths(monkeypatch, variant, *, dtype=torch.float64, use_bn=True, train
     return _run_path(monkeypatch, False, multi, x, grad_out), _run_path(monkeypatch, True, persistent, x, grad_out)
 
 
-@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("use_bn", [True, False], ids=["bn", "nobn"])
+MODES = {(True, True): "bn-train", (False, True): "nobn-train", (True, False): "bn-eval", (False, False): "nobn-eval"}
+
+
+def matrix(cases, emulated_cases):
+    """The cases on a GPU, the covering subset on the emulator (seconds a call there)."""
+    return emulated_cases if EMULATED else cases
+
+
+@pytest.mark.parametrize("variant,train,use_bn", [
+    pytest.param(v, t, b, id=f"{MODES[b, t]}-{v}") for v, t, b in matrix(
+        list(itertools.product(aia_kernels.VARIANTS, [True, False], [True, False])),
+        diagonal(aia_kernels.VARIANTS, [True, False], [True, False]))])
 def test_persistent_float64_matches_multi_launch(monkeypatch, variant, train, use_bn):
     """Outputs, input and parameter gradients (through plan_backward on the persistent
     path's saved tensors) and running statistics (from its BN stats)."""
@@ -162,8 +173,9 @@ def test_persistent_float64_matches_multi_launch(monkeypatch, variant, train, us
     assert_close_results(multi, persistent, atol=1e-12, rtol=1e-11)
 
 
-@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant,train", [
+    pytest.param(v, t, id=f"{'train' if t else 'eval'}-{v}") for v, t in matrix(
+        list(itertools.product(aia_kernels.VARIANTS, [True, False])), diagonal(aia_kernels.VARIANTS, [True, False]))])
 def test_persistent_float32_matches_multi_launch(monkeypatch, variant, train):
     multi, persistent = _both_paths(monkeypatch, variant, dtype=torch.float32, train=train)
     assert_close_results(multi, persistent, atol=5e-5, rtol=5e-5)
@@ -347,10 +359,15 @@ def _run_paths(monkeypatch, module, x, grad_out, forward_persistent, backward_pe
     return [out, x.grad, *(p.grad for p in module.parameters()), *(b.clone() for b in module.buffers())]
 
 
-@pytest.mark.parametrize("variant", SUBSET)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("paths", [(False, False), (True, True), (True, False), (False, True)],
-                         ids=["multi", "persistent", "persistent_then_multi", "multi_then_persistent"])
+PATHS = {(False, False): "multi", (True, True): "persistent", (True, False): "persistent_then_multi",
+         (False, True): "multi_then_persistent"}
+
+
+@pytest.mark.parametrize("variant,dtype,paths", [
+    pytest.param(v, d, p, id=f"{PATHS[p]}-{'f64' if d == torch.float64 else 'f32'}-{v}") for v, d, p in matrix(
+        list(itertools.product(SUBSET, [torch.float64, torch.float32], PATHS)),
+        [(v, d, p) for (v, d), p in diagonal(list(itertools.product(SUBSET, [torch.float64, torch.float32])),
+                                             PATHS)])])
 def test_recompute_on_both_paths(monkeypatch, variant, dtype, paths):
     """The recomputed stages pool with their path's code: on the forward's path, bitwise the
     plan that keeps everything; with AIA_NATIVE_CUDA_PERSISTENT changed between forward and

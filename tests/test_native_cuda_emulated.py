@@ -53,7 +53,7 @@ def run_emulated(build_dir, keyword=EMULATED_TESTS, **env) -> tuple[int, int]:
 
 def test_cuda_kernels_on_the_emulator(build_dir):
     passed, skipped = run_emulated(build_dir)
-    assert skipped == DEVICE_ONLY and passed > 200, (passed, skipped)
+    assert skipped == DEVICE_ONLY and passed > 100, (passed, skipped)  # the covering subsets: ~150
 
 
 def test_one_launch_paths_on_a_large_grid(build_dir):
