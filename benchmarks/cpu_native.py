@@ -27,19 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
 from benchmarks.network import keeping_every_stage  # noqa: E402
+from benchmarks.run import cpu_model  # noqa: E402,F401  (autograd_paths, cpu_step_probe import it from here)
 
 SHAPES = [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)]
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def iqr(values: list[float]) -> float:

@@ -95,6 +95,22 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector ISA (the native C++ kernels' fast paths need
+    AVX-512; with AVX2 only they run element loops in places, several times slower)."""
+    name, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{name}, {isa}" if isa else name
+
+
 def machine_meta(device: torch.device, argv, entry: tuple[str, ...] = ("-m", "benchmarks.run")) -> dict:
     """Device, versions, date, a machine description without the hostname, and the exact
     command (``python <entry> <argv>``)."""
@@ -106,7 +122,7 @@ def machine_meta(device: torch.device, argv, entry: tuple[str, ...] = ("-m", "be
     meta = {
         "device_type": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        (platform.processor() or platform.machine() or "cpu"),
+        cpu_model(),
         "driver": _nvidia_driver() if device.type == "cuda" else None,
         "cuda_runtime": torch.version.cuda,
         "torch": torch.__version__,
