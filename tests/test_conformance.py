@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import aia_kernels
 from aia_kernels import backends
@@ -32,6 +31,7 @@ from aia_kernels import backends
 from aia_testing import (
     SHAPE,
     VIDEO_LAYOUTS,
+    as_function_of_flat_params,
     assert_equal_results,
     compare_with_reference,
     diagonal,
@@ -253,19 +253,6 @@ def test_stride0_grad_out(target, variant):
 
 # ---- gradients, running statistics, determinism ----
 
-def _as_function_of_flat_params(module, x):
-    """(fn, inputs): fn(x, flat) runs the module with its parameters taken from one flat
-    vector, so that gradcheck perturbs two inputs instead of one per parameter; every
-    parameter still gets checked."""
-    names, shapes = zip(*[(n, p.shape) for n, p in module.named_parameters()])
-    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()]).requires_grad_()
-
-    def fn(x, flat):
-        params = dict(zip(names, (f.view(s) for f, s in zip(flat.split([s.numel() for s in shapes]), shapes))))
-        return functional_call(module, params, (x,))
-    return fn, (x, flat)
-
-
 def _gradcheck(target: Target, variant: str, use_bn: bool):
     """Float64, train mode, the input and every parameter. BN momentum 0 keeps the running
     statistics fixed (they do not feed the train-mode output anyway)."""
@@ -276,7 +263,7 @@ def _gradcheck(target: Target, variant: str, use_bn: bool):
         if isinstance(m, torch.nn.BatchNorm3d):
             m.momentum = 0.0
     x = torch.randn(4, 3, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
-    fn, inputs = _as_function_of_flat_params(module, x)
+    fn, inputs = as_function_of_flat_params(module, x)
     fast = target.fast_gradcheck or EMULATED
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast)
     assert module.last_backend == target.backend
