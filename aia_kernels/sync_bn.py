@@ -41,9 +41,10 @@ def _group(bn: nn.Module):
 def gate_sync(bns: list[nn.Module | None]) -> GateStatsSync | None:
     """A :class:`GateStatsSync` for a module's gate BNs where one syncs in this step, else None."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or not any(syncs_statistics(bn) for bn in bns):
+    if not (dist.is_available() and dist.is_initialized()):
         return None
-    return GateStatsSync(bns)
+    sync = GateStatsSync(bns)
+    return sync if sync.groups else None
 
 
 class GateStatsSync:
@@ -66,12 +67,12 @@ class GateStatsSync:
         torch.distributed.all_gather(parts, local, group=group)
         counts, means, m2s = torch.stack(parts).unbind(1)
         total = counts.sum()
-        if total.item() <= 1:
+        self.counts[gate] = int(total.item())  # one device sync: the running statistics need it as a number
+        if self.counts[gate] <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training a synced gate BatchNorm "
-                             f"(its input has {int(total.item())} value(s) over all ranks)")
+                             f"(its input has {self.counts[gate]} value(s) over all ranks)")
         mean = (counts * means).sum() / total
         var = (m2s + counts * (means - mean) ** 2).sum() / total  # biased, as BN normalises
-        self.counts[gate] = int(total.item())
         scale_shift, stats = fold_bn_with(z, bn_weight, bn_bias, mean, var, eps)
         return GateForward(z, scale_shift, stats)
 
