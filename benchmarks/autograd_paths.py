@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
 from aia_kernels import backends, fused, native  # noqa: E402
-from benchmarks.cpu_native import RESULTS, cpu_model, iqr  # noqa: E402
+from benchmarks.cpu_native import RESULTS, iqr  # noqa: E402
+from benchmarks.run import cpu_model  # noqa: E402
 
 PATHS = {"function": fused.forward_with_autograd_function, "library": fused.forward_with_library_op}
 

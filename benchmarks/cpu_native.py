@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
 from benchmarks.network import keeping_every_stage  # noqa: E402
-from benchmarks.run import cpu_model  # noqa: E402,F401  (autograd_paths, cpu_step_probe import it from here)
+from benchmarks.run import cpu_model  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)]
 RESULTS = Path(__file__).resolve().parent / "results"

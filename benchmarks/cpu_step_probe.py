@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
-from benchmarks.cpu_native import RESULTS, cpu_model, fwd_bwd_step, iqr  # noqa: E402
+from benchmarks.cpu_native import RESULTS, fwd_bwd_step, iqr  # noqa: E402
+from benchmarks.run import cpu_model  # noqa: E402
 
 
 def steps_ms(module, x, grad, n: int) -> list[float]:
