@@ -22,7 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -35,11 +35,27 @@ namespace aia {
 namespace cpu {
 namespace {
 
-// One vector of B bytes (GCC/Clang vector extensions; the compiler splits it where
-// the CPU's vectors are narrower). Full-size passes pick B per call (chunk_bytes): 64,
-// or 32 when a row fits in half a vector (7-wide rows of floats), where the same work
-// in 256-bit registers was measured 17-26% faster per pass. The convs use 64.
-template <typename acc_t, int B = 64>
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define AIA_MASKED_CHUNKS 1
+#elif defined(__AVX2__)
+#define AIA_AVX2_CHUNKS 1
+#endif
+
+// The widest vector worth using: 64 bytes with AVX-512. Elsewhere 32: a 64-byte vector
+// would be split in two registers, and GCC lowers the vector extensions' compares and
+// selects on split vectors through the stack (measured on an AVX2 machine: every pass
+// 2-3x slower, and the convs' register blocks spilled).
+#if defined(AIA_MASKED_CHUNKS)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+
+// One vector of B bytes (GCC/Clang vector extensions). Full-size passes pick B per call
+// (with_chunk_bytes): kVectorBytes, or 32 when a row fits in half a vector (7-wide rows
+// of floats), where the same work in 256-bit registers was measured 17-26% faster per
+// pass on AVX-512. The convs use kVectorBytes.
+template <typename acc_t, int B = kVectorBytes>
 struct Vec {
   static_assert(B == 32 || B == 64, "vectors of 32 or 64 bytes");
   static constexpr int kLanes = B / sizeof(acc_t);
@@ -56,8 +72,7 @@ struct Vec {
   }
 };
 
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-#define AIA_MASKED_CHUNKS 1
+#if defined(__AVX2__)
 // Horizontal sum and max of a 256-bit vector, in a fixed tree order.
 AIA_INLINE float reduce_add(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -149,6 +164,125 @@ struct Row {
     lane = __builtin_ctz(eq);
     return true;
   }
+#elif defined(AIA_AVX2_CHUNKS)
+  // AVX2 has masked loads and stores (vmaskmov) but no mask registers: a chunk is handled
+  // one 256-bit half at a time, with a lane mask of all-ones / zero lanes. (The element
+  // loops below compile to `rep movs` into a stack copy, then a reload that misses store
+  // forwarding: measured ~3x slower passes on an AVX2 machine.)
+  static constexpr int kHalves = B / 32, kHalfLanes = 32 / sizeof(acc_t);
+  using half_t = std::conditional_t<kFloat, __m256, __m256d>;
+  // Lanes of half i that hold entries of the chunk: W - i * kHalfLanes of them (clamped).
+  AIA_INLINE int64_t half_count(int i) const { return W - int64_t(i) * kHalfLanes; }
+  AIA_INLINE __m256i half_mask(int i) const {
+    if constexpr (kFloat)
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(half_count(i))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    else
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(half_count(i)), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  template <typename T, typename VecT>
+  static AIA_INLINE T half_of(const VecT& v, int i) {
+    T x;
+    __builtin_memcpy(&x, reinterpret_cast<const char*>(&v) + 32 * i, 32);
+    return x;
+  }
+  template <typename T, typename VecT>
+  static AIA_INLINE void set_half(VecT& v, int i, const T& x) {
+    __builtin_memcpy(reinterpret_cast<char*>(&v) + 32 * i, &x, 32);
+  }
+  AIA_INLINE vec load(const acc_t* p) const {
+    if (W == V::kLanes) return V::load(p);
+    vec v{};
+    for (int i = 0; i < kHalves; ++i) {
+      const acc_t* q = p + i * kHalfLanes;
+      half_t x;
+      if constexpr (kFloat) x = half_count(i) >= kHalfLanes ? _mm256_loadu_ps(q) : _mm256_maskload_ps(q, half_mask(i));
+      else x = half_count(i) >= kHalfLanes ? _mm256_loadu_pd(q) : _mm256_maskload_pd(q, half_mask(i));
+      set_half(v, i, x);
+    }
+    return v;
+  }
+  AIA_INLINE void store(acc_t* p, const vec& v) const {
+    if (W == V::kLanes) return V::store(p, v);
+    for (int i = 0; i < kHalves; ++i) {
+      acc_t* q = p + i * kHalfLanes;
+      const half_t x = half_of<half_t>(v, i);
+      if (half_count(i) <= 0) break;
+      if constexpr (kFloat) half_count(i) >= kHalfLanes ? _mm256_storeu_ps(q, x) : _mm256_maskstore_ps(q, half_mask(i), x);
+      else half_count(i) >= kHalfLanes ? _mm256_storeu_pd(q, x) : _mm256_maskstore_pd(q, half_mask(i), x);
+    }
+  }
+  AIA_INLINE ivec load_index(const int32_t* p) const {
+    if constexpr (kFloat) {
+      ivec v{};
+      for (int i = 0; i < kHalves; ++i) {
+        const int32_t* q = p + i * kHalfLanes;
+        const __m256i x = half_count(i) >= kHalfLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
+                                                      : _mm256_maskload_epi32(q, half_mask(i));
+        set_half(v, i, x);
+      }
+      return v;
+    } else {
+      return load_lanes<ivec>(p);  // int32 entries into int64 lanes
+    }
+  }
+  AIA_INLINE void store_index(int32_t* p, const ivec& v) const {
+    if constexpr (kFloat) {
+      for (int i = 0; i < kHalves; ++i) {
+        int32_t* q = p + i * kHalfLanes;
+        const __m256i x = half_of<__m256i>(v, i);
+        if (half_count(i) <= 0) break;
+        if (half_count(i) >= kHalfLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), x);
+        else _mm256_maskstore_epi32(q, half_mask(i), x);
+      }
+    } else {
+      store_lanes(p, v);
+    }
+  }
+  // Sum of the W lanes: the halves' masked lanes added, then a fixed tree.
+  AIA_INLINE acc_t sum(const vec& v) const {
+    half_t s = half_of<half_t>(v, 0);
+    if constexpr (kFloat) {
+      s = _mm256_and_ps(s, _mm256_castsi256_ps(half_mask(0)));
+      if constexpr (kHalves == 2) s = _mm256_add_ps(s, _mm256_and_ps(half_of<half_t>(v, 1), _mm256_castsi256_ps(half_mask(1))));
+    } else {
+      s = _mm256_and_pd(s, _mm256_castsi256_pd(half_mask(0)));
+      if constexpr (kHalves == 2) s = _mm256_add_pd(s, _mm256_and_pd(half_of<half_t>(v, 1), _mm256_castsi256_pd(half_mask(1))));
+    }
+    return reduce_add(s);
+  }
+  // Max of the W lanes and the first lane holding it; false if a lane is NaN.
+  AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
+    unsigned nan = 0, eq = 0;
+    if constexpr (kFloat) {
+      __m256 mx = _mm256_set1_ps(-__builtin_inff());
+      for (int i = 0; i < kHalves; ++i) {
+        const __m256 x = half_of<__m256>(v, i), in = _mm256_castsi256_ps(half_mask(i));
+        nan |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), in));
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), x, in));
+      }
+      if (nan) return false;
+      m = reduce_max(mx);
+      for (int i = 0; i < kHalves; ++i) {
+        const __m256 x = half_of<__m256>(v, i), in = _mm256_castsi256_ps(half_mask(i));
+        eq |= unsigned(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(m), _CMP_EQ_OQ), in))) << (8 * i);
+      }
+    } else {
+      __m256d mx = _mm256_set1_pd(-__builtin_inf());
+      for (int i = 0; i < kHalves; ++i) {
+        const __m256d x = half_of<__m256d>(v, i), in = _mm256_castsi256_pd(half_mask(i));
+        nan |= _mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(x, x, _CMP_UNORD_Q), in));
+        mx = _mm256_max_pd(mx, _mm256_blendv_pd(_mm256_set1_pd(-__builtin_inf()), x, in));
+      }
+      if (nan) return false;
+      m = reduce_max(mx);
+      for (int i = 0; i < kHalves; ++i) {
+        const __m256d x = half_of<__m256d>(v, i), in = _mm256_castsi256_pd(half_mask(i));
+        eq |= unsigned(_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(x, _mm256_set1_pd(m), _CMP_EQ_OQ), in))) << (4 * i);
+      }
+    }
+    lane = __builtin_ctz(eq);
+    return true;
+  }
 #else
   AIA_INLINE vec load(const acc_t* p) const { return load_lanes<vec>(p); }
   AIA_INLINE void store(acc_t* p, const vec& v) const { store_lanes(p, v); }
@@ -169,16 +303,23 @@ struct Row {
     return m == m;
   }
 #endif
-  // Element loops: without AVX-512, and for the int64 lanes of double chunks.
+  // Element loops: without AVX2, and for the int64 lanes of double chunks. Unrolled to the
+  // vector's lanes, so that GCC does not turn them into a memcpy (`rep movs`) of W entries.
   template <typename VecT, typename T>
   AIA_INLINE VecT load_lanes(const T* p) const {
     VecT v{};
-    for (int64_t w = 0; w < W; ++w) v[w] = p[w];
+#pragma GCC unroll 16
+    for (int l = 0; l < V::kLanes; ++l) {
+      if (l < W) v[l] = p[l];
+    }
     return v;
   }
   template <typename VecT, typename T>
   AIA_INLINE void store_lanes(T* p, const VecT& v) const {
-    for (int64_t w = 0; w < W; ++w) p[w] = static_cast<T>(v[w]);
+#pragma GCC unroll 16
+    for (int l = 0; l < V::kLanes; ++l) {
+      if (l < W) p[l] = static_cast<T>(v[l]);
+    }
   }
 };
 
@@ -826,13 +967,12 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
 // for 7x7 slices); the two pitch columns past D3 hold garbage (forward) or zeros
 // (weight gradient).
 //
-// The runs are computed in registers with GCC/Clang vector types (one 64-byte vector
-// = 16 floats or 8 doubles; the compiler splits it where the CPU's vectors are
-// narrower): each output block is loaded and stored once for all taps, and in the
+// The runs are computed in registers with GCC/Clang vector types (Vec: 16 floats or 8
+// doubles with AVX-512, else half that): each output block is loaded and stored once for all taps, and in the
 // weight gradient each dz vector is loaded once for 9 taps. Summation orders are fixed
 // by the shape alone, so results are deterministic whatever the thread count.
 
-constexpr int kTapBlock = 128;  // outputs per register block in tap_sums (8 vectors of floats)
+constexpr int kTapBlock = 2 * kVectorBytes;  // outputs per register block in tap_sums (8 vectors of floats)
 
 struct Padded {
   int64_t R, slice, volume;  // row pitch, padded (D2, D3) slice, padded volume
@@ -1008,11 +1148,12 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
 }
 
 // Calls f(integral_constant<int, B>) with the vector bytes of a call's full-size
-// passes: 32 when a row of the accumulation type fits in half a vector, else 64.
+// passes: 32 without AVX-512 or when a row of the accumulation type fits in half a
+// vector, else 64.
 template <typename scalar_t, typename F>
 void with_chunk_bytes(int64_t W, F&& f) {
   constexpr int64_t kAccBytes = sizeof(at::opmath_type<scalar_t>);
-  if (W * kAccBytes <= 32) f(std::integral_constant<int, 32>{});
+  if (kVectorBytes == 32 || W * kAccBytes <= 32) f(std::integral_constant<int, 32>{});
   else f(std::integral_constant<int, 64>{});
 }
 
