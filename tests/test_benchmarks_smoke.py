@@ -3,6 +3,7 @@ timing assertion), the bytes model on known variants, and the target checks."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import sys
 
@@ -182,6 +183,24 @@ def test_cpu_native_benchmark_smoke(tmp_path, monkeypatch):
         assert row["eager_ms"] > 0 and row["native_ms"] > 0 and row["speedup_vs_eager"] > 0
         assert "compiled_ms" not in row
     assert "| (8, 5, 7, 7) |" in (tmp_path / "cpu_native_smoke.md").read_text()
+
+
+def test_cpu_contention_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/cpu_contention.py end to end on a tiny shape, with one spinning process
+    that it stops again; the caller's thread count is restored."""
+    from benchmarks import cpu_contention
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["cpu_contention.py", "--shape", "8,3,5,5", "--rounds", "2", "--busy", "1",
+                                      "--results-dir", str(tmp_path), "--tag", "smoke"])
+    cpu_contention.main()
+    info = json.loads((tmp_path / "cpu_contention_smoke.json").read_text())
+    assert [r["backend"] for r in info["results"]] == ["reference", "native"]
+    for row in info["results"]:
+        assert row["ms_1"] > 0 and row["ms_2"] > 0 and row["slowdown"] > 0
+    assert all(len(v) == 2 for v in info["times_ms"].values())
+    assert "| native |" in (tmp_path / "cpu_contention_smoke.md").read_text()
+    assert torch.get_num_threads() == threads
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()], "a spinner was left running"
 
 
 def test_cpu_step_probe_smoke(tmp_path, monkeypatch):
