@@ -240,6 +240,49 @@ def test_primitives_match_torch_primitives():
                 assert torch.equal(a1, a2)
 
 
+def _pool_both(v, axes):
+    from aia_kernels.primitives import WeightValue
+    from aia_kernels.primitives.torch_impl import TorchPrimitives
+    weight = WeightValue((), "prod")
+    return zip(native.NativePrimitives().pool(v, weight, axes), TorchPrimitives().pool(v, weight, axes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [3, 7, 19, 37])
+def test_pool_ties_and_infinities(width, dtype):
+    """Pooling along each axis, rows of one chunk and of several: integer values (many ties:
+    the first position wins) and rows of -inf and +inf, equal to the plain-torch primitives."""
+    torch.manual_seed(width)
+    v = torch.randint(-2, 3, (2, 3, 4, 5, width)).to(dtype)
+    v[0, 0, 0, 0] = float("-inf")
+    v[0, 1, 1, 2] = float("inf")
+    v[0, 2, 1, 3, -1] = float("-inf")
+    for axes in ("C", "THW"):
+        for (p1, a1), (p2, a2) in _pool_both(v, axes):
+            torch.testing.assert_close(p1, p2, atol=0, rtol=0)
+            assert torch.equal(a1, a2), axes
+
+
+@pytest.mark.parametrize("width", [7, 37])
+def test_pool_nans(width):
+    """A NaN makes the mean of every line through it NaN; lines without one pool as the
+    plain-torch primitives do. (Where a line holds a NaN, the max and its position follow
+    the kernels' in-order strict >, not torch.max's NaN propagation: the spec is silent.)"""
+    torch.manual_seed(width)
+    v = torch.randint(-2, 3, (2, 3, 4, 5, width)).float()
+    v[1, 2, 3, 1, width // 2] = float("nan")
+    v[1, 0, 2, 4, 0] = float("nan")
+    for axes in ("C", "THW"):
+        has_nan = [ref[0][:, :1] > 0 for _, ref in _pool_both(v.isnan().float(), axes)]  # max channel: 1 if a NaN
+        for hit, ((p1, a1), (p2, a2)) in zip(has_nan, _pool_both(v, axes)):
+            assert hit.any()
+            mean1, mean2 = p1[:, 1:], p2[:, 1:]
+            assert torch.equal(mean1.isnan(), hit) and torch.equal(mean2.isnan(), hit)
+            clean = ~hit.expand_as(p1)
+            torch.testing.assert_close(p1[clean], p2[clean], atol=0, rtol=0)
+            assert torch.equal(a1[~hit[:, 0]], a2[~hit[:, 0]]), axes
+
+
 @pytest.mark.parametrize("case", ["rank", "gate_shape", "axis", "dout_dtype", "desc", "pooled_dtype"])
 def test_bad_op_arguments(case):
     ops = torch.ops.aia_native
