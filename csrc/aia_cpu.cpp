@@ -96,7 +96,7 @@ AIA_INLINE double reduce_max(__m256d v) {
 
 // A chunk: W <= Vec::kLanes consecutive entries of a row, held in one vector. With
 // AVX-512 it is one masked load/store, elsewhere an element loop fills the vector.
-template <typename acc_t, int B = 64>
+template <typename acc_t, int B = kVectorBytes>
 struct Row {
   using V = Vec<acc_t, B>;
   using vec = typename V::type;
@@ -165,120 +165,63 @@ struct Row {
     return true;
   }
 #elif defined(AIA_AVX2_CHUNKS)
-  // AVX2 has masked loads and stores (vmaskmov) but no mask registers: a chunk is handled
-  // one 256-bit half at a time, with a lane mask of all-ones / zero lanes. (The element
-  // loops below compile to `rep movs` into a stack copy, then a reload that misses store
-  // forwarding: measured ~3x slower passes on an AVX2 machine.)
-  static constexpr int kHalves = B / 32, kHalfLanes = 32 / sizeof(acc_t);
-  using half_t = std::conditional_t<kFloat, __m256, __m256d>;
-  // Lanes of half i that hold entries of the chunk: W - i * kHalfLanes of them (clamped).
-  AIA_INLINE int64_t half_count(int i) const { return W - int64_t(i) * kHalfLanes; }
-  AIA_INLINE __m256i half_mask(int i) const {
-    if constexpr (kFloat)
-      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(half_count(i))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    else
-      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(half_count(i)), _mm256_setr_epi64x(0, 1, 2, 3));
+  // AVX2 has masked loads and stores (vmaskmov) but no mask registers: a lane mask is a
+  // vector of all-ones / zero lanes. Vectors are 32 bytes here (kVectorBytes), one register.
+  // (The element loops below compile to `rep movs` into a stack copy, then a reload that
+  // misses store forwarding: measured ~3x slower passes on an AVX2 machine.)
+  static_assert(B == 32, "without AVX-512, chunks are 32-byte vectors");
+  using reg_t = std::conditional_t<kFloat, __m256, __m256d>;
+  AIA_INLINE __m256i lane_mask() const {
+    if constexpr (kFloat) return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(W)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    else return _mm256_cmpgt_epi64(_mm256_set1_epi64x(W), _mm256_setr_epi64x(0, 1, 2, 3));
   }
-  template <typename T, typename VecT>
-  static AIA_INLINE T half_of(const VecT& v, int i) {
-    T x;
-    __builtin_memcpy(&x, reinterpret_cast<const char*>(&v) + 32 * i, 32);
-    return x;
-  }
-  template <typename T, typename VecT>
-  static AIA_INLINE void set_half(VecT& v, int i, const T& x) {
-    __builtin_memcpy(reinterpret_cast<char*>(&v) + 32 * i, &x, 32);
+  AIA_INLINE reg_t lanes_in() const {
+    if constexpr (kFloat) return _mm256_castsi256_ps(lane_mask());
+    else return _mm256_castsi256_pd(lane_mask());
   }
   AIA_INLINE vec load(const acc_t* p) const {
     if (W == V::kLanes) return V::load(p);
-    vec v{};
-    for (int i = 0; i < kHalves; ++i) {
-      const acc_t* q = p + i * kHalfLanes;
-      half_t x;
-      if constexpr (kFloat) x = half_count(i) >= kHalfLanes ? _mm256_loadu_ps(q) : _mm256_maskload_ps(q, half_mask(i));
-      else x = half_count(i) >= kHalfLanes ? _mm256_loadu_pd(q) : _mm256_maskload_pd(q, half_mask(i));
-      set_half(v, i, x);
-    }
-    return v;
+    if constexpr (kFloat) return (vec)_mm256_maskload_ps(p, lane_mask());
+    else return (vec)_mm256_maskload_pd(p, lane_mask());
   }
   AIA_INLINE void store(acc_t* p, const vec& v) const {
     if (W == V::kLanes) return V::store(p, v);
-    for (int i = 0; i < kHalves; ++i) {
-      acc_t* q = p + i * kHalfLanes;
-      const half_t x = half_of<half_t>(v, i);
-      if (half_count(i) <= 0) break;
-      if constexpr (kFloat) half_count(i) >= kHalfLanes ? _mm256_storeu_ps(q, x) : _mm256_maskstore_ps(q, half_mask(i), x);
-      else half_count(i) >= kHalfLanes ? _mm256_storeu_pd(q, x) : _mm256_maskstore_pd(q, half_mask(i), x);
-    }
+    if constexpr (kFloat) _mm256_maskstore_ps(p, lane_mask(), (__m256)v);
+    else _mm256_maskstore_pd(p, lane_mask(), (__m256d)v);
   }
   AIA_INLINE ivec load_index(const int32_t* p) const {
     if constexpr (kFloat) {
-      ivec v{};
-      for (int i = 0; i < kHalves; ++i) {
-        const int32_t* q = p + i * kHalfLanes;
-        const __m256i x = half_count(i) >= kHalfLanes ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
-                                                      : _mm256_maskload_epi32(q, half_mask(i));
-        set_half(v, i, x);
-      }
-      return v;
+      if (W == V::kLanes) return (ivec)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      return (ivec)_mm256_maskload_epi32(p, lane_mask());
     } else {
       return load_lanes<ivec>(p);  // int32 entries into int64 lanes
     }
   }
   AIA_INLINE void store_index(int32_t* p, const ivec& v) const {
     if constexpr (kFloat) {
-      for (int i = 0; i < kHalves; ++i) {
-        int32_t* q = p + i * kHalfLanes;
-        const __m256i x = half_of<__m256i>(v, i);
-        if (half_count(i) <= 0) break;
-        if (half_count(i) >= kHalfLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), x);
-        else _mm256_maskstore_epi32(q, half_mask(i), x);
-      }
+      if (W == V::kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)v);
+      else _mm256_maskstore_epi32(p, lane_mask(), (__m256i)v);
     } else {
       store_lanes(p, v);
     }
   }
-  // Sum of the W lanes: the halves' masked lanes added, then a fixed tree.
+  // Sum of the W lanes, in a fixed tree order.
   AIA_INLINE acc_t sum(const vec& v) const {
-    half_t s = half_of<half_t>(v, 0);
-    if constexpr (kFloat) {
-      s = _mm256_and_ps(s, _mm256_castsi256_ps(half_mask(0)));
-      if constexpr (kHalves == 2) s = _mm256_add_ps(s, _mm256_and_ps(half_of<half_t>(v, 1), _mm256_castsi256_ps(half_mask(1))));
-    } else {
-      s = _mm256_and_pd(s, _mm256_castsi256_pd(half_mask(0)));
-      if constexpr (kHalves == 2) s = _mm256_add_pd(s, _mm256_and_pd(half_of<half_t>(v, 1), _mm256_castsi256_pd(half_mask(1))));
-    }
-    return reduce_add(s);
+    if constexpr (kFloat) return reduce_add(_mm256_and_ps((__m256)v, lanes_in()));
+    else return reduce_add(_mm256_and_pd((__m256d)v, lanes_in()));
   }
   // Max of the W lanes and the first lane holding it; false if a lane is NaN.
   AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
-    unsigned nan = 0, eq = 0;
+    const reg_t x = (reg_t)v, in = lanes_in();
+    unsigned eq;
     if constexpr (kFloat) {
-      __m256 mx = _mm256_set1_ps(-__builtin_inff());
-      for (int i = 0; i < kHalves; ++i) {
-        const __m256 x = half_of<__m256>(v, i), in = _mm256_castsi256_ps(half_mask(i));
-        nan |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), in));
-        mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), x, in));
-      }
-      if (nan) return false;
-      m = reduce_max(mx);
-      for (int i = 0; i < kHalves; ++i) {
-        const __m256 x = half_of<__m256>(v, i), in = _mm256_castsi256_ps(half_mask(i));
-        eq |= unsigned(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(m), _CMP_EQ_OQ), in))) << (8 * i);
-      }
+      if (_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), in))) return false;
+      m = reduce_max(_mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), x, in));
+      eq = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(m), _CMP_EQ_OQ), in));
     } else {
-      __m256d mx = _mm256_set1_pd(-__builtin_inf());
-      for (int i = 0; i < kHalves; ++i) {
-        const __m256d x = half_of<__m256d>(v, i), in = _mm256_castsi256_pd(half_mask(i));
-        nan |= _mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(x, x, _CMP_UNORD_Q), in));
-        mx = _mm256_max_pd(mx, _mm256_blendv_pd(_mm256_set1_pd(-__builtin_inf()), x, in));
-      }
-      if (nan) return false;
-      m = reduce_max(mx);
-      for (int i = 0; i < kHalves; ++i) {
-        const __m256d x = half_of<__m256d>(v, i), in = _mm256_castsi256_pd(half_mask(i));
-        eq |= unsigned(_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(x, _mm256_set1_pd(m), _CMP_EQ_OQ), in))) << (4 * i);
-      }
+      if (_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(x, x, _CMP_UNORD_Q), in))) return false;
+      m = reduce_max(_mm256_blendv_pd(_mm256_set1_pd(-__builtin_inf()), x, in));
+      eq = _mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(x, _mm256_set1_pd(m), _CMP_EQ_OQ), in));
     }
     lane = __builtin_ctz(eq);
     return true;
@@ -968,8 +911,8 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
 // (weight gradient).
 //
 // The runs are computed in registers with GCC/Clang vector types (Vec: 16 floats or 8
-// doubles with AVX-512, else half that): each output block is loaded and stored once for all taps, and in the
-// weight gradient each dz vector is loaded once for 9 taps. Summation orders are fixed
+// doubles with AVX-512, else half that): each output block is loaded and stored once for
+// all taps, and in the weight gradient each dz vector is loaded once for 9 taps. Summation orders are fixed
 // by the shape alone, so results are deterministic whatever the thread count.
 
 constexpr int kTapBlock = 2 * kVectorBytes;  // outputs per register block in tap_sums (8 vectors of floats)
@@ -1153,8 +1096,13 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
 template <typename scalar_t, typename F>
 void with_chunk_bytes(int64_t W, F&& f) {
   constexpr int64_t kAccBytes = sizeof(at::opmath_type<scalar_t>);
-  if (kVectorBytes == 32 || W * kAccBytes <= 32) f(std::integral_constant<int, 32>{});
-  else f(std::integral_constant<int, 64>{});
+  if constexpr (kVectorBytes == 32) {
+    (void)W;
+    f(std::integral_constant<int, 32>{});
+  } else {
+    if (W * kAccBytes <= 32) f(std::integral_constant<int, 32>{});
+    else f(std::integral_constant<int, 64>{});
+  }
 }
 
 ConvDims conv_dims(const at::Tensor& t) {  // t: (N, ., D1, D2, D3) or (N, D1, D2, D3)
