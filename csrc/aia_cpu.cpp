@@ -43,8 +43,8 @@ namespace {
 
 // The widest vector worth using: 64 bytes with AVX-512. Elsewhere 32: a 64-byte vector
 // would be split in two registers, and GCC lowers the vector extensions' compares and
-// selects on split vectors through the stack (measured on an AVX2 machine: every pass
-// 2-3x slower, and the convs' register blocks spilled).
+// selects on split vectors through the stack, and the convs' register blocks spill
+// (measured on an AVX2 machine: docs/native.md).
 #if defined(AIA_MASKED_CHUNKS)
 constexpr int kVectorBytes = 64;
 #else
@@ -168,7 +168,7 @@ struct Row {
   // AVX2 has masked loads and stores (vmaskmov) but no mask registers: a lane mask is a
   // vector of all-ones / zero lanes. Vectors are 32 bytes here (kVectorBytes), one register.
   // (The element loops below compile to `rep movs` into a stack copy, then a reload that
-  // misses store forwarding: measured ~3x slower passes on an AVX2 machine.)
+  // misses store forwarding: docs/native.md.)
   static_assert(B == 32, "without AVX-512, chunks are 32-byte vectors");
   using reg_t = std::conditional_t<kFloat, __m256, __m256d>;
   AIA_INLINE __m256i lane_mask() const {
