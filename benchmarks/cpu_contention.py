@@ -13,11 +13,9 @@ Writes benchmarks/results/cpu_contention_<tag>.json and .md (machine, torch, dat
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
-from benchmarks.run import cpu_model  # noqa: E402
+from benchmarks.run import machine_meta  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,23 +93,21 @@ def main() -> None:
         one, many = times[(name, 1)], times[(name, args.threads)]
         rows.append({"backend": name, "ms_1": statistics.median(one), f"ms_{args.threads}": statistics.median(many),
                      "slowdown": statistics.median(b / a for a, b in zip(one, many))})
-    now = datetime.datetime.now(datetime.timezone.utc)
-    info = {"date_utc": now.isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
-            "variant": args.variant, "shape": list(shape), "threads": args.threads, "busy_processes": args.busy,
-            "rounds": args.rounds, "steps": steps, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "loadavg_before": load_before, "loadavg_after": load_after, "results": rows, "times_ms": {
-                f"{name}@{t}": v for (name, t), v in times.items()}}
-    tag = args.tag or f"{now:%Y%m%d}_t{args.threads}_busy{args.busy}"
+    meta = machine_meta(torch.device("cpu"), sys.argv[1:], entry=("benchmarks/cpu_contention.py",))
+    info = {**meta, "variant": args.variant, "shape": list(shape), "threads": args.threads,
+            "busy_processes": args.busy, "rounds": args.rounds, "steps": steps, "loadavg_before": load_before,
+            "loadavg_after": load_after, "results": rows,
+            "times_ms": {f"{name}@{t}": v for (name, t), v in times.items()}}
+    tag = args.tag or f"{meta['date'][:10].replace('-', '')}_t{args.threads}_busy{args.busy}"
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"cpu_contention_{tag}.json").write_text(json.dumps(info, indent=2) + "\n")
     n = args.threads
     lines = [f"# CPU under contention: {args.variant} forward+backward at {shape}, 1 vs {n} threads, "
              f"{args.busy} busy process(es)", "",
-             f"{info['date_utc']}, {info['cpu']} ({info['cpu_count']} cores), torch {info['torch']}; "
+             f"{meta['date']}, {meta['device_name']} ({meta['cpu_count']} cores), torch {meta['torch']}; "
              f"{args.rounds} interleaved rounds, steps per round {steps}; slowdown: median over rounds of "
              f"(ms at {n} threads) / (ms at 1); load average before (no spinners yet) / after "
-             f"{load_before[0]:.2f}/{load_after[0]:.2f}. Command: `{info['command']}`", "",
+             f"{load_before[0]:.2f}/{load_after[0]:.2f}. Command: `{meta['command']}`", "",
              f"| backend | ms at 1 thread | ms at {n} threads | slowdown |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['ms_1']:.1f} | {r[f'ms_{n}']:.1f} | {r['slowdown']:.2f}x |")
