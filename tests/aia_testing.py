@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +242,12 @@ def assert_standard_onnx(model_proto) -> None:
 def diagonal(first, *rest) -> list[tuple]:
     """Each value of ``first`` once, paired in turn with the combinations of ``rest``: every
     value of every parameter appears, in len(first) cases instead of the whole product.
-    Where kernels run interpreted or emulated (seconds a call) a matrix runs this subset."""
+    Where kernels run interpreted or emulated (seconds a call) a matrix runs this subset,
+    unless FULL_MATRIX."""
     combos = list(itertools.product(*rest))
     return [(f, *combos[i % len(combos)]) for i, f in enumerate(first)]
+
+
+# AIA_TEST_FULL_MATRIX=1: the whole product on the interpreted and emulated targets too,
+# not their covering subsets (CI runs the subsets; the product takes an hour on 2 cores).
+FULL_MATRIX = os.environ.get("AIA_TEST_FULL_MATRIX", "0") == "1"

@@ -29,6 +29,7 @@ import aia_kernels
 from aia_kernels import backends
 
 from aia_testing import (
+    FULL_MATRIX,
     SHAPE,
     VIDEO_LAYOUTS,
     as_function_of_flat_params,
@@ -143,11 +144,13 @@ def _id(value) -> str:
 def on_targets(names: str, cases, slow_cases=None, ids=None):
     """``pytest.mark.parametrize("target," + names)``: every case on every target, but only
     ``slow_cases`` (a subset covering each parameter's values) on a target that is
-    :func:`slow_here`. The whole matrix runs where the kernels run natively (CPU, a GPU)."""
+    :func:`slow_here`, unless FULL_MATRIX. The whole matrix runs where the kernels run
+    natively (CPU, a GPU)."""
     ids = ids or (lambda case: "-".join(_id(v) for v in case))
     params = []
     for t in TARGETS:
-        for case in (slow_cases if slow_cases is not None and slow_here(t) else cases):
+        subset = slow_cases is not None and slow_here(t) and not FULL_MATRIX
+        for case in (slow_cases if subset else cases):
             case = case if isinstance(case, tuple) else (case,)
             params.append(pytest.param(t, *case, id=f"{t.id}-{ids(case)}"))
     return pytest.mark.parametrize("target," + names, params, indirect=["target"])
