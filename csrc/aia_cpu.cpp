@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -556,6 +557,72 @@ AIA_INLINE void running_max_sum(acc_t y, int32_t pos, bool first, acc_t& mx, acc
   sum += y;
 }
 
+// Max (the first position wins), its position and sum of one row's chunks, lane by lane:
+// the W reduction of a row of several chunks pays one horizontal reduction per row, not
+// one per chunk. Lanes past a partial chunk's end hold -inf in the max and 0 in the sum.
+template <typename acc_t, int B>
+struct LaneMaxSum {
+  using V = Vec<acc_t, B>;
+  typename V::type mx, sum;
+  typename V::itype pos, nan;  // nan: lanes that met a NaN (the caller then redoes the row in order)
+
+  AIA_INLINE void add(const Row<acc_t, B>& row, const typename V::type& y, int64_t w0, bool first) {
+    const typename V::itype at = V::iota() + typename V::int_t(w0);
+    typename V::type ym = y, ys = y;
+    if (row.W < V::kLanes) {
+      const typename V::itype in = V::iota() < typename V::int_t(row.W);
+      ym = in ? y : typename V::type{} - std::numeric_limits<acc_t>::infinity();
+      ys = in ? y : typename V::type{};
+    }
+    if (first) {
+      mx = ym, sum = ys, pos = at, nan = ym != ym;
+      return;
+    }
+    const typename V::itype greater = ym > mx;  // strict: an earlier chunk keeps a tie
+    mx = greater ? ym : mx;
+    pos = greater ? at : pos;
+    sum += ys;
+    nan |= ym != ym;
+  }
+
+  // False if a lane met a NaN; else the row's max, the first position holding it, the sum.
+  AIA_INLINE bool reduce(acc_t& m, int32_t& first, acc_t& s) const {
+#if defined(AIA_MASKED_CHUNKS)
+    if constexpr (B == 64 && sizeof(acc_t) == 4) {
+      if (_mm512_test_epi32_mask((__m512i)nan, (__m512i)nan)) return false;
+      m = _mm512_reduce_max_ps((__m512)mx);
+      const __mmask16 eq = _mm512_cmpeq_ps_mask((__m512)mx, _mm512_set1_ps(m));
+      first = _mm512_mask_reduce_min_epi32(eq, (__m512i)pos);
+      s = _mm512_reduce_add_ps((__m512)sum);
+      return true;
+    }
+#elif defined(AIA_AVX2_CHUNKS)
+    if constexpr (B == 32 && sizeof(acc_t) == 4) {
+      if (!_mm256_testz_si256((__m256i)nan, (__m256i)nan)) return false;
+      m = reduce_max((__m256)mx);
+      const __m256i eq = _mm256_castps_si256(_mm256_cmp_ps((__m256)mx, _mm256_set1_ps(m), _CMP_EQ_OQ));
+      const __m256i cand = _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), (__m256i)pos, eq);
+      __m128i lo = _mm_min_epi32(_mm256_castsi256_si128(cand), _mm256_extracti128_si256(cand, 1));
+      lo = _mm_min_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(1, 0, 3, 2)));
+      lo = _mm_min_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(2, 3, 0, 1)));
+      first = _mm_cvtsi128_si32(lo);
+      s = reduce_add((__m256)sum);
+      return true;
+    }
+#endif
+    for (int l = 0; l < V::kLanes; ++l) {  // other widths and double: lane by lane, same result
+      if (nan[l]) return false;
+    }
+    m = mx[0], s = sum[0];
+    for (int l = 1; l < V::kLanes; ++l) m = mx[l] > m ? mx[l] : m, s += sum[l];
+    first = INT32_MAX;
+    for (int l = 0; l < V::kLanes; ++l) {
+      if (mx[l] == m && pos[l] < first) first = static_cast<int32_t>(pos[l]);
+    }
+    return true;
+  }
+};
+
 // Writes max and mean at gate offset g (a contiguous run of `len` entries).
 template <typename acc_t>
 void write_pooled(const acc_t* mx, const acc_t* sum, const int32_t* arg, int64_t len, acc_t axis_len, acc_t* P,
@@ -624,7 +691,25 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           const StripGroup<acc_t, B> group(g0, W);
           typename V::type hmx[kGroupStrips] = {}, hsum[kGroupStrips] = {};  // along h, per chunk column
           typename V::itype harg[kGroupStrips] = {};
+          // Along w, the chunk's max (first lane on ties) and sum, then the row's: one
+          // chunk at a time (in order; rows with a NaN) or lane-wise across the group's chunks.
+          const auto w_chunk = [&](int64_t h, int64_t w0, const Row<acc_t, B>& row, const typename V::type& y)
+              AIA_LAMBDA_INLINE {
+            acc_t m;
+            int lane;
+            if (row.max_first(y, m, lane)) {
+              const bool first = w0 == 0, greater = first || m > wmx[h];
+              wmx[h] = greater ? m : wmx[h];
+              warg[h] = greater ? static_cast<int32_t>(w0 + lane) : warg[h];
+              wsum[h] = first ? row.sum(y) : wsum[h] + row.sum(y);
+            } else {  // NaNs: lane by lane, in order
+              for (int64_t l = 0; l < row.W; ++l)
+                running_max_sum(y[l], static_cast<int32_t>(w0 + l), w0 + l == 0, wmx[h], wsum[h], warg[h]);
+            }
+          };
+          const bool w_lanes = P[kAxisW] != nullptr && group.strips > 1;
           for (int64_t h = 0; h < H; ++h) {
+            LaneMaxSum<acc_t, B> wl;
             for (int s = 0; s < kGroupStrips; ++s) {
               if (s == group.strips) break;
               const int64_t w0 = g0 + s * V::kLanes;
@@ -641,17 +726,24 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
                 hsum[s] = h == 0 ? y : hsum[s] + y;
               }
-              if (P[kAxisW] != nullptr) {  // along w: the chunk's max (first lane on ties) and sum, then the row's
-                acc_t m;
-                int lane;
-                if (row.max_first(y, m, lane)) {
-                  const bool first = w0 == 0, greater = first || m > wmx[h];
-                  wmx[h] = greater ? m : wmx[h];
-                  warg[h] = greater ? static_cast<int32_t>(w0 + lane) : warg[h];
-                  wsum[h] = first ? row.sum(y) : wsum[h] + row.sum(y);
-                } else {  // NaNs: lane by lane, in order
-                  for (int64_t l = 0; l < row.W; ++l)
-                    running_max_sum(y[l], static_cast<int32_t>(w0 + l), w0 + l == 0, wmx[h], wsum[h], warg[h]);
+              if (w_lanes) {
+                wl.add(row, y, w0, s == 0);
+              } else if (P[kAxisW] != nullptr) {
+                w_chunk(h, w0, row, y);
+              }
+            }
+            if (w_lanes) {
+              acc_t m, sum;
+              int32_t first_pos;
+              if (wl.reduce(m, first_pos, sum)) {
+                const bool first = g0 == 0, greater = first || m > wmx[h];
+                wmx[h] = greater ? m : wmx[h];
+                warg[h] = greater ? first_pos : warg[h];
+                wsum[h] = first ? sum : wsum[h] + sum;
+              } else {  // a NaN in the row: its chunks again, in order
+                for (int s = 0; s < group.strips; ++s) {
+                  const int64_t w0 = g0 + s * V::kLanes;
+                  w_chunk(h, w0, group.row[s], weighted_chunk(wa, vpl, d, h, w0, group.row[s]));
                 }
               }
             }
@@ -803,6 +895,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
           const StripGroup<acc_t, B> group(g0, W);
           typename V::type hsums[kMaxFactors][kGroupStrips] = {};  // along h, per chunk column
           for (int64_t h = 0; h < H; ++h) {
+            typename V::type wrow[kMaxFactors];  // along w: lane-wise over a row's chunks, then one sum
             for (int s = 0; s < kGroupStrips; ++s) {
               if (s == group.strips) break;
               const int64_t w0 = g0 + s * V::kLanes;
@@ -819,9 +912,20 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
                 acc_t* tsum = tsums.data() + k * HW + h * W + w0;
                 row.store(tsum, row.load(tsum) + r);
                 hsums[k][s] = h == 0 ? r : hsums[k][s] + r;
-                acc_t& wsum = wsums[k * H + h];  // along w: the chunk's sum, then the row's
-                wsum = w0 == 0 ? row.sum(r) : wsum + row.sum(r);
+                if (group.strips == 1) {  // the row's one chunk
+                  acc_t& wsum = wsums[k * H + h];
+                  wsum = g0 == 0 ? row.sum(r) : wsum + row.sum(r);
+                  continue;
+                }
+                const typename V::type rw = row.W == V::kLanes ? r : (V::iota() < typename V::int_t(row.W) ? r : typename V::type{});
+                wrow[k] = s == 0 ? rw : wrow[k] + rw;
               }
+            }
+            for (int k = 0; k < wt.n_factors && group.strips > 1; ++k) {
+              if (wt.size[k] != 3) continue;
+              const acc_t row_sum = Row<acc_t, B>{V::kLanes}.sum(wrow[k]);
+              acc_t& wsum = wsums[k * H + h];
+              wsum = g0 == 0 ? row_sum : wsum + row_sum;
             }
           }
           for (int k = 0; k < wt.n_factors; ++k) {
