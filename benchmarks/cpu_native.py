@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
 from benchmarks.network import keeping_every_stage  # noqa: E402
-from benchmarks.run import cpu_model  # noqa: E402
+from benchmarks.run import cpu_model, source_commit  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -141,7 +141,7 @@ def main() -> None:
                     f"({args.steps} steps each per round, after {args.warmup} warm-up steps); times: median "
                     f"(IQR) of all steps; speedups: median over rounds of the per-round ratio"),
         "threads": threads, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
+        "python": platform.python_version(), "torch": torch.__version__, "commit": source_commit(),
         "native_cxxflags": native.CXX_FLAGS, "native_build_s": round(build_s, 1),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "results": rows,
@@ -152,7 +152,7 @@ def main() -> None:
     lines = [f"# CPU: native vs reference, {args.variant}, float32, train, forward+backward",
              "",
              f"{info['date_utc']}, {info['cpu']} ({info['cpu_count']} cores), {threads} thread(s), "
-             f"torch {info['torch']}; {info['measure']}; load average before/after "
+             f"torch {info['torch']}, commit {info['commit']}; {info['measure']}; load average before/after "
              f"{load_before[0]:.2f}/{info['loadavg_after'][0]:.2f}. Command: `{info['command']}`",
              "",
              "| input (N*T, C, H, W) | " + " | ".join(f"{n} ms (IQR)" for n in names) + " | "

@@ -236,7 +236,8 @@ def markdown(info: dict) -> str:
 
     lines = [f"# Whole network: plain vs AIA ({info['variant']}), {info['clips']} clip(s) x {info['frames']} "
              f"frames, {info['device_name']}", "",
-             f"{info['date']}; torch {info['torch']}; {info['measure']}. Command: `{info['command']}`", "",
+             f"{info['date']}; torch {info['torch']}; commit {info.get('commit')}; {info['measure']}. "
+             f"Command: `{info['command']}`", "",
              "| arch | mode | size | threads | config | median ms (IQR) | overhead vs plain | peak MiB "
              "| saved for backward MiB | saved vs plain |",
              "|---|---|---|---|---|---|---|---|---|---|"]

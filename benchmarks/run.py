@@ -111,6 +111,20 @@ def cpu_model() -> str:
     return f"{name}, {isa}" if isa else name
 
 
+def source_commit() -> str | None:
+    """The git commit of the aia_kernels checkout that runs, "+dirty" with uncommitted
+    changes to tracked files; None outside a git checkout (an installed wheel)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(aia_kernels.__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def machine_meta(device: torch.device, argv, entry: tuple[str, ...] = ("-m", "benchmarks.run")) -> dict:
     """Device, versions, date, a machine description without the hostname, and the exact
     command (``python <entry> <argv>``)."""
@@ -131,6 +145,7 @@ def machine_meta(device: torch.device, argv, entry: tuple[str, ...] = ("-m", "be
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "aia_kernels": os.path.dirname(aia_kernels.__file__),
+        "commit": source_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *entry, *argv]),
     }
