@@ -203,6 +203,19 @@ def test_cpu_contention_benchmark_smoke(tmp_path, monkeypatch):
     assert not [p for p in multiprocessing.active_children() if p.is_alive()], "a spinner was left running"
 
 
+def test_cpu_passes_benchmark_smoke(tmp_path):
+    """benchmarks/cpu_passes.py end to end on a tiny shape: every pass timed, the commit recorded."""
+    from benchmarks import cpu_passes
+    threads = torch.get_num_threads()
+    cpu_passes.main(["--shapes", "8,5,7,9", "--rounds", "2", "--calls", "1", "--results-dir", str(tmp_path),
+                     "--tag", "smoke"])
+    info = json.loads((tmp_path / "cpu_passes_smoke.json").read_text())
+    assert len(info["results"]) == 8 and all(r["median_ms"] > 0 for r in info["results"])
+    assert "commit" in info
+    assert "| (8, 5, 7, 9) | pool W only, C weight |" in (tmp_path / "cpu_passes_smoke.md").read_text()
+    torch.set_num_threads(threads)
+
+
 def test_cpu_step_probe_smoke(tmp_path, monkeypatch):
     """benchmarks/cpu_step_probe.py end to end on a tiny shape."""
     from benchmarks import cpu_step_probe
