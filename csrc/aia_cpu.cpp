@@ -707,9 +707,11 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 running_max_sum(y[l], static_cast<int32_t>(w0 + l), w0 + l == 0, wmx[h], wsum[h], warg[h]);
             }
           };
-          const bool w_lanes = P[kAxisW] != nullptr && group.strips > 1;
+          // The rows, compiled twice: rows of one chunk keep the per-chunk W code unchanged.
+          const auto rows = [&](auto lanes_tag) AIA_LAMBDA_INLINE {
+          constexpr bool w_lanes = decltype(lanes_tag)::value;
           for (int64_t h = 0; h < H; ++h) {
-            LaneMaxSum<acc_t, B> wl;
+            [[maybe_unused]] LaneMaxSum<acc_t, B> wl;
             for (int s = 0; s < kGroupStrips; ++s) {
               if (s == group.strips) break;
               const int64_t w0 = g0 + s * V::kLanes;
@@ -726,13 +728,13 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
                 hsum[s] = h == 0 ? y : hsum[s] + y;
               }
-              if (w_lanes) {
+              if constexpr (w_lanes) {
                 wl.add(row, y, w0, s == 0);
               } else if (P[kAxisW] != nullptr) {
                 w_chunk(h, w0, row, y);
               }
             }
-            if (w_lanes) {
+            if constexpr (w_lanes) {
               acc_t m, sum;
               int32_t first_pos;
               if (wl.reduce(m, first_pos, sum)) {
@@ -748,6 +750,9 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
               }
             }
           }
+          };
+          if (P[kAxisW] != nullptr && group.strips > 1) rows(std::true_type{});
+          else rows(std::false_type{});
           if (P[kAxisH] != nullptr) {
             for (int s = 0; s < group.strips; ++s) {
               const int64_t g = gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes;
