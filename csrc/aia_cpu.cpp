@@ -708,8 +708,8 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
             }
           };
           // The rows, compiled twice: rows of one chunk keep the per-chunk W code unchanged.
-          const auto rows = [&](auto lanes_tag) AIA_LAMBDA_INLINE {
-          constexpr bool w_lanes = decltype(lanes_tag)::value;
+          const auto rows = [&](auto lanes_tag, auto all_tag) AIA_LAMBDA_INLINE {
+          constexpr bool w_lanes = decltype(lanes_tag)::value, all = decltype(all_tag)::value;
           for (int64_t h = 0; h < H; ++h) {
             [[maybe_unused]] LaneMaxSum<acc_t, B> wl;
             for (int s = 0; s < kGroupStrips; ++s) {
@@ -717,12 +717,12 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
               const int64_t w0 = g0 + s * V::kLanes;
               const Row<acc_t, B>& row = group.row[s];
               const typename V::type y = weighted_chunk(wa, vpl, d, h, w0, row);
-              if (P[kAxisT] != nullptr) {
+              if (all || P[kAxisT] != nullptr) {
                 const int64_t off = h * W + w0;
                 running_max_sum(row, y, static_cast<int32_t>(t), t == 0, tmx.data() + off, tsum.data() + off,
                                 targ.data() + off);
               }
-              if (P[kAxisH] != nullptr) {
+              if (all || P[kAxisH] != nullptr) {
                 const typename V::itype greater = h == 0 ? ~typename V::itype{} : (y > hmx[s]);
                 hmx[s] = greater ? y : hmx[s];
                 harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
@@ -730,7 +730,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
               }
               if constexpr (w_lanes) {
                 wl.add(row, y, w0, s == 0);
-              } else if (P[kAxisW] != nullptr) {
+              } else if (all || P[kAxisW] != nullptr) {
                 w_chunk(h, w0, row, y);
               }
             }
@@ -751,8 +751,11 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
             }
           }
           };
-          if (P[kAxisW] != nullptr && group.strips > 1) rows(std::true_type{});
-          else rows(std::false_type{});
+          const bool all = P[kAxisT] != nullptr && P[kAxisH] != nullptr && P[kAxisW] != nullptr;
+          if (all && group.strips > 1) rows(std::true_type{}, std::true_type{});
+          else if (all) rows(std::false_type{}, std::true_type{});
+          else if (P[kAxisW] != nullptr && group.strips > 1) rows(std::true_type{}, std::false_type{});
+          else rows(std::false_type{}, std::false_type{});
           if (P[kAxisH] != nullptr) {
             for (int s = 0; s < group.strips; ++s) {
               const int64_t g = gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes;
