@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aia_kernels import backends  # noqa: E402
-from aia_kernels.primitives import GateValue, WeightValue, gate_shape  # noqa: E402
+from aia_kernels.primitives import GateValue, PooledGrad, WeightValue, gate_shape  # noqa: E402
 from benchmarks.network import write_results  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 
@@ -38,9 +38,16 @@ def cases(prims, v: torch.Tensor) -> dict:
     def gate(axis):
         return GateValue(axis, torch.randn(gate_shape(v.shape, axis)), torch.tensor([1.0, 0.1]))
 
+    def pooled_grad(axis):
+        shape = gate_shape(v.shape, axis)
+        index = torch.randint(0, v.shape[" TCHW".index(axis)], shape, dtype=torch.int32)
+        return PooledGrad(axis, torch.randn(shape[0], 2, *shape[1:]), index)
+
     c_weight = WeightValue(((gate("C"),),), "prod")
     st_weight = WeightValue(((gate("T"), gate("H"), gate("W")),), "prod")
-    out = torch.empty_like(v)
+    st_c_weight = WeightValue(((gate("T"), gate("H"), gate("W")), (gate("C"),)), "prod")
+    thw_grads = [pooled_grad(axis) for axis in "THW"]
+    grad_out, out = torch.randn_like(v), torch.empty_like(v)
     return {
         "apply, C weight": lambda: prims.apply(v, c_weight, out),
         "apply, ST weight": lambda: prims.apply(v, st_weight, out),
@@ -50,6 +57,11 @@ def cases(prims, v: torch.Tensor) -> dict:
         "pool T only, C weight": lambda: prims.pool(v, c_weight, "T"),
         "pool H only, C weight": lambda: prims.pool(v, c_weight, "H"),
         "pool W only, C weight": lambda: prims.pool(v, c_weight, "W"),
+        # the backward's passes: gate gradients against grad_out or pooled gradients, then grad_x
+        "weight_grad, ST*C weight, grad_out": lambda: prims.weight_grad(v, grad_out, st_c_weight),
+        "weight_grad, ST weight, T/H/W pooled": lambda: prims.weight_grad(v, thw_grads, st_weight),
+        "weight_grad, C weight, T/H/W pooled": lambda: prims.weight_grad(v, thw_grads, c_weight),
+        "input_grad, ST*C weight, grad_out": lambda: prims.input_grad([(st_c_weight, grad_out)], out),
     }
 
 

@@ -210,7 +210,7 @@ def test_cpu_passes_benchmark_smoke(tmp_path):
     cpu_passes.main(["--shapes", "8,5,7,9", "--rounds", "2", "--calls", "1", "--results-dir", str(tmp_path),
                      "--tag", "smoke"])
     info = json.loads((tmp_path / "cpu_passes_smoke.json").read_text())
-    assert len(info["results"]) == 8 and all(r["median_ms"] > 0 for r in info["results"])
+    assert len(info["results"]) == 12 and all(r["median_ms"] > 0 for r in info["results"])
     assert "commit" in info
     assert "| (8, 5, 7, 9) | pool W only, C weight |" in (tmp_path / "cpu_passes_smoke.md").read_text()
     torch.set_num_threads(threads)
