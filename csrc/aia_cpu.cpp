@@ -903,7 +903,6 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
           const StripGroup<acc_t, B> group(g0, W);
           typename V::type hsums[kMaxFactors][kGroupStrips] = {};  // along h, per chunk column
           for (int64_t h = 0; h < H; ++h) {
-            typename V::type wrow[kMaxFactors];  // along w: lane-wise over a row's chunks, then one sum
             for (int s = 0; s < kGroupStrips; ++s) {
               if (s == group.strips) break;
               const int64_t w0 = g0 + s * V::kLanes;
@@ -920,20 +919,12 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
                 acc_t* tsum = tsums.data() + k * HW + h * W + w0;
                 row.store(tsum, row.load(tsum) + r);
                 hsums[k][s] = h == 0 ? r : hsums[k][s] + r;
-                if (group.strips == 1) {  // the row's one chunk
-                  acc_t& wsum = wsums[k * H + h];
-                  wsum = g0 == 0 ? row.sum(r) : wsum + row.sum(r);
-                  continue;
-                }
-                const typename V::type rw = row.W == V::kLanes ? r : (V::iota() < typename V::int_t(row.W) ? r : typename V::type{});
-                wrow[k] = s == 0 ? rw : wrow[k] + rw;
+                // Along w: the chunk's sum, then the row's. (Summed lane-wise across a row's
+                // chunks instead, as the pool does, this pass was 4-10% slower at 56x56 and
+                // 28x28: benchmarks/cpu_passes.py, alternating runs.)
+                acc_t& wsum = wsums[k * H + h];
+                wsum = w0 == 0 ? row.sum(r) : wsum + row.sum(r);
               }
-            }
-            for (int k = 0; k < wt.n_factors && group.strips > 1; ++k) {
-              if (wt.size[k] != 3) continue;
-              const acc_t row_sum = Row<acc_t, B>{V::kLanes}.sum(wrow[k]);
-              acc_t& wsum = wsums[k * H + h];
-              wsum = g0 == 0 ? row_sum : wsum + row_sum;
             }
           }
           for (int k = 0; k < wt.n_factors; ++k) {
