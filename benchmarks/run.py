@@ -113,12 +113,14 @@ def cpu_model() -> str:
 
 def source_commit() -> str | None:
     """The git commit of the aia_kernels checkout that runs, "+dirty" with uncommitted
-    changes to tracked files; None outside a git checkout (an installed wheel)."""
+    changes to its code (aia_kernels/, csrc/, benchmarks/; docs do not count); None outside
+    a git checkout (an installed wheel)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(aia_kernels.__file__)))
     try:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--",
+                                "aia_kernels", "csrc", "benchmarks"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
