@@ -40,6 +40,7 @@ import torch
 from ..layouts import clip_shape
 from ..plan import decode_plan, encode_plan
 from ..primitives import GateForward, GateGrads, WeightValue, gate_shape
+from . import thread_policy
 from .build_config import (
     CPU_SOURCES,
     CUDA_FLAGS,
@@ -273,6 +274,14 @@ def _none_if_empty(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
     return t if needed and t.numel() > 0 else None
 
 
+# The native CPU plan ops run on torch's threads or on the calling thread, whichever is
+# faster here and now (thread_policy.py); thread_policy.POLICY.decisions() says which.
+def _on_cpu_threads(direction: str, codes: tuple, x: torch.Tensor, op):
+    if x.device.type != "cpu":
+        return op()
+    return thread_policy.POLICY.run((direction, codes, tuple(x.shape), tuple(x.stride()), x.dtype), op)
+
+
 class NativePrimitives:
     """The six primitives as ``aia_native`` ops, plus the whole plan in one op
     (``forward_plan``/``backward_plan``, which the executor in ``executor.py`` prefers: no
@@ -282,16 +291,18 @@ class NativePrimitives:
 
     def forward_plan(self, plan, x, num_segments, conv_weights, bn_weights, bn_biases, running_means,
                      running_vars, bn_modes, eps):
-        out, saved, stats = torch.ops.aia_native.plan_forward(
-            x, num_segments, list(encode_plan(plan)), conv_weights, bn_weights, bn_biases, running_means,
-            running_vars, bn_modes, eps)
+        codes = encode_plan(plan)
+        out, saved, stats = _on_cpu_threads("forward", codes, x, lambda: torch.ops.aia_native.plan_forward(
+            x, num_segments, list(codes), conv_weights, bn_weights, bn_biases, running_means,
+            running_vars, bn_modes, eps))
         return out, list(saved), stats
 
     def backward_plan(self, plan, grad_out, x, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
                       bn_stats, needs):
-        gx, d_conv, d_bn_w, d_bn_b = torch.ops.aia_native.plan_backward(
-            grad_out, x, num_segments, list(encode_plan(plan)), conv_weights, bn_weights, bn_modes, eps, saved,
-            bn_stats, [int(n) for n in needs])
+        codes = encode_plan(plan)
+        gx, d_conv, d_bn_w, d_bn_b = _on_cpu_threads("backward", codes, x, lambda: torch.ops.aia_native.plan_backward(
+            grad_out, x, num_segments, list(codes), conv_weights, bn_weights, bn_modes, eps, saved,
+            bn_stats, [int(n) for n in needs]))
         n = len(conv_weights)
 
         def grads(ts, params, flags):  # empty -> not computed; accumulation dtype -> the parameter's
