@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -267,20 +266,6 @@ struct Row {
     }
   }
 };
-
-// Every parallel region of these kernels, on torch's threads or (set_serial) on the
-// calling thread alone: where other processes keep cores busy, a region waits for its
-// slowest thread (aia_kernels/native/thread_policy.py measures both and picks).
-std::atomic<bool> g_serial{false};
-
-template <typename F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  if (g_serial.load(std::memory_order_relaxed)) {
-    if (begin < end) f(begin, end);  // one item range, as at::parallel_for gives one thread
-    return;
-  }
-  at::parallel_for(begin, end, grain, f);
-}
 
 // Work items below this many elements are not worth a thread.
 constexpr int64_t kGrainElements = 1 << 15;
@@ -673,7 +658,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   }
   if (P[kAxisC] != nullptr) {
     const int64_t sample = gate_sample_size(kAxisC, d);
-    parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> mx(HW), sum(HW);
       std::vector<int32_t> arg(HW);
       for (int64_t nt = begin; nt < end; ++nt) {
@@ -694,7 +679,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   }
   if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
   const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
-  parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tmx(HW), tsum(HW), wmx(H), wsum(H);
     std::vector<int32_t> targ(HW), warg(H);
     for (int64_t nc = begin; nc < end; ++nc) {
@@ -807,7 +792,7 @@ void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& s
   const scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const Weight<acc_t> wt = make_weight<acc_t>(gates, spec);
-  parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
       const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
@@ -869,7 +854,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   // channels (partials per block, added in block order after the pass: deterministic).
   const bool merged = any_c && any_thw;
   if (any_c && !merged) {
-    parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sums(static_cast<size_t>(HW) * kMaxFactors);
       for (int64_t nt = begin; nt < end; ++nt) {
         const int64_t n = nt / d.T, t = nt % d.T;
@@ -902,7 +887,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   // C partials: (N, blocks, factor, T, H, W)
   acc_t* cpart = merged ? workspace<acc_t>(0, static_cast<size_t>(d.N * blocks * kMaxFactors * THW)) : nullptr;
   // T: summed over t in buffers; H: over h in registers per strip; W: along each row.
-  parallel_for(0, d.N * blocks, grain_for(kCBlock * THW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.N * blocks, grain_for(kCBlock * THW), [&](int64_t begin, int64_t end) {
     constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
     std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(static_cast<size_t>(H) * kMaxFactors);
     for (int64_t nb = begin; nb < end; ++nb)
@@ -963,7 +948,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
     }
   });
   if (!merged) return;
-  parallel_for(0, d.N * d.T, grain_for(blocks * HW), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.N * d.T, grain_for(blocks * HW), [&](int64_t begin, int64_t end) {
     for (int64_t nt = begin; nt < end; ++nt) {
       const int64_t n = nt / d.T, t = nt % d.T;
       for (int k = 0; k < wt.n_factors; ++k) {
@@ -994,7 +979,7 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
   }
   std::vector<UpstreamCall<scalar_t, acc_t>> calls;  // after `ups` is complete: they point into it
   for (const auto& up : ups) calls.push_back(upstream_call(up, d));
-  parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
     WeightAt<acc_t> wa[kMaxTerms];
     UpstreamAt<scalar_t, acc_t> ua[kMaxTerms];
     for (int64_t i = begin; i < end; ++i) {
@@ -1106,7 +1091,7 @@ void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
   const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0, kTapBlock);
-  parallel_for(0, d.N * sb.blocks_per_volume, grain_for(54 * sb.per_block * p.slice),
+  at::parallel_for(0, d.N * sb.blocks_per_volume, grain_for(54 * sb.per_block * p.slice),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
     for (int64_t item = begin; item < end; ++item) {
@@ -1130,7 +1115,7 @@ void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d,
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
   const acc_t* dzpad = pad_volumes(dz, d.N, d, 0, kTapBlock);
-  parallel_for(0, d.N * 2 * sb.blocks_per_volume, grain_for(27 * sb.per_block * p.slice),
+  at::parallel_for(0, d.N * 2 * sb.blocks_per_volume, grain_for(27 * sb.per_block * p.slice),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
     for (int64_t item = begin; item < end; ++item) {
@@ -1168,7 +1153,7 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
   const int64_t per_chunk = std::max<int64_t>(1, 4096 / p.run);
   const int64_t chunks = (slices + per_chunk - 1) / per_chunk;
   std::vector<double> partial(static_cast<size_t>(chunks * 54));
-  parallel_for(0, chunks, grain_for(54 * per_chunk * p.slice), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, grain_for(54 * per_chunk * p.slice), [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * per_chunk, last = std::min(slices, first + per_chunk);
       for (int group = 0; group < 6; ++group) {  // taps (ci, k1, 0..2, 0..2)
@@ -1378,9 +1363,6 @@ GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, double s
   });
   return out;
 }
-
-void set_serial(bool serial) { g_serial.store(serial, std::memory_order_relaxed); }
-bool serial() { return g_serial.load(std::memory_order_relaxed); }
 
 }  // namespace cpu
 }  // namespace aia

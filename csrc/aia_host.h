@@ -130,11 +130,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
 namespace cpu {
 AIA_DECLARE_DEVICE_ENTRY_POINTS
 
-// true: every parallel region of the CPU kernels runs on the calling thread (the same
-// results: they do not depend on the thread count); false: on torch's intra-op threads.
-void set_serial(bool serial);
-bool serial();
-
 // CPU fast paths of the gate's BN on the small conv output (the CUDA path composes
 // ATen ops in aia_ops.cpp): sequential double sums, so fixed order and few passes.
 struct BatchStats {

@@ -359,9 +359,6 @@ TORCH_LIBRARY_FRAGMENT(aia_native, m) {
   // Debug counters (no tensors, one kernel for all devices): [multi-launch, persistent].
   m.def("plan_forward_cuda_paths() -> int[]", &aia::plan_forward_cuda_paths);
   m.def("plan_backward_cuda_paths() -> int[]", &aia::plan_backward_cuda_paths);
-  // The CPU kernels' threads (aia_kernels/native/thread_policy.py): serial, or torch's.
-  m.def("set_cpu_serial(bool serial) -> ()", &aia::cpu::set_serial);
-  m.def("cpu_serial() -> bool", &aia::cpu::serial);
   // The plan encoding and limits as this library reads them (tests compare them with aia_kernels/plan.py).
   m.def("plan_encoding_roundtrip(int[] plan) -> int[]", &aia::plan_encoding_roundtrip);
   m.def("plan_limits() -> int[]", &aia::plan_limits);
