@@ -119,9 +119,9 @@ def test_native_module_goes_through_the_policy():
         torch.set_num_threads(2)
         for _ in range(2 + 2 * WINDOW):
             run(module, x, g)
+            assert torch.get_num_threads() == 2  # restored after the serial calls
     finally:
         torch.set_num_threads(old)
-        assert torch.get_num_threads() == 2  # restored after the serial calls
     decided = thread_policy.POLICY.decisions()
     assert sorted(key[0] for key in decided) == ["backward", "forward"], decided
     assert all(key[2] in ((4, 6, 5, 7), (2, 2, 6, 5, 7)) and choice in (TORCH, SERIAL)
