@@ -920,8 +920,8 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
                 row.store(tsum, row.load(tsum) + r);
                 hsums[k][s] = h == 0 ? r : hsums[k][s] + r;
                 // Along w: the chunk's sum, then the row's. (Summed lane-wise across a row's
-                // chunks instead, as the pool does, this pass was 4-10% slower at 56x56 and
-                // 28x28: benchmarks/cpu_passes.py, alternating runs.)
+                // chunks instead, as the pool does, this pass was slower at 56x56 and 28x28 in
+                // alternating benchmarks/cpu_passes.py runs.)
                 acc_t& wsum = wsums[k * H + h];
                 wsum = w0 == 0 ? row.sum(r) : wsum + row.sum(r);
               }

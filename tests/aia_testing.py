@@ -249,5 +249,5 @@ def diagonal(first, *rest) -> list[tuple]:
 
 
 # AIA_TEST_FULL_MATRIX=1: the whole product on the interpreted and emulated targets too,
-# not their covering subsets (CI runs the subsets; the product takes an hour on 2 cores).
+# not their covering subsets (CI runs the subsets; the product adds several minutes on 2 cores).
 FULL_MATRIX = os.environ.get("AIA_TEST_FULL_MATRIX", "0") == "1"

@@ -10,8 +10,9 @@ cores and one core busy, a step was measured 1.89x slower than with 1 thread
 
 How: for each (op, plan, shape, strides, dtype) key the policy times the plan op with
 torch's threads and with ``torch.set_num_threads(1)`` around it (after one warm-up call of
-each), then runs the faster one, measuring the other again every ``EXPLORE_EVERY`` calls so
-that it follows the machine's load. ``torch.set_num_threads`` sets OpenMP's thread count of
+each), then runs the faster one, timing it on every call and the other again
+``EXPLORE_EVERY`` calls after a decision, then at doubling intervals up to ``EXPLORE_MAX``,
+so that it follows the machine's load. ``torch.set_num_threads`` sets OpenMP's thread count of
 the calling thread (and torch's default for threads started meanwhile); the count is
 restored after the op. With torch set to 1 thread, or ``AIA_NATIVE_ADAPTIVE_THREADS=0``, the
 policy does nothing. ``decisions()`` says what it chose for each key.
