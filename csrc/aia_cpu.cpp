@@ -691,65 +691,68 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           const StripGroup<acc_t, B> group(g0, W);
           typename V::type hmx[kGroupStrips] = {}, hsum[kGroupStrips] = {};  // along h, per chunk column
           typename V::itype harg[kGroupStrips] = {};
-          // Along w, the chunk's max (first lane on ties) and sum, then the row's: one
-          // chunk at a time (in order; rows with a NaN) or lane-wise across the group's chunks.
+          // Along w: a piece of row h (from its start if `first`) with max m, first at `pos`,
+          // sum `sum`, merged into the row's running values.
+          const auto merge_w = [&](int64_t h, bool first, acc_t m, int32_t pos, acc_t sum) AIA_LAMBDA_INLINE {
+            const bool greater = first || m > wmx[h];
+            wmx[h] = greater ? m : wmx[h];
+            warg[h] = greater ? pos : warg[h];
+            wsum[h] = first ? sum : wsum[h] + sum;
+          };
+          // One chunk at a time (its max, first lane on ties, and sum; in order), or lane-wise
+          // across the group's chunks (LaneMaxSum), then the row's; rows with a NaN in order.
           const auto w_chunk = [&](int64_t h, int64_t w0, const Row<acc_t, B>& row, const typename V::type& y)
               AIA_LAMBDA_INLINE {
             acc_t m;
             int lane;
             if (row.max_first(y, m, lane)) {
-              const bool first = w0 == 0, greater = first || m > wmx[h];
-              wmx[h] = greater ? m : wmx[h];
-              warg[h] = greater ? static_cast<int32_t>(w0 + lane) : warg[h];
-              wsum[h] = first ? row.sum(y) : wsum[h] + row.sum(y);
+              merge_w(h, w0 == 0, m, static_cast<int32_t>(w0 + lane), row.sum(y));
             } else {  // NaNs: lane by lane, in order
               for (int64_t l = 0; l < row.W; ++l)
                 running_max_sum(y[l], static_cast<int32_t>(w0 + l), w0 + l == 0, wmx[h], wsum[h], warg[h]);
             }
           };
-          // The rows, compiled twice: rows of one chunk keep the per-chunk W code unchanged.
+          // The rows, compiled for each case: rows of one chunk keep the per-chunk W code, and
+          // the usual stage (all three axes) has no per-chunk axis checks.
           const auto rows = [&](auto lanes_tag, auto all_tag) AIA_LAMBDA_INLINE {
-          constexpr bool w_lanes = decltype(lanes_tag)::value, all = decltype(all_tag)::value;
-          for (int64_t h = 0; h < H; ++h) {
-            [[maybe_unused]] LaneMaxSum<acc_t, B> wl;
-            for (int s = 0; s < kGroupStrips; ++s) {
-              if (s == group.strips) break;
-              const int64_t w0 = g0 + s * V::kLanes;
-              const Row<acc_t, B>& row = group.row[s];
-              const typename V::type y = weighted_chunk(wa, vpl, d, h, w0, row);
-              if (all || P[kAxisT] != nullptr) {
-                const int64_t off = h * W + w0;
-                running_max_sum(row, y, static_cast<int32_t>(t), t == 0, tmx.data() + off, tsum.data() + off,
-                                targ.data() + off);
-              }
-              if (all || P[kAxisH] != nullptr) {
-                const typename V::itype greater = h == 0 ? ~typename V::itype{} : (y > hmx[s]);
-                hmx[s] = greater ? y : hmx[s];
-                harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
-                hsum[s] = h == 0 ? y : hsum[s] + y;
+            constexpr bool w_lanes = decltype(lanes_tag)::value, all = decltype(all_tag)::value;
+            for (int64_t h = 0; h < H; ++h) {
+              [[maybe_unused]] LaneMaxSum<acc_t, B> wl;
+              for (int s = 0; s < kGroupStrips; ++s) {
+                if (s == group.strips) break;
+                const int64_t w0 = g0 + s * V::kLanes;
+                const Row<acc_t, B>& row = group.row[s];
+                const typename V::type y = weighted_chunk(wa, vpl, d, h, w0, row);
+                if (all || P[kAxisT] != nullptr) {
+                  const int64_t off = h * W + w0;
+                  running_max_sum(row, y, static_cast<int32_t>(t), t == 0, tmx.data() + off, tsum.data() + off,
+                                  targ.data() + off);
+                }
+                if (all || P[kAxisH] != nullptr) {
+                  const typename V::itype greater = h == 0 ? ~typename V::itype{} : (y > hmx[s]);
+                  hmx[s] = greater ? y : hmx[s];
+                  harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
+                  hsum[s] = h == 0 ? y : hsum[s] + y;
+                }
+                if constexpr (w_lanes) {
+                  wl.add(row, y, w0, s == 0);
+                } else if (all || P[kAxisW] != nullptr) {
+                  w_chunk(h, w0, row, y);
+                }
               }
               if constexpr (w_lanes) {
-                wl.add(row, y, w0, s == 0);
-              } else if (all || P[kAxisW] != nullptr) {
-                w_chunk(h, w0, row, y);
-              }
-            }
-            if constexpr (w_lanes) {
-              acc_t m, sum;
-              int32_t first_pos;
-              if (wl.reduce(m, first_pos, sum)) {
-                const bool first = g0 == 0, greater = first || m > wmx[h];
-                wmx[h] = greater ? m : wmx[h];
-                warg[h] = greater ? first_pos : warg[h];
-                wsum[h] = first ? sum : wsum[h] + sum;
-              } else {  // a NaN in the row: its chunks again, in order
-                for (int s = 0; s < group.strips; ++s) {
-                  const int64_t w0 = g0 + s * V::kLanes;
-                  w_chunk(h, w0, group.row[s], weighted_chunk(wa, vpl, d, h, w0, group.row[s]));
+                acc_t m, sum;
+                int32_t first_pos;
+                if (wl.reduce(m, first_pos, sum)) {
+                  merge_w(h, g0 == 0, m, first_pos, sum);
+                } else {  // a NaN in the row: its chunks again, in order
+                  for (int s = 0; s < group.strips; ++s) {
+                    const int64_t w0 = g0 + s * V::kLanes;
+                    w_chunk(h, w0, group.row[s], weighted_chunk(wa, vpl, d, h, w0, group.row[s]));
+                  }
                 }
               }
             }
-          }
           };
           const bool all = P[kAxisT] != nullptr && P[kAxisH] != nullptr && P[kAxisW] != nullptr;
           if (all && group.strips > 1) rows(std::true_type{}, std::true_type{});
