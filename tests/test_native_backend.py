@@ -248,12 +248,13 @@ def _pool_both(v, axes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("width", [3, 7, 19, 37])
-def test_pool_ties_and_infinities(width, dtype):
-    """Pooling along each axis, rows of one chunk and of several: integer values (many ties:
-    the first position wins) and rows of -inf and +inf, equal to the plain-torch primitives."""
+@pytest.mark.parametrize("height,width", [(5, 3), (5, 7), (19, 7), (5, 12), (19, 12), (5, 19), (5, 37)])
+def test_pool_ties_and_infinities(height, width, dtype):
+    """Pooling along each axis, rows of one chunk (half and whole vectors) and of several,
+    planes shorter and taller than a vector is wide: integer values (many ties: the first
+    position wins) and rows of -inf and +inf, equal to the plain-torch primitives."""
     torch.manual_seed(width)
-    v = torch.randint(-2, 3, (2, 3, 4, 5, width)).to(dtype)
+    v = torch.randint(-2, 3, (2, 3, 4, height, width)).to(dtype)
     v[0, 0, 0, 0] = float("-inf")
     v[0, 1, 1, 2] = float("inf")
     v[0, 2, 1, 3, -1] = float("-inf")
@@ -263,7 +264,7 @@ def test_pool_ties_and_infinities(width, dtype):
             assert torch.equal(a1, a2), axes
 
 
-@pytest.mark.parametrize("width", [7, 37])
+@pytest.mark.parametrize("width", [7, 12, 37])
 def test_pool_nans(width):
     """A NaN makes the mean of every line through it NaN; lines without one pool as the
     plain-torch primitives do. (Where a line holds a NaN, the max and its position follow
