@@ -160,25 +160,90 @@ def train_saved_bytes(config: Config, x, y) -> int:
     return saved
 
 
+def _minor_faults() -> int | None:
+    """The process's minor page faults so far (Unix), None elsewhere."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_interleaved(steps: dict, rounds: int, per_round: int, warmup: int, device) -> dict:
-    """Per configuration: every step time (ms) and the per-round medians."""
+    """Per configuration: every step time (ms), the per-round medians and the minor page
+    faults of each step (the allocator's fresh pages: on CPU a share of a step that AIA
+    changes in the layers around it too, see docs/benchmarks.md)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times = {name: [] for name in steps}
     medians = {name: [] for name in steps}
+    faults = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             round_times = []
             for _ in range(per_round):
                 _sync(device)
+                faults_before = _minor_faults()
                 start = time.perf_counter()
                 step()
                 _sync(device)
                 round_times.append((time.perf_counter() - start) * 1e3)
+                if faults_before is not None:
+                    faults[name].append(_minor_faults() - faults_before)
             times[name] += round_times
             medians[name].append(statistics.median(round_times))
-    return {"times": times, "medians": medians}
+    return {"times": times, "medians": medians, "faults": faults}
+
+
+def time_inside_aia(model: nn.Module, step, calls: int, device) -> tuple[float | None, float | None]:
+    """Milliseconds per step spent inside the network's AIA modules, median of ``calls``
+    probe steps after the timed ones: forward (forward hooks) and backward (hooks on the
+    output's autograd node, where a module's backward is that one node: the fused
+    backends; None otherwise). With the other layers' time it splits a network's overhead
+    into the modules' own time and their effect on the rest of the step."""
+    modules = [module for _, module in aia_modules(model)]
+    if not modules:
+        return None, None
+    spent = {"forward": 0.0, "backward": 0.0, "timed_nodes": 0}
+    starts: dict = {}
+
+    def now() -> float:
+        _sync(device)
+        return time.perf_counter()
+
+    def before_forward(module, inputs):
+        starts[module] = now()
+
+    def after_forward(module, inputs, output):
+        spent["forward"] += now() - starts.pop(module)
+        node = getattr(output, "grad_fn", None)
+        if not isinstance(node, torch.autograd.function.BackwardCFunction):  # not one fused op's node
+            return
+
+        def before_backward(grad_outputs):
+            starts[node] = now()
+
+        def after_backward(grad_inputs, grad_outputs):
+            spent["backward"] += now() - starts.pop(node)
+            spent["timed_nodes"] += 1
+
+        node.register_prehook(before_backward)
+        node.register_hook(after_backward)
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(before_forward),
+                                            m.register_forward_hook(after_forward))]
+    forward, backward = [], []
+    try:
+        for _ in range(calls):
+            spent.update(forward=0.0, backward=0.0, timed_nodes=0)
+            step()
+            forward.append(spent["forward"] * 1e3)
+            backward.append(spent["backward"] * 1e3)
+    finally:
+        for h in handles:
+            h.remove()
+    return statistics.median(forward), (statistics.median(backward) if spent["timed_nodes"] else None)
 
 
 def _iqr(values: list[float]) -> float:
@@ -204,7 +269,10 @@ def run_case(arch, mode, threads, args, device) -> list[dict]:
         ratios = [a / b for a, b in zip(timed["medians"][c.name], timed["medians"]["plain"])]
         row = {"arch": arch, "mode": mode, "size": size, "threads": threads, "config": c.name,
                "median_ms": statistics.median(timed["times"][c.name]), "iqr_ms": _iqr(timed["times"][c.name]),
-               "overhead": statistics.median(ratios) - 1.0, "peak_bytes": peak_bytes(steps[c.name], device)}
+               "overhead": statistics.median(ratios) - 1.0, "peak_bytes": peak_bytes(steps[c.name], device),
+               "faults_per_step": statistics.median(timed["faults"][c.name]) if timed["faults"][c.name] else None}
+        row["aia_forward_ms"], row["aia_backward_ms"] = time_inside_aia(c.model, steps[c.name], args.probe_steps,
+                                                                        device)
         if mode == "train":
             row["saved_bytes"] = train_saved_bytes(c, x, y)
         rows.append(row)
@@ -234,16 +302,22 @@ def markdown(info: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:+.1f}%"
 
+    def ms(v):
+        return "-" if v is None else f"{v:.1f}"
+
     lines = [f"# Whole network: plain vs AIA ({info['variant']}), {info['clips']} clip(s) x {info['frames']} "
              f"frames, {info['device_name']}", "",
              f"{info['date']}; torch {info['torch']}; commit {info.get('commit')}; {info['measure']}. "
              f"Command: `{info['command']}`", "",
-             "| arch | mode | size | threads | config | median ms (IQR) | overhead vs plain | peak MiB "
-             "| saved for backward MiB | saved vs plain |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| arch | mode | size | threads | config | median ms (IQR) | overhead vs plain | inside AIA: "
+             "forward ms | backward ms | page faults / step | peak MiB | saved for backward MiB | saved vs plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in info["results"]:
+        faults = r.get("faults_per_step")
         lines.append(f"| {r['arch']} | {r['mode']} | {r['size']} | {r['threads'] or '-'} | {r['config']} "
-                     f"| {r['median_ms']:.1f} ({r['iqr_ms']:.1f}) | {pct(r['overhead'])} | {mib(r['peak_bytes'])} "
+                     f"| {r['median_ms']:.1f} ({r['iqr_ms']:.1f}) | {pct(r['overhead'])} "
+                     f"| {ms(r.get('aia_forward_ms'))} | {ms(r.get('aia_backward_ms'))} "
+                     f"| {'-' if faults is None else f'{faults:.0f}'} | {mib(r['peak_bytes'])} "
                      f"| {mib(r.get('saved_bytes'))} | {pct(r.get('saved_over_plain'))} |")
     return "\n".join(lines) + "\n"
 
@@ -268,6 +342,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1, help="timed steps per configuration and round")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--probe-steps", type=int, default=3,
+                        help="untimed steps with hooks measuring the time inside the AIA modules (median)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: date)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -294,7 +370,9 @@ def main(argv=None) -> int:
     info = {**meta, "variant": args.variant, "clips": args.clips, "frames": args.frames, "dtype": "float32",
             "measure": (f"{args.rounds} interleaved rounds of {args.steps} step(s) per configuration after "
                         f"{args.warmup} warm-up step(s); median (IQR) of all steps; overhead: median over rounds "
-                        f"of the per-round ratio to plain; peak: one step; load average before/after "
+                        f"of the per-round ratio to plain; inside AIA: median of {args.probe_steps} further steps with hooks "
+                        f"on the AIA modules (forward) and their fused autograd node (backward); page faults: "
+                        f"median of the timed steps' minor faults; peak: one step; load average before/after "
                         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": rows}
     write_results(info, markdown(info), args.results_dir, f"network_{device.type}", args.tag)

@@ -127,9 +127,14 @@ def source_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+# Environment settings that change timings; a results file's command starts with those set.
+TIMING_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "AIA_NATIVE_ADAPTIVE_THREADS",
+              "AIA_NATIVE_CXXFLAGS", "AIA_NATIVE_CUDA", "TRITON_INTERPRET")
+
+
 def machine_meta(device: torch.device, argv, entry: tuple[str, ...] = ("-m", "benchmarks.run")) -> dict:
     """Device, versions, date, a machine description without the hostname, and the exact
-    command (``python <entry> <argv>``)."""
+    command (``[VAR=value ...] python <entry> <argv>``, with the TIMING_ENV variables set)."""
     try:
         import triton
         triton_version = triton.__version__
@@ -149,7 +154,8 @@ def machine_meta(device: torch.device, argv, entry: tuple[str, ...] = ("-m", "be
         "aia_kernels": os.path.dirname(aia_kernels.__file__),
         "commit": source_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *entry, *argv]),
+        "command": shlex.join([*(f"{k}={os.environ[k]}" for k in TIMING_ENV if k in os.environ), sys.executable,
+                               *entry, *argv]),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

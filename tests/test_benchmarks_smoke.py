@@ -262,6 +262,15 @@ def test_network_benchmark_smoke(tmp_path, monkeypatch):
     assert set(rows) == {(m, c) for m in ("eval", "train") for c in ("plain", "reference", "native", "native-keep")}
     for row in rows.values():
         assert row["median_ms"] > 0 and row["threads"] == 1
+        assert row["faults_per_step"] is not None and row["faults_per_step"] >= 0
+    # time inside the AIA modules: none for plain; the fused op's backward node is timed, the
+    # reference's backward (many nodes) is not; forward time below the step's
+    for mode in ("eval", "train"):
+        assert rows[mode, "plain"]["aia_forward_ms"] is None and rows[mode, "plain"]["aia_backward_ms"] is None
+        for config in ("reference", "native", "native-keep"):
+            assert 0 < rows[mode, config]["aia_forward_ms"] < rows[mode, config]["median_ms"] * 5
+    assert rows["eval", "native"]["aia_backward_ms"] is None and rows["train", "reference"]["aia_backward_ms"] is None
+    assert rows["train", "native"]["aia_backward_ms"] > 0 and rows["train", "native-keep"]["aia_backward_ms"] > 0
     train = {c: rows["train", c]["saved_bytes"] for c in ("plain", "reference", "native", "native-keep")}
     assert train["plain"] < train["native"] < train["native-keep"] < train["reference"]
     assert info["command"] and info["torch"] == torch.__version__
@@ -281,3 +290,16 @@ def test_memory_report_smoke(tmp_path, monkeypatch):
     paper = rows["CinST->STinC"]
     assert paper["input_bytes"] < paper["native"] < paper["native-keep"] < paper["reference"]
     assert "| CinST->STinC | (8, 6, 5, 4) |" in (tmp_path / "memory_cpu_smoke.md").read_text()
+
+
+def test_results_command_names_timing_environment(monkeypatch):
+    """A results file's command starts with the environment settings that change timings
+    (allocator tunables, preloads, thread counts), so that it reruns as it ran."""
+    from benchmarks.run import machine_meta
+    for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    plain = machine_meta(torch.device("cpu"), ["--x"], entry=("b.py",))["command"]
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+    tuned = machine_meta(torch.device("cpu"), ["--x"], entry=("b.py",))["command"]
+    assert tuned == "GLIBC_TUNABLES=glibc.malloc.trim_threshold=1 " + plain
+    assert plain.endswith("b.py --x") and "GLIBC_TUNABLES" not in plain
