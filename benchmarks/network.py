@@ -370,8 +370,9 @@ def main(argv=None) -> int:
     info = {**meta, "variant": args.variant, "clips": args.clips, "frames": args.frames, "dtype": "float32",
             "measure": (f"{args.rounds} interleaved rounds of {args.steps} step(s) per configuration after "
                         f"{args.warmup} warm-up step(s); median (IQR) of all steps; overhead: median over rounds "
-                        f"of the per-round ratio to plain; inside AIA: median of {args.probe_steps} further steps with hooks "
-                        f"on the AIA modules (forward) and their fused autograd node (backward); page faults: "
+                        f"of the per-round ratio to plain; inside AIA: median of {args.probe_steps} further steps "
+                        f"with hooks on the AIA modules (forward) and their fused autograd node (backward); "
+                        f"page faults: "
                         f"median of the timed steps' minor faults; peak: one step; load average before/after "
                         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": rows}
