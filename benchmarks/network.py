@@ -16,8 +16,12 @@ overhead over plain (median over rounds of the per-round ratio), peak memory of 
 (CUDA: ``max_memory_allocated`` above the memory before it; CPU on Linux: the process's
 peak resident set above its size before the step, after ``malloc_trim``, with ``VmHWM``
 reset through ``/proc/self/clear_refs``) and, for the train step, the bytes saved for backward
-(benchmarks/saved_bytes.py, each storage once). All configurations share the same
-weights. Writes benchmarks/results/network_<device>_<tag>.json and .md (machine, versions,
+(benchmarks/saved_bytes.py, each storage once). Where the overhead goes: the time inside
+the AIA modules (a few further steps with hooks: forward, and backward where a module's
+backward is one fused autograd node), the bytes model's floor for those modules at the copy
+bandwidth measured on their inputs, and the minor page faults per step (CPU: the
+allocator's fresh pages, which AIA also changes in the layers around it). All
+configurations share the same weights. Writes benchmarks/results/network_<device>_<tag>.json and .md (machine, versions,
 date, command).
 """
 from __future__ import annotations
@@ -42,6 +46,7 @@ from aia_kernels import aia_modules, fused  # noqa: E402
 from aia_kernels import backends as aia_backends  # noqa: E402
 from aia_kernels import plan as plans
 from aia_kernels.models import tsm_resnet50, tsn_resnet50  # noqa: E402
+from benchmarks import bytes_model  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 from benchmarks.saved_bytes import saved_bytes  # noqa: E402
 
@@ -196,23 +201,26 @@ def time_interleaved(steps: dict, rounds: int, per_round: int, warmup: int, devi
     return {"times": times, "medians": medians, "faults": faults}
 
 
-def time_inside_aia(model: nn.Module, step, calls: int, device) -> tuple[float | None, float | None]:
+def time_inside_aia(model: nn.Module, step, calls: int, device) -> tuple[float | None, float | None, list]:
     """Milliseconds per step spent inside the network's AIA modules, median of ``calls``
     probe steps after the timed ones: forward (forward hooks) and backward (hooks on the
     output's autograd node, where a module's backward is that one node: the fused
-    backends; None otherwise). With the other layers' time it splits a network's overhead
-    into the modules' own time and their effect on the rest of the step."""
+    backends; None otherwise), and the modules' inputs (shape, dtype) in one step. With
+    the other layers' time it splits a network's overhead into the modules' own time and
+    their effect on the rest of the step."""
     modules = [module for _, module in aia_modules(model)]
     if not modules:
-        return None, None
+        return None, None, []
     spent = {"forward": 0.0, "backward": 0.0, "timed_nodes": 0}
     starts: dict = {}
+    inputs_seen: list = []
 
     def now() -> float:
         _sync(device)
         return time.perf_counter()
 
     def before_forward(module, inputs):
+        inputs_seen.append((tuple(inputs[0].shape), inputs[0].dtype))
         starts[module] = now()
 
     def after_forward(module, inputs, output):
@@ -237,13 +245,38 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> tuple[float |
     try:
         for _ in range(calls):
             spent.update(forward=0.0, backward=0.0, timed_nodes=0)
+            inputs_seen.clear()
             step()
             forward.append(spent["forward"] * 1e3)
             backward.append(spent["backward"] * 1e3)
     finally:
         for h in handles:
             h.remove()
-    return statistics.median(forward), (statistics.median(backward) if spent["timed_nodes"] else None)
+    return (statistics.median(forward), statistics.median(backward) if spent["timed_nodes"] else None,
+            list(inputs_seen))
+
+
+def bytes_floor_ms(variant: str, inputs: list, mode: str, device, reps: int = 20) -> float | None:
+    """The AIA modules' time per step if they moved only the bytes model's full-size passes
+    (benchmarks/bytes_model.py) at the copy bandwidth this machine reaches on each module's
+    input (``copy_`` into a preallocated tensor, median of ``reps``; a copy is one read and
+    one write, so a pass costs half a copy)."""
+    if not inputs:
+        return None
+    passes = bytes_model.design_passes(variant, "fwd-infer" if mode == "eval" else "fwd-bwd")["total"]
+    copy_ms = {}
+    for shape, dtype in set(inputs):
+        src = torch.randn(shape, device=device).to(dtype)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(reps + 2):
+            _sync(device)
+            start = time.perf_counter()
+            dst.copy_(src)
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1e3)
+        copy_ms[shape, dtype] = statistics.median(times[2:])
+    return sum(passes * copy_ms[key] / 2 for key in inputs)
 
 
 def _iqr(values: list[float]) -> float:
@@ -271,8 +304,9 @@ def run_case(arch, mode, threads, args, device) -> list[dict]:
                "median_ms": statistics.median(timed["times"][c.name]), "iqr_ms": _iqr(timed["times"][c.name]),
                "overhead": statistics.median(ratios) - 1.0, "peak_bytes": peak_bytes(steps[c.name], device),
                "faults_per_step": statistics.median(timed["faults"][c.name]) if timed["faults"][c.name] else None}
-        row["aia_forward_ms"], row["aia_backward_ms"] = time_inside_aia(c.model, steps[c.name], args.probe_steps,
-                                                                        device)
+        row["aia_forward_ms"], row["aia_backward_ms"], inputs = time_inside_aia(c.model, steps[c.name],
+                                                                                args.probe_steps, device)
+        row["bytes_floor_ms"] = bytes_floor_ms(args.variant, inputs, mode, device)
         if mode == "train":
             row["saved_bytes"] = train_saved_bytes(c, x, y)
         rows.append(row)
@@ -310,13 +344,15 @@ def markdown(info: dict) -> str:
              f"{info['date']}; torch {info['torch']}; commit {info.get('commit')}; {info['measure']}. "
              f"Command: `{info['command']}`", "",
              "| arch | mode | size | threads | config | median ms (IQR) | overhead vs plain | inside AIA: "
-             "forward ms | backward ms | page faults / step | peak MiB | saved for backward MiB | saved vs plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "forward ms | backward ms | bytes-model floor ms | page faults / step | peak MiB "
+             "| saved for backward MiB | saved vs plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in info["results"]:
         faults = r.get("faults_per_step")
         lines.append(f"| {r['arch']} | {r['mode']} | {r['size']} | {r['threads'] or '-'} | {r['config']} "
                      f"| {r['median_ms']:.1f} ({r['iqr_ms']:.1f}) | {pct(r['overhead'])} "
                      f"| {ms(r.get('aia_forward_ms'))} | {ms(r.get('aia_backward_ms'))} "
+                     f"| {ms(r.get('bytes_floor_ms'))} "
                      f"| {'-' if faults is None else f'{faults:.0f}'} | {mib(r['peak_bytes'])} "
                      f"| {mib(r.get('saved_bytes'))} | {pct(r.get('saved_over_plain'))} |")
     return "\n".join(lines) + "\n"
@@ -372,7 +408,8 @@ def main(argv=None) -> int:
                         f"{args.warmup} warm-up step(s); median (IQR) of all steps; overhead: median over rounds "
                         f"of the per-round ratio to plain; inside AIA: median of {args.probe_steps} further steps "
                         f"with hooks on the AIA modules (forward) and their fused autograd node (backward); "
-                        f"page faults: "
+                        f"bytes-model floor: the design's full-size passes (benchmarks/bytes_model.py) for "
+                        f"every AIA module at the copy bandwidth measured on its input; page faults: "
                         f"median of the timed steps' minor faults; peak: one step; load average before/after "
                         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": rows}
