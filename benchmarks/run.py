@@ -111,16 +111,17 @@ def cpu_model() -> str:
     return f"{name}, {isa}" if isa else name
 
 
-def source_commit() -> str | None:
+def source_commit(root: str | None = None) -> str | None:
     """The git commit of the aia_kernels checkout that runs, "+dirty" with uncommitted
-    changes to its code (aia_kernels/, csrc/, benchmarks/; docs do not count); None outside
-    a git checkout (an installed wheel)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(aia_kernels.__file__)))
+    changes to its code (aia_kernels/, csrc/, benchmarks/; docs and results files do not
+    count); None outside a git checkout (an installed wheel)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(aia_kernels.__file__)))
     try:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--",
-                                "aia_kernels", "csrc", "benchmarks"],
+                                "aia_kernels", "csrc", "benchmarks", ":(exclude)benchmarks/results",
+                                ":(exclude)aia_kernels/experiments/results"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

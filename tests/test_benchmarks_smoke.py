@@ -303,3 +303,29 @@ def test_results_command_names_timing_environment(monkeypatch):
     tuned = machine_meta(torch.device("cpu"), ["--x"], entry=("b.py",))["command"]
     assert tuned == "GLIBC_TUNABLES=glibc.malloc.trim_threshold=1 " + plain
     assert plain.endswith("b.py --x") and "GLIBC_TUNABLES" not in plain
+
+
+def test_source_commit_dirty_only_for_code(tmp_path):
+    """Results record the commit that ran, "+dirty" when its code differs from it; a new
+    or edited results file or doc is not a code change."""
+    import shutil
+    import subprocess
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    for path in ("aia_kernels/a.py", "benchmarks/b.py", "benchmarks/results/r.md", "docs/d.md"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    clean = run.source_commit(str(tmp_path))
+    assert clean and len(clean) == 12 and not clean.endswith("+dirty")
+    (tmp_path / "benchmarks/results/r.md").write_text("2\n")
+    (tmp_path / "docs/d.md").write_text("2\n")
+    assert run.source_commit(str(tmp_path)) == clean
+    (tmp_path / "benchmarks/b.py").write_text("2\n")
+    assert run.source_commit(str(tmp_path)) == clean + "+dirty"
