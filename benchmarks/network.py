@@ -17,8 +17,9 @@ overhead over plain (median over rounds of the per-round ratio), peak memory of 
 peak resident set above its size before the step, after ``malloc_trim``, with ``VmHWM``
 reset through ``/proc/self/clear_refs``) and, for the train step, the bytes saved for backward
 (benchmarks/saved_bytes.py, each storage once). Where the overhead goes: the time inside
-the AIA modules (a few further steps with hooks: forward, and backward where a module's
-backward is one fused autograd node), the bytes model's floor for those modules at the copy
+the AIA modules (a few further steps with hooks: forward; in eval each module's forward
+again at once on the same input, the same work without the other layers in between;
+backward where a module's backward is one fused autograd node), the bytes model's floor for those modules at the copy
 bandwidth measured on their inputs, and the minor page faults per step (CPU: the
 allocator's fresh pages, which AIA also changes in the layers around it). All
 configurations share the same weights. Writes benchmarks/results/network_<device>_<tag>.json and .md (machine, versions,
@@ -201,17 +202,19 @@ def time_interleaved(steps: dict, rounds: int, per_round: int, warmup: int, devi
     return {"times": times, "medians": medians, "faults": faults}
 
 
-def time_inside_aia(model: nn.Module, step, calls: int, device) -> tuple[float | None, float | None, list]:
+def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
     """Milliseconds per step spent inside the network's AIA modules, median of ``calls``
-    probe steps after the timed ones: forward (forward hooks) and backward (hooks on the
-    output's autograd node, where a module's backward is that one node: the fused
-    backends; None otherwise), and the modules' inputs (shape, dtype) in one step. With
-    the other layers' time it splits a network's overhead into the modules' own time and
-    their effect on the rest of the step."""
+    probe steps after the timed ones: ``forward`` (forward hooks), ``again`` (without
+    autograd: each module's forward run a second time at once on the same input, untimed
+    by the step: the same work right after itself instead of after the network's other
+    layers) and ``backward`` (hooks on the output's autograd node, where a module's
+    backward is that one node: the fused backends); None where not measured; ``inputs``:
+    the modules' inputs (shape, dtype) in one step. With the other layers' time it splits
+    a network's overhead into the modules' own time and their effect on the rest."""
     modules = [module for _, module in aia_modules(model)]
     if not modules:
-        return None, None, []
-    spent = {"forward": 0.0, "backward": 0.0, "timed_nodes": 0}
+        return {"forward": None, "again": None, "backward": None, "inputs": []}
+    spent = {"forward": 0.0, "again": 0.0, "backward": 0.0, "timed_nodes": 0, "again_runs": 0}
     starts: dict = {}
     inputs_seen: list = []
 
@@ -225,6 +228,11 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> tuple[float |
 
     def after_forward(module, inputs, output):
         spent["forward"] += now() - starts.pop(module)
+        if not torch.is_grad_enabled():
+            start = now()
+            module.forward(*inputs)  # not through __call__: no hooks
+            spent["again"] += now() - start
+            spent["again_runs"] += 1
         node = getattr(output, "grad_fn", None)
         if not isinstance(node, torch.autograd.function.BackwardCFunction):  # not one fused op's node
             return
@@ -241,19 +249,21 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> tuple[float |
 
     handles = [h for m in modules for h in (m.register_forward_pre_hook(before_forward),
                                             m.register_forward_hook(after_forward))]
-    forward, backward = [], []
+    times: dict = {"forward": [], "again": [], "backward": []}
     try:
         for _ in range(calls):
-            spent.update(forward=0.0, backward=0.0, timed_nodes=0)
+            spent.update(forward=0.0, again=0.0, backward=0.0, timed_nodes=0, again_runs=0)
             inputs_seen.clear()
             step()
-            forward.append(spent["forward"] * 1e3)
-            backward.append(spent["backward"] * 1e3)
+            for key in times:
+                times[key].append(spent[key] * 1e3)
     finally:
         for h in handles:
             h.remove()
-    return (statistics.median(forward), statistics.median(backward) if spent["timed_nodes"] else None,
-            list(inputs_seen))
+    return {"forward": statistics.median(times["forward"]),
+            "again": statistics.median(times["again"]) if spent["again_runs"] else None,
+            "backward": statistics.median(times["backward"]) if spent["timed_nodes"] else None,
+            "inputs": list(inputs_seen)}
 
 
 def bytes_floor_ms(variant: str, inputs: list, mode: str, device, reps: int = 20) -> float | None:
@@ -304,9 +314,10 @@ def run_case(arch, mode, threads, args, device) -> list[dict]:
                "median_ms": statistics.median(timed["times"][c.name]), "iqr_ms": _iqr(timed["times"][c.name]),
                "overhead": statistics.median(ratios) - 1.0, "peak_bytes": peak_bytes(steps[c.name], device),
                "faults_per_step": statistics.median(timed["faults"][c.name]) if timed["faults"][c.name] else None}
-        row["aia_forward_ms"], row["aia_backward_ms"], inputs = time_inside_aia(c.model, steps[c.name],
-                                                                                args.probe_steps, device)
-        row["bytes_floor_ms"] = bytes_floor_ms(args.variant, inputs, mode, device)
+        inside = time_inside_aia(c.model, steps[c.name], args.probe_steps, device)
+        row["aia_forward_ms"], row["aia_forward_again_ms"] = inside["forward"], inside["again"]
+        row["aia_backward_ms"] = inside["backward"]
+        row["bytes_floor_ms"] = bytes_floor_ms(args.variant, inside["inputs"], mode, device)
         if mode == "train":
             row["saved_bytes"] = train_saved_bytes(c, x, y)
         rows.append(row)
@@ -344,14 +355,15 @@ def markdown(info: dict) -> str:
              f"{info['date']}; torch {info['torch']}; commit {info.get('commit')}; {info['measure']}. "
              f"Command: `{info['command']}`", "",
              "| arch | mode | size | threads | config | median ms (IQR) | overhead vs plain | inside AIA: "
-             "forward ms | backward ms | bytes-model floor ms | page faults / step | peak MiB "
+             "forward ms | forward again ms | backward ms | bytes-model floor ms | page faults / step | peak MiB "
              "| saved for backward MiB | saved vs plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in info["results"]:
         faults = r.get("faults_per_step")
         lines.append(f"| {r['arch']} | {r['mode']} | {r['size']} | {r['threads'] or '-'} | {r['config']} "
                      f"| {r['median_ms']:.1f} ({r['iqr_ms']:.1f}) | {pct(r['overhead'])} "
-                     f"| {ms(r.get('aia_forward_ms'))} | {ms(r.get('aia_backward_ms'))} "
+                     f"| {ms(r.get('aia_forward_ms'))} | {ms(r.get('aia_forward_again_ms'))} "
+                     f"| {ms(r.get('aia_backward_ms'))} "
                      f"| {ms(r.get('bytes_floor_ms'))} "
                      f"| {'-' if faults is None else f'{faults:.0f}'} | {mib(r['peak_bytes'])} "
                      f"| {mib(r.get('saved_bytes'))} | {pct(r.get('saved_over_plain'))} |")
@@ -407,7 +419,8 @@ def main(argv=None) -> int:
             "measure": (f"{args.rounds} interleaved rounds of {args.steps} step(s) per configuration after "
                         f"{args.warmup} warm-up step(s); median (IQR) of all steps; overhead: median over rounds "
                         f"of the per-round ratio to plain; inside AIA: median of {args.probe_steps} further steps "
-                        f"with hooks on the AIA modules (forward) and their fused autograd node (backward); "
+                        f"with hooks on the AIA modules (forward; eval: each forward again at once on its "
+                        f"input) and their fused autograd node (backward); "
                         f"bytes-model floor: the design's full-size passes (benchmarks/bytes_model.py) for "
                         f"every AIA module at the copy bandwidth measured on its input; page faults: "
                         f"median of the timed steps' minor faults; peak: one step; load average before/after "

@@ -270,6 +270,8 @@ def test_network_benchmark_smoke(tmp_path, monkeypatch):
         for config in ("reference", "native", "native-keep"):
             assert 0 < rows[mode, config]["aia_forward_ms"] < rows[mode, config]["median_ms"] * 5
     assert rows["eval", "native"]["aia_backward_ms"] is None and rows["train", "reference"]["aia_backward_ms"] is None
+    assert rows["eval", "native"]["aia_forward_again_ms"] > 0
+    assert rows["train", "native"]["aia_forward_again_ms"] is None  # not without autograd
     assert rows["train", "native"]["aia_backward_ms"] > 0 and rows["train", "native-keep"]["aia_backward_ms"] > 0
     train = {c: rows["train", c]["saved_bytes"] for c in ("plain", "reference", "native", "native-keep")}
     assert train["plain"] < train["native"] < train["native-keep"] < train["reference"]
