@@ -19,11 +19,11 @@ reset through ``/proc/self/clear_refs``) and, for the train step, the bytes save
 (benchmarks/saved_bytes.py, each storage once). Where the overhead goes: the time inside
 the AIA modules (a few further steps with hooks: forward; in eval each module's forward
 again at once on the same input, the same work without the other layers in between;
-backward where a module's backward is one fused autograd node), the bytes model's floor for those modules at the copy
-bandwidth measured on their inputs, and the minor page faults per step (CPU: the
-allocator's fresh pages, which AIA also changes in the layers around it). All
-configurations share the same weights. Writes benchmarks/results/network_<device>_<tag>.json and .md (machine, versions,
-date, command).
+backward where a module's backward is one fused autograd node), the bytes model's floor
+for those modules at the copy bandwidth measured on their inputs, and the minor page
+faults per step (CPU: the allocator's fresh pages, which AIA also changes in the layers
+around it). All configurations share the same weights. Writes
+benchmarks/results/network_<device>_<tag>.json and .md (machine, versions, date, command).
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from aia_kernels.models import tsm_resnet50, tsn_resnet50  # noqa: E402
 from benchmarks import bytes_model  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 from benchmarks.saved_bytes import saved_bytes  # noqa: E402
+from benchmarks.timing import Timer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = {"tsn": tsn_resnet50, "tsm": tsm_resnet50}
@@ -269,23 +270,18 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
 def bytes_floor_ms(variant: str, inputs: list, mode: str, device, reps: int = 20) -> float | None:
     """The AIA modules' time per step if they moved only the bytes model's full-size passes
     (benchmarks/bytes_model.py) at the copy bandwidth this machine reaches on each module's
-    input (``copy_`` into a preallocated tensor, median of ``reps``; a copy is one read and
-    one write, so a pass costs half a copy)."""
+    input (``copy_`` into a preallocated tensor, median of ``reps`` timed as the roofline's
+    copies are, benchmarks/timing.py; a copy is one read and one write, so a pass costs half
+    a copy)."""
     if not inputs:
         return None
     passes = bytes_model.design_passes(variant, "fwd-infer" if mode == "eval" else "fwd-bwd")["total"]
+    timer = Timer(device)
     copy_ms = {}
     for shape, dtype in set(inputs):
         src = torch.randn(shape, device=device).to(dtype)
         dst = torch.empty_like(src)
-        times = []
-        for _ in range(reps + 2):
-            _sync(device)
-            start = time.perf_counter()
-            dst.copy_(src)
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1e3)
-        copy_ms[shape, dtype] = statistics.median(times[2:])
+        copy_ms[shape, dtype] = statistics.median(timer.times_ms(lambda: dst.copy_(src), reps, warmup=2))
     return sum(passes * copy_ms[key] / 2 for key in inputs)
 
 
