@@ -39,50 +39,51 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 def fused_forward_op(x: Tensor, variant: str, num_segments: int, backend: str, conv_weights: list[Tensor],
                      bn_weights: list[Optional[Tensor]], bn_biases: list[Optional[Tensor]],
                      running_means: list[Optional[Tensor]], running_vars: list[Optional[Tensor]],
-                     bn_modes: list[int], eps: list[float]) -> tuple[Tensor, list[Tensor], Tensor]:
+                     bn_modes: list[int], eps: list[float],
+                     recompute: bool) -> tuple[Tensor, list[Tensor], Tensor]:
     with torch.autocast(x.device.type, enabled=False):  # the kernels pick their own precision
-        return run_forward(_primitives(backend, x.device), build_plan(variant), x, num_segments, conv_weights,
-                           bn_weights, bn_biases, running_means, running_vars, bn_modes, eps)
+        return run_forward(_primitives(backend, x.device), build_plan(variant, recompute), x, num_segments,
+                           conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps)
 
 
 @fused_forward_op.register_fake
 def _(x, variant, num_segments, backend, conv_weights, bn_weights, bn_biases, running_means, running_vars,
-      bn_modes, eps):
-    return run_forward(TorchPrimitives(), build_plan(variant), x, num_segments, conv_weights, bn_weights,
+      bn_modes, eps, recompute):
+    return run_forward(TorchPrimitives(), build_plan(variant, recompute), x, num_segments, conv_weights, bn_weights,
                        bn_biases, running_means, running_vars, bn_modes, eps)
 
 
 @torch.library.custom_op("aia_kernels::fused_backward", mutates_args=())
 def fused_backward_op(grad_out: Tensor, x: Tensor, variant: str, num_segments: int, backend: str,
                       conv_weights: list[Tensor], bn_weights: list[Optional[Tensor]], bn_modes: list[int],
-                      eps: list[float], saved: list[Tensor], bn_stats: Tensor,
-                      needs: list[bool]) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+                      eps: list[float], saved: list[Tensor], bn_stats: Tensor, needs: list[bool],
+                      recompute: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     with torch.autocast(x.device.type, enabled=False):
         return _backward_impl(_primitives(backend, x.device), grad_out, x, variant, num_segments, conv_weights,
-                              bn_weights, bn_modes, eps, saved, bn_stats, needs)
+                              bn_weights, bn_modes, eps, saved, bn_stats, needs, recompute)
 
 
 def _backward_impl(prims, grad_out, x, variant, num_segments, conv_weights, bn_weights, bn_modes, eps, saved,
-                   bn_stats, needs):
-    gx, d_conv, d_bn_w, d_bn_b = run_backward(prims, build_plan(variant), grad_out, x, num_segments, conv_weights,
-                                              bn_weights, bn_modes, eps, saved, bn_stats, needs)
+                   bn_stats, needs, recompute):
+    gx, d_conv, d_bn_w, d_bn_b = run_backward(prims, build_plan(variant, recompute), grad_out, x, num_segments,
+                                              conv_weights, bn_weights, bn_modes, eps, saved, bn_stats, needs)
     return (_or_empty(gx, x), [_or_empty(t, x) for t in d_conv],
             [_or_empty(t, x) for t in d_bn_w], [_or_empty(t, x) for t in d_bn_b])
 
 
 @fused_backward_op.register_fake
 def _(grad_out, x, variant, num_segments, backend, conv_weights, bn_weights, bn_modes, eps, saved, bn_stats,
-      needs):
+      needs, recompute):
     return _backward_impl(TorchPrimitives(), grad_out, x, variant, num_segments, conv_weights, bn_weights,
-                          bn_modes, eps, saved, bn_stats, needs)
+                          bn_modes, eps, saved, bn_stats, needs, recompute)
 
 
 def _setup_context(ctx, inputs, output):
     x, variant, num_segments, backend, conv_weights, bn_weights, bn_biases, running_means, running_vars, \
-        bn_modes, eps = inputs
+        bn_modes, eps, recompute = inputs
     _, saved, bn_stats = output
     n = len(conv_weights)
-    ctx.meta = (variant, num_segments, backend, bn_modes, eps, n)
+    ctx.meta = (variant, num_segments, backend, bn_modes, eps, n, recompute)
     # torch.library treats a list input holding only None as one leaf; its gradient must be None too.
     ctx.list_is_leaf = [all(t is None for t in ts) for ts in (bn_weights, bn_biases, running_means, running_vars)]
     ctx.needs = ([x.requires_grad] + [w.requires_grad for w in conv_weights]
@@ -94,14 +95,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_saved, grad_stats):
-    variant, num_segments, backend, bn_modes, eps, n = ctx.meta
+    variant, num_segments, backend, bn_modes, eps, n, recompute = ctx.meta
     x, bn_stats, *rest = ctx.saved_tensors
     if grad_out is None:  # only saved/bn_stats reached the loss (not differentiable): zero flows back
         grad_out = torch.zeros_like(x)
     conv_weights, bn_weights, saved = rest[:n], rest[n:2 * n], rest[2 * n:]
     gx, d_conv, d_bn_w, d_bn_b = fused_backward_op(grad_out, x, variant, num_segments, backend, list(conv_weights),
                                                    list(bn_weights), bn_modes, eps, list(saved), bn_stats,
-                                                   ctx.needs)
+                                                   ctx.needs, recompute)
     needs = ctx.needs
 
     def pick(grads, flags, is_leaf=False):
@@ -110,7 +111,8 @@ def _backward(ctx, grad_out, grad_saved, grad_stats):
     leaf_w, leaf_b, leaf_rm, leaf_rv = ctx.list_is_leaf
     return (gx if needs[0] else None, None, None, None, pick(d_conv, needs[1:1 + n]),
             pick(d_bn_w, needs[1 + n:1 + 2 * n], leaf_w), pick(d_bn_b, needs[1 + 2 * n:], leaf_b),
-            pick([None] * n, [False] * n, leaf_rm), pick([None] * n, [False] * n, leaf_rv), None, None)
+            pick([None] * n, [False] * n, leaf_rm), pick([None] * n, [False] * n, leaf_rv), None, None,
+            None)
 
 
 fused_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -125,11 +127,12 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, *params):
-        variant, num_segments, backend, running_means, running_vars, bn_modes, eps, sync = meta
+        variant, num_segments, backend, running_means, running_vars, bn_modes, eps, sync, recompute = meta
         n = len(bn_modes)
         conv_weights, bn_weights, bn_biases = list(params[:n]), list(params[n:2 * n]), list(params[2 * n:])
+        plan = build_plan(variant, recompute)
         with torch.autocast(x.device.type, enabled=False):
-            out, saved, bn_stats = run_forward(_primitives(backend, x.device), build_plan(variant), x, num_segments,
+            out, saved, bn_stats = run_forward(_primitives(backend, x.device), plan, x, num_segments,
                                                conv_weights, bn_weights, bn_biases, running_means, running_vars,
                                                bn_modes, eps, sync)
         ctx.meta = meta
@@ -140,13 +143,13 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_stats):
-        variant, num_segments, backend, _, _, bn_modes, eps, sync = ctx.meta
+        variant, num_segments, backend, _, _, bn_modes, eps, sync, recompute = ctx.meta
         n = len(bn_modes)
         x, bn_stats, *rest = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             gx, d_conv, d_bn_w, d_bn_b = run_backward(
-                _primitives(backend, x.device), build_plan(variant), grad_out, x, num_segments, list(rest[:n]),
-                list(rest[n:2 * n]), bn_modes, eps, list(rest[2 * n:]), bn_stats, ctx.needs, sync)
+                _primitives(backend, x.device), build_plan(variant, recompute), grad_out, x, num_segments,
+                list(rest[:n]), list(rest[n:2 * n]), bn_modes, eps, list(rest[2 * n:]), bn_stats, ctx.needs, sync)
         grads = [gx, *d_conv, *d_bn_w, *d_bn_b]
         return (None, *(g if need else None for g, need in zip(grads, ctx.needs)))
 
@@ -168,7 +171,7 @@ def forward_with_library_op(module, x: Tensor, backend: str, args) -> tuple[Tens
     """(out, bn_stats) through ``aia_kernels::fused_forward`` and its registered autograd;
     ``args``: :func:`op_arguments`."""
     out, _, bn_stats = torch.ops.aia_kernels.fused_forward(x, module.variant, clip_segments(x, module.num_segments),
-                                                           backend, *args)
+                                                           backend, *args, module.recompute)
     return out, bn_stats
 
 
@@ -177,7 +180,7 @@ def forward_with_autograd_function(module, x: Tensor, backend: str, args, sync=N
     ``sync``: :class:`sync_bn.GateStatsSync` where gate BNs sync across ranks."""
     conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps = args
     meta = (module.variant, clip_segments(x, module.num_segments), backend, running_means, running_vars, bn_modes,
-            eps, sync)
+            eps, sync, module.recompute)
     return _EagerFused.apply(meta, x, *conv_weights, *bn_weights, *bn_biases)
 
 

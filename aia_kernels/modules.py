@@ -36,12 +36,29 @@ class AIAModule(AtomicLoadStateDict, nn.Module):
     variant: str
     combine: str | None = None
 
-    def __init__(self, num_segments: int | None = None, use_BN: bool = True, layout: str | None = None):
+    def __init__(self, num_segments: int | None = None, use_BN: bool = True, layout: str | None = None,
+                 recompute: bool = True):
         super().__init__()
         self.num_segments = num_segments
         self.layout = layout
         self.use_BN = bool(use_BN)
+        self.recompute = recompute
         self.last_backend: str | None = None
+
+    @property
+    def recompute(self) -> bool:
+        """Fused backends: the backward pools the T, H, W gates' inputs again from the module's
+        input instead of keeping their pooled tensors, argmaxes and conv outputs (True, the
+        default: about 1.0-1.13x the input kept for backward instead of 2.5-5x; one more read of
+        the input per T, H, W stage in the backward). Same results bit for bit either way; the
+        reference backend keeps what autograd keeps (docs/design.md, "Memory")."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, recompute: bool) -> None:
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be True or False, got {recompute!r}")
+        self._recompute = recompute
 
     @property
     def backend(self) -> str:
@@ -56,6 +73,7 @@ class AIAModule(AtomicLoadStateDict, nn.Module):
         if "num_segments" in state:
             state["_num_segments"] = state.pop("num_segments")
         state.setdefault("_layout", None)
+        state.setdefault("_recompute", True)  # pickled before the recompute option
         super().__setstate__(state)
 
     @property
@@ -134,8 +152,9 @@ class AIAModule(AtomicLoadStateDict, nn.Module):
 
     def extra_repr(self) -> str:
         layout = "" if self.layout is None else f", layout={self.layout!r}"
+        recompute = "" if self.recompute else ", recompute=False"
         return (f"variant={self.variant!r}, num_segments={self.num_segments}{layout}, "
-                f"use_BN={self.use_BN}, backend={self.backend!r}")
+                f"use_BN={self.use_BN}, backend={self.backend!r}{recompute}")
 
 
 class AIAUnit(AIAModule):
@@ -144,8 +163,8 @@ class AIAUnit(AIAModule):
     kind: str
 
     def __init__(self, num_segments: int | None = None, use_BN: bool = True, backend: str = "auto",
-                 layout: str | None = None):
-        super().__init__(num_segments, use_BN, layout)
+                 layout: str | None = None, recompute: bool = True):
+        super().__init__(num_segments, use_BN, layout, recompute)
         self.backend = backend
         self.variant = self.kind
         for g in UNIT_GATES[self.kind]:
@@ -208,14 +227,14 @@ class AIACombined(AIAModule):
     _version = 2
 
     def __init__(self, variant: str, num_segments: int | None = None, use_BN: bool = True, backend: str = "auto",
-                 layout: str | None = None):
-        super().__init__(num_segments, use_BN, layout)
+                 layout: str | None = None, recompute: bool = True):
+        super().__init__(num_segments, use_BN, layout, recompute)
         combine, (first, second) = parse_variant(variant)
         if combine is None:
             raise ValueError(f"{variant!r} is a single unit; use aia_kernels.build")
         self.variant, self.combine = variant, combine
-        self.eft1 = UNIT_CLASSES[first](num_segments, use_BN, backend, layout)
-        self.eft2 = UNIT_CLASSES[second](num_segments, use_BN, backend, layout)
+        self.eft1 = UNIT_CLASSES[first](num_segments, use_BN, backend, layout, recompute)
+        self.eft2 = UNIT_CLASSES[second](num_segments, use_BN, backend, layout, recompute)
         if variant in REGISTRATION_ORDER:
             self.register_load_state_dict_post_hook(_load_old_unit_order)
 
@@ -297,13 +316,15 @@ def aia_modules(model: nn.Module) -> list[tuple[str, AIAModule]]:
 
 
 def build(variant: str, num_segments: int | None = None, use_BN: bool = True, backend: str = "auto",
-          layout: str | None = None) -> AIAModule:
+          layout: str | None = None, recompute: bool = True) -> AIAModule:
     """The AIA module for one of ``aia_kernels.VARIANTS``.
 
     Input: (N*T, C, H, W) with T = ``num_segments`` (8 when not given), or 5-D, (N, C, T, H, W)
     by default, T read from the tensor. ``layout="NCTHW"`` or ``"NTCHW"``: 5-D input only, in
-    that layout. A ``num_segments`` given explicitly is checked against a 5-D input's T."""
+    that layout. A ``num_segments`` given explicitly is checked against a 5-D input's T.
+    ``recompute=False`` keeps every gate's tensors for the backward: faster backward, more
+    memory (:attr:`AIAModule.recompute`)."""
     combine, units = parse_variant(variant)
     if combine is None:
-        return UNIT_CLASSES[units[0]](num_segments, use_BN, backend, layout)
-    return AIACombined(variant, num_segments, use_BN, backend, layout)
+        return UNIT_CLASSES[units[0]](num_segments, use_BN, backend, layout, recompute)
+    return AIACombined(variant, num_segments, use_BN, backend, layout, recompute)

@@ -154,8 +154,11 @@ def check_plan(plan: Plan) -> Plan:
 
 
 @lru_cache(maxsize=None)
-def build_plan(variant: str) -> Plan:
-    """The plan of ``variant``, checked against what the kernels take (:func:`check_plan`)."""
+def build_plan(variant: str, recompute: bool = True) -> Plan:
+    """The plan of ``variant``, checked against what the kernels take (:func:`check_plan`).
+    ``recompute=False``: every stage's tensors kept for the backward (:func:`without_recompute`)."""
+    if not recompute:
+        return without_recompute(build_plan(variant))
     combine, units = parse_variant(variant)
     gate_axes: list[str] = []
     stages: list[Stage] = []

@@ -11,7 +11,6 @@ average before and after is recorded).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -26,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
-from benchmarks.network import keeping_every_stage  # noqa: E402
 from benchmarks.run import cpu_model, source_commit  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)]
@@ -38,31 +36,27 @@ def iqr(values: list[float]) -> float:
     return q[2] - q[0]
 
 
-def fwd_bwd_step(module, x: torch.Tensor, grad: torch.Tensor, context=contextlib.nullcontext) -> float:
+def fwd_bwd_step(module, x: torch.Tensor, grad: torch.Tensor) -> float:
     start = time.perf_counter()
-    with context():
-        module(x).backward(grad)
+    module(x).backward(grad)
     return time.perf_counter() - start
 
 
 def time_interleaved(modules: dict, x: torch.Tensor, grad: torch.Tensor, rounds: int, steps: int,
-                     warmup: int, contexts: dict | None = None) -> dict:
+                     warmup: int) -> dict:
     """Per module: step times (s), measured in `rounds` rounds of `steps` steps that
     alternate between the modules, so that a slow phase of this shared machine (timings
     of the same code vary by 10-30% over seconds) hits every module alike; and per
-    module, the ratios of its median step time to the native one, round by round. ``contexts``:
-    per module name, a context manager factory entered around each of its steps."""
-    contexts = contexts or {}
+    module, the ratios of its median step time to the native one, round by round."""
     x = x.detach().requires_grad_()
     for name, module in modules.items():
         for _ in range(warmup):
-            fwd_bwd_step(module, x, grad, contexts.get(name, contextlib.nullcontext))
+            fwd_bwd_step(module, x, grad)
     times = {name: [] for name in modules}
     per_round = {name: [] for name in modules}
     for _ in range(rounds):
         for name, module in modules.items():
-            round_times = [fwd_bwd_step(module, x, grad, contexts.get(name, contextlib.nullcontext))
-                           for _ in range(steps)]
+            round_times = [fwd_bwd_step(module, x, grad) for _ in range(steps)]
             times[name] += round_times
             per_round[name].append(statistics.median(round_times))
     ratios = {name: [a / b for a, b in zip(per_round[name], per_round["native"])] for name in modules}
@@ -80,7 +74,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager reference")
     parser.add_argument("--keep", action="store_true",
-                        help="add native-keep: native with every stage kept for backward (plan.without_recompute)")
+                        help="add native-keep: native with every stage kept for backward (recompute=False)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: date and threads)")
     parser.add_argument("--shapes", default=None,
                         help="inputs as N*T,C,H,W;... (default: the spec's ResNet-50 shapes at N*T = 8)")
@@ -119,8 +113,8 @@ def main() -> None:
         modules["native"] = fused
         if args.keep:
             modules["native-keep"] = copy.deepcopy(fused)
-        timed = time_interleaved(modules, x, grad, args.rounds, args.steps, args.warmup,
-                                 {"native-keep": keeping_every_stage})
+            modules["native-keep"].recompute = False
+        timed = time_interleaved(modules, x, grad, args.rounds, args.steps, args.warmup)
         assert fused.last_backend == "native"
         for name in modules:
             row[f"{name}_ms"] = 1e3 * statistics.median(timed["times"][name])

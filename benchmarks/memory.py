@@ -15,7 +15,6 @@ and .md (machine, versions, date, command).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
 from aia_kernels import backends  # noqa: E402
-from benchmarks.network import keeping_every_stage, write_results  # noqa: E402
+from benchmarks.network import write_results  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 from benchmarks.saved_bytes import saved_bytes  # noqa: E402
 
@@ -38,10 +37,9 @@ BUDGET = 1.15
 
 def module_saved(variant: str, backend: str, shape, segments: int, device, keep: bool) -> int:
     torch.manual_seed(0)
-    module = aia_kernels.build(variant, num_segments=segments, backend=backend).to(device).train()
+    module = aia_kernels.build(variant, num_segments=segments, backend=backend, recompute=not keep).to(device).train()
     x = torch.randn(shape, device=device, requires_grad=True)
-    with keeping_every_stage() if keep else contextlib.nullcontext():
-        saved, _ = saved_bytes(lambda: module(x))
+    saved, _ = saved_bytes(lambda: module(x))
     if module.last_backend != backend:
         raise RuntimeError(f"{variant} ran on {module.last_backend}, not {backend}")
     return saved

@@ -8,7 +8,7 @@ For each architecture (TSN, TSM ResNet-50 with ``--variant`` in every Bottleneck
 spec's placement rule gives it), each mode (eval forward under ``torch.no_grad``; train
 step: forward, cross-entropy, backward) and, on CPU, each thread count, the configurations
 (``plain``: no AIA; ``reference``, ``native``, and ``triton`` on CUDA; ``native-keep``:
-native with every stage's tensors kept for backward, ``plan.without_recompute``, the
+native with every stage's tensors kept for backward, ``recompute=False``, the
 memory layout before the backward recomputed its T, H, W stages) run in interleaved
 rounds: each round times ``--steps`` steps of every configuration in turn, so a slow phase
 of a shared machine hits all alike. Reported per configuration: median step time, IQR, the
@@ -28,7 +28,6 @@ benchmarks/results/network_<device>_<tag>.json and .md (machine, versions, date,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -43,9 +42,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's aia_kernels and benchmarks
-from aia_kernels import aia_modules, fused  # noqa: E402
+from aia_kernels import aia_modules  # noqa: E402
 from aia_kernels import backends as aia_backends  # noqa: E402
-from aia_kernels import plan as plans
 from aia_kernels.models import tsm_resnet50, tsn_resnet50  # noqa: E402
 from benchmarks import bytes_model  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
@@ -57,26 +55,11 @@ ARCHS = {"tsn": tsn_resnet50, "tsm": tsm_resnet50}
 CLASSES = 174
 
 
-@contextlib.contextmanager
-def keeping_every_stage():
-    """The fused ops run each variant's plan without recompute (``native-keep``)."""
-    build = fused.build_plan
-    fused.build_plan = lambda variant: plans.without_recompute(build(variant))
-    try:
-        yield
-    finally:
-        fused.build_plan = build
-
-
 class Config:
-    """One network configuration: a model, the AIA backend it must run (None: plain) and
-    whether its plan keeps every stage."""
+    """One network configuration: a model and the AIA backend it must run (None: plain)."""
 
-    def __init__(self, name: str, model: nn.Module, backend: str | None, keep: bool = False):
-        self.name, self.model, self.backend, self.keep = name, model, backend, keep
-
-    def context(self):
-        return keeping_every_stage() if self.keep else contextlib.nullcontext()
+    def __init__(self, name: str, model: nn.Module, backend: str | None):
+        self.name, self.model, self.backend = name, model, backend
 
     def check_backend(self) -> None:
         ran = {m.last_backend for _, m in aia_modules(self.model)}
@@ -98,7 +81,8 @@ def build_configs(arch: str, variant: str, frames: int, backends: list[str], kee
         model = copy.deepcopy(aia)
         for _, m in aia_modules(model):
             m.backend = backend
-        configs.append(Config(name, model, backend, keep=name == "native-keep"))
+            m.recompute = name != "native-keep"
+        configs.append(Config(name, model, backend))
     return configs
 
 
@@ -108,16 +92,15 @@ def step_function(config: Config, mode: str, x: torch.Tensor, y: torch.Tensor):
         model.eval()
 
         def step():
-            with torch.no_grad(), config.context():
+            with torch.no_grad():
                 return model(x)
     else:
         model.train()
 
         def step():
-            with config.context():
-                loss = nn.functional.cross_entropy(model(x), y)
-                model.zero_grad(set_to_none=True)
-                loss.backward()
+            loss = nn.functional.cross_entropy(model(x), y)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
             return loss
     return step
 
@@ -160,10 +143,9 @@ def peak_bytes(step, device) -> int | None:
 
 def train_saved_bytes(config: Config, x, y) -> int:
     config.model.train()
-    with config.context():
-        saved, loss = saved_bytes(lambda: nn.functional.cross_entropy(config.model(x), y))
-        config.model.zero_grad(set_to_none=True)
-        loss.backward()
+    saved, loss = saved_bytes(lambda: nn.functional.cross_entropy(config.model(x), y))
+    config.model.zero_grad(set_to_none=True)
+    loss.backward()
     return saved
 
 

@@ -319,7 +319,7 @@ def test_opcheck_fused_forward(target, variant):
     gates = ref.gates()
     args = (x, variant, 3, target.backend, [c.weight for _, c, _ in gates], [b.weight for _, _, b in gates],
             [b.bias for _, _, b in gates], [b.running_mean for _, _, b in gates],
-            [b.running_var for _, _, b in gates], [1] * len(gates), [1e-5] * len(gates))
+            [b.running_var for _, _, b in gates], [1] * len(gates), [1e-5] * len(gates), True)
     torch.library.opcheck(torch.ops.aia_kernels.fused_forward.default, args)
 
 

@@ -44,7 +44,7 @@ def test_opcheck_fused_forward(torch_backend, variant):
     args = (x, variant, 3, torch_backend, [c.weight for _, c, _ in gates], [b.weight for _, _, b in gates],
             [b.bias for _, _, b in gates], [b.running_mean for _, _, b in gates],
             [b.running_var for _, _, b in gates],
-            [1] * len(gates), [1e-5] * len(gates))
+            [1] * len(gates), [1e-5] * len(gates), True)
     torch.library.opcheck(torch.ops.aia_kernels.fused_forward.default, args)
 
 

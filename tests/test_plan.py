@@ -37,6 +37,7 @@ def test_the_backward_recomputes_exactly_the_t_h_w_stages(variant):
     kept = plans.without_recompute(plan)
     assert not any(stage.recompute for stage in kept.stages)
     assert [(s.axes, s.weight, s.gates) for s in kept.stages] == [(s.axes, s.weight, s.gates) for s in plan.stages]
+    assert build_plan(variant, recompute=False) == kept  # what AIAModule(recompute=False) runs
 
 
 BROKEN = {

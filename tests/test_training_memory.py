@@ -3,7 +3,7 @@
 The backward pools every ``Stage.recompute`` stage (the T, H, W ones) again from the input
 instead of keeping its pooled tensors, argmaxes and conv outputs (aia_kernels/plan.py). Two
 guards: (1) the results are bitwise those of the plan that keeps everything
-(``plan.without_recompute``), on every backend, BN running statistics included (updated
+(``recompute=False`` on the module: ``plan.without_recompute``), on every backend, BN running statistics included (updated
 once per forward, never by the recompute); (2) the bytes kept for backward, counted with
 ``torch.autograd.graph.saved_tensors_hooks`` (each storage once, the input included), stay
 within the issue's budget of 1.15x the input in its setting, (8, 64, 40, 40) fp32 with
@@ -16,7 +16,6 @@ import torch
 
 import aia_kernels
 from aia_kernels import backends, fused
-from aia_kernels import plan as plans
 from aia_kernels.primitives import PrimitivesOnly
 from aia_kernels.primitives.torch_impl import TorchPrimitives
 from benchmarks.saved_bytes import saved_bytes
@@ -35,23 +34,17 @@ def torch_backend(monkeypatch):
     return "native"
 
 
-def keeping_everything(monkeypatch):
-    """Make the fused ops run every variant's plan without recompute (all stages kept)."""
-    monkeypatch.setattr(fused, "build_plan", lambda variant: plans.without_recompute(plans.build_plan(variant)))
-
-
 def assert_recompute_matches_keeping(monkeypatch, variant, backend, dtype=torch.float64, shape=SHAPE, device="cpu",
                                      num_segments=3, train=True):
     """The module with its plan (recompute) and a copy with every stage kept: bitwise equal
     outputs, gradients and buffers (running statistics, batch counters) after a train step."""
     _, module = make_pair(variant, backend, dtype=dtype, device=device, num_segments=num_segments, train=train)
     keeping = copy.deepcopy(module)
+    keeping.recompute = False  # every stage's tensors kept (plan.without_recompute)
     x = torch.randn(shape, dtype=dtype, device=device)
     grad_out = torch.randn_like(x)
     recomputed = run(module, x, grad_out)
-    with monkeypatch.context() as m:
-        keeping_everything(m)
-        kept = run(keeping, x, grad_out)
+    kept = run(keeping, x, grad_out)
     assert module.last_backend == keeping.last_backend == backend
     assert_equal_results(kept, recomputed)
 
@@ -91,8 +84,9 @@ def test_triton_recompute_is_bitwise(monkeypatch, variant):
 # ---- (2) the budget ----
 
 def module_saved_bytes(variant, backend, shape=BUDGET_SHAPE, num_segments=BUDGET_SEGMENTS, dtype=torch.float32,
-                       device="cpu"):
-    module = aia_kernels.build(variant, num_segments=num_segments, backend=backend).to(device=device, dtype=dtype)
+                       device="cpu", recompute=True):
+    module = aia_kernels.build(variant, num_segments=num_segments, backend=backend, recompute=recompute)
+    module = module.to(device=device, dtype=dtype)
     x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
     saved, out = saved_bytes(lambda: module(x))
     out.backward(torch.randn_like(out))  # the saved state is what a backward can run on
@@ -120,11 +114,40 @@ def test_every_variant_keeps_at_most_its_budget(request, variant, backend):
     assert saved >= input_bytes  # the input itself is kept: the count sees the saved tensors
 
 
-def test_keeping_every_stage_would_break_the_budget(monkeypatch, torch_backend):
+def test_keeping_every_stage_would_break_the_budget(torch_backend):
     """The budget test can fail: the plan without recompute keeps the T gates' tensors."""
-    keeping_everything(monkeypatch)
-    saved, input_bytes = module_saved_bytes("CinST->STinC", torch_backend)
+    saved, input_bytes = module_saved_bytes("CinST->STinC", torch_backend, recompute=False)
     assert saved > 1.5 * input_bytes
+
+
+@pytest.mark.parametrize("path", ["autograd_function", "library_op"])
+def test_recompute_option_reaches_both_forward_paths(monkeypatch, path):
+    """``module.recompute`` decides what the backward keeps, through the eager autograd
+    Function and through the torch.library op (the torch.compile path) alike."""
+    pytest.importorskip("aia_kernels.native").load()
+    monkeypatch.setattr(fused, "EAGER_FORWARD", getattr(fused, f"forward_with_{path}"))
+    kept, input_bytes = module_saved_bytes("CinST->STinC", "native", recompute=False)
+    recomputed, _ = module_saved_bytes("CinST->STinC", "native", recompute=True)
+    assert recomputed <= BUDGET * input_bytes < 1.5 * input_bytes < kept
+
+
+def test_recompute_option_is_a_bool_shown_when_off():
+    module = aia_kernels.build("CinST->STinC", num_segments=4, recompute=False)
+    assert module.recompute is False and "recompute=False" in repr(module)
+    assert "recompute" not in repr(aia_kernels.build("C", num_segments=4))
+    module.recompute = True
+    assert module.recompute is True
+    with pytest.raises(TypeError, match="recompute must be True or False"):
+        module.recompute = "no"
+
+
+def test_module_pickled_before_the_recompute_option_recomputes():
+    module = aia_kernels.build("CinST->STinC", num_segments=4)
+    old = module.__dict__.copy()
+    del old["_recompute"]
+    restored = type(module).__new__(type(module))
+    restored.__setstate__(old)
+    assert restored.recompute is True
 
 
 def test_triton_keeps_what_the_walk_keeps(torch_backend):

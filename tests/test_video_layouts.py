@@ -187,7 +187,7 @@ def _fused_forward_args(module, x, backend):
     gates = module.gates()
     return (x, module.variant, x.shape[1], backend, [c.weight for _, c, _ in gates], [b.weight for _, _, b in gates],
             [b.bias for _, _, b in gates], [b.running_mean for _, _, b in gates],
-            [b.running_var for _, _, b in gates], [1] * len(gates), [1e-5] * len(gates))
+            [b.running_var for _, _, b in gates], [1] * len(gates), [1e-5] * len(gates), True)
 
 
 @pytest.mark.parametrize("backend", ["executor", "native"], indirect=True)  # triton: test_conformance.py
