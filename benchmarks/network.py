@@ -7,9 +7,9 @@
 For each architecture (TSN, TSM ResNet-50 with ``--variant`` in every Bottleneck that the
 spec's placement rule gives it), each mode (eval forward under ``torch.no_grad``; train
 step: forward, cross-entropy, backward) and, on CPU, each thread count, the configurations
-(``plain``: no AIA; ``reference``, ``native``, and ``triton`` on CUDA; ``native-keep``:
-native with every stage's tensors kept for backward, ``recompute=False``, the
-memory layout before the backward recomputed its T, H, W stages) run in interleaved
+(``plain``: no AIA; ``reference``, ``native``, and ``triton`` on CUDA; ``native-keep``,
+``triton-keep``: that fused backend with every stage's tensors kept for backward,
+``recompute=False``, the memory layout before the backward recomputed its T, H, W stages) run in interleaved
 rounds: each round times ``--steps`` steps of every configuration in turn, so a slow phase
 of a shared machine hits all alike. Reported per configuration: median step time, IQR, the
 overhead over plain (median over rounds of the per-round ratio), peak memory of one step
@@ -75,13 +75,12 @@ def build_configs(arch: str, variant: str, frames: int, backends: list[str], kee
     plain = ARCHS[arch](CLASSES, frames, None).to(device)
     plain.load_state_dict({k: v for k, v in aia.state_dict().items() if k in plain.state_dict()}, strict=True)
     configs = [Config("plain", plain, None)]
-    names = list(backends) + (["native-keep"] if keep and "native" in backends else [])
-    for name in names:
-        backend = "native" if name == "native-keep" else name
+    # A fused backend also runs with recompute=False ("<backend>-keep") where keep is asked.
+    runs = [(b, b, True) for b in backends] + [(f"{b}-keep", b, False) for b in backends if keep and b != "reference"]
+    for name, backend, recompute in runs:
         model = copy.deepcopy(aia)
         for _, m in aia_modules(model):
-            m.backend = backend
-            m.recompute = name != "native-keep"
+            m.backend, m.recompute = backend, recompute
         configs.append(Config(name, model, backend))
     return configs
 
@@ -358,7 +357,7 @@ def main(argv=None) -> int:
                         help="AIA backends (default: reference,native on CPU; reference,native,triton on CUDA, "
                              "those available: native on CUDA needs AIA_NATIVE_CUDA=1)")
     parser.add_argument("--no-keep", dest="keep", action="store_false",
-                        help="skip native-keep (native with every stage kept for backward)")
+                        help="skip native-keep and triton-keep (every stage kept for backward: recompute=False)")
     parser.add_argument("--clips", type=int, default=1)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size-eval", type=int, default=224)

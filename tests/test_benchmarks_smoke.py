@@ -331,3 +331,16 @@ def test_source_commit_dirty_only_for_code(tmp_path):
     assert run.source_commit(str(tmp_path)) == clean
     (tmp_path / "benchmarks/b.py").write_text("2\n")
     assert run.source_commit(str(tmp_path)) == clean + "+dirty"
+
+
+def test_network_keep_configs_for_every_fused_backend():
+    """Each fused backend also runs with recompute=False ("<backend>-keep"), the reference
+    never: on CUDA that times Triton's recompute against keeping every stage."""
+    from aia_kernels import aia_modules
+    from benchmarks.network import build_configs
+    configs = build_configs("tsn", "C", 2, ["reference", "native", "triton"], True, torch.device("cpu"))
+    assert [c.name for c in configs] == ["plain", "reference", "native", "triton", "native-keep", "triton-keep"]
+    for config in configs[1:]:
+        modes = {(m.backend, m.recompute) for _, m in aia_modules(config.model)}
+        assert modes == {(config.backend, not config.name.endswith("-keep"))}
+    assert [c.name for c in build_configs("tsn", "C", 2, ["native"], False, torch.device("cpu"))] == ["plain", "native"]
