@@ -3,11 +3,11 @@
 The backward pools every ``Stage.recompute`` stage (the T, H, W ones) again from the input
 instead of keeping its pooled tensors, argmaxes and conv outputs (aia_kernels/plan.py). Two
 guards: (1) the results are bitwise those of the plan that keeps everything
-(``recompute=False`` on the module: ``plan.without_recompute``), on every backend, BN running statistics included (updated
-once per forward, never by the recompute); (2) the bytes kept for backward, counted with
-``torch.autograd.graph.saved_tensors_hooks`` (each storage once, the input included), stay
-within the issue's budget of 1.15x the input in its setting, (8, 64, 40, 40) fp32 with
-8 segments, for every variant. tests/test_triton_backend.py guards the other side: no
+(``recompute=False`` on the module: ``plan.without_recompute``), on every backend, BN
+running statistics included (updated once per forward, never by the recompute); (2) the
+bytes kept for backward, counted with ``torch.autograd.graph.saved_tensors_hooks`` (each
+storage once, the input included), stay within the issue's budget of 1.15x the input in its
+setting, (8, 64, 40, 40) fp32 with 8 segments, for every variant. tests/test_triton_backend.py guards the other side: no
 full-size intermediate at any moment."""
 import copy
 
