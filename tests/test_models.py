@@ -201,3 +201,14 @@ def test_channels_last_inference_matches():
             m.to(memory_format=torch.channels_last)
     torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), expected,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_networks_pass_recompute_to_every_aia_module():
+    """``recompute`` reaches every AIA module of the 2D and 3D networks (default True)."""
+    from aia_kernels import aia_modules
+    from aia_kernels.models import i3d_resnet50
+    for make in (lambda **kw: tsm_resnet50(10, 4, "CinST->STinC", **kw),
+                 lambda **kw: i3d_resnet50(10, "CinST->STinC", **kw)):
+        assert {m.recompute for _, m in aia_modules(make())} == {True}
+        modules = aia_modules(make(recompute=False))
+        assert len(modules) == 16 and {m.recompute for _, m in modules} == {False}

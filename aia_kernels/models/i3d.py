@@ -43,7 +43,8 @@ class Bottleneck3d(Bottleneck):
     5-D input (T from each tensor)."""
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 variant: str | None = None, temporal_kernel: int = 1, backend: str = "auto"):
+                 variant: str | None = None, temporal_kernel: int = 1, backend: str = "auto",
+                 recompute: bool = True):
         nn.Module.__init__(self)
         self.num_segments, self.shift, self.fold_div = None, False, 8
         self.conv1 = nn.Conv3d(inplanes, planes, (temporal_kernel, 1, 1), padding=(temporal_kernel // 2, 0, 0),
@@ -55,7 +56,8 @@ class Bottleneck3d(Bottleneck):
         self.bn3 = nn.BatchNorm3d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
-        self._attach_attention(variant, backend=backend, layout="NCTHW")  # 5-D input only, T from each tensor
+        # 5-D input only, T from each tensor
+        self._attach_attention(variant, backend=backend, layout="NCTHW", recompute=recompute)
 
 
 class ResNet3d(AtomicLoadStateDict, nn.Module):
@@ -67,7 +69,7 @@ class ResNet3d(AtomicLoadStateDict, nn.Module):
 
     def __init__(self, layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes: int = 400,
                  variant: str | None = None, arch: str = "i3d", backend: str = "auto",
-                 stem_width: int | None = None, dropout: float = 0.5):
+                 stem_width: int | None = None, dropout: float = 0.5, recompute: bool = True):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown 3D ResNet arch {arch!r}; expected one of {ARCHS}")
@@ -82,13 +84,13 @@ class ResNet3d(AtomicLoadStateDict, nn.Module):
         self.temporal_pool = nn.MaxPool3d((pool, 1, 1), stride=(pool, 1, 1)) if pool > 1 else nn.Identity()
         for i, (blocks, width) in enumerate(zip(layers, widths)):
             self.add_module(f"layer{i + 1}", self._make_layer(width, blocks, 1 if i == 0 else 2, variant, backend,
-                                                              TEMPORAL_KERNELS[arch][i]))
+                                                              TEMPORAL_KERNELS[arch][i], recompute))
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(widths[len(layers) - 1] * Bottleneck3d.expansion, num_classes)
         self._init_weights()
 
-    def _make_layer(self, planes, blocks, stride, variant, backend, temporal_kernels) -> nn.Sequential:
+    def _make_layer(self, planes, blocks, stride, variant, backend, temporal_kernels, recompute) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * Bottleneck3d.expansion:
             downsample = nn.Sequential(
@@ -98,7 +100,8 @@ class ResNet3d(AtomicLoadStateDict, nn.Module):
         for i, carries in enumerate(blocks_with_aia(blocks)):
             layers.append(Bottleneck3d(self.inplanes, planes, stride if i == 0 else 1, downsample if i == 0 else None,
                                        variant=variant if carries else None,
-                                       temporal_kernel=temporal_kernels[i % len(temporal_kernels)], backend=backend))
+                                       temporal_kernel=temporal_kernels[i % len(temporal_kernels)], backend=backend,
+                                       recompute=recompute))
             self.inplanes = planes * Bottleneck3d.expansion
         return nn.Sequential(*layers)
 
@@ -127,8 +130,9 @@ class ResNet3d(AtomicLoadStateDict, nn.Module):
 
 
 def i3d_resnet50(num_classes: int = 400, variant: str | None = None, arch: str = "i3d", backend: str = "auto",
-                 dropout: float = 0.5) -> ResNet3d:
+                 dropout: float = 0.5, recompute: bool = True) -> ResNet3d:
     """I3D ResNet-50 (``arch="i3d"``) or SlowFast's slow pathway (``arch="slow"``) with AIA
     ``variant`` (None: the plain network). Input (N, 3, T, H, W); for channels_last_3d,
     ``model.to(memory_format=torch.channels_last_3d)`` and the clips likewise."""
-    return ResNet3d((3, 4, 6, 3), (64, 128, 256, 512), num_classes, variant, arch, backend, dropout=dropout)
+    return ResNet3d((3, 4, 6, 3), (64, 128, 256, 512), num_classes, variant, arch, backend, dropout=dropout,
+                    recompute=recompute)

@@ -78,7 +78,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  variant: str | None = None, num_segments: int = 8, backend: str = "auto",
-                 shift: bool = False, fold_div: int = 8):
+                 shift: bool = False, fold_div: int = 8, recompute: bool = True):
         super().__init__()
         self.num_segments, self.shift, self.fold_div = num_segments, shift, fold_div
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
@@ -89,7 +89,7 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
-        self._attach_attention(variant, num_segments=num_segments, backend=backend)
+        self._attach_attention(variant, num_segments=num_segments, backend=backend, recompute=recompute)
 
     def _attach_attention(self, variant: str | None, **build_kwargs) -> None:
         """AIA after bn2: the unit ``eft``, or a combined variant's units ``eft1``/``eft2``."""
@@ -139,7 +139,7 @@ class ResNet(AtomicLoadStateDict, nn.Module):
 
     def __init__(self, layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes: int = 1000,
                  variant: str | None = None, num_segments: int = 8, backend: str = "auto",
-                 shift: bool = False, stem_width: int | None = None):
+                 shift: bool = False, stem_width: int | None = None, recompute: bool = True):
         super().__init__()
         self.num_segments = num_segments
         self.inplanes = stem_width or widths[0]
@@ -147,7 +147,7 @@ class ResNet(AtomicLoadStateDict, nn.Module):
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        opts = dict(variant=variant, num_segments=num_segments, backend=backend, shift=shift)
+        opts = dict(variant=variant, num_segments=num_segments, backend=backend, shift=shift, recompute=recompute)
         for i, (blocks, width) in enumerate(zip(layers, widths)):
             self.add_module(f"layer{i + 1}", self._make_layer(width, blocks, 1 if i == 0 else 2, **opts))
         self.avgpool = nn.AdaptiveAvgPool2d(1)

@@ -71,8 +71,10 @@ def load_imagenet(model: TSN, path_or_state_dict) -> None:
 
 def _builder(name: str, arch: str, shift: bool, doc: str):
     def build(num_classes: int, num_segments: int = 8, variant: str | None = "CinST->STinC",
-              backend: str = "auto", dropout: float = 0.5, pretrained: str | os.PathLike | dict | None = None) -> TSN:
-        base = ResNet(RESNET_LAYERS[arch], variant=variant, num_segments=num_segments, backend=backend, shift=shift)
+              backend: str = "auto", dropout: float = 0.5, pretrained: str | os.PathLike | dict | None = None,
+              recompute: bool = True) -> TSN:
+        base = ResNet(RESNET_LAYERS[arch], variant=variant, num_segments=num_segments, backend=backend, shift=shift,
+                      recompute=recompute)
         model = TSN(base, num_classes, num_segments, dropout)
         if pretrained is not None:
             load_imagenet(model, pretrained)
