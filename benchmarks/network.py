@@ -9,8 +9,8 @@ spec's placement rule gives it), each mode (eval forward under ``torch.no_grad``
 step: forward, cross-entropy, backward) and, on CPU, each thread count, the configurations
 (``plain``: no AIA; ``reference``, ``native``, and ``triton`` on CUDA; ``native-keep``,
 ``triton-keep``: that fused backend with every stage's tensors kept for backward,
-``recompute=False``, the memory layout before the backward recomputed its T, H, W stages) run in interleaved
-rounds: each round times ``--steps`` steps of every configuration in turn, so a slow phase
+``recompute=False``, the memory layout before the backward recomputed its T, H, W stages)
+run in interleaved rounds: each round times ``--steps`` steps of every configuration in turn, so a slow phase
 of a shared machine hits all alike. Reported per configuration: median step time, IQR, the
 overhead over plain (median over rounds of the per-round ratio), peak memory of one step
 (CUDA: ``max_memory_allocated`` above the memory before it; CPU on Linux: the process's
