@@ -216,6 +216,18 @@ def test_cpu_passes_benchmark_smoke(tmp_path):
     torch.set_num_threads(threads)
 
 
+def test_native_ab_renames_the_base_op_library(tmp_path):
+    """benchmarks/native_ab.py: the base revision's csrc/ registers its ops as aia_native_base
+    (every TORCH_LIBRARY macro renamed, nothing left under aia_native), so both builds load."""
+    import re
+
+    from benchmarks import native_ab
+    csrc = native_ab.base_sources(native_ab.resolve("HEAD"), tmp_path)
+    macros = [m for path in csrc.rglob("*.*") for m in re.findall(r"TORCH_LIBRARY\w*\(\s*(\w+)", path.read_text())]
+    assert macros and set(macros) == {native_ab.BASE_NAMESPACE}
+    assert (csrc / "aia_cpu.cpp").is_file()
+
+
 def test_cpu_step_probe_smoke(tmp_path, monkeypatch):
     """benchmarks/cpu_step_probe.py end to end on a tiny shape."""
     from benchmarks import cpu_step_probe

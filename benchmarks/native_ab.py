@@ -1,0 +1,180 @@
+"""CPU: the native kernels of a git revision against the working tree's, in one process.
+
+On a shared machine the same build timed in two processes can differ by more than the
+change being judged (docs/benchmarks.md, the AMD EPYC section). So this script builds the
+base revision's ``csrc/`` as a second extension, its ops registered as ``aia_native_base``,
+and runs whole module steps (the module, autograd, the plan ops) with one build and then
+the other, round by round, on the same module and input.
+
+    python benchmarks/native_ab.py --base HEAD~1
+    python benchmarks/native_ab.py --base 9cb9f1b --modes eval --threads 2 --rounds 20
+
+The base must declare the ops the working tree's Python calls, with the same arguments.
+The thread policy is switched off (``AIA_NATIVE_ADAPTIVE_THREADS=0``): it would time the two
+builds as one op. Writes benchmarks/results/native_ab_<tag>.json and .md (machine, versions,
+both commits, command).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import aia_kernels  # noqa: E402
+from aia_kernels import native  # noqa: E402
+from aia_kernels.native.build_config import CPU_SOURCES, CXX_FLAGS, LD_FLAGS  # noqa: E402
+from benchmarks.network import write_results  # noqa: E402
+from benchmarks.run import machine_meta  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = "8,64,56,56;8,128,28,28;8,256,14,14;8,512,7,7"
+BASE_NAMESPACE = "aia_native_base"
+
+
+def resolve(rev: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def base_sources(commit: str, dest: Path) -> Path:
+    """``csrc/`` of ``commit`` in ``dest``, its op library renamed to BASE_NAMESPACE."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "csrc"], check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    csrc = dest / "csrc"
+    pattern = re.compile(r"\b(TORCH_LIBRARY(?:_FRAGMENT|_IMPL)?)\(\s*aia_native\s*,")
+    for path in csrc.rglob("*"):
+        if path.suffix in (".cpp", ".cu", ".h"):
+            path.write_text(pattern.sub(rf"\1({BASE_NAMESPACE},", path.read_text()))
+    return csrc
+
+
+def build_base(commit: str, build_root: Path, verbose: bool) -> None:
+    from torch.utils.cpp_extension import load as load_extension
+    csrc = base_sources(commit, build_root)
+    directory = build_root / "build"
+    directory.mkdir(exist_ok=True)
+    load_extension(name=f"{BASE_NAMESPACE}_{commit[:10]}", sources=[str(csrc / s) for s in CPU_SOURCES],
+                   extra_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS, extra_include_paths=[str(csrc)],
+                   build_directory=str(directory), is_python_module=False, verbose=verbose)
+
+
+@contextlib.contextmanager
+def ops_of(build: str):
+    """``torch.ops.aia_native`` names the base build's ops inside (the package looks the ops
+    up by that name at each call)."""
+    if build == "head":
+        yield
+        return
+    head = torch.ops.aia_native
+    setattr(torch.ops, "aia_native", getattr(torch.ops, BASE_NAMESPACE))
+    assert torch.ops.aia_native.plan_forward.default.name() == f"{BASE_NAMESPACE}::plan_forward"
+    try:
+        yield
+    finally:
+        setattr(torch.ops, "aia_native", head)
+
+
+def step_fn(mode: str, module, x: torch.Tensor, grad: torch.Tensor):
+    if mode == "train":
+        x = x.detach().requires_grad_()
+
+        def step():
+            module(x).backward(grad)
+    else:
+        def step():
+            with torch.no_grad():
+                module(x)
+    return step
+
+
+def measure(mode: str, shape, variant: str, rounds: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    module = aia_kernels.build(variant, num_segments=8, backend="native").train(mode == "train")
+    x, grad = torch.randn(shape), torch.randn(shape)
+    step = step_fn(mode, module, x, grad)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    for build in ("head", "base"):  # warm-up: workspaces, first-touch pages
+        with ops_of(build):
+            for _ in range(2):
+                step()
+    times = {"head": [], "base": []}
+    ratios = []
+    for r in range(rounds):
+        medians = {}
+        for build in (("head", "base") if r % 2 else ("base", "head")):
+            with ops_of(build):
+                samples = []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    step()
+                    samples.append(1e3 * (time.perf_counter() - start))
+            times[build] += samples
+            medians[build] = statistics.median(samples)
+        ratios.append(medians["head"] / medians["base"])
+    module.load_state_dict(state)
+    row = {"mode": mode, "shape": list(shape), "ratio_head_to_base": statistics.median(ratios)}
+    for build, ms in times.items():
+        q = statistics.quantiles(ms, n=4)
+        row[f"{build}_median_ms"], row[f"{build}_iqr_ms"] = statistics.median(ms), q[2] - q[0]
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="git revision whose csrc/ is the base")
+    parser.add_argument("--variant", default="CinST->STinC")
+    parser.add_argument("--shapes", default=SHAPES, help="N*T,C,H,W;... (N*T a multiple of 8)")
+    parser.add_argument("--modes", default="eval,train", help="eval (forward, no_grad) and/or train (forward+backward)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=3, help="steps per build and round (their median is a sample)")
+    parser.add_argument("--tag", default=None, help="results file suffix (default: date)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--verbose", action="store_true", help="show the base build's compiler output")
+    args = parser.parse_args(argv)
+    os.environ["AIA_NATIVE_ADAPTIVE_THREADS"] = "0"  # read at each call; recorded in the command
+    torch.set_num_threads(args.threads)
+    base = resolve(args.base)
+    meta = machine_meta(torch.device("cpu"), sys.argv[1:] if argv is None else argv,
+                        entry=("benchmarks/native_ab.py",))
+    native.load()
+    with tempfile.TemporaryDirectory(prefix="aia_native_base_") as tmp:
+        print(f"building the native kernels of {base[:10]} ...", file=sys.stderr)
+        build_base(base, Path(tmp), args.verbose)
+        load_before = os.getloadavg()
+        rows = [measure(mode, tuple(int(s) for s in text.split(",")), args.variant, args.rounds, args.steps)
+                for mode in args.modes.split(",") for text in args.shapes.split(";")]
+    info = {**meta, "base_commit": base, "threads": args.threads, "variant": args.variant, "dtype": "float32",
+            "measure": (f"{args.rounds} rounds, each running {args.steps} steps with one build then the other "
+                        f"(order alternating); times: median (IQR) of all steps; head/base: median over rounds of "
+                        f"the ratio of the round's medians; load average before/after "
+                        f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"),
+            "results": rows}
+    lines = [f"# CPU: native kernels of the working tree (head) vs {base[:10]} (base), {args.variant}, float32, "
+             f"{meta['device_name']}, {args.threads} thread(s)", "",
+             f"{meta['date']}; torch {meta['torch']}; head commit {meta['commit']}, base commit {base[:12]}; "
+             f"{info['measure']}. Command: `{meta['command']}`", "",
+             "| mode | input (N*T, C, H, W) | base ms (IQR) | head ms (IQR) | head / base |", "|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {tuple(r['shape'])} | {r['base_median_ms']:.2f} ({r['base_iqr_ms']:.2f}) | "
+              f"{r['head_median_ms']:.2f} ({r['head_iqr_ms']:.2f}) | {r['ratio_head_to_base']:.3f} |" for r in rows]
+    write_results(info, "\n".join(lines) + "\n", args.results_dir, "native_ab", args.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
