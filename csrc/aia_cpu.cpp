@@ -278,15 +278,16 @@ int64_t grain_for(int64_t elements_per_item) {
 // and the C partials of weight_grad are 0.1-2 MB, and allocating and freeing them on
 // every call made glibc grow and trim its heap in cycles (7x7 step times rose and fell
 // with it). Grows to the largest request; `slot` separates buffers
-// that are live together. Returns `count` zeroed entries.
+// that are live together. Returns `count` entries, zeroed unless `zeroed` is false (the
+// caller then writes every entry it reads).
 template <typename T>
-T* workspace(int slot, size_t count) {
+T* workspace(int slot, size_t count, bool zeroed = true) {
   constexpr int kSlots = 2;
   thread_local std::vector<char> buffers[kSlots];
   std::vector<char>& b = buffers[slot % kSlots];
   if (b.size() < count * sizeof(T)) b.resize(count * sizeof(T));
   T* p = reinterpret_cast<T*>(b.data());
-  std::fill(p, p + count, T(0));
+  if (zeroed) std::fill(p, p + count, T(0));
   return p;
 }
 
@@ -1037,16 +1038,39 @@ Padded padded(const ConvDims& d) {
   return p;
 }
 
+// One (D2, D3) slice into a pitched one at `out` (rows R apart, from row `first_row`,
+// column 1 if `left`, else 0): every entry of `rows` rows of R is written, the slice or
+// zero, so the buffer needs no zeroing first (a whole-buffer memset was a serial share of
+// the gate steps at 7x7 and 14x14, where gate tensors are near the input's size).
+template <typename acc_t>
+AIA_INLINE void pitch_slice(const acc_t* src, const ConvDims& d, int64_t R, int64_t first_row, bool left, int64_t rows,
+                            acc_t* out) {
+  const int64_t col = left ? 1 : 0;
+  std::fill(out, out + first_row * R + col, acc_t(0));
+  for (int64_t b = 0; b < d.D2; ++b) {
+    acc_t* row = out + (first_row + b) * R;
+    copy_row(src + b * d.D3, d.D3, row + col);
+    std::fill(row + col + d.D3, row + R + (b + 1 < d.D2 ? col : 0), acc_t(0));  // right pad, next row's left
+  }
+  std::fill(out + (first_row + d.D2) * R, out + rows * R, acc_t(0));
+}
+
 // `count` volumes (D1, D2, D3) -> zero-padded volumes in workspace `slot`, plus `slack`
-// zeros at the end (tap_sums reads up to a block past a run's end).
+// zeros at the end (tap_sums reads up to a block past a run's end). Slices in parallel.
 template <typename acc_t>
 const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int slot, int64_t slack = 0) {
   const Padded p = padded(d);
-  acc_t* dst = workspace<acc_t>(slot, static_cast<size_t>(count * p.volume + slack));
-  for (int64_t v = 0; v < count; ++v)
-    for (int64_t a = 0; a < d.D1; ++a)
-      for (int64_t b = 0; b < d.D2; ++b)
-        copy_row(src + ((v * d.D1 + a) * d.D2 + b) * d.D3, d.D3, dst + v * p.volume + (a + 1) * p.slice + (b + 1) * p.R + 1);
+  acc_t* dst = workspace<acc_t>(slot, static_cast<size_t>(count * p.volume + slack), /*zeroed=*/false);
+  const int64_t per_volume = d.D1 + 2;
+  at::parallel_for(0, count * per_volume, grain_for(p.slice), [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t v = s / per_volume, a = s % per_volume;
+      acc_t* out = dst + s * p.slice;
+      if (a == 0 || a == per_volume - 1) std::fill(out, out + p.slice, acc_t(0));
+      else pitch_slice(src + (v * d.D1 + a - 1) * d.D2 * d.D3, d, p.R, 1, true, d.D2 + 2, out);
+    }
+  });
+  std::fill(dst + count * p.volume, dst + count * p.volume + slack, acc_t(0));
   return dst;
 }
 
@@ -1144,10 +1168,11 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
   const Padded p = padded(d);
   const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0);
   // dz with row pitch R and zero pitch columns, one (D2, D3) slice per (n, a).
-  acc_t* dzp = workspace<acc_t>(1, static_cast<size_t>(d.N * d.D1 * p.slice));
-  for (int64_t na = 0; na < d.N * d.D1; ++na)
-    for (int64_t b = 0; b < d.D2; ++b)
-      copy_row(dz + (na * d.D2 + b) * d.D3, d.D3, dzp + na * p.slice + b * p.R);
+  acc_t* dzp = workspace<acc_t>(1, static_cast<size_t>(d.N * d.D1 * p.slice), /*zeroed=*/false);
+  at::parallel_for(0, d.N * d.D1, grain_for(p.slice), [&](int64_t begin, int64_t end) {
+    for (int64_t na = begin; na < end; ++na)
+      pitch_slice(dz + na * d.D2 * d.D3, d, p.R, 0, false, d.D2 + 2, dzp + na * p.slice);
+  });
   // Slices (n, a) in fixed chunks of about 4K elements (set by the shape, not by the
   // thread count). Per chunk, the 9 taps of one (ci, k1) share each dz vector: one
   // vector accumulator per tap, a scalar one for the tail of each run. The chunks'
