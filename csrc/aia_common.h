@@ -172,7 +172,7 @@ AIA_HD void write_pooled(const PoolPartial<acc_t>& r, int axis, const Dims& d, i
   const int64_t sample = gate_sample_size(axis, d);
   P[pooled_max_offset(g, n, sample)] = r.mx;
   P[pooled_mean_offset(g, n, sample)] = r.sum / acc_t(axis_length(axis, d));
-  argmax[g] = r.arg;
+  if (argmax != nullptr) argmax[g] = r.arg;  // null: positions not kept
 }
 
 // Pooling of one gate entry `g` along `axis`: max (first index on ties), argmax and mean

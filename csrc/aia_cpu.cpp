@@ -138,6 +138,27 @@ struct Row {
     else if constexpr (kFloat) return reduce_add(_mm256_maskz_mov_ps(static_cast<__mmask8>(mask()), (__m256)v));
     else return reduce_add(_mm256_maskz_mov_pd(static_cast<__mmask8>(mask()), (__m256d)v));
   }
+  // Max of the W lanes; false if a lane is NaN (the caller then walks the row in order).
+  AIA_INLINE bool max(const vec& v, acc_t& m) const {
+    if constexpr (kWide && kFloat) {
+      const __mmask16 k = static_cast<__mmask16>(mask());
+      if (_mm512_mask_cmp_ps_mask(k, (__m512)v, (__m512)v, _CMP_UNORD_Q)) return false;
+      m = _mm512_mask_reduce_max_ps(k, (__m512)v);
+    } else if constexpr (kWide) {
+      const __mmask8 k = static_cast<__mmask8>(mask());
+      if (_mm512_mask_cmp_pd_mask(k, (__m512d)v, (__m512d)v, _CMP_UNORD_Q)) return false;
+      m = _mm512_mask_reduce_max_pd(k, (__m512d)v);
+    } else if constexpr (kFloat) {
+      const __mmask8 k = static_cast<__mmask8>(mask());
+      if (_mm256_mask_cmp_ps_mask(k, (__m256)v, (__m256)v, _CMP_UNORD_Q)) return false;
+      m = reduce_max(_mm256_mask_mov_ps(_mm256_set1_ps(-__builtin_inff()), k, (__m256)v));
+    } else {
+      const __mmask8 k = static_cast<__mmask8>(mask());
+      if (_mm256_mask_cmp_pd_mask(k, (__m256d)v, (__m256d)v, _CMP_UNORD_Q)) return false;
+      m = reduce_max(_mm256_mask_mov_pd(_mm256_set1_pd(-__builtin_inf()), k, (__m256d)v));
+    }
+    return true;
+  }
   // Max of the W lanes and the first lane holding it; false if a lane is NaN.
   AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
     unsigned eq;
@@ -211,6 +232,18 @@ struct Row {
     if constexpr (kFloat) return reduce_add(_mm256_and_ps((__m256)v, lanes_in()));
     else return reduce_add(_mm256_and_pd((__m256d)v, lanes_in()));
   }
+  // Max of the W lanes; false if a lane is NaN.
+  AIA_INLINE bool max(const vec& v, acc_t& m) const {
+    const reg_t x = (reg_t)v, in = lanes_in();
+    if constexpr (kFloat) {
+      if (_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), in))) return false;
+      m = reduce_max(_mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), x, in));
+    } else {
+      if (_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(x, x, _CMP_UNORD_Q), in))) return false;
+      m = reduce_max(_mm256_blendv_pd(_mm256_set1_pd(-__builtin_inf()), x, in));
+    }
+    return true;
+  }
   // Max of the W lanes and the first lane holding it; false if a lane is NaN.
   AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
     const reg_t x = (reg_t)v, in = lanes_in();
@@ -236,6 +269,10 @@ struct Row {
     acc_t s = v[0];
     for (int64_t w = 1; w < W; ++w) s += v[w];
     return s;
+  }
+  AIA_INLINE bool max(const vec& v, acc_t& m) const {
+    int lane;
+    return max_first(v, m, lane);
   }
   AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
     m = v[0];
@@ -525,8 +562,8 @@ AIA_INLINE typename Vec<acc_t, B>::type upstream_chunk(const UpstreamAt<scalar_t
 
 // Running max (the first maximum wins: strict >, so ties and NaNs keep the earlier
 // entry, as in the reference's order) and sum of chunks along a pooled axis, kept in
-// buffers at `mx`, `sum`, `arg`.
-template <typename acc_t, int B>
+// buffers at `mx`, `sum`, `arg` (the max's position only if kArgmax).
+template <bool kArgmax, typename acc_t, int B>
 AIA_INLINE void running_max_sum(const Row<acc_t, B>& row, const typename Vec<acc_t, B>::type& y, int32_t pos, bool first,
                                 acc_t* mx, acc_t* sum, int32_t* arg) {
   using V = Vec<acc_t, B>;
@@ -534,13 +571,13 @@ AIA_INLINE void running_max_sum(const Row<acc_t, B>& row, const typename Vec<acc
   if (first) {
     row.store(mx, y);
     row.store(sum, y);
-    row.store_index(arg, at);
+    if constexpr (kArgmax) row.store_index(arg, at);
     return;
   }
   const typename V::type m = row.load(mx);
   const typename V::itype greater = y > m;
   row.store(mx, greater ? y : m);
-  row.store_index(arg, greater ? at : row.load_index(arg));
+  if constexpr (kArgmax) row.store_index(arg, greater ? at : row.load_index(arg));
   row.store(sum, row.load(sum) + y);
 }
 
@@ -561,14 +598,14 @@ AIA_INLINE void running_max_sum(acc_t y, int32_t pos, bool first, acc_t& mx, acc
 // Max (the first position wins), its position and sum of one row's chunks, lane by lane:
 // the W reduction of a row of several chunks pays one horizontal reduction per row, not
 // one per chunk. Lanes past a partial chunk's end hold -inf in the max and 0 in the sum.
-template <typename acc_t, int B>
+template <typename acc_t, int B, bool kArgmax = true>
 struct LaneMaxSum {
   using V = Vec<acc_t, B>;
   typename V::type mx, sum;
   typename V::itype pos, nan;  // nan: lanes that met a NaN (the caller then redoes the row in order)
 
   AIA_INLINE void add(const Row<acc_t, B>& row, const typename V::type& y, int64_t w0, bool first) {
-    const typename V::itype at = V::iota() + typename V::int_t(w0);
+    const typename V::itype at = kArgmax ? V::iota() + typename V::int_t(w0) : typename V::itype{};
     typename V::type ym = y, ys = y;
     if (row.W < V::kLanes) {
       const typename V::itype in = V::iota() < typename V::int_t(row.W);
@@ -581,7 +618,7 @@ struct LaneMaxSum {
     }
     const typename V::itype greater = ym > mx;  // strict: an earlier chunk keeps a tie
     mx = greater ? ym : mx;
-    pos = greater ? at : pos;
+    if constexpr (kArgmax) pos = greater ? at : pos;
     sum += ys;
     nan |= ym != ym;
   }
@@ -592,8 +629,10 @@ struct LaneMaxSum {
     if constexpr (B == 64 && sizeof(acc_t) == 4) {
       if (_mm512_test_epi32_mask((__m512i)nan, (__m512i)nan)) return false;
       m = _mm512_reduce_max_ps((__m512)mx);
-      const __mmask16 eq = _mm512_cmpeq_ps_mask((__m512)mx, _mm512_set1_ps(m));
-      first = _mm512_mask_reduce_min_epi32(eq, (__m512i)pos);
+      if constexpr (kArgmax) {
+        const __mmask16 eq = _mm512_cmpeq_ps_mask((__m512)mx, _mm512_set1_ps(m));
+        first = _mm512_mask_reduce_min_epi32(eq, (__m512i)pos);
+      }
       s = _mm512_reduce_add_ps((__m512)sum);
       return true;
     }
@@ -601,12 +640,14 @@ struct LaneMaxSum {
     if constexpr (B == 32 && sizeof(acc_t) == 4) {
       if (!_mm256_testz_si256((__m256i)nan, (__m256i)nan)) return false;
       m = reduce_max((__m256)mx);
-      const __m256i eq = _mm256_castps_si256(_mm256_cmp_ps((__m256)mx, _mm256_set1_ps(m), _CMP_EQ_OQ));
-      const __m256i cand = _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), (__m256i)pos, eq);
-      __m128i lo = _mm_min_epi32(_mm256_castsi256_si128(cand), _mm256_extracti128_si256(cand, 1));
-      lo = _mm_min_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(1, 0, 3, 2)));
-      lo = _mm_min_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(2, 3, 0, 1)));
-      first = _mm_cvtsi128_si32(lo);
+      if constexpr (kArgmax) {
+        const __m256i eq = _mm256_castps_si256(_mm256_cmp_ps((__m256)mx, _mm256_set1_ps(m), _CMP_EQ_OQ));
+        const __m256i cand = _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), (__m256i)pos, eq);
+        __m128i lo = _mm_min_epi32(_mm256_castsi256_si128(cand), _mm256_extracti128_si256(cand, 1));
+        lo = _mm_min_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(1, 0, 3, 2)));
+        lo = _mm_min_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(2, 3, 0, 1)));
+        first = _mm_cvtsi128_si32(lo);
+      }
       s = reduce_add((__m256)sum);
       return true;
     }
@@ -624,7 +665,8 @@ struct LaneMaxSum {
   }
 };
 
-// Writes max and mean at gate offset g (a contiguous run of `len` entries).
+// Writes max and mean at gate offset g (a contiguous run of `len` entries), and the
+// max's positions unless `argmax` is null.
 template <typename acc_t>
 void write_pooled(const acc_t* mx, const acc_t* sum, const int32_t* arg, int64_t len, acc_t axis_len, acc_t* P,
                   int32_t* argmax, int64_t g, int64_t n, int64_t sample) {
@@ -633,14 +675,16 @@ void write_pooled(const acc_t* mx, const acc_t* sum, const int32_t* arg, int64_t
   for (int64_t i = 0; i < len; ++i) {
     pm[i] = mx[i];
     pa[i] = sum[i] / axis_len;
-    argmax[g + i] = arg[i];
   }
+  if (argmax != nullptr) std::copy(arg, arg + len, argmax + g);
 }
 
 struct PoolOut {
   at::Tensor P, argmax;
 };
 
+// `outs[i].argmax` undefined: that axis's max positions are not tracked (the forward of a
+// stage the backward pools again keeps none).
 template <typename scalar_t, int B>
 void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const std::vector<int>& axes,
                  std::vector<PoolOut>& outs) {
@@ -653,11 +697,21 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   const int64_t H = d.H, W = d.W, HW = H * W;
   acc_t* P[4] = {nullptr, nullptr, nullptr, nullptr};
   int32_t* A[4] = {nullptr, nullptr, nullptr, nullptr};
+  bool argmax = true;
   for (size_t i = 0; i < axes.size(); ++i) {
     P[axes[i]] = outs[i].P.data_ptr<acc_t>();
-    A[axes[i]] = outs[i].argmax.data_ptr<int32_t>();
+    A[axes[i]] = outs[i].argmax.defined() ? outs[i].argmax.data_ptr<int32_t>() : nullptr;
+    argmax = argmax && A[axes[i]] != nullptr;
   }
-  if (P[kAxisC] != nullptr) {
+  TORCH_CHECK(argmax || std::all_of(A, A + 4, [](const int32_t* a) { return a == nullptr; }),
+              "aia_native: pool tracks the argmax of every axis of a call or of none");
+  // Compiled with and without the argmax, so the usual case tests nothing per chunk.
+  const auto with_argmax = [&](auto body) {
+    if (argmax) body(std::true_type{});
+    else body(std::false_type{});
+  };
+  if (P[kAxisC] != nullptr) with_argmax([&](auto arg_tag) {
+    constexpr bool kArg = decltype(arg_tag)::value;
     const int64_t sample = gate_sample_size(kAxisC, d);
     at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> mx(HW), sum(HW);
@@ -669,17 +723,19 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
           for_each_chunk<acc_t, B>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
             const int64_t off = h * W + w0;
-            running_max_sum(row, weighted_chunk(wa, vpl, d, h, w0, row), static_cast<int32_t>(c), c == 0,
-                            mx.data() + off, sum.data() + off, arg.data() + off);
+            running_max_sum<kArg>(row, weighted_chunk(wa, vpl, d, h, w0, row), static_cast<int32_t>(c), c == 0,
+                                  mx.data() + off, sum.data() + off, arg.data() + off);
           });
         }
         write_pooled(mx.data(), sum.data(), arg.data(), HW, acc_t(d.C), P[kAxisC], A[kAxisC],
                      gate_offset(kAxisC, d, n, t, 0, 0, 0), n, sample);
       }
     });
-  }
+  });
   if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
   const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
+  with_argmax([&](auto arg_tag) {
+  constexpr bool kArg = decltype(arg_tag)::value;
   at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tmx(HW), tsum(HW), wmx(H), wsum(H);
     std::vector<int32_t> targ(HW), warg(H);
@@ -705,8 +761,8 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           const auto w_chunk = [&](int64_t h, int64_t w0, const Row<acc_t, B>& row, const typename V::type& y)
               AIA_LAMBDA_INLINE {
             acc_t m;
-            int lane;
-            if (row.max_first(y, m, lane)) {
+            int lane = 0;
+            if (kArg ? row.max_first(y, m, lane) : row.max(y, m)) {
               merge_w(h, w0 == 0, m, static_cast<int32_t>(w0 + lane), row.sum(y));
             } else {  // NaNs: lane by lane, in order
               for (int64_t l = 0; l < row.W; ++l)
@@ -718,7 +774,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           const auto rows = [&](auto lanes_tag, auto all_tag) AIA_LAMBDA_INLINE {
             constexpr bool w_lanes = decltype(lanes_tag)::value, all = decltype(all_tag)::value;
             for (int64_t h = 0; h < H; ++h) {
-              [[maybe_unused]] LaneMaxSum<acc_t, B> wl;
+              [[maybe_unused]] LaneMaxSum<acc_t, B, kArg> wl;
               for (int s = 0; s < kGroupStrips; ++s) {
                 if (s == group.strips) break;
                 const int64_t w0 = g0 + s * V::kLanes;
@@ -726,13 +782,13 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 const typename V::type y = weighted_chunk(wa, vpl, d, h, w0, row);
                 if (all || P[kAxisT] != nullptr) {
                   const int64_t off = h * W + w0;
-                  running_max_sum(row, y, static_cast<int32_t>(t), t == 0, tmx.data() + off, tsum.data() + off,
-                                  targ.data() + off);
+                  running_max_sum<kArg>(row, y, static_cast<int32_t>(t), t == 0, tmx.data() + off,
+                                        tsum.data() + off, targ.data() + off);
                 }
                 if (all || P[kAxisH] != nullptr) {
                   const typename V::itype greater = h == 0 ? ~typename V::itype{} : (y > hmx[s]);
                   hmx[s] = greater ? y : hmx[s];
-                  harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
+                  if constexpr (kArg) harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
                   hsum[s] = h == 0 ? y : hsum[s] + y;
                 }
                 if constexpr (w_lanes) {
@@ -765,7 +821,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
               const int64_t g = gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes;
               group.row[s].store(P[kAxisH] + pooled_max_offset(g, n, sH), hmx[s]);
               group.row[s].store(P[kAxisH] + pooled_mean_offset(g, n, sH), hsum[s] / acc_t(H));
-              group.row[s].store_index(A[kAxisH] + g, harg[s]);
+              if constexpr (kArg) group.row[s].store_index(A[kAxisH] + g, harg[s]);
             }
           }
         }
@@ -776,7 +832,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
             const int64_t g = g0 + h * d.C;
             pm[pooled_max_offset(g, n, sW)] = wmx[h];
             pm[pooled_mean_offset(g, n, sW)] = wsum[h] / acc_t(W);
-            A[kAxisW][g] = warg[h];
+            if constexpr (kArg) A[kAxisW][g] = warg[h];
           }
         }
       }
@@ -785,6 +841,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                      gate_offset(kAxisT, d, n, 0, c, 0, 0), n, sT);
       }
     }
+  });
   });
 }
 
@@ -1244,13 +1301,13 @@ ConvDims conv_dims(const at::Tensor& t) {  // t: (N, ., D1, D2, D3) or (N, D1, D
 }  // namespace
 
 std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
-                             const std::vector<int>& axes) {
+                             const std::vector<int>& axes, bool with_argmax) {
   const Dims d = dims_of(v);
   const auto acc = v.options().dtype(acc_type(v.scalar_type()));
   std::vector<PoolOut> outs;
   for (int axis : axes) {
     std::vector<int64_t> shape = gate_shape(axis, d);
-    at::Tensor argmax = at::empty(shape, v.options().dtype(at::kInt));
+    at::Tensor argmax = with_argmax ? at::empty(shape, v.options().dtype(at::kInt)) : at::Tensor();
     shape.insert(shape.begin() + 1, 2);
     outs.push_back({at::empty(shape, acc), argmax});
   }
@@ -1262,7 +1319,7 @@ std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const We
   std::vector<at::Tensor> result;
   for (auto& o : outs) {
     result.push_back(o.P);
-    result.push_back(o.argmax);
+    result.push_back(o.argmax.defined() ? o.argmax : at::empty({0}, v.options().dtype(at::kInt)));
   }
   return result;
 }

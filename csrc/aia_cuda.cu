@@ -111,22 +111,23 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 }  // namespace
 
 std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
-                             const std::vector<int>& axes) {
+                             const std::vector<int>& axes, bool with_argmax) {
   const c10::cuda::CUDAGuard guard(v.device());
   const Dims d = dims_of(v);
   const auto acc = v.options().dtype(acc_type(v.scalar_type()));
   std::vector<at::Tensor> result;
   for (int axis : axes) {
     std::vector<int64_t> shape = gate_shape(axis, d);
-    at::Tensor argmax = at::empty(shape, v.options().dtype(at::kInt));
+    int64_t entries = 1;
+    for (int64_t size : shape) entries *= size;
+    at::Tensor argmax = at::empty(with_argmax ? shape : std::vector<int64_t>{0}, v.options().dtype(at::kInt));
     shape.insert(shape.begin() + 1, 2);
     at::Tensor P = at::empty(shape, acc);
-    const int64_t entries = argmax.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_pool_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       AIA_LAUNCH(blocks_for(entries), kThreads, stream(), pool_kernel<scalar_t, acc_t>)(
           v.data_ptr<scalar_t>(), strides_of(v), d, make_weight<acc_t>(gates, weight), axis, P.data_ptr<acc_t>(),
-          argmax.data_ptr<int32_t>(), entries);
+          with_argmax ? argmax.data_ptr<int32_t>() : nullptr, entries);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     result.push_back(P);

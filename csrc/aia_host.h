@@ -102,9 +102,10 @@ Upstream<scalar_t, acc_t> make_upstream(const UpstreamSpec& spec) {
 // Entry points, one set per device. Full-size tensors are (N, T, C, H, W) views with
 // any strides; pooled/gate tensors are contiguous in the accumulation dtype.
 #define AIA_DECLARE_DEVICE_ENTRY_POINTS                                                                      \
-  /* For each axis: P (N, 2, D1, D2, D3) and argmax (N, D1, D2, D3) of weight * v. */                       \
+  /* For each axis: P (N, 2, D1, D2, D3) and argmax (N, D1, D2, D3) of weight * v; with_argmax false: */     \
+  /* an empty argmax, its positions not tracked (a device may track them anyway). */                       \
   std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,         \
-                               const std::vector<int>& axes);                                              \
+                               const std::vector<int>& axes, bool with_argmax);                            \
   void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out);    \
   /* d loss / d gate for every gate of every factor, in factor order. */                                   \
   std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const GateSet& gates);         \
@@ -166,8 +167,9 @@ inline bool runs_on_cuda(const at::Tensor& t) {
 // (shared by the primitive ops, aia_ops.cpp, and the plan walker, aia_plan.cpp).
 namespace on_device {
 inline std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
-                                    const std::vector<int>& axes) {
-  return runs_on_cuda(v) ? cuda::pool(v, gates, weight, axes) : cpu::pool(v, gates, weight, axes);
+                                    const std::vector<int>& axes, bool with_argmax = true) {
+  return runs_on_cuda(v) ? cuda::pool(v, gates, weight, axes, with_argmax)
+                         : cpu::pool(v, gates, weight, axes, with_argmax);
 }
 inline void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out) {
   runs_on_cuda(v) ? cuda::apply(v, gates, weight, out) : cpu::apply(v, gates, weight, out);

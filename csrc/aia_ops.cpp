@@ -166,13 +166,14 @@ void check_v(const at::Tensor& v) {
 // ---- the six primitives ----
 
 std::vector<at::Tensor> pool_op(const at::Tensor& v, at::TensorList gate_z, at::TensorList gate_ss,
-                                c10::string_view gate_axes, at::IntArrayRef weight_desc, c10::string_view axes) {
+                                c10::string_view gate_axes, at::IntArrayRef weight_desc, c10::string_view axes,
+                                bool with_argmax) {
   check_v(v);
   const GateSet gates = make_gates(gate_z, gate_ss, gate_axes, v);
   const auto weights = parse_weights(weight_desc, gates);
   TORCH_CHECK(weights.size() == 1, "aia_native::pool takes one weight");
   const std::vector<int> codes = axis_codes(axes);
-  return on_device::pool(v, gates, weights[0], codes);
+  return on_device::pool(v, gates, weights[0], codes, with_argmax);
 }
 
 void apply_op(const at::Tensor& v, at::TensorList gate_z, at::TensorList gate_ss, c10::string_view gate_axes,
@@ -335,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
 #ifndef AIA_WITH_CUDA
 // CPU-only build: the CUDA entry points exist but cannot be reached (no CUDA tensors).
 namespace cuda {
-std::vector<at::Tensor> pool(const at::Tensor&, const GateSet&, const WeightSpec&, const std::vector<int>&) {
+std::vector<at::Tensor> pool(const at::Tensor&, const GateSet&, const WeightSpec&, const std::vector<int>&, bool) {
   TORCH_CHECK(false, "aia_native was built without CUDA");
 }
 void apply(const at::Tensor&, const GateSet&, const WeightSpec&, const at::Tensor&) {
@@ -360,7 +361,9 @@ at::Tensor conv_weight_grad(const at::Tensor&, const at::Tensor&) {
 }  // namespace aia
 
 TORCH_LIBRARY(aia_native, m) {
-  m.def("pool(Tensor v, Tensor[] gate_z, Tensor[] gate_ss, str gate_axes, int[] weight_desc, str axes) -> Tensor[]");
+  // with_argmax=False: the max positions are not tracked (a device may still return them).
+  m.def("pool(Tensor v, Tensor[] gate_z, Tensor[] gate_ss, str gate_axes, int[] weight_desc, str axes, "
+        "bool with_argmax=True) -> Tensor[]");
   m.def("apply(Tensor v, Tensor[] gate_z, Tensor[] gate_ss, str gate_axes, int[] weight_desc, Tensor(a!) out) -> ()");
   m.def("weight_grad(Tensor v, Tensor[] douts, Tensor[] up_grads, Tensor[] up_argmax, str up_axes, int[] up_counts, "
         "Tensor[] gate_z, Tensor[] gate_ss, str gate_axes, int[] weight_desc) -> Tensor[]");

@@ -210,7 +210,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
   gates.values.resize(n_gates);
   std::vector<at::Tensor> saved(kSavedPerGate * n_gates), stats(n_gates);
   for (const PlanStage& stage : plan.stages) {
-    const std::vector<at::Tensor> pooled = on_device::pool(v, gates, stage.weight, stage.axes);
+    // The max positions of a stage the backward pools again are not kept, so not tracked.
+    const std::vector<at::Tensor> pooled = on_device::pool(v, gates, stage.weight, stage.axes, !stage.recompute);
     for (size_t i = 0; i < stage.gates.size(); ++i) {
       const int g = stage.gates[i];
       const at::Tensor &P = pooled[2 * i], &argmax = pooled[2 * i + 1];

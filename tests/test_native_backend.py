@@ -151,6 +151,7 @@ def test_opcheck_native_ops():
     opcheck = torch.library.opcheck
     opcheck(ops.pool.default, (v, zs, ss, axes, desc, "THW"))
     opcheck(ops.pool.default, (v, [], [], "", [0, 0], "C"))
+    opcheck(ops.pool.default, (v, zs, ss, axes, desc, "THW", False))
     opcheck(ops.apply.default, (v, zs, ss, axes, desc, torch.empty_like(v)))
     grads, argmaxes = _sample_pooled(v, "THW")
     opcheck(ops.weight_grad.default, (v, [torch.randn_like(v)], [], [], "", [-1], zs, ss, axes, desc))
@@ -199,6 +200,58 @@ def test_plan_ops_equal_primitive_walk(variant, monkeypatch):
         out.backward(grad)
         results.append([out, x.grad] + [p.grad for p in module.parameters()] + list(module.state_dict().values()))
         module.load_state_dict(state)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [7, 12, 37])  # 32-byte chunks (floats), one 64-byte chunk, several per row
+@pytest.mark.parametrize("special", ["ties_and_infinities", "nans"])
+def test_pool_without_argmax_keeps_the_maxima(width, special, dtype):
+    """plan_forward pools a stage the backward pools again without tracking its max positions
+    (nothing keeps them): the pool op's with_argmax=False. Its pooled tensors must be those of
+    the tracking kernels bit for bit (the first-maximum rule and the NaN walk decide the max
+    too), with ties, infinities and NaNs in the rows, unweighted and weighted."""
+    ops = torch.ops.aia_native
+    torch.manual_seed(width)
+    v = torch.randint(-2, 3, (2, 3, 4, 5, width)).to(dtype)
+    v[0, 0, 0, 0] = float("-inf")
+    v[0, 1, 1, 2] = float("inf")
+    if special == "nans":
+        v[1, 2, 3, 1, width // 2] = float("nan")
+        v[1, 0, 2, 4, 0] = float("nan")
+    zs, ss, gate_axes, desc = _sample_gate_args(v)
+    for weight in (([], [], "", [0, 0]), (zs, ss, gate_axes, desc)):
+        for axes in ("C", "THW", "TW"):
+            tracked = ops.pool(v, *weight, axes)
+            untracked = ops.pool(v, *weight, axes, False)
+            for i in range(len(axes)):
+                torch.testing.assert_close(untracked[2 * i], tracked[2 * i], atol=0, rtol=0, equal_nan=True)
+                assert untracked[2 * i + 1].numel() == 0
+
+
+@pytest.mark.parametrize("width", [7, 12, 37])
+def test_plan_forward_without_argmax_equals_primitive_walk_on_ties(width, monkeypatch):
+    """The same through a module: plan_forward (no max positions for the stages the backward
+    pools again) and the primitive walk (every pool tracks them) give the same eval output and
+    train step bit for bit on integer inputs (ties everywhere)."""
+    from aia_kernels import fused
+    torch.manual_seed(width)
+    x = torch.randint(-2, 3, (6, 3, 5, width)).float()
+    grad = torch.randn_like(x)
+    results = []
+    for prims in (None, PrimitivesOnly(native.NativePrimitives())):
+        if prims is not None:
+            monkeypatch.setattr(fused, "_primitives", lambda backend, device, p=prims: p)
+        torch.manual_seed(1)
+        module = aia_kernels.build("CinST->STinC", num_segments=3, backend="native")
+        with torch.no_grad():
+            evaluated = module.eval()(x)
+        xt = x.clone().requires_grad_()
+        out = module.train()(xt)
+        out.backward(grad)
+        results.append([evaluated, out, xt.grad] + [p.grad for p in module.parameters()])
+    assert all(t.isfinite().all() for t in results[0])
     for a, b in zip(*results):
         assert torch.equal(a, b)
 

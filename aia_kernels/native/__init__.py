@@ -355,12 +355,12 @@ def _register_fakes() -> None:
         return torch.float64 if v.dtype == torch.float64 else torch.float32
 
     @torch.library.register_fake(lib + "pool")
-    def _(v, gate_z, gate_ss, gate_axes, weight_desc, axes):
+    def _(v, gate_z, gate_ss, gate_axes, weight_desc, axes, with_argmax=True):
         out = []
         for axis in axes:
             shape = gate_shape(v.shape, axis)
             out.append(v.new_empty((shape[0], 2, *shape[1:]), dtype=acc(v)))
-            out.append(v.new_empty(shape, dtype=torch.int32))
+            out.append(v.new_empty(shape if with_argmax else (0,), dtype=torch.int32))
         return out
 
     @torch.library.register_fake(lib + "apply")
