@@ -19,7 +19,7 @@ from torch import Tensor
 from . import backends
 from .executor import run_backward, run_forward
 from .layouts import clip_segments, clip_shape
-from .plan import build_plan
+from .plan import build_plan, for_inference
 from .primitives import gate_shape
 from .primitives.torch_impl import TorchPrimitives
 from .running_stats import bn_mode, update_running_stats
@@ -127,10 +127,10 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, *params):
-        variant, num_segments, backend, running_means, running_vars, bn_modes, eps, sync, recompute = meta
+        variant, num_segments, backend, running_means, running_vars, bn_modes, eps, sync, recompute, inference = meta
         n = len(bn_modes)
         conv_weights, bn_weights, bn_biases = list(params[:n]), list(params[n:2 * n]), list(params[2 * n:])
-        plan = build_plan(variant, recompute)
+        plan = for_inference(variant) if inference else build_plan(variant, recompute)
         with torch.autocast(x.device.type, enabled=False):
             out, saved, bn_stats = run_forward(_primitives(backend, x.device), plan, x, num_segments,
                                                conv_weights, bn_weights, bn_biases, running_means, running_vars,
@@ -143,7 +143,7 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_stats):
-        variant, num_segments, backend, _, _, bn_modes, eps, sync, recompute = ctx.meta
+        variant, num_segments, backend, _, _, bn_modes, eps, sync, recompute, _ = ctx.meta
         n = len(bn_modes)
         x, bn_stats, *rest = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
@@ -179,8 +179,11 @@ def forward_with_autograd_function(module, x: Tensor, backend: str, args, sync=N
     """(out, bn_stats) through :class:`_EagerFused`: the same executor, less Python per call;
     ``sync``: :class:`sync_bn.GateStatsSync` where gate BNs sync across ranks."""
     conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps = args
+    # No backward can follow: the inference plan (nothing kept, no max positions tracked).
+    inference = not (torch.is_grad_enabled() and (x.requires_grad or any(
+        p is not None and p.requires_grad for p in (*conv_weights, *bn_weights, *bn_biases))))
     meta = (module.variant, clip_segments(x, module.num_segments), backend, running_means, running_vars, bn_modes,
-            eps, sync, module.recompute)
+            eps, sync, module.recompute, inference)
     return _EagerFused.apply(meta, x, *conv_weights, *bn_weights, *bn_biases)
 
 

@@ -175,6 +175,15 @@ def build_plan(variant: str, recompute: bool = True) -> Plan:
     return check_plan(Plan(variant, tuple(gate_axes), tuple(stages), output))
 
 
+@lru_cache(maxsize=None)
+def for_inference(variant: str) -> Plan:
+    """The plan of a forward that no backward follows (grad disabled, or nothing requires it):
+    every stage marked recomputed, so the forward keeps nothing and the kernels skip what only a
+    backward reads (the native pools then track no max positions). Same outputs bit for bit."""
+    plan = build_plan(variant)
+    return replace(plan, stages=tuple(replace(stage, recompute=True) for stage in plan.stages))
+
+
 def without_recompute(plan: Plan) -> Plan:
     """``plan`` with every stage's tensors kept for the backward: the same results bit for bit
     (the recompute is deterministic) with more memory and no recompute passes; tests and

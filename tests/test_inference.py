@@ -48,6 +48,33 @@ def test_no_grad_and_inference_mode_save_nothing(variant, context):
         torch.testing.assert_close(out, reference(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference-primitives"])
+def test_a_forward_no_backward_follows_runs_the_inference_plan(backend, monkeypatch):
+    """Grad disabled, or nothing requiring it: the fused forward runs plan.for_inference (every
+    stage recomputed: nothing kept, no max positions tracked by the native pools), with the
+    same output bit for bit; a forward that a backward may follow runs the usual plan."""
+    from aia_kernels import fused, plan
+    used = []
+    monkeypatch.setattr(fused, "for_inference", lambda variant: used.append(variant) or plan.for_inference(variant))
+    module = aia_kernels.build("CinST->STinC", num_segments=T, backend="native")
+    if backend == "reference-primitives":
+        from aia_kernels.primitives.torch_impl import TorchPrimitives
+        monkeypatch.setattr(fused, "_primitives", lambda backend, device: TorchPrimitives())
+    randomize_bn(module)
+    module.eval()
+    x = torch.randn(2 * T, 5, 4, 6)
+    with torch.no_grad():
+        inferred = module(x)
+    assert used == ["CinST->STinC"]
+    frozen = copy.deepcopy(module).requires_grad_(False)
+    assert torch.equal(frozen(x), inferred) and len(used) == 2
+    trained = module(x.clone().requires_grad_())
+    assert len(used) == 2 and trained.requires_grad
+    assert torch.equal(trained.detach(), inferred)
+    assert all(stage.recompute for stage in plan.for_inference("CinST->STinC").stages)
+    assert not all(stage.recompute for stage in plan.build_plan("CinST->STinC").stages)
+
+
 def test_eval_mode_leaves_bn_statistics_alone():
     """Eval normalises with the running statistics and updates nothing; train does update."""
     module = aia_kernels.build("CinST+STinC", num_segments=T, backend="native")
