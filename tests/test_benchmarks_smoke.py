@@ -228,6 +228,25 @@ def test_native_ab_renames_the_base_op_library(tmp_path):
     assert (csrc / "aia_cpu.cpp").is_file()
 
 
+def test_onnx_network_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/onnx_network.py end to end on narrow networks: both exported, checked against
+    PyTorch, timed in ONNX Runtime and in PyTorch (native), one row per runtime and network."""
+    from benchmarks import onnx_network
+
+    from aia_testing import small_tsm
+    monkeypatch.setattr(onnx_network, "build_pair", lambda arch, variant, frames: {
+        "plain": small_tsm(None, frames), "aia": small_tsm(variant, frames)})
+    threads = torch.get_num_threads()
+    onnx_network.main(["--size", "16", "--frames", "2", "--threads", "1", "--rounds", "2", "--warmup", "0",
+                       "--results-dir", str(tmp_path), "--tag", "smoke"])
+    info = json.loads((tmp_path / "onnx_network_smoke.json").read_text())
+    rows = {(r["runtime"], r["network"]): r for r in info["results"]}
+    assert set(rows) == {(a, b) for a in ("onnxruntime", "pytorch") for b in ("plain", "aia")}
+    assert all(r["median_ms"] > 0 for r in rows.values()) and rows["onnxruntime", "plain"]["overhead"] == 0
+    assert rows["onnxruntime", "aia"]["onnx_relative_difference"] <= 1e-4 and "onnxruntime" in info
+    assert torch.get_num_threads() == threads
+
+
 def test_cpu_step_probe_smoke(tmp_path, monkeypatch):
     """benchmarks/cpu_step_probe.py end to end on a tiny shape."""
     from benchmarks import cpu_step_probe
