@@ -9,7 +9,8 @@ spec's placement rule gives it), each mode (eval forward under ``torch.no_grad``
 step: forward, cross-entropy, backward) and, on CPU, each thread count, the configurations
 (``plain``: no AIA; ``reference``, ``native``, and ``triton`` on CUDA; ``native-keep``,
 ``triton-keep``: that fused backend with every stage's tensors kept for backward,
-``recompute=False``, the memory layout before the backward recomputed its T, H, W stages)
+``recompute=False``, the memory layout before the backward recomputed its T, H, W stages;
+train step only, since an eval forward under ``no_grad`` takes the inference plan either way)
 run in interleaved rounds: each round times ``--steps`` steps of every configuration in turn, so a slow phase
 of a shared machine hits all alike. Reported per configuration: median step time, IQR, the
 overhead over plain (median over rounds of the per-round ratio), peak memory of one step
@@ -277,7 +278,7 @@ def run_case(arch, mode, threads, args, device) -> list[dict]:
     if threads is not None:
         torch.set_num_threads(threads)
     size = args.size_eval if mode == "eval" else args.size_train
-    configs = build_configs(arch, args.variant, args.frames, args.backends, args.keep, device)
+    configs = build_configs(arch, args.variant, args.frames, args.backends, args.keep and mode == "train", device)
     torch.manual_seed(1)
     x = torch.randn(args.clips * args.frames, 3, size, size, device=device)
     y = torch.randint(0, CLASSES, (args.clips,), device=device)

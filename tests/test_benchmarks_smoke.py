@@ -290,7 +290,9 @@ def test_network_benchmark_smoke(tmp_path, monkeypatch):
                   "--tag", "smoke"])
     info = json.loads((tmp_path / "network_cpu_smoke.json").read_text())
     rows = {(r["mode"], r["config"]): r for r in info["results"]}
-    assert set(rows) == {(m, c) for m in ("eval", "train") for c in ("plain", "reference", "native", "native-keep")}
+    # recompute=False only changes what a backward reads: no eval row for it
+    assert set(rows) == ({("eval", c) for c in ("plain", "reference", "native")}
+                         | {("train", c) for c in ("plain", "reference", "native", "native-keep")})
     for row in rows.values():
         assert row["median_ms"] > 0 and row["threads"] == 1
         assert row["faults_per_step"] is not None and row["faults_per_step"] >= 0
@@ -298,7 +300,7 @@ def test_network_benchmark_smoke(tmp_path, monkeypatch):
     # reference's backward (many nodes) is not; forward time below the step's
     for mode in ("eval", "train"):
         assert rows[mode, "plain"]["aia_forward_ms"] is None and rows[mode, "plain"]["aia_backward_ms"] is None
-        for config in ("reference", "native", "native-keep"):
+        for config in ("reference", "native", "native-keep")[:3 if mode == "train" else 2]:
             assert 0 < rows[mode, config]["aia_forward_ms"] < rows[mode, config]["median_ms"] * 5
     assert rows["eval", "native"]["aia_backward_ms"] is None and rows["train", "reference"]["aia_backward_ms"] is None
     assert rows["eval", "native"]["aia_forward_again_ms"] > 0
