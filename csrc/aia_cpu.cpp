@@ -161,27 +161,16 @@ struct Row {
   }
   // Max of the W lanes and the first lane holding it; false if a lane is NaN.
   AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
+    if (!max(v, m)) return false;
     unsigned eq;
     if constexpr (kWide && kFloat) {
-      const __mmask16 k = static_cast<__mmask16>(mask());
-      if (_mm512_mask_cmp_ps_mask(k, (__m512)v, (__m512)v, _CMP_UNORD_Q)) return false;
-      m = _mm512_mask_reduce_max_ps(k, (__m512)v);
-      eq = _mm512_mask_cmpeq_ps_mask(k, (__m512)v, _mm512_set1_ps(m));
+      eq = _mm512_mask_cmpeq_ps_mask(static_cast<__mmask16>(mask()), (__m512)v, _mm512_set1_ps(m));
     } else if constexpr (kWide) {
-      const __mmask8 k = static_cast<__mmask8>(mask());
-      if (_mm512_mask_cmp_pd_mask(k, (__m512d)v, (__m512d)v, _CMP_UNORD_Q)) return false;
-      m = _mm512_mask_reduce_max_pd(k, (__m512d)v);
-      eq = _mm512_mask_cmpeq_pd_mask(k, (__m512d)v, _mm512_set1_pd(m));
+      eq = _mm512_mask_cmpeq_pd_mask(static_cast<__mmask8>(mask()), (__m512d)v, _mm512_set1_pd(m));
     } else if constexpr (kFloat) {
-      const __mmask8 k = static_cast<__mmask8>(mask());
-      if (_mm256_mask_cmp_ps_mask(k, (__m256)v, (__m256)v, _CMP_UNORD_Q)) return false;
-      m = reduce_max(_mm256_mask_mov_ps(_mm256_set1_ps(-__builtin_inff()), k, (__m256)v));
-      eq = _mm256_mask_cmp_ps_mask(k, (__m256)v, _mm256_set1_ps(m), _CMP_EQ_OQ);
+      eq = _mm256_mask_cmp_ps_mask(static_cast<__mmask8>(mask()), (__m256)v, _mm256_set1_ps(m), _CMP_EQ_OQ);
     } else {
-      const __mmask8 k = static_cast<__mmask8>(mask());
-      if (_mm256_mask_cmp_pd_mask(k, (__m256d)v, (__m256d)v, _CMP_UNORD_Q)) return false;
-      m = reduce_max(_mm256_mask_mov_pd(_mm256_set1_pd(-__builtin_inf()), k, (__m256d)v));
-      eq = _mm256_mask_cmp_pd_mask(k, (__m256d)v, _mm256_set1_pd(m), _CMP_EQ_OQ);
+      eq = _mm256_mask_cmp_pd_mask(static_cast<__mmask8>(mask()), (__m256d)v, _mm256_set1_pd(m), _CMP_EQ_OQ);
     }
     lane = __builtin_ctz(eq);
     return true;
@@ -246,15 +235,12 @@ struct Row {
   }
   // Max of the W lanes and the first lane holding it; false if a lane is NaN.
   AIA_INLINE bool max_first(const vec& v, acc_t& m, int& lane) const {
+    if (!max(v, m)) return false;
     const reg_t x = (reg_t)v, in = lanes_in();
     unsigned eq;
     if constexpr (kFloat) {
-      if (_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), in))) return false;
-      m = reduce_max(_mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), x, in));
       eq = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(m), _CMP_EQ_OQ), in));
     } else {
-      if (_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(x, x, _CMP_UNORD_Q), in))) return false;
-      m = reduce_max(_mm256_blendv_pd(_mm256_set1_pd(-__builtin_inf()), x, in));
       eq = _mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(x, _mm256_set1_pd(m), _CMP_EQ_OQ), in));
     }
     lane = __builtin_ctz(eq);
