@@ -80,7 +80,7 @@ else
     SLUG=$(echo "$DEVICE" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')
     DIR=${OUT:-benchmarks/results/$(date -u +%Y-%m-%d)_${SLUG}}
     BENCH=(--shapes spec --reps 20 --warmup 3 --no-plot)
-    NETWORK=(--device cuda --clips 8 --frames 8 --size-eval 224 --size-train 224 --rounds 3)
+    NETWORK=(--device cuda --clips 8 --frames 8 --size-eval 224 --size-train 224 --rounds 3 --no-noise-floor)
     MEMORY="--device cuda"
 fi
 mkdir -p "$DIR"

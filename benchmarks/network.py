@@ -10,7 +10,10 @@ step: forward, cross-entropy, backward) and, on CPU, each thread count, the conf
 (``plain``: no AIA; ``reference``, ``native``, and ``triton`` on CUDA; ``native-keep``,
 ``triton-keep``: that fused backend with every stage's tensors kept for backward,
 ``recompute=False``, the memory layout before the backward recomputed its T, H, W stages;
-train step only, since an eval forward under ``no_grad`` takes the inference plan either way)
+train step only, since an eval forward under ``no_grad`` takes the inference plan either way;
+``plain-again``: a second instance of the plain network, timed like the others, whose
+"overhead" is the run's noise floor: on a shared machine identical configurations differ by
+several percent from run to run, and this shows by how much in the run itself)
 run in interleaved rounds: each round times ``--steps`` steps of every configuration in turn, so a slow phase
 of a shared machine hits all alike. Reported per configuration: median step time, IQR, the
 overhead over plain (median over rounds of the per-round ratio), peak memory of one step
@@ -69,13 +72,17 @@ class Config:
             raise RuntimeError(f"{self.name}: AIA ran on {sorted(ran)}, expected {sorted(expected)}")
 
 
-def build_configs(arch: str, variant: str, frames: int, backends: list[str], keep: bool, device) -> list[Config]:
-    """plain + one configuration per backend, all with the weights of the first AIA model."""
+def build_configs(arch: str, variant: str, frames: int, backends: list[str], keep: bool, device,
+                  noise_floor: bool = False) -> list[Config]:
+    """plain (and plain-again if ``noise_floor``) + one configuration per backend, all with the
+    weights of the first AIA model."""
     torch.manual_seed(0)
     aia = ARCHS[arch](CLASSES, frames, variant, backends[0] if backends else "reference").to(device)
     plain = ARCHS[arch](CLASSES, frames, None).to(device)
     plain.load_state_dict({k: v for k, v in aia.state_dict().items() if k in plain.state_dict()}, strict=True)
     configs = [Config("plain", plain, None)]
+    if noise_floor:
+        configs.append(Config("plain-again", copy.deepcopy(plain), None))
     # A fused backend also runs with recompute=False ("<backend>-keep") where keep is asked.
     runs = [(b, b, True) for b in backends] + [(f"{b}-keep", b, False) for b in backends if keep and b != "reference"]
     for name, backend, recompute in runs:
@@ -278,7 +285,8 @@ def run_case(arch, mode, threads, args, device) -> list[dict]:
     if threads is not None:
         torch.set_num_threads(threads)
     size = args.size_eval if mode == "eval" else args.size_train
-    configs = build_configs(arch, args.variant, args.frames, args.backends, args.keep and mode == "train", device)
+    configs = build_configs(arch, args.variant, args.frames, args.backends, args.keep and mode == "train", device,
+                            args.noise_floor)
     torch.manual_seed(1)
     x = torch.randn(args.clips * args.frames, 3, size, size, device=device)
     y = torch.randint(0, CLASSES, (args.clips,), device=device)
@@ -359,6 +367,8 @@ def main(argv=None) -> int:
                              "those available: native on CUDA needs AIA_NATIVE_CUDA=1)")
     parser.add_argument("--no-keep", dest="keep", action="store_false",
                         help="skip native-keep and triton-keep (every stage kept for backward: recompute=False)")
+    parser.add_argument("--no-noise-floor", dest="noise_floor", action="store_false",
+                        help="skip plain-again (a second plain network: the run's noise floor)")
     parser.add_argument("--clips", type=int, default=1)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size-eval", type=int, default=224)

@@ -290,9 +290,12 @@ def test_network_benchmark_smoke(tmp_path, monkeypatch):
                   "--tag", "smoke"])
     info = json.loads((tmp_path / "network_cpu_smoke.json").read_text())
     rows = {(r["mode"], r["config"]): r for r in info["results"]}
-    # recompute=False only changes what a backward reads: no eval row for it
-    assert set(rows) == ({("eval", c) for c in ("plain", "reference", "native")}
-                         | {("train", c) for c in ("plain", "reference", "native", "native-keep")})
+    # recompute=False only changes what a backward reads: no eval row for it; plain-again: the noise floor
+    assert set(rows) == ({("eval", c) for c in ("plain", "plain-again", "reference", "native")}
+                         | {("train", c) for c in ("plain", "plain-again", "reference", "native", "native-keep")})
+    for mode in ("eval", "train"):
+        again = rows[mode, "plain-again"]
+        assert again["aia_forward_ms"] is None and again["median_ms"] > 0 and again["overhead"] > -1
     for row in rows.values():
         assert row["median_ms"] > 0 and row["threads"] == 1
         assert row["faults_per_step"] is not None and row["faults_per_step"] >= 0
@@ -306,8 +309,8 @@ def test_network_benchmark_smoke(tmp_path, monkeypatch):
     assert rows["eval", "native"]["aia_forward_again_ms"] > 0
     assert rows["train", "native"]["aia_forward_again_ms"] is None  # not without autograd
     assert rows["train", "native"]["aia_backward_ms"] > 0 and rows["train", "native-keep"]["aia_backward_ms"] > 0
-    train = {c: rows["train", c]["saved_bytes"] for c in ("plain", "reference", "native", "native-keep")}
-    assert train["plain"] < train["native"] < train["native-keep"] < train["reference"]
+    train = {c: rows["train", c]["saved_bytes"] for c in ("plain", "plain-again", "reference", "native", "native-keep")}
+    assert train["plain"] == train["plain-again"] < train["native"] < train["native-keep"] < train["reference"]
     assert info["command"] and info["torch"] == torch.__version__
     assert "| tsm | train | 32 | 1 | native |" in (tmp_path / "network_cpu_smoke.md").read_text()
 
@@ -377,3 +380,8 @@ def test_network_keep_configs_for_every_fused_backend():
         modes = {(m.backend, m.recompute) for _, m in aia_modules(config.model)}
         assert modes == {(config.backend, not config.name.endswith("-keep"))}
     assert [c.name for c in build_configs("tsn", "C", 2, ["native"], False, torch.device("cpu"))] == ["plain", "native"]
+    configs = build_configs("tsn", "C", 2, ["native"], False, torch.device("cpu"), noise_floor=True)
+    assert [c.name for c in configs] == ["plain", "plain-again", "native"]
+    assert configs[1].model is not configs[0].model and not aia_modules(configs[1].model)
+    assert all(torch.equal(a, b) for a, b in zip(configs[0].model.state_dict().values(),
+                                                  configs[1].model.state_dict().values()))
