@@ -103,7 +103,7 @@ Upstream<scalar_t, acc_t> make_upstream(const UpstreamSpec& spec) {
 // any strides; pooled/gate tensors are contiguous in the accumulation dtype.
 #define AIA_DECLARE_DEVICE_ENTRY_POINTS                                                                      \
   /* For each axis: P (N, 2, D1, D2, D3) and argmax (N, D1, D2, D3) of weight * v; with_argmax false: */     \
-  /* an empty argmax, its positions not tracked (a device may track them anyway). */                       \
+  /* the positions are not tracked and each argmax is empty. */                                            \
   std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,         \
                                const std::vector<int>& axes, bool with_argmax);                            \
   void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out);    \

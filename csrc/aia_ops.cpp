@@ -361,7 +361,7 @@ at::Tensor conv_weight_grad(const at::Tensor&, const at::Tensor&) {
 }  // namespace aia
 
 TORCH_LIBRARY(aia_native, m) {
-  // with_argmax=False: the max positions are not tracked (a device may still return them).
+  // with_argmax=False: the max positions are not tracked; each argmax is empty.
   m.def("pool(Tensor v, Tensor[] gate_z, Tensor[] gate_ss, str gate_axes, int[] weight_desc, str axes, "
         "bool with_argmax=True) -> Tensor[]");
   m.def("apply(Tensor v, Tensor[] gate_z, Tensor[] gate_ss, str gate_axes, int[] weight_desc, Tensor(a!) out) -> ()");
