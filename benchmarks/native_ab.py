@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
 from aia_kernels import native  # noqa: E402
 from aia_kernels.native.build_config import CPU_SOURCES, CXX_FLAGS, LD_FLAGS  # noqa: E402
+from benchmarks.cpu_passes import SHAPES  # noqa: E402
 from benchmarks.network import write_results  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-SHAPES = "8,64,56,56;8,128,28,28;8,256,14,14;8,512,7,7"
 BASE_NAMESPACE = "aia_native_base"
 
 
@@ -107,7 +107,6 @@ def measure(mode: str, shape, variant: str, rounds: int, steps: int) -> dict:
     module = aia_kernels.build(variant, num_segments=8, backend="native").train(mode == "train")
     x, grad = torch.randn(shape), torch.randn(shape)
     step = step_fn(mode, module, x, grad)
-    state = {k: v.clone() for k, v in module.state_dict().items()}
     for build in ("head", "base"):  # warm-up: workspaces, first-touch pages
         with ops_of(build):
             for _ in range(2):
@@ -126,7 +125,6 @@ def measure(mode: str, shape, variant: str, rounds: int, steps: int) -> dict:
             times[build] += samples
             medians[build] = statistics.median(samples)
         ratios.append(medians["head"] / medians["base"])
-    module.load_state_dict(state)
     row = {"mode": mode, "shape": list(shape), "ratio_head_to_base": statistics.median(ratios)}
     for build, ms in times.items():
         q = statistics.quantiles(ms, n=4)
@@ -138,7 +136,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="git revision whose csrc/ is the base")
     parser.add_argument("--variant", default="CinST->STinC")
-    parser.add_argument("--shapes", default=SHAPES, help="N*T,C,H,W;... (N*T a multiple of 8)")
+    parser.add_argument("--shapes", default=";".join(SHAPES), help="N*T,C,H,W;... (N*T a multiple of 8)")
     parser.add_argument("--modes", default="eval,train", help="eval (forward, no_grad) and/or train (forward+backward)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=12)

@@ -31,19 +31,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aia_kernels import aia_modules  # noqa: E402
 from aia_kernels.export import compare_with_onnxruntime, export_onnx  # noqa: E402
-from benchmarks.network import ARCHS, CLASSES, write_results  # noqa: E402
+from benchmarks.network import build_configs, write_results  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build_pair(arch: str, variant: str, frames: int) -> dict[str, torch.nn.Module]:
-    """The plain network and the AIA one (native backend), eval mode, backbone weights shared."""
-    torch.manual_seed(0)
-    aia = ARCHS[arch](CLASSES, frames, variant, "native", dropout=0.0).eval()
-    plain = ARCHS[arch](CLASSES, frames, None, dropout=0.0).eval()
-    plain.load_state_dict({k: v for k, v in aia.state_dict().items() if k in plain.state_dict()}, strict=True)
-    return {"plain": plain, "aia": aia}
+    """The plain network and the AIA one (native backend), eval mode, backbone weights shared
+    (the network benchmark's configurations)."""
+    plain, aia = build_configs(arch, variant, frames, ["native"], False, torch.device("cpu"))
+    return {"plain": plain.model.eval(), "aia": aia.model.eval()}
 
 
 def sessions(paths: dict[str, Path], threads: int) -> dict:
