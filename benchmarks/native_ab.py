@@ -49,13 +49,18 @@ def resolve(rev: str) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
-def base_sources(commit: str, dest: Path) -> Path:
-    """``csrc/`` of ``commit`` in ``dest``, its op library renamed to BASE_NAMESPACE."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "csrc"], check=True,
+def extract(commit: str, dest: Path, paths: list[str]) -> Path:
+    """``paths`` (folders of the repository) as they are at ``commit``, written under ``dest``."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, *paths], check=True,
                              capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
-    csrc = dest / "csrc"
+    return dest
+
+
+def base_sources(commit: str, dest: Path) -> Path:
+    """``csrc/`` of ``commit`` in ``dest``, its op library renamed to BASE_NAMESPACE."""
+    csrc = extract(commit, dest, ["csrc"]) / "csrc"
     pattern = re.compile(r"\b(TORCH_LIBRARY(?:_FRAGMENT|_IMPL)?)\(\s*aia_native\s*,")
     for path in csrc.rglob("*"):
         if path.suffix in (".cpp", ".cu", ".h"):

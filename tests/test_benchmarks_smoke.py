@@ -228,6 +228,22 @@ def test_native_ab_renames_the_base_op_library(tmp_path):
     assert (csrc / "aia_cpu.cpp").is_file()
 
 
+def test_network_revisions_smoke(tmp_path):
+    """benchmarks/network_revisions.py end to end: HEAD extracted as the base, one process of
+    each checkout, their per-round overheads reported and written."""
+    from benchmarks import native_ab, network_revisions
+    network_revisions.main(["--base", "HEAD", "--backend", "reference", "--size", "32", "--frames", "2",
+                            "--pairs", "1", "--rounds", "2", "--results-dir", str(tmp_path), "--tag", "smoke"])
+    info = json.loads((tmp_path / "network_revisions_smoke.json").read_text())
+    assert info["base_commit"] == native_ab.resolve("HEAD")
+    for name in ("base", "head"):
+        (run,) = info["runs"][name]
+        assert len(run["times"]["plain"]) == len(run["times"]["aia"]) == 2
+        assert all(t > 0 for t in run["times"]["plain"] + run["times"]["aia"])
+        assert info[name]["rounds"] == 2 and len(info[name]["overhead_per_process"]) == 1
+    assert "| base |" in (tmp_path / "network_revisions_smoke.md").read_text()
+
+
 def test_onnx_network_benchmark_smoke(tmp_path, monkeypatch):
     """benchmarks/onnx_network.py end to end on narrow networks: both exported, checked against
     PyTorch, timed in ONNX Runtime and in PyTorch (native), one row per runtime and network."""
