@@ -325,6 +325,19 @@ AIA_INLINE void copy_row(const T* src, int64_t n, T* dst) {
   }
 }
 
+// Zeroes n entries; one or two (the pads between the rows of a pitched slice) as plain
+// stores, not a memset call. (A masked vector store here made the conv weight gradients of
+// an AVX2 build differ in the last bits from run to run on an AMD EPYC; plain stores do not.)
+template <typename T>
+AIA_INLINE void zero_row(T* dst, int64_t n) {
+  if (n > 2) {
+    std::fill(dst, dst + n, T(0));
+  } else if (n > 0) {
+    dst[0] = T(0);
+    if (n == 2) dst[1] = T(0);
+  }
+}
+
 // A chunk of a strided full-size tensor, converted to / from the accumulation type.
 // The general case (other strides, half types) is kept out of line: inlined, its
 // per-lane code crowds the registers of the contiguous float path.
@@ -932,7 +945,8 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   constexpr int64_t kCBlock = 16;
   const int64_t blocks = (d.C + kCBlock - 1) / kCBlock, THW = d.T * HW;
   // C partials: (N, blocks, factor, T, H, W)
-  acc_t* cpart = merged ? workspace<acc_t>(0, static_cast<size_t>(d.N * blocks * kMaxFactors * THW)) : nullptr;
+  // (each task zeroes its blocks' partials: a serial memset of them all was the pass's serial part)
+  acc_t* cpart = merged ? workspace<acc_t>(0, static_cast<size_t>(d.N * blocks * kMaxFactors * THW), false) : nullptr;
   // T: summed over t in buffers; H: over h in registers per strip; W: along each row.
   at::parallel_for(0, d.N * blocks, grain_for(kCBlock * THW), [&](int64_t begin, int64_t end) {
     constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
@@ -941,6 +955,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
     for (int64_t c = nb % blocks * kCBlock; c < std::min(d.C, (nb % blocks + 1) * kCBlock); ++c) {
       const int64_t n = nb / blocks;
       acc_t* cblock = merged ? cpart + nb * kMaxFactors * THW : nullptr;
+      if (merged && c == nb % blocks * kCBlock) zero_row(cblock, kMaxFactors * THW);
       std::fill(tsums.begin(), tsums.end(), acc_t(0));
       for (int64_t t = 0; t < d.T; ++t) {
         const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
@@ -1089,13 +1104,13 @@ template <typename acc_t>
 AIA_INLINE void pitch_slice(const acc_t* src, const ConvDims& d, int64_t R, int64_t first_row, bool left, int64_t rows,
                             acc_t* out) {
   const int64_t col = left ? 1 : 0;
-  std::fill(out, out + first_row * R + col, acc_t(0));
+  zero_row(out, first_row * R + col);
   for (int64_t b = 0; b < d.D2; ++b) {
     acc_t* row = out + (first_row + b) * R;
     copy_row(src + b * d.D3, d.D3, row + col);
-    std::fill(row + col + d.D3, row + R + (b + 1 < d.D2 ? col : 0), acc_t(0));  // right pad, next row's left
+    zero_row(row + col + d.D3, R - col - d.D3 + (b + 1 < d.D2 ? col : 0));  // right pad, next row's left
   }
-  std::fill(out + (first_row + d.D2) * R, out + rows * R, acc_t(0));
+  zero_row(out + (first_row + d.D2) * R, (rows - first_row - d.D2) * R);
 }
 
 // `count` volumes (D1, D2, D3) -> zero-padded volumes in workspace `slot`, plus `slack`
