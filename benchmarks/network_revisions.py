@@ -51,6 +51,8 @@ def child(root: str, mode: str, size: int, frames: int, variant: str, backend: s
     x = torch.randn(1, frames, 3, size, size)
     y = torch.randint(0, CLASSES, (1,))
 
+    # network.step_function's step, written again: this process must not import the working
+    # tree's benchmarks package, which needs the working tree's aia_kernels, not the base's.
     def step_of(model):
         model.train(mode == "train")
         if mode == "eval":
