@@ -443,12 +443,19 @@ WeightAt<acc_t> weight_at(const Weight<acc_t>& wt, const Dims& d, int64_t n, int
   return a;
 }
 
+// A factor over a chunk: a C gate's plane, or (T + H + W) / 3 when kST.
+template <bool kST, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type factor_chunk_of(const FactorAt<acc_t>& f, const Dims& d, int64_t h, int64_t w0,
+                                                     const Row<acc_t, B>& row) {
+  const int64_t off = h * d.W + w0;
+  if constexpr (!kST) return row.load(f.plane + off);
+  else return (row.load(f.plane + off) + row.load(f.hrow + w0) + f.wcol[h * d.C]) * (acc_t(1) / acc_t(3));
+}
+
 template <typename acc_t, int B>
 AIA_INLINE typename Vec<acc_t, B>::type factor_chunk(const FactorAt<acc_t>& f, const Dims& d, int64_t h, int64_t w0,
                                                   const Row<acc_t, B>& row) {
-  const int64_t off = h * d.W + w0;
-  if (f.hrow == nullptr) return row.load(f.plane + off);
-  return (row.load(f.plane + off) + row.load(f.hrow + w0) + f.wcol[h * d.C]) * (acc_t(1) / acc_t(3));
+  return f.hrow == nullptr ? factor_chunk_of<false>(f, d, h, w0, row) : factor_chunk_of<true>(f, d, h, w0, row);
 }
 
 // The weight over a chunk (n_factors > 0); f[] receives the factor values.
@@ -468,6 +475,89 @@ AIA_INLINE typename Vec<acc_t, B>::type weighted_chunk(const WeightAt<acc_t>& a,
   if (a.n_factors == 0) return x;
   typename Vec<acc_t, B>::type f[kMaxFactors];
   return x * weight_chunk(a, d, h, w0, row, f);
+}
+
+// ---- weights compiled per structure ----
+
+// A pass's chunk loop is compiled per weight structure where it counts: float tensors
+// whose rows have unit stride (`WeightShape`: the factor count, each factor's kind, the
+// combine as constants, so a chunk tests nothing and keeps its values in registers;
+// tested per chunk, the loop spilled to the stack and made apply 2x slower at 56x56).
+// Other dtypes and strides take `AnyWeight`, the structure read at run time.
+struct AnyWeight {
+  static constexpr bool kStatic = false;
+  static constexpr bool kAnyC = true, kAnyTHW = true;  // may have either kind of factor
+};
+
+template <int NF, bool ST0, bool ST1>
+struct WeightShape {
+  static constexpr bool kStatic = true;
+  static constexpr int kFactors = NF;
+  static constexpr bool kST0 = ST0, kST1 = ST1;  // a T, H, W mean (else a C gate); factors multiply
+  static constexpr bool kAnyC = (NF > 0 && !ST0) || (NF > 1 && !ST1), kAnyTHW = (NF > 0 && ST0) || (NF > 1 && ST1);
+};
+
+// Calls f(shape) with the structure type of `spec` (see above); `unit_stride`: every
+// full-size tensor the pass reads or writes has unit stride along w.
+template <typename scalar_t, typename F>
+void with_weight_shape(const WeightSpec& spec, bool unit_stride, F&& f) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    (void)spec, (void)unit_stride;
+    f(AnyWeight{});
+  } else {
+    const size_t nf = spec.factors.size();
+    const bool s0 = nf > 0 && spec.factors[0].size() == 3, s1 = nf > 1 && spec.factors[1].size() == 3;
+    if (!unit_stride || (nf == 2 && spec.mean)) return f(AnyWeight{});  // means: the parallel variants' output only
+    if (nf == 0) return f(WeightShape<0, false, false>{});
+    if (nf == 1) return s0 ? f(WeightShape<1, true, false>{}) : f(WeightShape<1, false, false>{});
+    if (s0 && s1) return f(WeightShape<2, true, true>{});
+    if (s0) return f(WeightShape<2, true, false>{});
+    if (s1) return f(WeightShape<2, false, true>{});
+    return f(WeightShape<2, false, false>{});
+  }
+}
+
+// weight_chunk for a weight of structure S.
+template <typename S, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type weight_chunk_of(const WeightAt<acc_t>& a, const Dims& d, int64_t h, int64_t w0,
+                                                     const Row<acc_t, B>& row, typename Vec<acc_t, B>::type* f) {
+  if constexpr (!S::kStatic) {
+    return weight_chunk(a, d, h, w0, row, f);
+  } else {
+    f[0] = factor_chunk_of<S::kST0>(a.f[0], d, h, w0, row);
+    if constexpr (S::kFactors == 1) return f[0];
+    f[1] = factor_chunk_of<S::kST1>(a.f[1], d, h, w0, row);
+    return f[0] * f[1];
+  }
+}
+
+// A chunk of a full-size tensor; with a static S its rows have unit stride and its type is acc_t.
+template <typename S, typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type load_chunk_of(const scalar_t* p, int64_t stride, const Row<acc_t, B>& row) {
+  if constexpr (S::kStatic) return row.load(p);
+  else return load_chunk(p, stride, row);
+}
+
+template <typename S, typename scalar_t, typename acc_t, int B>
+AIA_INLINE void store_chunk_of(scalar_t* p, int64_t stride, const Row<acc_t, B>& row,
+                               const typename Vec<acc_t, B>::type& v) {
+  if constexpr (S::kStatic) row.store(p, v);
+  else store_chunk(p, stride, row, v);
+}
+
+// weighted_chunk for a weight of structure S.
+template <typename S, typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type weighted_chunk_of(const WeightAt<acc_t>& a, const PlaneAt<const scalar_t>& v,
+                                                       const Dims& d, int64_t h, int64_t w0,
+                                                       const Row<acc_t, B>& row) {
+  if constexpr (!S::kStatic) {
+    return weighted_chunk(a, v, d, h, w0, row);
+  } else {
+    const typename Vec<acc_t, B>::type x = row.load(v.at(h, w0));
+    if constexpr (S::kFactors == 0) return x;
+    typename Vec<acc_t, B>::type f[kMaxFactors];
+    return x * weight_chunk_of<S>(a, d, h, w0, row, f);
+  }
 }
 
 // ---- upstream gradients over a plane ----
@@ -527,34 +617,93 @@ UpstreamAt<scalar_t, acc_t> upstream_at(const UpstreamCall<scalar_t, acc_t>& cal
   return u;
 }
 
+// One pooled-gradient item over a chunk: the mean part spread over the pooled axis, the max
+// part where the argmax is this element. A C or T item is a full (H, W) plane of its gate,
+// an H item one row (the same for every h), a W item one value per h (entries C apart).
+template <int kAxis, typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type item_chunk(const UpstreamAt<scalar_t, acc_t>& u, int i, const Dims& d, int64_t h,
+                                                int64_t w0, const Row<acc_t, B>& row) {
+  using V = Vec<acc_t, B>;
+  const typename V::type zero{};
+  if constexpr (kAxis == kAxisC || kAxis == kAxisT) {
+    const int64_t off = h * d.W + w0;
+    return row.load(u.gmean[i] + off) * u.inv_len[i] +
+           (row.load_index(u.arg[i] + off) == u.pos[i] ? row.load(u.gmax[i] + off) : zero);
+  } else if constexpr (kAxis == kAxisH) {
+    return row.load(u.gmean[i] + w0) * u.inv_len[i] +
+           (row.load_index(u.arg[i] + w0) == typename V::int_t(h) ? row.load(u.gmax[i] + w0) : zero);
+  } else {
+    const int64_t e = h * d.C;
+    return (zero + u.gmean[i][e] * u.inv_len[i]) +
+           (V::iota() + typename V::int_t(w0) == typename V::int_t(u.arg[i][e]) ? zero + u.gmax[i][e] : zero);
+  }
+}
+
 template <typename scalar_t, typename acc_t, int B>
 AIA_INLINE typename Vec<acc_t, B>::type upstream_chunk(const UpstreamAt<scalar_t, acc_t>& u, const Dims& d, int64_t h,
                                                     int64_t w0, const Row<acc_t, B>& row) {
-  using V = Vec<acc_t, B>;
   if (u.dout.base != nullptr) return load_chunk(u.dout.at(h, w0), u.dout.sw, row);
-  const typename V::type zero{};
-  typename V::type acc{};
+  typename Vec<acc_t, B>::type acc{};
   for (int i = 0; i < u.n_items; ++i) {
     switch (u.axis[i]) {
-      case kAxisC:
-      case kAxisT: {  // a full (H, W) plane of the gate
-        const int64_t off = h * d.W + w0;
-        acc += row.load(u.gmean[i] + off) * u.inv_len[i] +
-               (row.load_index(u.arg[i] + off) == u.pos[i] ? row.load(u.gmax[i] + off) : zero);
-        break;
-      }
-      case kAxisH:  // one row, the same for every h; the max part where argmax == h
-        acc += row.load(u.gmean[i] + w0) * u.inv_len[i] +
-               (row.load_index(u.arg[i] + w0) == typename V::int_t(h) ? row.load(u.gmax[i] + w0) : zero);
-        break;
-      default: {  // W: one value per h (entries C apart); the max part at w == argmax
-        const int64_t e = h * d.C;
-        acc += (zero + u.gmean[i][e] * u.inv_len[i]) +
-               (V::iota() + typename V::int_t(w0) == typename V::int_t(u.arg[i][e]) ? zero + u.gmax[i][e] : zero);
-      }
+      case kAxisC: acc += item_chunk<kAxisC>(u, i, d, h, w0, row); break;
+      case kAxisT: acc += item_chunk<kAxisT>(u, i, d, h, w0, row); break;
+      case kAxisH: acc += item_chunk<kAxisH>(u, i, d, h, w0, row); break;
+      default: acc += item_chunk<kAxisW>(u, i, d, h, w0, row);
     }
   }
   return acc;
+}
+
+// An upstream gradient's structure as a type, as WeightShape for weights: a full tensor
+// (kKind 0, unit stride), one C item (1), or T, H, W items in that order (3); AnyUpstream:
+// read at run time.
+struct AnyUpstream {
+  static constexpr int kKind = -1;
+};
+
+template <int K>
+struct UpstreamKind {
+  static constexpr int kKind = K;
+};
+
+template <typename U, typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type upstream_chunk_of(const UpstreamAt<scalar_t, acc_t>& u, const Dims& d,
+                                                       int64_t h, int64_t w0, const Row<acc_t, B>& row) {
+  using V = Vec<acc_t, B>;
+  if constexpr (U::kKind < 0) {
+    return upstream_chunk(u, d, h, w0, row);
+  } else if constexpr (U::kKind == 0) {
+    return row.load(u.dout.at(h, w0));
+  } else {  // the same sums as upstream_chunk, in the same order
+    typename V::type acc{};
+    if constexpr (U::kKind == 1) {
+      acc += item_chunk<kAxisC>(u, 0, d, h, w0, row);
+    } else {
+      acc += item_chunk<kAxisT>(u, 0, d, h, w0, row);
+      acc += item_chunk<kAxisH>(u, 1, d, h, w0, row);
+      acc += item_chunk<kAxisW>(u, 2, d, h, w0, row);
+    }
+    return acc;
+  }
+}
+
+// Calls f(shape, upstream) with the structure types of a term (weight and upstream): static
+// for both or for neither. `v_unit_stride`: v's rows have unit stride.
+template <typename scalar_t, typename F>
+void with_term_shape(const Term& term, bool v_unit_stride, F&& f) {
+  const UpstreamSpec& up = term.upstream;
+  const bool unit_stride = v_unit_stride && (!up.dout.defined() || up.dout.stride(4) == 1);
+  const bool c_item = !up.dout.defined() && up.axis.size() == 1 && up.axis[0] == kAxisC;
+  const bool thw_items = !up.dout.defined() && up.axis.size() == 3 && up.axis[0] == kAxisT &&
+                         up.axis[1] == kAxisH && up.axis[2] == kAxisW;
+  with_weight_shape<scalar_t>(term.weight, unit_stride && (up.dout.defined() || c_item || thw_items),
+                              [&](auto shape) {
+    if constexpr (!decltype(shape)::kStatic) f(shape, AnyUpstream{});
+    else if (up.dout.defined()) f(shape, UpstreamKind<0>{});
+    else if (c_item) f(shape, UpstreamKind<1>{});
+    else f(shape, UpstreamKind<3>{});
+  });
 }
 
 // ---- reductions ----
@@ -684,7 +833,7 @@ struct PoolOut {
 
 // `outs[i].argmax` undefined: that axis's max positions are not tracked (the forward of a
 // stage the backward pools again keeps none).
-template <typename scalar_t, int B>
+template <typename scalar_t, int B, typename S>
 void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const std::vector<int>& axes,
                  std::vector<PoolOut>& outs) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -722,7 +871,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
           for_each_chunk<acc_t, B>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
             const int64_t off = h * W + w0;
-            running_max_sum<kArg>(row, weighted_chunk(wa, vpl, d, h, w0, row), static_cast<int32_t>(c), c == 0,
+            running_max_sum<kArg>(row, weighted_chunk_of<S>(wa, vpl, d, h, w0, row), static_cast<int32_t>(c), c == 0,
                                   mx.data() + off, sum.data() + off, arg.data() + off);
           });
         }
@@ -778,7 +927,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 if (s == group.strips) break;
                 const int64_t w0 = g0 + s * V::kLanes;
                 const Row<acc_t, B>& row = group.row[s];
-                const typename V::type y = weighted_chunk(wa, vpl, d, h, w0, row);
+                const typename V::type y = weighted_chunk_of<S>(wa, vpl, d, h, w0, row);
                 if (all || P[kAxisT] != nullptr) {
                   const int64_t off = h * W + w0;
                   running_max_sum<kArg>(row, y, static_cast<int32_t>(t), t == 0, tmx.data() + off,
@@ -804,7 +953,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 } else {  // a NaN in the row: its chunks again, in order
                   for (int s = 0; s < group.strips; ++s) {
                     const int64_t w0 = g0 + s * V::kLanes;
-                    w_chunk(h, w0, group.row[s], weighted_chunk(wa, vpl, d, h, w0, group.row[s]));
+                    w_chunk(h, w0, group.row[s], weighted_chunk_of<S>(wa, vpl, d, h, w0, group.row[s]));
                   }
                 }
               }
@@ -844,7 +993,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   });
 }
 
-template <typename scalar_t, int B>
+template <typename scalar_t, int B, typename S>
 void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims d = dims_of(v);
@@ -859,7 +1008,7 @@ void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& s
       const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
       const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
       for_each_chunk<acc_t, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
-        store_chunk(opl.at(h, w0), opl.sw, row, weighted_chunk(wa, vpl, d, h, w0, row));
+        store_chunk_of<S>(opl.at(h, w0), opl.sw, row, weighted_chunk_of<S>(wa, vpl, d, h, w0, row));
       });
     }
   });
@@ -888,7 +1037,51 @@ AIA_INLINE typename Vec<acc_t, B>::type grad_chunk(const WeightAt<acc_t>& a, con
   return q;
 }
 
-template <typename scalar_t, int B>
+// grad_chunk and factor_grad_chunk for a weight of structure S; factors_of and
+// factor_size_of: the weight's factor count and factor k's gate count.
+template <typename S, typename U, typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type grad_chunk_of(const WeightAt<acc_t>& a, const UpstreamAt<scalar_t, acc_t>& u,
+                                                   const PlaneAt<const scalar_t>& v, const Dims& d, int64_t h,
+                                                   int64_t w0, const Row<acc_t, B>& row,
+                                                   typename Vec<acc_t, B>::type* f) {
+  if constexpr (!S::kStatic) {
+    return grad_chunk(a, u, v, d, h, w0, row, f);
+  } else {
+    const typename Vec<acc_t, B>::type q = upstream_chunk_of<U>(u, d, h, w0, row) * row.load(v.at(h, w0));
+    if constexpr (S::kFactors == 2) {
+      f[0] = factor_chunk_of<S::kST0>(a.f[0], d, h, w0, row);
+      f[1] = factor_chunk_of<S::kST1>(a.f[1], d, h, w0, row);
+    }
+    return q;
+  }
+}
+
+template <typename S, int B, typename acc_t>
+AIA_INLINE typename Vec<acc_t, B>::type factor_grad_chunk_of(const WeightAt<acc_t>& a, int k, int size,
+                                                          const typename Vec<acc_t, B>::type& q,
+                                                          const typename Vec<acc_t, B>::type* f) {
+  if constexpr (!S::kStatic) {
+    return factor_grad_chunk<B>(a, k, size, q, f);
+  } else {
+    const acc_t inv = acc_t(1) / acc_t(size);
+    if constexpr (S::kFactors == 2) return q * f[1 - k] * inv;
+    else return q * (acc_t(1) * inv);
+  }
+}
+
+template <typename S, typename acc_t>
+AIA_INLINE int factors_of(const Weight<acc_t>& wt) {
+  if constexpr (S::kStatic) return S::kFactors;
+  else return wt.n_factors;
+}
+
+template <typename S, typename acc_t>
+AIA_INLINE int factor_size_of(const Weight<acc_t>& wt, int k) {
+  if constexpr (S::kStatic) return (k == 0 ? S::kST0 : S::kST1) ? 3 : 1;
+  else return wt.size[k];
+}
+
+template <typename scalar_t, int B, typename S, typename U>
 void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& gates, std::vector<at::Tensor>& outs) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<acc_t, B>;
@@ -904,15 +1097,19 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   bool any_c = false, any_thw = false;
   {
     size_t o = 0;
-    for (int k = 0; k < wt.n_factors; ++k) {
-      for (int j = 0; j < wt.size[k]; ++j) out_ptr[k][j] = outs[o++].data_ptr<acc_t>();
-      (wt.size[k] == 1 ? any_c : any_thw) = true;
+    for (int k = 0; k < factors_of<S>(wt); ++k) {
+      for (int j = 0; j < factor_size_of<S>(wt, k); ++j) out_ptr[k][j] = outs[o++].data_ptr<acc_t>();
+      (factor_size_of<S>(wt, k) == 1 ? any_c : any_thw) = true;
     }
   }
   // A weight with C and T, H, W factors is differentiated in one pass: the (n, c) loop
   // of the T, H, W reductions also sums the C gates' gradients over fixed blocks of
   // channels (partials per block, added in block order after the pass: deterministic).
   const bool merged = any_c && any_thw;
+  // (Static shapes compile only the branches they take: GCC 12 crashed compiling the C-only
+  // branch for a shape without C factors.)
+  constexpr bool kMayBeCOnly = S::kAnyC && (!S::kStatic || !S::kAnyTHW);
+  if constexpr (kMayBeCOnly) {
   if (any_c && !merged) {
     at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sums(static_cast<size_t>(HW) * kMaxFactors);
@@ -925,21 +1122,22 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
           const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
           for_each_chunk<acc_t, B>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
             typename V::type f[kMaxFactors];
-            const typename V::type q = grad_chunk(wa, ua, vpl, d, h, w0, row, f);
-            for (int k = 0; k < wt.n_factors; ++k) {
-              if (wt.size[k] != 1) continue;
+            const typename V::type q = grad_chunk_of<S, U>(wa, ua, vpl, d, h, w0, row, f);
+            for (int k = 0; k < factors_of<S>(wt); ++k) {
+              if (factor_size_of<S>(wt, k) != 1) continue;
               acc_t* sum = sums.data() + k * HW + h * W + w0;
-              row.store(sum, row.load(sum) + factor_grad_chunk<B>(wa, k, 1, q, f));
+              row.store(sum, row.load(sum) + factor_grad_chunk_of<S, B>(wa, k, 1, q, f));
             }
           });
         }
-        for (int k = 0; k < wt.n_factors; ++k) {
-          if (wt.size[k] != 1) continue;
+        for (int k = 0; k < factors_of<S>(wt); ++k) {
+          if (factor_size_of<S>(wt, k) != 1) continue;
           std::copy(sums.begin() + k * HW, sums.begin() + (k + 1) * HW,
                     out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0));
         }
       }
     });
+  }
   }
   if (!any_thw) return;
   constexpr int64_t kCBlock = 16;
@@ -970,14 +1168,14 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
               const int64_t w0 = g0 + s * V::kLanes;
               const Row<acc_t, B>& row = group.row[s];
               typename V::type f[kMaxFactors];
-              const typename V::type q = grad_chunk(wa, ua, vpl, d, h, w0, row, f);
-              for (int k = 0; k < wt.n_factors; ++k) {
-                if (wt.size[k] == 1) {  // merged: a C gate, summed over this block's channels
+              const typename V::type q = grad_chunk_of<S, U>(wa, ua, vpl, d, h, w0, row, f);
+              for (int k = 0; k < factors_of<S>(wt); ++k) {
+                if (factor_size_of<S>(wt, k) == 1) {  // merged: a C gate, summed over this block's channels
                   acc_t* sum = cblock + (k * d.T + t) * HW + h * W + w0;
-                  row.store(sum, row.load(sum) + factor_grad_chunk<B>(wa, k, 1, q, f));
+                  row.store(sum, row.load(sum) + factor_grad_chunk_of<S, B>(wa, k, 1, q, f));
                   continue;
                 }
-                const typename V::type r = factor_grad_chunk<B>(wa, k, 3, q, f);
+                const typename V::type r = factor_grad_chunk_of<S, B>(wa, k, 3, q, f);
                 acc_t* tsum = tsums.data() + k * HW + h * W + w0;
                 row.store(tsum, row.load(tsum) + r);
                 hsums[k][s] = h == 0 ? r : hsums[k][s] + r;
@@ -989,21 +1187,21 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
               }
             }
           }
-          for (int k = 0; k < wt.n_factors; ++k) {
-            if (wt.size[k] != 3) continue;
+          for (int k = 0; k < factors_of<S>(wt); ++k) {
+            if (factor_size_of<S>(wt, k) != 3) continue;
             for (int s = 0; s < group.strips; ++s)
               group.row[s].store(out_ptr[k][1] + gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes,
                                  hsums[k][s]);
           }
         }
-        for (int k = 0; k < wt.n_factors; ++k) {
-          if (wt.size[k] != 3) continue;
+        for (int k = 0; k < factors_of<S>(wt); ++k) {
+          if (factor_size_of<S>(wt, k) != 3) continue;
           acc_t* out = out_ptr[k][2] + gate_offset(kAxisW, d, n, t, c, 0, 0);
           for (int64_t h = 0; h < H; ++h) out[h * d.C] = wsums[k * H + h];  // entries of consecutive h are C apart
         }
       }
-      for (int k = 0; k < wt.n_factors; ++k) {
-        if (wt.size[k] != 3) continue;
+      for (int k = 0; k < factors_of<S>(wt); ++k) {
+        if (factor_size_of<S>(wt, k) != 3) continue;
         std::copy(tsums.begin() + k * HW, tsums.begin() + (k + 1) * HW,
                   out_ptr[k][0] + gate_offset(kAxisT, d, n, 0, c, 0, 0));
       }
@@ -1013,13 +1211,74 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   at::parallel_for(0, d.N * d.T, grain_for(blocks * HW), [&](int64_t begin, int64_t end) {
     for (int64_t nt = begin; nt < end; ++nt) {
       const int64_t n = nt / d.T, t = nt % d.T;
-      for (int k = 0; k < wt.n_factors; ++k) {
-        if (wt.size[k] != 1) continue;
+      for (int k = 0; k < factors_of<S>(wt); ++k) {
+        if (factor_size_of<S>(wt, k) != 1) continue;
         acc_t* out = out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0);
         const acc_t* part = cpart + (n * blocks * kMaxFactors + k) * THW + t * HW;
         std::copy(part, part + HW, out);
         for (int64_t b = 1; b < blocks; ++b)
           for (int64_t i = 0; i < HW; ++i) out[i] += part[b * kMaxFactors * THW + i];
+      }
+    }
+  });
+}
+
+// One term of input_grad over a plane (float, `out` rows of unit stride), added to the
+// plane's running sum `acc` (H * W entries): the first term starts it from zero and the
+// last writes `out`, in the order of the all-in-registers kernel below (which other dtypes
+// and strides take). A plane at a time per term, each term compiled for its structure: with
+// the terms' structures tested per chunk, that kernel's loop spilled to the stack.
+template <typename S, typename U, int B>
+void add_term_plane(const WeightAt<float>& wa, const UpstreamAt<float, float>& ua, const Dims& d, bool first, bool last,
+                    float* acc, const PlaneAt<float>& out) {
+  using vec = typename Vec<float, B>::type;
+  for_each_chunk<float, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<float, B>& row) AIA_LAMBDA_INLINE {
+    const vec u = upstream_chunk_of<U>(ua, d, h, w0, row);
+    vec x = u;
+    if constexpr (!S::kStatic) {
+      vec f[kMaxFactors];
+      if (wa.n_factors != 0) x = weight_chunk(wa, d, h, w0, row, f) * u;
+    } else if constexpr (S::kFactors != 0) {
+      vec f[kMaxFactors];
+      x = weight_chunk_of<S>(wa, d, h, w0, row, f) * u;
+    }
+    float* a = acc + h * d.W + w0;
+    const vec sum = (first ? vec{} : row.load(a)) + x;
+    if (last) row.store(out.at(h, w0), sum);
+    else row.store(a, sum);
+  });
+}
+
+template <int B>
+using AddTermPlane = void (*)(const WeightAt<float>&, const UpstreamAt<float, float>&, const Dims&, bool, bool, float*,
+                              const PlaneAt<float>&);
+
+template <int B>
+void input_grad_by_term(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
+  const Dims d = dims_of(out);
+  const Strides5 os = strides_of(out);
+  float* op = out.data_ptr<float>();
+  const int n_terms = static_cast<int>(terms.size());
+  std::vector<Weight<float>> weights;
+  std::vector<Upstream<float, float>> ups;
+  std::vector<AddTermPlane<B>> add;
+  for (const Term& term : terms) {
+    weights.push_back(make_weight<float>(gates, term.weight));
+    ups.push_back(make_upstream<float, float>(term.upstream));
+    with_term_shape<float>(term, true, [&](auto shape, auto upstream) {
+      add.push_back(&add_term_plane<decltype(shape), decltype(upstream), B>);
+    });
+  }
+  std::vector<UpstreamCall<float, float>> calls;  // after `ups` is complete: they point into it
+  for (const auto& up : ups) calls.push_back(upstream_call(up, d));
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(static_cast<size_t>(d.H * d.W));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
+      const PlaneAt<float> opl = plane_at(op, os, n, t, c);
+      for (int k = 0; k < n_terms; ++k) {
+        add[k](weight_at(weights[k], d, n, t, c), upstream_at(calls[k], d, n, t, c), d, k == 0, k == n_terms - 1,
+               acc.data(), opl);
       }
     }
   });
@@ -1314,7 +1573,9 @@ std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const We
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_pool_cpu", [&] {
     with_chunk_bytes<scalar_t>(d.W, [&](auto b) {
-      pool_kernel<scalar_t, decltype(b)::value>(v, gates, weight, axes, outs);
+      with_weight_shape<scalar_t>(weight, v.stride(4) == 1, [&](auto shape) {
+        pool_kernel<scalar_t, decltype(b)::value, decltype(shape)>(v, gates, weight, axes, outs);
+      });
     });
   });
   std::vector<at::Tensor> result;
@@ -1328,7 +1589,9 @@ std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const We
 void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_apply_cpu", [&] {
     with_chunk_bytes<scalar_t>(v.size(4), [&](auto b) {
-      apply_kernel<scalar_t, decltype(b)::value>(v, gates, weight, out);
+      with_weight_shape<scalar_t>(weight, v.stride(4) == 1 && out.stride(4) == 1, [&](auto shape) {
+        apply_kernel<scalar_t, decltype(b)::value, decltype(shape)>(v, gates, weight, out);
+      });
     });
   });
 }
@@ -1341,7 +1604,9 @@ std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const
     for (int id : factor) outs.push_back(at::empty(gate_shape(gates.axis[id], d), acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_weight_grad_cpu", [&] {
     with_chunk_bytes<scalar_t>(d.W, [&](auto b) {
-      weight_grad_kernel<scalar_t, decltype(b)::value>(v, term, gates, outs);
+      with_term_shape<scalar_t>(term, v.stride(4) == 1, [&](auto shape, auto upstream) {
+        weight_grad_kernel<scalar_t, decltype(b)::value, decltype(shape), decltype(upstream)>(v, term, gates, outs);
+      });
     });
   });
   return outs;
@@ -1350,6 +1615,9 @@ std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const
 void input_grad(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aia_native_input_grad_cpu", [&] {
     with_chunk_bytes<scalar_t>(out.size(4), [&](auto b) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (out.stride(4) == 1 && !terms.empty()) return input_grad_by_term<decltype(b)::value>(terms, gates, out);
+      }
       input_grad_kernel<scalar_t, decltype(b)::value>(terms, gates, out);
     });
   });
