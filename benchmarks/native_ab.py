@@ -21,6 +21,7 @@ import contextlib
 import io
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -68,13 +69,13 @@ def base_sources(commit: str, dest: Path) -> Path:
     return csrc
 
 
-def build_base(commit: str, build_root: Path, verbose: bool) -> None:
+def build_base(commit: str, build_root: Path, verbose: bool, cxx_flags: list[str]) -> None:
     from torch.utils.cpp_extension import load as load_extension
     csrc = base_sources(commit, build_root)
     directory = build_root / "build"
     directory.mkdir(exist_ok=True)
     load_extension(name=f"{BASE_NAMESPACE}_{commit[:10]}", sources=[str(csrc / s) for s in CPU_SOURCES],
-                   extra_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS, extra_include_paths=[str(csrc)],
+                   extra_cflags=cxx_flags, extra_ldflags=LD_FLAGS, extra_include_paths=[str(csrc)],
                    build_directory=str(directory), is_python_module=False, verbose=verbose)
 
 
@@ -148,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per build and round (their median is a sample)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: date)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--base-cxxflags", default=None,
+                        help="the base build's C++ flags (default: the working tree's, aia_kernels/native/build_config.py)")
     parser.add_argument("--verbose", action="store_true", help="show the base build's compiler output")
     args = parser.parse_args(argv)
     os.environ["AIA_NATIVE_ADAPTIVE_THREADS"] = "0"  # read at each call; recorded in the command
@@ -158,11 +161,13 @@ def main(argv=None) -> int:
     native.load()
     with tempfile.TemporaryDirectory(prefix="aia_native_base_") as tmp:
         print(f"building the native kernels of {base[:10]} ...", file=sys.stderr)
-        build_base(base, Path(tmp), args.verbose)
+        base_flags = CXX_FLAGS if args.base_cxxflags is None else shlex.split(args.base_cxxflags)
+        build_base(base, Path(tmp), args.verbose, base_flags)
         load_before = os.getloadavg()
         rows = [measure(mode, tuple(int(s) for s in text.split(",")), args.variant, args.rounds, args.steps)
                 for mode in args.modes.split(",") for text in args.shapes.split(";")]
     info = {**meta, "base_commit": base, "threads": args.threads, "variant": args.variant, "dtype": "float32",
+            "head_cxx_flags": CXX_FLAGS, "base_cxx_flags": base_flags,
             "measure": (f"{args.rounds} rounds, each running {args.steps} steps with one build then the other "
                         f"(order alternating); times: median (IQR) of all steps; head/base: median over rounds of "
                         f"the ratio of the round's medians; load average before/after "
@@ -171,6 +176,7 @@ def main(argv=None) -> int:
     lines = [f"# CPU: native kernels of the working tree (head) vs {base[:10]} (base), {args.variant}, float32, "
              f"{meta['device_name']}, {args.threads} thread(s)", "",
              f"{meta['date']}; torch {meta['torch']}; head commit {meta['commit']}, base commit {base[:12]}; "
+             f"C++ flags: head `{' '.join(CXX_FLAGS)}`, base `{' '.join(base_flags)}`; "
              f"{info['measure']}. Command: `{meta['command']}`", "",
              "| mode | input (N*T, C, H, W) | base ms (IQR) | head ms (IQR) | head / base |", "|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {tuple(r['shape'])} | {r['base_median_ms']:.2f} ({r['base_iqr_ms']:.2f}) | "

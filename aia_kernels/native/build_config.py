@@ -23,7 +23,13 @@ CUDA_FLAGS = ["-DAIA_WITH_CUDA"]
 CXX_STANDARD = "-std=c++17"
 # -march=native: a build is for the machine that built it; set AIA_NATIVE_CXXFLAGS="" for a portable build.
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the loops run serially.
-CXX_FLAGS = ["-O3", "-fopenmp", CXX_STANDARD] + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split()
+# -ffp-contract=off: GCC fuses a * b + c into one FMA per copy of a loop it makes (versions, peels),
+# not per source expression, so a parallel task covering one work item and one covering two ran
+# differently fused code for the same item: an AVX2 build's conv weight gradients changed in the
+# last bits with the thread count (docs/native.md, "Determinism"). Off, no step got slower
+# (benchmarks/results/native_ab_20261201_epyc_avx512_fp_contract_t1.md).
+CXX_FLAGS = (["-O3", "-fopenmp", "-ffp-contract=off", CXX_STANDARD]
+             + os.environ.get("AIA_NATIVE_CXXFLAGS", "-march=native").split())
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", CXX_STANDARD]
 
