@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
 from aia_kernels import native  # noqa: E402
-from aia_kernels.native.build_config import CPU_SOURCES, CXX_FLAGS, LD_FLAGS  # noqa: E402
+from aia_kernels.native.build_config import CXX_FLAGS, LD_FLAGS  # noqa: E402
 from benchmarks.cpu_passes import SHAPES  # noqa: E402
 from benchmarks.network import write_results  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
@@ -69,12 +69,18 @@ def base_sources(commit: str, dest: Path) -> Path:
     return csrc
 
 
+def base_cpu_sources(csrc: Path) -> list[Path]:
+    """The base's CPU sources: every ``csrc/*.cpp`` (the CUDA ones are ``.cu``; the emulator's
+    wrappers are in a subfolder), so a base from before a source file was split or added builds."""
+    return sorted(csrc.glob("*.cpp"))
+
+
 def build_base(commit: str, build_root: Path, verbose: bool, cxx_flags: list[str]) -> None:
     from torch.utils.cpp_extension import load as load_extension
     csrc = base_sources(commit, build_root)
     directory = build_root / "build"
     directory.mkdir(exist_ok=True)
-    load_extension(name=f"{BASE_NAMESPACE}_{commit[:10]}", sources=[str(csrc / s) for s in CPU_SOURCES],
+    load_extension(name=f"{BASE_NAMESPACE}_{commit[:10]}", sources=[str(p) for p in base_cpu_sources(csrc)],
                    extra_cflags=cxx_flags, extra_ldflags=LD_FLAGS, extra_include_paths=[str(csrc)],
                    build_directory=str(directory), is_python_module=False, verbose=verbose)
 
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="results file suffix (default: date)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--base-cxxflags", default=None,
-                        help="the base build's C++ flags (default: the working tree's, aia_kernels/native/build_config.py)")
+                        help="the base build's C++ flags (default: the working tree's, native/build_config.py)")
     parser.add_argument("--verbose", action="store_true", help="show the base build's compiler output")
     args = parser.parse_args(argv)
     os.environ["AIA_NATIVE_ADAPTIVE_THREADS"] = "0"  # read at each call; recorded in the command

@@ -1,4 +1,4 @@
-// Index math and per-element formulas shared by the CPU (aia_cpu.cpp) and CUDA
+// Index math and per-element formulas shared by the CPU (aia_cpu_*.cpp) and CUDA
 // (aia_cuda.cu) kernels. Everything here is plain data + AIA_HD functions, so both
 // compilers see the same definitions of the gate layouts, the weight expression and
 // the upstream-gradient expansion (see aia_kernels/primitives/__init__.py).

@@ -1,6 +1,6 @@
 // Host-side descriptions of the primitives' arguments (parsed once from the op
 // schemas in aia_ops.cpp) and the device entry points each backend file defines:
-// aia_cpu.cpp (namespace aia::cpu) and aia_cuda.cu (namespace aia::cuda).
+// aia_cpu_*.cpp (namespace aia::cpu) and aia_cuda.cu (namespace aia::cuda).
 #pragma once
 #include <ATen/ATen.h>
 

@@ -1,6 +1,6 @@
 // The aia_native ops: schemas, argument parsing and checks, and the device-generic
 // parts (BN folding and its backward on the small conv outputs, with ATen ops).
-// The full-size passes and the 3x3x3 conv run in aia_cpu.cpp / aia_cuda.cu.
+// The full-size passes and the 3x3x3 conv run in aia_cpu_*.cpp / aia_cuda.cu.
 //
 // The primitive contract's NamedTuples are flattened (see aia_kernels/native/__init__.py):
 //   gates:    Tensor[] gate_z, Tensor[] gate_ss, str gate_axes   (one entry per gate use)

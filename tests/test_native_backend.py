@@ -4,6 +4,7 @@ its own ops (opcheck, bad arguments, the plan ops against the primitive walk), b
 and what backend="auto" picks. The variant x mode x dtype matrix against the reference,
 gradcheck and layouts are test_conformance.py's native-cpu target. The extension is built
 on first use (the first test pays)."""
+import copy
 import os
 import re
 import warnings
@@ -63,6 +64,22 @@ def test_deterministic_across_runs_and_thread_counts():
         torch.set_num_threads(old)
     for other in results[1:]:
         assert_equal_results(results[0], other)
+
+
+@pytest.mark.parametrize("variant", aia_kernels.VARIANTS)
+def test_structure_compiled_loops_give_the_generic_loops_bits(variant):
+    """Float passes over unit-stride rows run loops compiled per weight and upstream structure
+    (csrc/aia_cpu_chunks.h); other strides run the loops that read the structure per chunk.
+    A channels_last input takes the latter: both must give the same bits (same arithmetic,
+    same order; the build contracts no multiply-adds)."""
+    for shape in [(8, 8, 5, 20), (8, 16, 3, 7)]:  # rows of two 16-lane chunks; of one 8-lane chunk
+        _, module = make_pair(variant, "native", dtype=torch.float32, num_segments=4)
+        other = copy.deepcopy(module)
+        x, g = torch.randn(shape), torch.randn(shape)
+        compiled = run(module, x, g)
+        generic = run(other, x.contiguous(memory_format=torch.channels_last),
+                      g.contiguous(memory_format=torch.channels_last))
+        assert_equal_results(compiled, generic)
 
 
 def test_auto_uses_native_on_cpu():

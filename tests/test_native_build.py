@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from aia_kernels.native.build_config import CPU_SOURCES
 from aia_kernels.native.build_lock import LOCK_NAME, TORCH_LOCK_NAME, exclusive_build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def test_killed_build_then_two_processes_build_once_and_both_run(tmp_path):
         assert run.returncode == 0, err[-3000:]
         assert out.strip().endswith("ran")
     compiled = log.read_text().splitlines()
-    for source in ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu.cpp"):
+    for source in CPU_SOURCES:
         assert sum(source in line for line in compiled) == 1, compiled
     announcements = [line for _, err in results for line in err.splitlines() if "on first use" in line]
     assert len(announcements) == 1, announcements

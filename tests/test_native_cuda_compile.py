@@ -15,8 +15,8 @@ from aia_kernels.native.build_config import CPU_SOURCES, CUDA_SOURCES, CXX_STAND
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
-# aia_cpu.cpp has no CUDA branch; the others dispatch to CUDA under AIA_WITH_CUDA.
-CXX_WITH_CUDA_BRANCHES = [s for s in CPU_SOURCES if s != "aia_cpu.cpp"]
+# The aia_cpu_*.cpp kernels have no CUDA branch; the others dispatch to CUDA under AIA_WITH_CUDA.
+CXX_WITH_CUDA_BRANCHES = [s for s in CPU_SOURCES if not s.startswith("aia_cpu_")]
 
 
 def _nvcc() -> str | None:

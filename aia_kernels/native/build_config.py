@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-CPU_SOURCES = ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu.cpp")
+CPU_SOURCES = ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu_pool.cpp", "aia_cpu_grad.cpp", "aia_cpu_gate.cpp")
 CUDA_SOURCES = ("aia_cuda.cu", "aia_cuda_persistent.cu")
 # The CUDA sources as host C++ against the emulator (each wrapper includes its .cu).
 EMULATED_CUDA_SOURCES = tuple(f"emulation/{Path(s).stem}_emulated.cpp" for s in CUDA_SOURCES)

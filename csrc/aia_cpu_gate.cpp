@@ -1,0 +1,325 @@
+// CPU kernels of the gate steps: the 2 -> 1 channel 3x3x3 Conv3d (forward, input and weight
+// gradients), the BN batch statistics and the gate's z gradient.
+#include "aia_cpu_chunks.h"
+
+namespace aia {
+namespace cpu {
+namespace {
+
+using namespace detail;
+
+// ---- Conv3d(2 -> 1, 3x3x3, padding 1) ----
+// Inputs are copied into zero-padded volumes (D1 + 2, D2 + 2, D3 + 2), and a (D2, D3)
+// slice is handled as one flat run with row pitch R = D3 + 2: each tap is then a
+// constant offset into one long contiguous run (no bounds checks, vectorisable even
+// for 7x7 slices); the two pitch columns past D3 hold garbage (forward) or zeros
+// (weight gradient).
+//
+// The runs are computed in registers with GCC/Clang vector types (Vec: 16 floats or 8
+// doubles with AVX-512, else half that): each output block is loaded and stored once for
+// all taps, and in the weight gradient each dz vector is loaded once for 9 taps. Summation orders are fixed
+// by the shape alone, so results are deterministic whatever the thread count.
+
+constexpr int kTapBlock = 2 * kVectorBytes;  // outputs per register block in tap_sums (8 vectors of floats)
+
+struct Padded {
+  int64_t R, slice, volume;  // row pitch, padded (D2, D3) slice, padded volume
+  int64_t run;               // flat length covering every valid (b, c): (D2 - 1) * R + D3
+};
+
+Padded padded(const ConvDims& d) {
+  Padded p;
+  p.R = d.D3 + 2;
+  p.slice = (d.D2 + 2) * p.R;
+  p.volume = (d.D1 + 2) * p.slice;
+  p.run = (d.D2 - 1) * p.R + d.D3;
+  return p;
+}
+
+// One (D2, D3) slice into a pitched one at `out` (rows R apart, from row `first_row`,
+// column 1 if `left`, else 0): every entry of `rows` rows of R is written, the slice or
+// zero, so the buffer needs no zeroing first (a whole-buffer memset was a serial share of
+// the gate steps at 7x7 and 14x14, where gate tensors are near the input's size).
+template <typename acc_t>
+AIA_INLINE void pitch_slice(const acc_t* src, const ConvDims& d, int64_t R, int64_t first_row, bool left, int64_t rows,
+                            acc_t* out) {
+  const int64_t col = left ? 1 : 0;
+  zero_row(out, first_row * R + col);
+  for (int64_t b = 0; b < d.D2; ++b) {
+    acc_t* row = out + (first_row + b) * R;
+    copy_row(src + b * d.D3, d.D3, row + col);
+    zero_row(row + col + d.D3, R - col - d.D3 + (b + 1 < d.D2 ? col : 0));  // right pad, next row's left
+  }
+  zero_row(out + (first_row + d.D2) * R, (rows - first_row - d.D2) * R);
+}
+
+// `count` volumes (D1, D2, D3) -> zero-padded volumes in workspace `slot`, plus `slack`
+// zeros at the end (tap_sums reads up to a block past a run's end). Slices in parallel.
+template <typename acc_t>
+const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int slot, int64_t slack = 0) {
+  const Padded p = padded(d);
+  acc_t* dst = workspace<acc_t>(slot, static_cast<size_t>(count * p.volume + slack), /*zeroed=*/false);
+  const int64_t per_volume = d.D1 + 2;
+  at::parallel_for(0, count * per_volume, grain_for(p.slice), [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t v = s / per_volume, a = s % per_volume;
+      acc_t* out = dst + s * p.slice;
+      if (a == 0 || a == per_volume - 1) std::fill(out, out + p.slice, acc_t(0));
+      else pitch_slice(src + (v * d.D1 + a - 1) * d.D2 * d.D3, d, p.R, 1, true, d.D2 + 2, out);
+    }
+  });
+  std::fill(dst + count * p.volume, dst + count * p.volume + slack, acc_t(0));
+  return dst;
+}
+
+// out[i] = sum over taps k (in order) of w[k] * src[k][i], for i in [0, run) rounded up
+// to whole blocks: `out` and every src[k] must have kTapBlock - 1 entries of slack.
+template <typename acc_t>
+void tap_sums(const acc_t* const* src, const acc_t* w, int taps, int64_t run, acc_t* out) {
+  using V = Vec<acc_t>;
+  constexpr int kVecs = kTapBlock / V::kLanes;  // 8 vectors of floats, 16 of doubles
+  for (int64_t i0 = 0; i0 < run; i0 += kTapBlock) {
+    typename V::type acc[kVecs];
+    for (int j = 0; j < kVecs; ++j) acc[j] = typename V::type{};
+    for (int k = 0; k < taps; ++k) {
+      const acc_t wk = w[k];
+      const acc_t* s = src[k] + i0;
+      for (int j = 0; j < kVecs; ++j) acc[j] += wk * V::load(s + j * V::kLanes);
+    }
+    for (int j = 0; j < kVecs; ++j) V::store(out + i0 + j * V::kLanes, acc[j]);
+  }
+}
+
+// out[b * R + c] (pitched) -> dst[b * D3 + c]
+template <typename acc_t>
+void unpitch(const acc_t* out, const ConvDims& d, int64_t R, acc_t* dst) {
+  for (int64_t b = 0; b < d.D2; ++b) copy_row(out + b * R, d.D3, dst + b * d.D3);
+}
+
+// Consecutive slices a of one volume are `slice` apart in the padded input and in the
+// pitched output, so a block of them is one flat run: each tap is a single long loop
+// even when a slice is tiny (7x7 gates); the padding rows between slices are garbage
+// and dropped by unpitch.
+struct SliceBlocks {
+  int64_t per_block, blocks_per_volume;
+  int64_t run(const Padded& p, int64_t count) const { return (count - 1) * p.slice + p.run; }
+};
+
+SliceBlocks slice_blocks(const ConvDims& d, const Padded& p) {
+  const int64_t per_block = std::max<int64_t>(1, std::min<int64_t>(d.D1, 4096 / p.slice));
+  return {per_block, (d.D1 + per_block - 1) / per_block};
+}
+
+// z[n, a] = sum_{ci, k} w[ci, k] * Ppad[n, ci, a + k1, k2 + b, k3 + c]
+template <typename acc_t>
+void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z) {
+  const Padded p = padded(d);
+  const SliceBlocks sb = slice_blocks(d, p);
+  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0, kTapBlock);
+  at::parallel_for(0, d.N * sb.blocks_per_volume, grain_for(54 * sb.per_block * p.slice),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / sb.blocks_per_volume, a0 = item % sb.blocks_per_volume * sb.per_block;
+      const int64_t count = std::min(sb.per_block, d.D1 - a0);
+      const acc_t* src[54];
+      for (int tap = 0; tap < 54; ++tap) {
+        const int ci = tap / 27, k1 = tap / 9 % 3, k2 = tap / 3 % 3, k3 = tap % 3;
+        src[tap] = Ppad + (n * 2 + ci) * p.volume + (a0 + k1) * p.slice + k2 * p.R + k3;
+      }
+      tap_sums(src, wt, 54, sb.run(p, count), out.data());
+      for (int64_t a = 0; a < count; ++a)
+        unpitch(out.data() + a * p.slice, d, p.R, z + (n * d.D1 + a0 + a) * d.D2 * d.D3);
+    }
+  });
+}
+
+// dP[n, ci, a] = sum_k w[ci, k] * dzpad[n, a + 2 - k1, 2 - k2 + b, 2 - k3 + c]
+template <typename acc_t>
+void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d, acc_t* dP) {
+  const Padded p = padded(d);
+  const SliceBlocks sb = slice_blocks(d, p);
+  const acc_t* dzpad = pad_volumes(dz, d.N, d, 0, kTapBlock);
+  at::parallel_for(0, d.N * 2 * sb.blocks_per_volume, grain_for(27 * sb.per_block * p.slice),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t a0 = item % sb.blocks_per_volume * sb.per_block, ci = item / sb.blocks_per_volume % 2,
+                    n = item / (2 * sb.blocks_per_volume);
+      const int64_t count = std::min(sb.per_block, d.D1 - a0);
+      const acc_t* src[27];
+      for (int k = 0; k < 27; ++k) {
+        const int k1 = k / 9, k2 = k / 3 % 3, k3 = k % 3;
+        src[k] = dzpad + n * p.volume + (a0 + 2 - k1) * p.slice + (2 - k2) * p.R + (2 - k3);
+      }
+      tap_sums(src, wt + ci * 27, 27, sb.run(p, count), out.data());
+      for (int64_t a = 0; a < count; ++a)
+        unpitch(out.data() + a * p.slice, d, p.R, dP + ((n * 2 + ci) * d.D1 + a0 + a) * d.D2 * d.D3);
+    }
+  });
+}
+
+// dw[ci, k] = sum_{n, a} sum_run Ppad[n, ci, a + k1, k2 + ., k3 + .] * dz_pitched[n, a, .]
+template <typename acc_t>
+void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d, acc_t* dw) {
+  using V = Vec<acc_t>;
+  const Padded p = padded(d);
+  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0);
+  // dz with row pitch R and zero pitch columns, one (D2, D3) slice per (n, a).
+  acc_t* dzp = workspace<acc_t>(1, static_cast<size_t>(d.N * d.D1 * p.slice), /*zeroed=*/false);
+  at::parallel_for(0, d.N * d.D1, grain_for(p.slice), [&](int64_t begin, int64_t end) {
+    for (int64_t na = begin; na < end; ++na)
+      pitch_slice(dz + na * d.D2 * d.D3, d, p.R, 0, false, d.D2 + 2, dzp + na * p.slice);
+  });
+  // Slices (n, a) in fixed chunks of about 4K elements (set by the shape, not by the
+  // thread count). Per chunk, the 9 taps of one (ci, k1) share each dz vector: one
+  // vector accumulator per tap, a scalar one for the tail of each run. The chunks'
+  // sums are then added in order, in double.
+  const int64_t slices = d.N * d.D1;
+  const int64_t per_chunk = std::max<int64_t>(1, 4096 / p.run);
+  const int64_t chunks = (slices + per_chunk - 1) / per_chunk;
+  std::vector<double> partial(static_cast<size_t>(chunks * 54));
+  at::parallel_for(0, chunks, grain_for(54 * per_chunk * p.slice), [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * per_chunk, last = std::min(slices, first + per_chunk);
+      for (int group = 0; group < 6; ++group) {  // taps (ci, k1, 0..2, 0..2)
+        const int ci = group / 3, k1 = group % 3;
+        int64_t offset[9];
+        for (int k = 0; k < 9; ++k) offset[k] = (k / 3) * p.R + k % 3;
+        typename V::type acc[9];
+        acc_t tail[9] = {};
+        for (int k = 0; k < 9; ++k) acc[k] = typename V::type{};
+        // Consecutive slices of one volume are one flat run (dz's pitch rows are zero).
+        for (int64_t na = first; na < last;) {
+          const int64_t n = na / d.D1, a = na % d.D1;
+          const int64_t count = std::min(last - na, d.D1 - a), len = (count - 1) * p.slice + p.run;
+          const acc_t* src = Ppad + (n * 2 + ci) * p.volume + (a + k1) * p.slice;
+          const acc_t* g = dzp + na * p.slice;
+          int64_t i = 0;
+          for (; i + V::kLanes <= len; i += V::kLanes) {
+            const typename V::type gv = V::load(g + i);
+            for (int k = 0; k < 9; ++k) acc[k] += gv * V::load(src + offset[k] + i);
+          }
+          for (; i < len; ++i)
+            for (int k = 0; k < 9; ++k) tail[k] += g[i] * src[offset[k] + i];
+          na += count;
+        }
+        for (int k = 0; k < 9; ++k) {
+          acc_t s = tail[k];
+          for (int l = 0; l < V::kLanes; ++l) s += acc[k][l];
+          partial[chunk * 54 + group * 9 + k] = static_cast<double>(s);
+        }
+      }
+    }
+  });
+  for (int tap = 0; tap < 54; ++tap) {
+    double total = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partial[chunk * 54 + tap];
+    dw[tap] = static_cast<acc_t>(total);
+  }
+}
+
+ConvDims conv_dims(const at::Tensor& t) {  // t: (N, ., D1, D2, D3) or (N, D1, D2, D3)
+  const int64_t r = t.dim();
+  return ConvDims{t.size(0), t.size(r - 3), t.size(r - 2), t.size(r - 1)};
+}
+
+}  // namespace
+
+at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight) {
+  const ConvDims d = conv_dims(pooled);
+  at::Tensor z = at::empty({d.N, d.D1, d.D2, d.D3}, pooled.options());
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "aia_native_conv_cpu", [&] {
+    conv_forward_kernel(pooled.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, z.data_ptr<scalar_t>());
+  });
+  return z;
+}
+
+at::Tensor conv_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
+  const ConvDims d = conv_dims(dz);
+  at::Tensor dP = at::empty({d.N, 2, d.D1, d.D2, d.D3}, dz.options());
+  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "aia_native_conv_input_grad_cpu", [&] {
+    conv_input_grad_kernel(dz.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, dP.data_ptr<scalar_t>());
+  });
+  return dP;
+}
+
+at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz) {
+  const ConvDims d = conv_dims(dz);
+  at::Tensor dw = at::empty({1, 2, 3, 3, 3}, dz.options());
+  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "aia_native_conv_weight_grad_cpu", [&] {
+    conv_weight_grad_kernel(pooled.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), d, dw.data_ptr<scalar_t>());
+  });
+  return dw;
+}
+
+namespace {
+
+// Sum of f(i) over [0, m) in double, as 8 interleaved partial sums added in a fixed order
+// at the end: deterministic (the order depends on m alone), and the adds vectorise
+// instead of forming one chain of dependent adds (a T, H or W gate at 7x7 has 25-28K
+// entries: the BN sums as one chain made gate_forward a third slower there).
+template <typename F>
+double ordered_sum(int64_t m, F&& f) {
+  constexpr int kParts = 8;
+  double part[kParts] = {};
+  int64_t i = 0;
+  for (; i + kParts <= m; i += kParts)
+    for (int l = 0; l < kParts; ++l) part[l] += f(i + l);
+  for (; i < m; ++i) part[i % kParts] += f(i);
+  double s = 0;
+  for (int l = 0; l < kParts; ++l) s += part[l];
+  return s;
+}
+
+}  // namespace
+
+BatchStats batch_stats(const at::Tensor& z) {
+  BatchStats st{0, 0};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_batch_stats_cpu", [&] {
+    const scalar_t* p = z.data_ptr<scalar_t>();
+    const int64_t m = z.numel();
+    st.mean = ordered_sum(m, [&](int64_t i) { return static_cast<double>(p[i]); }) / m;
+    const double mean = st.mean;
+    st.var = ordered_sum(m, [&](int64_t i) {
+      const double e = p[i] - mean;
+      return e * e;
+    }) / m;
+  });
+  return st;
+}
+
+GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, double scale, double shift, bool has_bn,
+                      bool batch, double mean, double var, double gamma, double eps) {
+  const at::Tensor g = (z * scale).add_(shift).sigmoid_();  // ATen's vectorised sigmoid
+  const at::Tensor gg = gate_grad.to(z.scalar_type()).contiguous();
+  at::Tensor dz = at::empty_like(z);
+  GateZGrad out{dz, 0, 0};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_gate_z_grad_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* gp = g.data_ptr<acc_t>();
+    const acc_t* ggp = gg.data_ptr<acc_t>();
+    const acc_t* zp = z.data_ptr<acc_t>();
+    acc_t* dzp = dz.data_ptr<acc_t>();
+    const int64_t m = z.numel();
+    for (int64_t i = 0; i < m; ++i) dzp[i] = ggp[i] * gp[i] * (acc_t(1) - gp[i]);  // dy
+    if (!has_bn) return;
+    const double rstd = 1.0 / std::sqrt(var + eps);
+    const double sum_dy = ordered_sum(m, [&](int64_t i) { return static_cast<double>(dzp[i]); });
+    const double sum_dy_zhat = ordered_sum(m, [&](int64_t i) { return dzp[i] * ((zp[i] - mean) * rstd); });
+    out.dbn_weight = sum_dy_zhat;
+    out.dbn_bias = sum_dy;
+    const acc_t k = static_cast<acc_t>(gamma * rstd);
+    if (batch) {  // mean and var depend on z too
+      const acc_t mean_dy = static_cast<acc_t>(sum_dy / m), mean_dy_zhat = static_cast<acc_t>(sum_dy_zhat / m);
+      const acc_t mu = static_cast<acc_t>(mean), r = static_cast<acc_t>(rstd);
+      for (int64_t i = 0; i < m; ++i) dzp[i] = k * (dzp[i] - mean_dy - (zp[i] - mu) * r * mean_dy_zhat);
+    } else {
+      for (int64_t i = 0; i < m; ++i) dzp[i] *= k;
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace aia

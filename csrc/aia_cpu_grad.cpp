@@ -1,0 +1,354 @@
+// CPU kernels: the backward's full-size passes, the gates' gradients (weight_grad) and the
+// input gradient (input_grad).
+#include "aia_cpu_chunks.h"
+
+namespace aia {
+namespace cpu {
+namespace {
+
+using namespace detail;
+
+// The gradient that each gate of factor k receives from a chunk before its reduction:
+// q * (d weight / d factor_k) / size_k, where q = upstream * v and f holds the factors.
+template <int B, typename acc_t>
+AIA_INLINE typename Vec<acc_t, B>::type factor_grad_chunk(const WeightAt<acc_t>& a, int k, int size,
+                                                       const typename Vec<acc_t, B>::type& q,
+                                                       const typename Vec<acc_t, B>::type* f) {
+  const acc_t inv = acc_t(1) / acc_t(size);
+  if (!a.mean && a.n_factors == 2) return q * f[1 - k] * inv;
+  return q * ((a.mean ? acc_t(1) / acc_t(a.n_factors) : acc_t(1)) * inv);
+}
+
+// q = upstream * v over a chunk; f receives the factors when a product needs them.
+template <typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type grad_chunk(const WeightAt<acc_t>& a, const UpstreamAt<scalar_t, acc_t>& u,
+                                                const PlaneAt<const scalar_t>& v, const Dims& d, int64_t h, int64_t w0,
+                                                const Row<acc_t, B>& row, typename Vec<acc_t, B>::type* f) {
+  const typename Vec<acc_t, B>::type q = upstream_chunk(u, d, h, w0, row) * load_chunk(v.at(h, w0), v.sw, row);
+  if (!a.mean && a.n_factors == 2) {
+    for (int k = 0; k < 2; ++k) f[k] = factor_chunk(a.f[k], d, h, w0, row);
+  }
+  return q;
+}
+
+// grad_chunk and factor_grad_chunk for a weight of structure S; factors_of and
+// factor_size_of: the weight's factor count and factor k's gate count.
+template <typename S, typename U, typename scalar_t, typename acc_t, int B>
+AIA_INLINE typename Vec<acc_t, B>::type grad_chunk_of(const WeightAt<acc_t>& a, const UpstreamAt<scalar_t, acc_t>& u,
+                                                   const PlaneAt<const scalar_t>& v, const Dims& d, int64_t h,
+                                                   int64_t w0, const Row<acc_t, B>& row,
+                                                   typename Vec<acc_t, B>::type* f) {
+  if constexpr (!S::kStatic) {
+    return grad_chunk(a, u, v, d, h, w0, row, f);
+  } else {
+    const typename Vec<acc_t, B>::type q = upstream_chunk_of<U>(u, d, h, w0, row) * row.load(v.at(h, w0));
+    if constexpr (S::kFactors == 2) {
+      f[0] = factor_chunk_of<S::kST0>(a.f[0], d, h, w0, row);
+      f[1] = factor_chunk_of<S::kST1>(a.f[1], d, h, w0, row);
+    }
+    return q;
+  }
+}
+
+template <typename S, int B, typename acc_t>
+AIA_INLINE typename Vec<acc_t, B>::type factor_grad_chunk_of(const WeightAt<acc_t>& a, int k, int size,
+                                                          const typename Vec<acc_t, B>::type& q,
+                                                          const typename Vec<acc_t, B>::type* f) {
+  if constexpr (!S::kStatic) {
+    return factor_grad_chunk<B>(a, k, size, q, f);
+  } else {
+    const acc_t inv = acc_t(1) / acc_t(size);
+    if constexpr (S::kFactors == 2) return q * f[1 - k] * inv;
+    else return q * (acc_t(1) * inv);
+  }
+}
+
+template <typename S, typename acc_t>
+AIA_INLINE int factors_of(const Weight<acc_t>& wt) {
+  if constexpr (S::kStatic) return S::kFactors;
+  else return wt.n_factors;
+}
+
+template <typename S, typename acc_t>
+AIA_INLINE int factor_size_of(const Weight<acc_t>& wt, int k) {
+  if constexpr (S::kStatic) return (k == 0 ? S::kST0 : S::kST1) ? 3 : 1;
+  else return wt.size[k];
+}
+
+template <typename scalar_t, int B, typename S, typename U>
+void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& gates, std::vector<at::Tensor>& outs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t, B>;
+  const Dims d = dims_of(v);
+  const Strides5 vs = strides_of(v);
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const Weight<acc_t> wt = make_weight<acc_t>(gates, term.weight);
+  const Upstream<scalar_t, acc_t> up = make_upstream<scalar_t, acc_t>(term.upstream);
+  const UpstreamCall<scalar_t, acc_t> upc = upstream_call(up, d);
+  const int64_t H = d.H, W = d.W, HW = H * W;
+  // out_ptr[k][j]: gradient of gate j of factor k (C, or T, H, W).
+  acc_t* out_ptr[kMaxFactors][kMaxFactorGates] = {};
+  bool any_c = false, any_thw = false;
+  {
+    size_t o = 0;
+    for (int k = 0; k < factors_of<S>(wt); ++k) {
+      for (int j = 0; j < factor_size_of<S>(wt, k); ++j) out_ptr[k][j] = outs[o++].data_ptr<acc_t>();
+      (factor_size_of<S>(wt, k) == 1 ? any_c : any_thw) = true;
+    }
+  }
+  // A weight with C and T, H, W factors is differentiated in one pass: the (n, c) loop
+  // of the T, H, W reductions also sums the C gates' gradients over fixed blocks of
+  // channels (partials per block, added in block order after the pass: deterministic).
+  const bool merged = any_c && any_thw;
+  // (Static shapes compile only the branches they take: GCC 12 crashed compiling the C-only
+  // branch for a shape without C factors.)
+  constexpr bool kMayBeCOnly = S::kAnyC && (!S::kStatic || !S::kAnyTHW);
+  if constexpr (kMayBeCOnly) {
+  if (any_c && !merged) {
+    at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sums(static_cast<size_t>(HW) * kMaxFactors);
+      for (int64_t nt = begin; nt < end; ++nt) {
+        const int64_t n = nt / d.T, t = nt % d.T;
+        std::fill(sums.begin(), sums.end(), acc_t(0));
+        for (int64_t c = 0; c < d.C; ++c) {
+          const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+          const UpstreamAt<scalar_t, acc_t> ua = upstream_at(upc, d, n, t, c);
+          const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+          for_each_chunk<acc_t, B>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
+            typename V::type f[kMaxFactors];
+            const typename V::type q = grad_chunk_of<S, U>(wa, ua, vpl, d, h, w0, row, f);
+            for (int k = 0; k < factors_of<S>(wt); ++k) {
+              if (factor_size_of<S>(wt, k) != 1) continue;
+              acc_t* sum = sums.data() + k * HW + h * W + w0;
+              row.store(sum, row.load(sum) + factor_grad_chunk_of<S, B>(wa, k, 1, q, f));
+            }
+          });
+        }
+        for (int k = 0; k < factors_of<S>(wt); ++k) {
+          if (factor_size_of<S>(wt, k) != 1) continue;
+          std::copy(sums.begin() + k * HW, sums.begin() + (k + 1) * HW,
+                    out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0));
+        }
+      }
+    });
+  }
+  }
+  if (!any_thw) return;
+  constexpr int64_t kCBlock = 16;
+  const int64_t blocks = (d.C + kCBlock - 1) / kCBlock, THW = d.T * HW;
+  // C partials: (N, blocks, factor, T, H, W)
+  // (each task zeroes its blocks' partials: a serial memset of them all was the pass's serial part)
+  acc_t* cpart = merged ? workspace<acc_t>(0, static_cast<size_t>(d.N * blocks * kMaxFactors * THW), false) : nullptr;
+  // T: summed over t in buffers; H: over h in registers per strip; W: along each row.
+  at::parallel_for(0, d.N * blocks, grain_for(kCBlock * THW), [&](int64_t begin, int64_t end) {
+    constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
+    std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(static_cast<size_t>(H) * kMaxFactors);
+    for (int64_t nb = begin; nb < end; ++nb)
+    for (int64_t c = nb % blocks * kCBlock; c < std::min(d.C, (nb % blocks + 1) * kCBlock); ++c) {
+      const int64_t n = nb / blocks;
+      acc_t* cblock = merged ? cpart + nb * kMaxFactors * THW : nullptr;
+      if (merged && c == nb % blocks * kCBlock) zero_row(cblock, kMaxFactors * THW);
+      std::fill(tsums.begin(), tsums.end(), acc_t(0));
+      for (int64_t t = 0; t < d.T; ++t) {
+        const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+        const UpstreamAt<scalar_t, acc_t> ua = upstream_at(upc, d, n, t, c);
+        const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+        for (int64_t g0 = 0; g0 < W; g0 += kGroupWidth) {
+          const StripGroup<acc_t, B> group(g0, W);
+          typename V::type hsums[kMaxFactors][kGroupStrips] = {};  // along h, per chunk column
+          for (int64_t h = 0; h < H; ++h) {
+            for (int s = 0; s < kGroupStrips; ++s) {
+              if (s == group.strips) break;
+              const int64_t w0 = g0 + s * V::kLanes;
+              const Row<acc_t, B>& row = group.row[s];
+              typename V::type f[kMaxFactors];
+              const typename V::type q = grad_chunk_of<S, U>(wa, ua, vpl, d, h, w0, row, f);
+              for (int k = 0; k < factors_of<S>(wt); ++k) {
+                if (factor_size_of<S>(wt, k) == 1) {  // merged: a C gate, summed over this block's channels
+                  acc_t* sum = cblock + (k * d.T + t) * HW + h * W + w0;
+                  row.store(sum, row.load(sum) + factor_grad_chunk_of<S, B>(wa, k, 1, q, f));
+                  continue;
+                }
+                const typename V::type r = factor_grad_chunk_of<S, B>(wa, k, 3, q, f);
+                acc_t* tsum = tsums.data() + k * HW + h * W + w0;
+                row.store(tsum, row.load(tsum) + r);
+                hsums[k][s] = h == 0 ? r : hsums[k][s] + r;
+                // Along w: the chunk's sum, then the row's. (Summed lane-wise across a row's
+                // chunks instead, as the pool does, this pass was slower at 56x56 and 28x28 in
+                // alternating benchmarks/cpu_passes.py runs.)
+                acc_t& wsum = wsums[k * H + h];
+                wsum = w0 == 0 ? row.sum(r) : wsum + row.sum(r);
+              }
+            }
+          }
+          for (int k = 0; k < factors_of<S>(wt); ++k) {
+            if (factor_size_of<S>(wt, k) != 3) continue;
+            for (int s = 0; s < group.strips; ++s)
+              group.row[s].store(out_ptr[k][1] + gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes,
+                                 hsums[k][s]);
+          }
+        }
+        for (int k = 0; k < factors_of<S>(wt); ++k) {
+          if (factor_size_of<S>(wt, k) != 3) continue;
+          acc_t* out = out_ptr[k][2] + gate_offset(kAxisW, d, n, t, c, 0, 0);
+          for (int64_t h = 0; h < H; ++h) out[h * d.C] = wsums[k * H + h];  // entries of consecutive h are C apart
+        }
+      }
+      for (int k = 0; k < factors_of<S>(wt); ++k) {
+        if (factor_size_of<S>(wt, k) != 3) continue;
+        std::copy(tsums.begin() + k * HW, tsums.begin() + (k + 1) * HW,
+                  out_ptr[k][0] + gate_offset(kAxisT, d, n, 0, c, 0, 0));
+      }
+    }
+  });
+  if (!merged) return;
+  at::parallel_for(0, d.N * d.T, grain_for(blocks * HW), [&](int64_t begin, int64_t end) {
+    for (int64_t nt = begin; nt < end; ++nt) {
+      const int64_t n = nt / d.T, t = nt % d.T;
+      for (int k = 0; k < factors_of<S>(wt); ++k) {
+        if (factor_size_of<S>(wt, k) != 1) continue;
+        acc_t* out = out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0);
+        const acc_t* part = cpart + (n * blocks * kMaxFactors + k) * THW + t * HW;
+        std::copy(part, part + HW, out);
+        for (int64_t b = 1; b < blocks; ++b)
+          for (int64_t i = 0; i < HW; ++i) out[i] += part[b * kMaxFactors * THW + i];
+      }
+    }
+  });
+}
+
+// One term of input_grad over a plane (float, `out` rows of unit stride), added to the
+// plane's running sum `acc` (H * W entries): the first term starts it from zero and the
+// last writes `out`, in the order of the all-in-registers kernel below (which other dtypes
+// and strides take). A plane at a time per term, each term compiled for its structure: with
+// the terms' structures tested per chunk, that kernel's loop spilled to the stack.
+template <typename S, typename U, int B>
+void add_term_plane(const WeightAt<float>& wa, const UpstreamAt<float, float>& ua, const Dims& d, bool first, bool last,
+                    float* acc, const PlaneAt<float>& out) {
+  using vec = typename Vec<float, B>::type;
+  for_each_chunk<float, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<float, B>& row) AIA_LAMBDA_INLINE {
+    const vec u = upstream_chunk_of<U>(ua, d, h, w0, row);
+    vec x = u;
+    if constexpr (!S::kStatic) {
+      vec f[kMaxFactors];
+      if (wa.n_factors != 0) x = weight_chunk(wa, d, h, w0, row, f) * u;
+    } else if constexpr (S::kFactors != 0) {
+      vec f[kMaxFactors];
+      x = weight_chunk_of<S>(wa, d, h, w0, row, f) * u;
+    }
+    float* a = acc + h * d.W + w0;
+    const vec sum = (first ? vec{} : row.load(a)) + x;
+    if (last) row.store(out.at(h, w0), sum);
+    else row.store(a, sum);
+  });
+}
+
+template <int B>
+using AddTermPlane = void (*)(const WeightAt<float>&, const UpstreamAt<float, float>&, const Dims&, bool, bool, float*,
+                              const PlaneAt<float>&);
+
+template <int B>
+void input_grad_by_term(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
+  const Dims d = dims_of(out);
+  const Strides5 os = strides_of(out);
+  float* op = out.data_ptr<float>();
+  const int n_terms = static_cast<int>(terms.size());
+  std::vector<Weight<float>> weights;
+  std::vector<Upstream<float, float>> ups;
+  std::vector<AddTermPlane<B>> add;
+  for (const Term& term : terms) {
+    weights.push_back(make_weight<float>(gates, term.weight));
+    ups.push_back(make_upstream<float, float>(term.upstream));
+    with_term_shape<float>(term, true, [&](auto shape, auto upstream) {
+      add.push_back(&add_term_plane<decltype(shape), decltype(upstream), B>);
+    });
+  }
+  std::vector<UpstreamCall<float, float>> calls;  // after `ups` is complete: they point into it
+  for (const auto& up : ups) calls.push_back(upstream_call(up, d));
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(static_cast<size_t>(d.H * d.W));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
+      const PlaneAt<float> opl = plane_at(op, os, n, t, c);
+      for (int k = 0; k < n_terms; ++k) {
+        add[k](weight_at(weights[k], d, n, t, c), upstream_at(calls[k], d, n, t, c), d, k == 0, k == n_terms - 1,
+               acc.data(), opl);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, int B>
+void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t, B>;
+  const Dims d = dims_of(out);
+  const Strides5 os = strides_of(out);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int n_terms = static_cast<int>(terms.size());
+  std::vector<Weight<acc_t>> weights;
+  std::vector<Upstream<scalar_t, acc_t>> ups;
+  for (const Term& term : terms) {
+    weights.push_back(make_weight<acc_t>(gates, term.weight));
+    ups.push_back(make_upstream<scalar_t, acc_t>(term.upstream));
+  }
+  std::vector<UpstreamCall<scalar_t, acc_t>> calls;  // after `ups` is complete: they point into it
+  for (const auto& up : ups) calls.push_back(upstream_call(up, d));
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
+    WeightAt<acc_t> wa[kMaxTerms];
+    UpstreamAt<scalar_t, acc_t> ua[kMaxTerms];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
+      for (int k = 0; k < n_terms; ++k) {
+        wa[k] = weight_at(weights[k], d, n, t, c);
+        ua[k] = upstream_at(calls[k], d, n, t, c);
+      }
+      const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
+      for_each_chunk<acc_t, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
+        typename V::type acc{};
+        for (int k = 0; k < n_terms; ++k) {
+          const typename V::type u = upstream_chunk(ua[k], d, h, w0, row);
+          if (wa[k].n_factors == 0) {
+            acc += u;
+          } else {
+            typename V::type f[kMaxFactors];
+            acc += weight_chunk(wa[k], d, h, w0, row, f) * u;
+          }
+        }
+        store_chunk(opl.at(h, w0), opl.sw, row, acc);
+      });
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const GateSet& gates) {
+  const Dims d = dims_of(v);
+  const auto acc = v.options().dtype(acc_type(v.scalar_type()));
+  std::vector<at::Tensor> outs;
+  for (const auto& factor : term.weight.factors)
+    for (int id : factor) outs.push_back(at::empty(gate_shape(gates.axis[id], d), acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_weight_grad_cpu", [&] {
+    with_chunk_bytes<scalar_t>(d.W, [&](auto b) {
+      with_term_shape<scalar_t>(term, v.stride(4) == 1, [&](auto shape, auto upstream) {
+        weight_grad_kernel<scalar_t, decltype(b)::value, decltype(shape), decltype(upstream)>(v, term, gates, outs);
+      });
+    });
+  });
+  return outs;
+}
+
+void input_grad(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aia_native_input_grad_cpu", [&] {
+    with_chunk_bytes<scalar_t>(out.size(4), [&](auto b) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (out.stride(4) == 1 && !terms.empty()) return input_grad_by_term<decltype(b)::value>(terms, gates, out);
+      }
+      input_grad_kernel<scalar_t, decltype(b)::value>(terms, gates, out);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace aia

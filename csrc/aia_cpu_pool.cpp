@@ -1,0 +1,376 @@
+// CPU kernels: the pooling pass (max, mean and argmax of weight * v along C, or along T, H
+// and W in one read of v) and apply (out = weight * v).
+#include "aia_cpu_chunks.h"
+
+namespace aia {
+namespace cpu {
+namespace {
+
+using namespace detail;
+
+// ---- reductions ----
+
+// Running max (the first maximum wins: strict >, so ties and NaNs keep the earlier
+// entry, as in the reference's order) and sum of chunks along a pooled axis, kept in
+// buffers at `mx`, `sum`, `arg` (the max's position only if kArgmax).
+template <bool kArgmax, typename acc_t, int B>
+AIA_INLINE void running_max_sum(const Row<acc_t, B>& row, const typename Vec<acc_t, B>::type& y, int32_t pos, bool first,
+                                acc_t* mx, acc_t* sum, int32_t* arg) {
+  using V = Vec<acc_t, B>;
+  const typename V::itype at = typename V::itype{} + typename V::int_t(pos);
+  if (first) {
+    row.store(mx, y);
+    row.store(sum, y);
+    if constexpr (kArgmax) row.store_index(arg, at);
+    return;
+  }
+  const typename V::type m = row.load(mx);
+  const typename V::itype greater = y > m;
+  row.store(mx, greater ? y : m);
+  if constexpr (kArgmax) row.store_index(arg, greater ? at : row.load_index(arg));
+  row.store(sum, row.load(sum) + y);
+}
+
+// The same for one value at a time (reductions along a row, in increasing w).
+template <typename acc_t>
+AIA_INLINE void running_max_sum(acc_t y, int32_t pos, bool first, acc_t& mx, acc_t& sum, int32_t& arg) {
+  if (first) {
+    mx = sum = y;
+    arg = pos;
+    return;
+  }
+  const int32_t greater = -static_cast<int32_t>(y > mx);  // branch-free: short rows mispredict a branch
+  mx = y > mx ? y : mx;
+  arg += (pos - arg) & greater;
+  sum += y;
+}
+
+// Max (the first position wins), its position and sum of one row's chunks, lane by lane:
+// the W reduction of a row of several chunks pays one horizontal reduction per row, not
+// one per chunk. Lanes past a partial chunk's end hold -inf in the max and 0 in the sum.
+template <typename acc_t, int B, bool kArgmax = true>
+struct LaneMaxSum {
+  using V = Vec<acc_t, B>;
+  typename V::type mx, sum;
+  typename V::itype pos, nan;  // nan: lanes that met a NaN (the caller then redoes the row in order)
+
+  AIA_INLINE void add(const Row<acc_t, B>& row, const typename V::type& y, int64_t w0, bool first) {
+    const typename V::itype at = kArgmax ? V::iota() + typename V::int_t(w0) : typename V::itype{};
+    typename V::type ym = y, ys = y;
+    if (row.W < V::kLanes) {
+      const typename V::itype in = V::iota() < typename V::int_t(row.W);
+      ym = in ? y : typename V::type{} - std::numeric_limits<acc_t>::infinity();
+      ys = in ? y : typename V::type{};
+    }
+    if (first) {
+      mx = ym, sum = ys, pos = at, nan = ym != ym;
+      return;
+    }
+    const typename V::itype greater = ym > mx;  // strict: an earlier chunk keeps a tie
+    mx = greater ? ym : mx;
+    if constexpr (kArgmax) pos = greater ? at : pos;
+    sum += ys;
+    nan |= ym != ym;
+  }
+
+  // False if a lane met a NaN; else the row's max, the first position holding it, the sum.
+  AIA_INLINE bool reduce(acc_t& m, int32_t& first, acc_t& s) const {
+#if defined(AIA_MASKED_CHUNKS)
+    if constexpr (B == 64 && sizeof(acc_t) == 4) {
+      if (_mm512_test_epi32_mask((__m512i)nan, (__m512i)nan)) return false;
+      m = _mm512_reduce_max_ps((__m512)mx);
+      if constexpr (kArgmax) {
+        const __mmask16 eq = _mm512_cmpeq_ps_mask((__m512)mx, _mm512_set1_ps(m));
+        first = _mm512_mask_reduce_min_epi32(eq, (__m512i)pos);
+      }
+      s = _mm512_reduce_add_ps((__m512)sum);
+      return true;
+    }
+#elif defined(AIA_AVX2_CHUNKS)
+    if constexpr (B == 32 && sizeof(acc_t) == 4) {
+      if (!_mm256_testz_si256((__m256i)nan, (__m256i)nan)) return false;
+      m = reduce_max((__m256)mx);
+      if constexpr (kArgmax) {
+        const __m256i eq = _mm256_castps_si256(_mm256_cmp_ps((__m256)mx, _mm256_set1_ps(m), _CMP_EQ_OQ));
+        const __m256i cand = _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), (__m256i)pos, eq);
+        __m128i lo = _mm_min_epi32(_mm256_castsi256_si128(cand), _mm256_extracti128_si256(cand, 1));
+        lo = _mm_min_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(1, 0, 3, 2)));
+        lo = _mm_min_epi32(lo, _mm_shuffle_epi32(lo, _MM_SHUFFLE(2, 3, 0, 1)));
+        first = _mm_cvtsi128_si32(lo);
+      }
+      s = reduce_add((__m256)sum);
+      return true;
+    }
+#endif
+    for (int l = 0; l < V::kLanes; ++l) {  // other widths and double: lane by lane, same result
+      if (nan[l]) return false;
+    }
+    m = mx[0], s = sum[0];
+    for (int l = 1; l < V::kLanes; ++l) m = mx[l] > m ? mx[l] : m, s += sum[l];
+    first = INT32_MAX;
+    for (int l = 0; l < V::kLanes; ++l) {
+      if (mx[l] == m && pos[l] < first) first = static_cast<int32_t>(pos[l]);
+    }
+    return true;
+  }
+};
+
+// Writes max and mean at gate offset g (a contiguous run of `len` entries), and the
+// max's positions unless `argmax` is null.
+template <typename acc_t>
+void write_pooled(const acc_t* mx, const acc_t* sum, const int32_t* arg, int64_t len, acc_t axis_len, acc_t* P,
+                  int32_t* argmax, int64_t g, int64_t n, int64_t sample) {
+  acc_t* pm = P + pooled_max_offset(g, n, sample);
+  acc_t* pa = P + pooled_mean_offset(g, n, sample);
+  for (int64_t i = 0; i < len; ++i) {
+    pm[i] = mx[i];
+    pa[i] = sum[i] / axis_len;
+  }
+  if (argmax != nullptr) std::copy(arg, arg + len, argmax + g);
+}
+
+struct PoolOut {
+  at::Tensor P, argmax;
+};
+
+// `outs[i].argmax` undefined: that axis's max positions are not tracked (the forward of a
+// stage the backward pools again keeps none).
+template <typename scalar_t, int B, typename S>
+void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const std::vector<int>& axes,
+                 std::vector<PoolOut>& outs, bool c_part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<acc_t, B>;
+  const Dims d = dims_of(v);
+  const Strides5 vs = strides_of(v);
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const Weight<acc_t> wt = make_weight<acc_t>(gates, spec);
+  const int64_t H = d.H, W = d.W, HW = H * W;
+  acc_t* P[4] = {nullptr, nullptr, nullptr, nullptr};
+  int32_t* A[4] = {nullptr, nullptr, nullptr, nullptr};
+  bool argmax = true;
+  for (size_t i = 0; i < axes.size(); ++i) {
+    P[axes[i]] = outs[i].P.data_ptr<acc_t>();
+    A[axes[i]] = outs[i].argmax.defined() ? outs[i].argmax.data_ptr<int32_t>() : nullptr;
+    argmax = argmax && A[axes[i]] != nullptr;
+  }
+  TORCH_CHECK(argmax || std::all_of(A, A + 4, [](const int32_t* a) { return a == nullptr; }),
+              "aia_native: pool tracks the argmax of every axis of a call or of none");
+  // Compiled with and without the argmax, so the usual case tests nothing per chunk.
+  const auto with_argmax = [&](auto body) {
+    if (argmax) body(std::true_type{});
+    else body(std::false_type{});
+  };
+  // One call pools the C part (c_part) or the T, H, W part of `axes`, each compiled for the
+  // weights its stages have (pool() below).
+  if (c_part) {
+  if (P[kAxisC] != nullptr) with_argmax([&](auto arg_tag) {
+    constexpr bool kArg = decltype(arg_tag)::value;
+    const int64_t sample = gate_sample_size(kAxisC, d);
+    at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> mx(HW), sum(HW);
+      std::vector<int32_t> arg(HW);
+      for (int64_t nt = begin; nt < end; ++nt) {
+        const int64_t n = nt / d.T, t = nt % d.T;
+        for (int64_t c = 0; c < d.C; ++c) {
+          const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+          const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+          for_each_chunk<acc_t, B>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
+            const int64_t off = h * W + w0;
+            running_max_sum<kArg>(row, weighted_chunk_of<S>(wa, vpl, d, h, w0, row), static_cast<int32_t>(c), c == 0,
+                                  mx.data() + off, sum.data() + off, arg.data() + off);
+          });
+        }
+        write_pooled(mx.data(), sum.data(), arg.data(), HW, acc_t(d.C), P[kAxisC], A[kAxisC],
+                     gate_offset(kAxisC, d, n, t, 0, 0, 0), n, sample);
+      }
+    });
+  });
+  return;
+  }
+  if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
+  const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
+  with_argmax([&](auto arg_tag) {
+  constexpr bool kArg = decltype(arg_tag)::value;
+  at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tmx(HW), tsum(HW), wmx(H), wsum(H);
+    std::vector<int32_t> targ(HW), warg(H);
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / d.C, c = nc % d.C;
+      for (int64_t t = 0; t < d.T; ++t) {
+        const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+        const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+        for (int64_t g0 = 0; g0 < W; g0 += kGroupStrips * V::kLanes) {
+          const StripGroup<acc_t, B> group(g0, W);
+          typename V::type hmx[kGroupStrips] = {}, hsum[kGroupStrips] = {};  // along h, per chunk column
+          typename V::itype harg[kGroupStrips] = {};
+          // Along w: a piece of row h (from its start if `first`) with max m, first at `pos`,
+          // sum `sum`, merged into the row's running values.
+          const auto merge_w = [&](int64_t h, bool first, acc_t m, int32_t pos, acc_t sum) AIA_LAMBDA_INLINE {
+            const bool greater = first || m > wmx[h];
+            wmx[h] = greater ? m : wmx[h];
+            warg[h] = greater ? pos : warg[h];
+            wsum[h] = first ? sum : wsum[h] + sum;
+          };
+          // One chunk at a time (its max, first lane on ties, and sum; in order), or lane-wise
+          // across the group's chunks (LaneMaxSum), then the row's; rows with a NaN in order.
+          const auto w_chunk = [&](int64_t h, int64_t w0, const Row<acc_t, B>& row, const typename V::type& y)
+              AIA_LAMBDA_INLINE {
+            acc_t m;
+            int lane = 0;
+            if (kArg ? row.max_first(y, m, lane) : row.max(y, m)) {
+              merge_w(h, w0 == 0, m, static_cast<int32_t>(w0 + lane), row.sum(y));
+            } else {  // NaNs: lane by lane, in order
+              for (int64_t l = 0; l < row.W; ++l)
+                running_max_sum(y[l], static_cast<int32_t>(w0 + l), w0 + l == 0, wmx[h], wsum[h], warg[h]);
+            }
+          };
+          // The rows, compiled for each case: rows of one chunk keep the per-chunk W code, and
+          // the usual stage (all three axes) has no per-chunk axis checks.
+          const auto rows = [&](auto lanes_tag, auto all_tag) AIA_LAMBDA_INLINE {
+            constexpr bool w_lanes = decltype(lanes_tag)::value, all = decltype(all_tag)::value;
+            for (int64_t h = 0; h < H; ++h) {
+              [[maybe_unused]] LaneMaxSum<acc_t, B, kArg> wl;
+              for (int s = 0; s < kGroupStrips; ++s) {
+                if (s == group.strips) break;
+                const int64_t w0 = g0 + s * V::kLanes;
+                const Row<acc_t, B>& row = group.row[s];
+                const typename V::type y = weighted_chunk_of<S>(wa, vpl, d, h, w0, row);
+                if (all || P[kAxisT] != nullptr) {
+                  const int64_t off = h * W + w0;
+                  running_max_sum<kArg>(row, y, static_cast<int32_t>(t), t == 0, tmx.data() + off,
+                                        tsum.data() + off, targ.data() + off);
+                }
+                if (all || P[kAxisH] != nullptr) {
+                  const typename V::itype greater = h == 0 ? ~typename V::itype{} : (y > hmx[s]);
+                  hmx[s] = greater ? y : hmx[s];
+                  if constexpr (kArg) harg[s] = greater ? typename V::itype{} + typename V::int_t(h) : harg[s];
+                  hsum[s] = h == 0 ? y : hsum[s] + y;
+                }
+                if constexpr (w_lanes) {
+                  wl.add(row, y, w0, s == 0);
+                } else if (all || P[kAxisW] != nullptr) {
+                  w_chunk(h, w0, row, y);
+                }
+              }
+              if constexpr (w_lanes) {
+                acc_t m, sum;
+                int32_t first_pos;
+                if (wl.reduce(m, first_pos, sum)) {
+                  merge_w(h, g0 == 0, m, first_pos, sum);
+                } else {  // a NaN in the row: its chunks again, in order
+                  for (int s = 0; s < group.strips; ++s) {
+                    const int64_t w0 = g0 + s * V::kLanes;
+                    w_chunk(h, w0, group.row[s], weighted_chunk_of<S>(wa, vpl, d, h, w0, group.row[s]));
+                  }
+                }
+              }
+            }
+          };
+          const bool all = P[kAxisT] != nullptr && P[kAxisH] != nullptr && P[kAxisW] != nullptr;
+          if (all && group.strips > 1) rows(std::true_type{}, std::true_type{});
+          else if (all) rows(std::false_type{}, std::true_type{});
+          else if constexpr (!S::kStatic) {  // some of T, H, W (tests, benchmarks): compiled for AnyWeight only
+            if (P[kAxisW] != nullptr && group.strips > 1) rows(std::true_type{}, std::false_type{});
+            else rows(std::false_type{}, std::false_type{});
+          }
+          if (P[kAxisH] != nullptr) {
+            for (int s = 0; s < group.strips; ++s) {
+              const int64_t g = gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes;
+              group.row[s].store(P[kAxisH] + pooled_max_offset(g, n, sH), hmx[s]);
+              group.row[s].store(P[kAxisH] + pooled_mean_offset(g, n, sH), hsum[s] / acc_t(H));
+              if constexpr (kArg) group.row[s].store_index(A[kAxisH] + g, harg[s]);
+            }
+          }
+        }
+        if (P[kAxisW] != nullptr) {
+          acc_t* pm = P[kAxisW];
+          const int64_t g0 = gate_offset(kAxisW, d, n, t, c, 0, 0);
+          for (int64_t h = 0; h < H; ++h) {  // entries of consecutive h are C apart
+            const int64_t g = g0 + h * d.C;
+            pm[pooled_max_offset(g, n, sW)] = wmx[h];
+            pm[pooled_mean_offset(g, n, sW)] = wsum[h] / acc_t(W);
+            if constexpr (kArg) A[kAxisW][g] = warg[h];
+          }
+        }
+      }
+      if (P[kAxisT] != nullptr) {
+        write_pooled(tmx.data(), tsum.data(), targ.data(), HW, acc_t(d.T), P[kAxisT], A[kAxisT],
+                     gate_offset(kAxisT, d, n, 0, c, 0, 0), n, sT);
+      }
+    }
+  });
+  });
+}
+
+template <typename scalar_t, int B, typename S>
+void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& spec, const at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims d = dims_of(v);
+  const Strides5 vs = strides_of(v), os = strides_of(out);
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const Weight<acc_t> wt = make_weight<acc_t>(gates, spec);
+  at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
+      const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
+      const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+      const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
+      for_each_chunk<acc_t, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
+        store_chunk_of<S>(opl.at(h, w0), opl.sw, row, weighted_chunk_of<S>(wa, vpl, d, h, w0, row));
+      });
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
+                             const std::vector<int>& axes, bool with_argmax) {
+  const Dims d = dims_of(v);
+  const auto acc = v.options().dtype(acc_type(v.scalar_type()));
+  std::vector<PoolOut> outs;
+  for (int axis : axes) {
+    std::vector<int64_t> shape = gate_shape(axis, d);
+    at::Tensor argmax = with_argmax ? at::empty(shape, v.options().dtype(at::kInt)) : at::Tensor();
+    shape.insert(shape.begin() + 1, 2);
+    outs.push_back({at::empty(shape, acc), argmax});
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_pool_cpu", [&] {
+    with_chunk_bytes<scalar_t>(d.W, [&](auto b) {
+      constexpr int B = decltype(b)::value;
+      const bool unit_stride = v.stride(4) == 1;
+      if (std::count(axes.begin(), axes.end(), kAxisC) > 0) {
+        with_weight_shape<scalar_t, CStageWeights>(weight, unit_stride, [&](auto shape) {
+          pool_kernel<scalar_t, B, decltype(shape)>(v, gates, weight, axes, outs, true);
+        });
+      }
+      if (std::count(axes.begin(), axes.end(), kAxisC) < static_cast<std::ptrdiff_t>(axes.size())) {
+        const bool thw = std::count(axes.begin(), axes.end(), kAxisT) + std::count(axes.begin(), axes.end(), kAxisH) +
+                             std::count(axes.begin(), axes.end(), kAxisW) == 3;
+        with_weight_shape<scalar_t, THWStageWeights>(weight, unit_stride && thw, [&](auto shape) {
+          pool_kernel<scalar_t, B, decltype(shape)>(v, gates, weight, axes, outs, false);
+        });
+      }
+    });
+  });
+  std::vector<at::Tensor> result;
+  for (auto& o : outs) {
+    result.push_back(o.P);
+    result.push_back(o.argmax.defined() ? o.argmax : at::empty({0}, v.options().dtype(at::kInt)));
+  }
+  return result;
+}
+
+void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_apply_cpu", [&] {
+    with_chunk_bytes<scalar_t>(v.size(4), [&](auto b) {
+      with_weight_shape<scalar_t, OutputWeights>(weight, v.stride(4) == 1 && out.stride(4) == 1, [&](auto shape) {
+        apply_kernel<scalar_t, decltype(b)::value, decltype(shape)>(v, gates, weight, out);
+      });
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace aia
