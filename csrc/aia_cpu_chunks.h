@@ -754,12 +754,13 @@ void with_term_shape(const Term& term, bool v_unit_stride, F&& f) {
 }
 
 // Calls f(integral_constant<int, B>) with the vector bytes of a call's full-size
-// passes: 32 without AVX-512 or when a row of the accumulation type fits in half a
-// vector, else 64.
+// passes: 32 without AVX-512 or when a row of floats fits in half a vector, else 64. The
+// other dtypes (not the speed target) take one width: each width is another copy of every
+// pass to compile.
 template <typename scalar_t, typename F>
 void with_chunk_bytes(int64_t W, F&& f) {
   constexpr int64_t kAccBytes = sizeof(at::opmath_type<scalar_t>);
-  if constexpr (kVectorBytes == 32) {
+  if constexpr (kVectorBytes == 32 || !std::is_same_v<scalar_t, float>) {
     (void)W;
     f(std::integral_constant<int, 32>{});
   } else {

@@ -217,6 +217,24 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   });
 }
 
+// input_grad's terms as the kernels read them: each term's weight and upstream, and the
+// upstream's per-call constants (built after every upstream, since they point into `ups`).
+template <typename scalar_t, typename acc_t>
+struct TermSet {
+  std::vector<Weight<acc_t>> weights;
+  std::vector<Upstream<scalar_t, acc_t>> ups;
+  std::vector<UpstreamCall<scalar_t, acc_t>> calls;
+
+  TermSet(const std::vector<Term>& terms, const GateSet& gates, const Dims& d) {
+    for (const Term& term : terms) {
+      weights.push_back(make_weight<acc_t>(gates, term.weight));
+      ups.push_back(make_upstream<scalar_t, acc_t>(term.upstream));
+    }
+    for (const auto& up : ups) calls.push_back(upstream_call(up, d));
+  }
+  TermSet(const TermSet&) = delete;  // `calls` point into `ups`
+};
+
 // One term of input_grad over a plane (float, `out` rows of unit stride), added to the
 // plane's running sum `acc` (H * W entries): the first term starts it from zero and the
 // last writes `out`, in the order of the all-in-registers kernel below (which other dtypes
@@ -253,26 +271,21 @@ void input_grad_by_term(const std::vector<Term>& terms, const GateSet& gates, co
   const Strides5 os = strides_of(out);
   float* op = out.data_ptr<float>();
   const int n_terms = static_cast<int>(terms.size());
-  std::vector<Weight<float>> weights;
-  std::vector<Upstream<float, float>> ups;
+  const TermSet<float, float> set(terms, gates, d);
   std::vector<AddTermPlane<B>> add;
   for (const Term& term : terms) {
-    weights.push_back(make_weight<float>(gates, term.weight));
-    ups.push_back(make_upstream<float, float>(term.upstream));
     with_term_shape<float>(term, true, [&](auto shape, auto upstream) {
       add.push_back(&add_term_plane<decltype(shape), decltype(upstream), B>);
     });
   }
-  std::vector<UpstreamCall<float, float>> calls;  // after `ups` is complete: they point into it
-  for (const auto& up : ups) calls.push_back(upstream_call(up, d));
   at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
     std::vector<float> acc(static_cast<size_t>(d.H * d.W));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
       const PlaneAt<float> opl = plane_at(op, os, n, t, c);
       for (int k = 0; k < n_terms; ++k) {
-        add[k](weight_at(weights[k], d, n, t, c), upstream_at(calls[k], d, n, t, c), d, k == 0, k == n_terms - 1,
-               acc.data(), opl);
+        add[k](weight_at(set.weights[k], d, n, t, c), upstream_at(set.calls[k], d, n, t, c), d, k == 0,
+               k == n_terms - 1, acc.data(), opl);
       }
     }
   });
@@ -286,22 +299,15 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
   const Strides5 os = strides_of(out);
   scalar_t* op = out.data_ptr<scalar_t>();
   const int n_terms = static_cast<int>(terms.size());
-  std::vector<Weight<acc_t>> weights;
-  std::vector<Upstream<scalar_t, acc_t>> ups;
-  for (const Term& term : terms) {
-    weights.push_back(make_weight<acc_t>(gates, term.weight));
-    ups.push_back(make_upstream<scalar_t, acc_t>(term.upstream));
-  }
-  std::vector<UpstreamCall<scalar_t, acc_t>> calls;  // after `ups` is complete: they point into it
-  for (const auto& up : ups) calls.push_back(upstream_call(up, d));
+  const TermSet<scalar_t, acc_t> set(terms, gates, d);
   at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
     WeightAt<acc_t> wa[kMaxTerms];
     UpstreamAt<scalar_t, acc_t> ua[kMaxTerms];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
       for (int k = 0; k < n_terms; ++k) {
-        wa[k] = weight_at(weights[k], d, n, t, c);
-        ua[k] = upstream_at(calls[k], d, n, t, c);
+        wa[k] = weight_at(set.weights[k], d, n, t, c);
+        ua[k] = upstream_at(set.calls[k], d, n, t, c);
       }
       const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
       for_each_chunk<acc_t, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {

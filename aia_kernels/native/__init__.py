@@ -197,7 +197,7 @@ def load(verbose: bool = False) -> None:
                 if needs_build(directory, name, CSRC):
                     what = "CUDA and C++" if cuda else "emulated CUDA and C++" if emulated else "C++"
                     say(f"compiling the native {what} kernels ({name}) on first use, about "
-                        f"{'2-5 minutes' if cuda or emulated else '30-90 s'}; cached in {directory}")
+                        f"{'2-5 minutes' if cuda or emulated else '1-2 minutes'}; cached in {directory}")
                 load_extension(name=name, sources=sources,
                                extra_cflags=CXX_FLAGS + defines, extra_cuda_cflags=NVCC_FLAGS + defines,
                                extra_ldflags=LD_FLAGS, extra_include_paths=[str(CSRC)], build_directory=directory,
