@@ -46,7 +46,7 @@ from .build_config import (
     CUDA_FLAGS,
     CUDA_SOURCES,
     CXX_FLAGS,
-    EMULATED_CUDA_SOURCES,
+    EMULATION_SOURCES,
     EMULATION_FLAGS,
     LD_FLAGS,
     NVCC_FLAGS,
@@ -183,8 +183,8 @@ def load(verbose: bool = False) -> None:
             return
         from torch.utils.cpp_extension import load as load_extension
         cuda = _with_cuda() and not emulated
-        sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())
-                   + (EMULATED_CUDA_SOURCES if emulated else ())]
+        sources = [str(CSRC / s) for s in (EMULATION_SOURCES if emulated else
+                                             CPU_SOURCES + (CUDA_SOURCES if cuda else ()))]
         defines = EMULATION_FLAGS if emulated else CUDA_FLAGS if cuda else []
         if emulated:
             warnings.warn("aia_kernels.native: AIA_NATIVE_CUDA_EMULATION=1: CPU tensors run the CUDA kernels on "

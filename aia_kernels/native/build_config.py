@@ -12,6 +12,11 @@ CPU_SOURCES = ("aia_ops.cpp", "aia_plan.cpp", "aia_cpu_pool.cpp", "aia_cpu_grad.
 CUDA_SOURCES = ("aia_cuda.cu", "aia_cuda_persistent.cu")
 # The CUDA sources as host C++ against the emulator (each wrapper includes its .cu).
 EMULATED_CUDA_SOURCES = tuple(f"emulation/{Path(s).stem}_emulated.cpp" for s in CUDA_SOURCES)
+# The emulation build: every tensor takes the CUDA path there (csrc/aia_host.h), so the full-size
+# CPU passes (aia_cpu_pool.cpp, aia_cpu_grad.cpp) are left out; aia_ops.cpp still calls the gate
+# helpers of aia_cpu_gate.cpp on its (dead) CPU branches.
+EMULATION_SOURCES = (tuple(s for s in CPU_SOURCES if s not in ("aia_cpu_pool.cpp", "aia_cpu_grad.cpp"))
+                     + EMULATED_CUDA_SOURCES)
 # Host code must not fuse the kernels' explicitly rounded a * b + c (the __fmul_rn & co. stand-ins).
 EMULATION_FLAGS = ["-DAIA_WITH_CUDA", "-DAIA_CUDA_EMULATION", "-ffp-contract=off"]
 CUDA_FLAGS = ["-DAIA_WITH_CUDA"]
