@@ -26,7 +26,14 @@ EMULATED_TESTS = "not test_conformance or native-cuda"
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("emulation_build")
+    """One build for the run: under pytest-xdist each worker has its own basetemp, and their
+    common parent is the run's; the loader's build lock lets a second worker wait for the
+    first's build and load it instead of compiling it again."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / "emulation_build"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def run_emulated(build_dir, keyword=EMULATED_TESTS, **env) -> tuple[int, int]:
