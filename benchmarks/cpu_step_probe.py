@@ -11,7 +11,9 @@ Measures (forward + backward, train mode, float32):
   - the Python and autograd overhead of a native step: the two plan ops replaced by
     their cached results, so only the Python around them runs;
   - the time per step of each native primitive (``torch.profiler`` self time), with
-    the executor walking the plan one primitive at a time (same kernels as the plan ops).
+    the executor walking the plan one primitive at a time (same kernels as the plan ops;
+    but each primitive call evaluates its gates' values, sigmoid included, where the plan
+    ops do it once per direction, so the small ATen ops there overstate the plan's).
 Writes benchmarks/results/cpu_step_probe_<tag>.json and .md (machine, date, command).
 ``--profile-steps N`` instead only runs N native steps after 5 warm-up steps, for an
 external profiler (``perf record -g --delay=...``), and writes nothing.

@@ -39,6 +39,7 @@ SLOW_FIRST = (
     "test_native_build.py::test_killed_build_then_two_processes",
     "test_api.py::test_demo_shows_backends_agreement",
     "test_native_cuda_compile.py::test_cuda_sources_compile",
+    "test_native_cuda_compile.py::test_cuda_kernels_keep_to_registers",
     "test_temporal_order.py::",
     "test_benchmarks_smoke.py::test_onnx_network_benchmark_smoke",
     "test_native_cuda_emulated.py::test_one_launch_paths_on_a_large_grid",

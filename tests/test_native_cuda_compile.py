@@ -1,6 +1,7 @@
 """The CUDA sources compile (nvcc, compile only). No GPU is needed, nothing runs: this
 catches syntax and type errors in every csrc/*.cu, and in the C++ sources' CUDA-only
 branches (AIA_WITH_CUDA), on CI machines without a GPU."""
+import fcntl
 import os
 import re
 import shutil
@@ -45,22 +46,30 @@ def test_every_cuda_source_is_built():
 @pytest.fixture(scope="module")
 def compile_cu(tmp_path_factory):
     """compile_cu(source): nvcc -c of csrc/<source> for sm_90 (the H100/H200) with ptxas's
-    resource report; its output, one compile per source and process. Skips without nvcc."""
-    outputs = {}
+    resource report; its output, one compile per source and test run: under pytest-xdist
+    the workers share the outputs through the run's common temp dir (a lock file per
+    source, so a second worker waits for the first's compile, up to a minute of CPU, instead
+    of repeating it). Skips without nvcc."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "nvcc_outputs"
+    shared.mkdir(exist_ok=True)
 
     def run(source: str) -> str:
         nvcc = _nvcc()
         if nvcc is None:
             pytest.skip("nvcc not found: the CUDA sources cannot be compile-checked on this machine")
-        if source not in outputs:
-            tmp = tmp_path_factory.mktemp("nvcc")
-            cmd = [nvcc, "-c", str(CSRC / source), "-o", str(tmp / (source + ".o")), CXX_STANDARD,
-                   "-arch=sm_90", "--expt-relaxed-constexpr", "-DAIA_WITH_CUDA", "-Xcudafe", "--diag_suppress=3306",
-                   "--resource-usage", *[f"-I{p}" for p in _includes(tmp)]]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            assert result.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
-            outputs[source] = result.stdout + result.stderr
-        return outputs[source]
+        output = shared / f"{source}.txt"
+        with open(shared / f"{source}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not output.exists():
+                tmp = tmp_path_factory.mktemp("nvcc")
+                cmd = [nvcc, "-c", str(CSRC / source), "-o", str(tmp / (source + ".o")), CXX_STANDARD,
+                       "-arch=sm_90", "--expt-relaxed-constexpr", "-DAIA_WITH_CUDA", "-Xcudafe",
+                       "--diag_suppress=3306", "--resource-usage", *[f"-I{p}" for p in _includes(tmp)]]
+                result = subprocess.run(cmd, capture_output=True, text=True)
+                assert result.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+                output.write_text(result.stdout + result.stderr)
+        return output.read_text()
 
     return run
 
