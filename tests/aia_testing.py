@@ -6,6 +6,7 @@ import copy
 import itertools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -231,6 +232,17 @@ def small_tsm(variant: str, num_segments: int, backend: str = "native") -> nn.Mo
     base = ResNet(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8), variant=variant, num_segments=num_segments,
                   backend=backend, shift=True, stem_width=8)
     return randomize_network_bn(TSN(base, num_classes=3, num_segments=num_segments)).eval()
+
+
+def run_shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder every worker of this test run shares (created if missing): under pytest-xdist
+    each worker has its own basetemp, and their common parent is the run's. Tests that build
+    or compile the same thing use it, with a lock, so a second worker waits for the first's
+    result instead of repeating minutes of CPU."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def assert_standard_onnx(model_proto) -> None:

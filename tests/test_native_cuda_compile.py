@@ -14,6 +14,8 @@ from torch.utils import cpp_extension
 
 from aia_kernels.native.build_config import CPU_SOURCES, CUDA_SOURCES, CXX_STANDARD
 
+from aia_testing import run_shared_dir
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 # The aia_cpu_*.cpp kernels have no CUDA branch; the others dispatch to CUDA under AIA_WITH_CUDA.
@@ -46,13 +48,10 @@ def test_every_cuda_source_is_built():
 @pytest.fixture(scope="module")
 def compile_cu(tmp_path_factory):
     """compile_cu(source): nvcc -c of csrc/<source> for sm_90 (the H100/H200) with ptxas's
-    resource report; its output, one compile per source and test run: under pytest-xdist
-    the workers share the outputs through the run's common temp dir (a lock file per
-    source, so a second worker waits for the first's compile, up to a minute of CPU, instead
-    of repeating it). Skips without nvcc."""
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "nvcc_outputs"
-    shared.mkdir(exist_ok=True)
+    resource report; its output, one compile per source and test run, shared by the xdist
+    workers (a lock file per source: a second worker waits for the first's compile, up to a
+    minute of CPU, instead of repeating it). Skips without nvcc."""
+    shared = run_shared_dir(tmp_path_factory, "nvcc_outputs")
 
     def run(source: str) -> str:
         nvcc = _nvcc()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from aia_testing import run_shared_dir
+
 pytest.importorskip("aia_kernels.native")
 TESTS = Path(__file__).resolve().parent
 # test_native_cuda.py's tests that need a real device (they skip under emulation, saying why).
@@ -26,14 +28,9 @@ EMULATED_TESTS = "not test_conformance or native-cuda"
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
-    """One build for the run: under pytest-xdist each worker has its own basetemp, and their
-    common parent is the run's; the loader's build lock lets a second worker wait for the
+    """One build for the run: the loader's build lock lets a second worker wait for the
     first's build and load it instead of compiling it again."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    path = shared / "emulation_build"
-    path.mkdir(exist_ok=True)
-    return path
+    return run_shared_dir(tmp_path_factory, "emulation_build")
 
 
 def run_emulated(build_dir, keyword=EMULATED_TESTS, **env) -> tuple[int, int]:
