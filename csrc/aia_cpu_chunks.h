@@ -414,6 +414,39 @@ struct StripGroup {
   }
 };
 
+// Calls f(integral_constant<int, S>) with a group's strip count S as a constant where the
+// ResNet widths give it (1, 2 or 4 strips), else with S = 0 (the count read at run time).
+// With a constant count the loops over strips unroll and each strip's running values stay
+// in registers; read at run time, the loop stayed rolled and they lived on the stack
+// (perf annotate of the T/H/W pool, 2026-12-02). Each count is another copy of the loop to
+// compile, so only the compiled weight structures (kConstant) get them, and half-width
+// float vectors on AVX-512 (rows of at most 8 floats: with_chunk_bytes) only one strip.
+template <bool kConstant, typename acc_t, int B, typename F>
+AIA_INLINE void with_strip_count(const StripGroup<acc_t, B>& group, F&& f) {
+  static_assert(kGroupStrips == 4, "the constant strip counts below");
+  if constexpr (!kConstant) {
+    f(std::integral_constant<int, 0>{});
+  } else if constexpr (B < kVectorBytes && sizeof(acc_t) == 4) {
+    TORCH_CHECK(group.strips == 1, "aia_native: a half-width float vector holds a whole row");
+    f(std::integral_constant<int, 1>{});
+  } else {
+    switch (group.strips) {
+      case 1: return f(std::integral_constant<int, 1>{});
+      case 2: return f(std::integral_constant<int, 2>{});
+      case 4: return f(std::integral_constant<int, 4>{});
+      default: return f(std::integral_constant<int, 0>{});
+    }
+  }
+}
+
+// Strip s of a group whose count is kStrips (0: read at run time): every strip but the
+// last is a whole vector, known as one when kStrips is a constant.
+template <int kStrips, typename acc_t, int B>
+AIA_INLINE Row<acc_t, B> strip_row(const StripGroup<acc_t, B>& group, int s) {
+  if (kStrips > 0 && s < kStrips - 1) return Row<acc_t, B>{Vec<acc_t, B>::kLanes};
+  return group.row[s];
+}
+
 // ---- weights over a plane ----
 
 // A factor's gates at one plane: a C gate's (H, W) plane, or for (T + H + W) / 3 the T

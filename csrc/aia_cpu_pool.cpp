@@ -201,8 +201,6 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
         const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
         for (int64_t g0 = 0; g0 < W; g0 += kGroupStrips * V::kLanes) {
           const StripGroup<acc_t, B> group(g0, W);
-          typename V::type hmx[kGroupStrips] = {}, hsum[kGroupStrips] = {};  // along h, per chunk column
-          typename V::itype harg[kGroupStrips] = {};
           // Along w: a piece of row h (from its start if `first`) with max m, first at `pos`,
           // sum `sum`, merged into the row's running values.
           const auto merge_w = [&](int64_t h, bool first, acc_t m, int32_t pos, acc_t sum) AIA_LAMBDA_INLINE {
@@ -226,14 +224,19 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           };
           // The rows, compiled for each case: rows of one chunk keep the per-chunk W code, and
           // the usual stage (all three axes) has no per-chunk axis checks.
-          const auto rows = [&](auto lanes_tag, auto all_tag) AIA_LAMBDA_INLINE {
+          const auto rows = [&](auto lanes_tag, auto all_tag, auto strips_tag) AIA_LAMBDA_INLINE {
             constexpr bool w_lanes = decltype(lanes_tag)::value, all = decltype(all_tag)::value;
+            constexpr int kStrips = decltype(strips_tag)::value;
+            const int strips = kStrips > 0 ? kStrips : group.strips;
+            typename V::type hmx[kGroupStrips] = {}, hsum[kGroupStrips] = {};  // along h, per chunk column
+            typename V::itype harg[kGroupStrips] = {};
             for (int64_t h = 0; h < H; ++h) {
               [[maybe_unused]] LaneMaxSum<acc_t, B, kArg> wl;
+#pragma GCC unroll 4
               for (int s = 0; s < kGroupStrips; ++s) {
-                if (s == group.strips) break;
+                if (s == strips) break;
                 const int64_t w0 = g0 + s * V::kLanes;
-                const Row<acc_t, B>& row = group.row[s];
+                const Row<acc_t, B> row = strip_row<kStrips>(group, s);
                 const typename V::type y = weighted_chunk_of<S>(wa, vpl, d, h, w0, row);
                 if (all || P[kAxisT] != nullptr) {
                   const int64_t off = h * W + w0;
@@ -265,21 +268,29 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 }
               }
             }
+            if (all || P[kAxisH] != nullptr) {
+#pragma GCC unroll 4
+              for (int s = 0; s < kGroupStrips; ++s) {
+                if (s == strips) break;
+                const Row<acc_t, B> row = strip_row<kStrips>(group, s);
+                const int64_t g = gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes;
+                row.store(P[kAxisH] + pooled_max_offset(g, n, sH), hmx[s]);
+                row.store(P[kAxisH] + pooled_mean_offset(g, n, sH), hsum[s] / acc_t(H));
+                if constexpr (kArg) row.store_index(A[kAxisH] + g, harg[s]);
+              }
+            }
           };
           const bool all = P[kAxisT] != nullptr && P[kAxisH] != nullptr && P[kAxisW] != nullptr;
-          if (all && group.strips > 1) rows(std::true_type{}, std::true_type{});
-          else if (all) rows(std::false_type{}, std::true_type{});
-          else if constexpr (!S::kStatic) {  // some of T, H, W (tests, benchmarks): compiled for AnyWeight only
-            if (P[kAxisW] != nullptr && group.strips > 1) rows(std::true_type{}, std::false_type{});
-            else rows(std::false_type{}, std::false_type{});
-          }
-          if (P[kAxisH] != nullptr) {
-            for (int s = 0; s < group.strips; ++s) {
-              const int64_t g = gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes;
-              group.row[s].store(P[kAxisH] + pooled_max_offset(g, n, sH), hmx[s]);
-              group.row[s].store(P[kAxisH] + pooled_mean_offset(g, n, sH), hsum[s] / acc_t(H));
-              if constexpr (kArg) group.row[s].store_index(A[kAxisH] + g, harg[s]);
-            }
+          const std::integral_constant<int, 0> any_strips;
+          if (all) {
+            with_strip_count<S::kStatic>(group, [&](auto strips_tag) AIA_LAMBDA_INLINE {
+              constexpr int kStrips = decltype(strips_tag)::value;
+              if (kStrips == 1 || group.strips == 1) rows(std::false_type{}, std::true_type{}, strips_tag);
+              else rows(std::true_type{}, std::true_type{}, strips_tag);
+            });
+          } else if constexpr (!S::kStatic) {  // some of T, H, W (tests, benchmarks): compiled for AnyWeight only
+            if (P[kAxisW] != nullptr && group.strips > 1) rows(std::true_type{}, std::false_type{}, any_strips);
+            else rows(std::false_type{}, std::false_type{}, any_strips);
           }
         }
         if (P[kAxisW] != nullptr) {

@@ -222,7 +222,8 @@ def test_plan_ops_equal_primitive_walk(variant, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("width", [7, 12, 37])  # 32-byte chunks (floats), one 64-byte chunk, several per row
+# 32-byte chunks (floats), one 64-byte chunk, 3 and 4 per row (ResNet's 56), two column groups
+@pytest.mark.parametrize("width", [7, 12, 37, 56, 70])
 @pytest.mark.parametrize("special", ["ties_and_infinities", "nans"])
 def test_pool_without_argmax_keeps_the_maxima(width, special, dtype):
     """plan_forward pools a stage the backward pools again without tracking its max positions
@@ -318,7 +319,8 @@ def _pool_both(v, axes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("height,width", [(5, 3), (5, 7), (19, 7), (5, 12), (19, 12), (5, 19), (5, 37)])
+@pytest.mark.parametrize("height,width", [(5, 3), (5, 7), (19, 7), (5, 12), (19, 12), (5, 19), (5, 37), (19, 56),
+                                          (5, 70)])
 def test_pool_ties_and_infinities(height, width, dtype):
     """Pooling along each axis, rows of one chunk (half and whole vectors) and of several,
     planes shorter and taller than a vector is wide: integer values (many ties: the first
@@ -334,7 +336,7 @@ def test_pool_ties_and_infinities(height, width, dtype):
             assert torch.equal(a1, a2), axes
 
 
-@pytest.mark.parametrize("width", [7, 12, 37])
+@pytest.mark.parametrize("width", [7, 12, 37, 56, 70])
 def test_pool_nans(width):
     """A NaN makes the mean of every line through it NaN; lines without one pool as the
     plain-torch primitives do. (Where a line holds a NaN, the max and its position follow
