@@ -8,27 +8,40 @@ namespace {
 
 using namespace detail;
 
+// The C pass pools this many channels at a time (see its loop).
+constexpr int kChannelBlock = 4;
+
 // ---- reductions ----
 
 // Running max (the first maximum wins: strict >, so ties and NaNs keep the earlier
 // entry, as in the reference's order) and sum of chunks along a pooled axis, kept in
-// buffers at `mx`, `sum`, `arg` (the max's position only if kArgmax).
-template <bool kArgmax, typename acc_t, int B>
-AIA_INLINE void running_max_sum(const Row<acc_t, B>& row, const typename Vec<acc_t, B>::type& y, int32_t pos, bool first,
-                                acc_t* mx, acc_t* sum, int32_t* arg) {
+// buffers at `mx`, `sum`, `arg` (the max's position only if kArgmax): y[0..kPlanes) at
+// positions pos, pos + 1, ..., in that order, with one read and write of the buffers.
+template <bool kArgmax, int kPlanes, typename acc_t, int B>
+AIA_INLINE void running_max_sum(const Row<acc_t, B>& row, const typename Vec<acc_t, B>::type* y, int32_t pos,
+                                bool first, acc_t* mx, acc_t* sum, int32_t* arg) {
   using V = Vec<acc_t, B>;
-  const typename V::itype at = typename V::itype{} + typename V::int_t(pos);
+  typename V::type m, s;
+  typename V::itype at{};
+  int p = 0;
   if (first) {
-    row.store(mx, y);
-    row.store(sum, y);
-    if constexpr (kArgmax) row.store_index(arg, at);
-    return;
+    m = s = y[0];
+    if constexpr (kArgmax) at = typename V::itype{} + typename V::int_t(pos);
+    p = 1;
+  } else {
+    m = row.load(mx);
+    s = row.load(sum);
+    if constexpr (kArgmax) at = row.load_index(arg);
   }
-  const typename V::type m = row.load(mx);
-  const typename V::itype greater = y > m;
-  row.store(mx, greater ? y : m);
-  if constexpr (kArgmax) row.store_index(arg, greater ? at : row.load_index(arg));
-  row.store(sum, row.load(sum) + y);
+  for (; p < kPlanes; ++p) {
+    const typename V::itype greater = y[p] > m;
+    m = greater ? y[p] : m;
+    if constexpr (kArgmax) at = greater ? typename V::itype{} + typename V::int_t(pos + p) : at;
+    s = s + y[p];
+  }
+  row.store(mx, m);
+  row.store(sum, s);
+  if constexpr (kArgmax) row.store_index(arg, at);
 }
 
 // The same for one value at a time (reductions along a row, in increasing w).
@@ -171,15 +184,26 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
       std::vector<int32_t> arg(HW);
       for (int64_t nt = begin; nt < end; ++nt) {
         const int64_t n = nt / d.T, t = nt % d.T;
-        for (int64_t c = 0; c < d.C; ++c) {
-          const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
-          const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+        // kCount channels from c at a time: their running values read and written once.
+        int64_t c = 0;
+        const auto channels = [&](auto count_tag) AIA_LAMBDA_INLINE {
+          constexpr int kCount = decltype(count_tag)::value;
+          WeightAt<acc_t> wa[kCount];
+          PlaneAt<const scalar_t> vpl[kCount];
+          for (int k = 0; k < kCount; ++k) {
+            wa[k] = weight_at(wt, d, n, t, c + k);
+            vpl[k] = plane_at(vp, vs, n, t, c + k);
+          }
           for_each_chunk<acc_t, B>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
+            typename V::type y[kCount];
+            for (int k = 0; k < kCount; ++k) y[k] = weighted_chunk_of<S>(wa[k], vpl[k], d, h, w0, row);
             const int64_t off = h * W + w0;
-            running_max_sum<kArg>(row, weighted_chunk_of<S>(wa, vpl, d, h, w0, row), static_cast<int32_t>(c), c == 0,
-                                  mx.data() + off, sum.data() + off, arg.data() + off);
+            running_max_sum<kArg, kCount>(row, y, static_cast<int32_t>(c), c == 0, mx.data() + off, sum.data() + off,
+                                          arg.data() + off);
           });
-        }
+        };
+        for (; c + kChannelBlock <= d.C; c += kChannelBlock) channels(std::integral_constant<int, kChannelBlock>{});
+        for (; c < d.C; ++c) channels(std::integral_constant<int, 1>{});
         write_pooled(mx.data(), sum.data(), arg.data(), HW, acc_t(d.C), P[kAxisC], A[kAxisC],
                      gate_offset(kAxisC, d, n, t, 0, 0, 0), n, sample);
       }
@@ -240,8 +264,8 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 const typename V::type y = weighted_chunk_of<S>(wa, vpl, d, h, w0, row);
                 if (all || P[kAxisT] != nullptr) {
                   const int64_t off = h * W + w0;
-                  running_max_sum<kArg>(row, y, static_cast<int32_t>(t), t == 0, tmx.data() + off,
-                                        tsum.data() + off, targ.data() + off);
+                  running_max_sum<kArg, 1>(row, &y, static_cast<int32_t>(t), t == 0, tmx.data() + off,
+                                           tsum.data() + off, targ.data() + off);
                 }
                 if (all || P[kAxisH] != nullptr) {
                   const typename V::itype greater = h == 0 ? ~typename V::itype{} : (y > hmx[s]);

@@ -324,9 +324,10 @@ def _pool_both(v, axes):
 def test_pool_ties_and_infinities(height, width, dtype):
     """Pooling along each axis, rows of one chunk (half and whole vectors) and of several,
     planes shorter and taller than a vector is wide: integer values (many ties: the first
-    position wins) and rows of -inf and +inf, equal to the plain-torch primitives."""
+    position wins) and rows of -inf and +inf, equal to the plain-torch primitives. Six
+    channels: the C pass's blocks of four and a remainder."""
     torch.manual_seed(width)
-    v = torch.randint(-2, 3, (2, 3, 4, height, width)).to(dtype)
+    v = torch.randint(-2, 3, (2, 3, 6, height, width)).to(dtype)
     v[0, 0, 0, 0] = float("-inf")
     v[0, 1, 1, 2] = float("inf")
     v[0, 2, 1, 3, -1] = float("-inf")
