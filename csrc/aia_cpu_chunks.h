@@ -47,6 +47,14 @@ namespace detail {
 #define AIA_AVX2_CHUNKS 1
 #endif
 
+// Chunks with a vector ISA's masked loads and stores (AVX-512 or AVX2); a portable build's
+// chunks are element loops.
+#if defined(AIA_MASKED_CHUNKS) || defined(AIA_AVX2_CHUNKS)
+constexpr bool kVectorChunks = true;
+#else
+constexpr bool kVectorChunks = false;
+#endif
+
 // The widest vector worth using: 64 bytes with AVX-512. Elsewhere 32: a 64-byte vector
 // would be split in two registers, and GCC lowers the vector extensions' compares and
 // selects on split vectors through the stack, and the convs' register blocks spill
@@ -419,12 +427,13 @@ struct StripGroup {
 // With a constant count the loops over strips unroll and each strip's running values stay
 // in registers; read at run time, the loop stayed rolled and they lived on the stack
 // (perf annotate of the T/H/W pool, 2026-12-02). Each count is another copy of the loop to
-// compile, so only the compiled weight structures (kConstant) get them, and half-width
-// float vectors on AVX-512 (rows of at most 8 floats: with_chunk_bytes) only one strip.
+// compile, so only the compiled weight structures (kConstant) get them, half-width float
+// vectors on AVX-512 (rows of at most 8 floats: with_chunk_bytes) only one strip, and a
+// portable build none (its unrolled element loops made the copies a six-minute build).
 template <bool kConstant, typename acc_t, int B, typename F>
 AIA_INLINE void with_strip_count(const StripGroup<acc_t, B>& group, F&& f) {
   static_assert(kGroupStrips == 4, "the constant strip counts below");
-  if constexpr (!kConstant) {
+  if constexpr (!kConstant || !kVectorChunks) {
     f(std::integral_constant<int, 0>{});
   } else if constexpr (B < kVectorBytes && sizeof(acc_t) == 4) {
     TORCH_CHECK(group.strips == 1, "aia_native: a half-width float vector holds a whole row");
@@ -445,6 +454,19 @@ template <int kStrips, typename acc_t, int B>
 AIA_INLINE Row<acc_t, B> strip_row(const StripGroup<acc_t, B>& group, int s) {
   if (kStrips > 0 && s < kStrips - 1) return Row<acc_t, B>{Vec<acc_t, B>::kLanes};
   return group.row[s];
+}
+
+// Calls f(s, row) for the strips of a group whose count is kStrips (0: read at run time),
+// unrolled when the count is a constant (and only then: unrolled four times, a run-time
+// count's loop was a four-minute compile in a portable build).
+template <int kStrips, typename acc_t, int B, typename F>
+AIA_INLINE void for_each_strip(const StripGroup<acc_t, B>& group, F&& f) {
+  if constexpr (kStrips > 0) {
+#pragma GCC unroll 4
+    for (int s = 0; s < kStrips; ++s) f(s, strip_row<kStrips>(group, s));
+  } else {
+    for (int s = 0; s < group.strips; ++s) f(s, group.row[s]);
+  }
 }
 
 // ---- weights over a plane ----

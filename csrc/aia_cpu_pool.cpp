@@ -8,8 +8,9 @@ namespace {
 
 using namespace detail;
 
-// The C pass pools this many channels at a time (see its loop).
-constexpr int kChannelBlock = 4;
+// The C pass pools this many channels at a time (see its loop); one in a portable build,
+// whose element-loop chunks would make each block size a long compile.
+constexpr int kChannelBlock = kVectorChunks ? 4 : 1;
 
 // ---- reductions ----
 
@@ -251,16 +252,12 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           const auto rows = [&](auto lanes_tag, auto all_tag, auto strips_tag) AIA_LAMBDA_INLINE {
             constexpr bool w_lanes = decltype(lanes_tag)::value, all = decltype(all_tag)::value;
             constexpr int kStrips = decltype(strips_tag)::value;
-            const int strips = kStrips > 0 ? kStrips : group.strips;
             typename V::type hmx[kGroupStrips] = {}, hsum[kGroupStrips] = {};  // along h, per chunk column
             typename V::itype harg[kGroupStrips] = {};
             for (int64_t h = 0; h < H; ++h) {
               [[maybe_unused]] LaneMaxSum<acc_t, B, kArg> wl;
-#pragma GCC unroll 4
-              for (int s = 0; s < kGroupStrips; ++s) {
-                if (s == strips) break;
+              for_each_strip<kStrips>(group, [&](int s, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
                 const int64_t w0 = g0 + s * V::kLanes;
-                const Row<acc_t, B> row = strip_row<kStrips>(group, s);
                 const typename V::type y = weighted_chunk_of<S>(wa, vpl, d, h, w0, row);
                 if (all || P[kAxisT] != nullptr) {
                   const int64_t off = h * W + w0;
@@ -278,7 +275,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 } else if (all || P[kAxisW] != nullptr) {
                   w_chunk(h, w0, row, y);
                 }
-              }
+              });
               if constexpr (w_lanes) {
                 acc_t m, sum;
                 int32_t first_pos;
@@ -293,23 +290,22 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
               }
             }
             if (all || P[kAxisH] != nullptr) {
-#pragma GCC unroll 4
-              for (int s = 0; s < kGroupStrips; ++s) {
-                if (s == strips) break;
-                const Row<acc_t, B> row = strip_row<kStrips>(group, s);
+              for_each_strip<kStrips>(group, [&](int s, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
                 const int64_t g = gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes;
                 row.store(P[kAxisH] + pooled_max_offset(g, n, sH), hmx[s]);
                 row.store(P[kAxisH] + pooled_mean_offset(g, n, sH), hsum[s] / acc_t(H));
                 if constexpr (kArg) row.store_index(A[kAxisH] + g, harg[s]);
-              }
+              });
             }
           };
           const bool all = P[kAxisT] != nullptr && P[kAxisH] != nullptr && P[kAxisW] != nullptr;
           const std::integral_constant<int, 0> any_strips;
           if (all) {
             with_strip_count<S::kStatic>(group, [&](auto strips_tag) AIA_LAMBDA_INLINE {
-              constexpr int kStrips = decltype(strips_tag)::value;
-              if (kStrips == 1 || group.strips == 1) rows(std::false_type{}, std::true_type{}, strips_tag);
+              constexpr int kStrips = decltype(strips_tag)::value;  // 0: read at run time
+              if constexpr (kStrips == 1) rows(std::false_type{}, std::true_type{}, strips_tag);
+              else if constexpr (kStrips > 1) rows(std::true_type{}, std::true_type{}, strips_tag);
+              else if (group.strips == 1) rows(std::false_type{}, std::true_type{}, strips_tag);
               else rows(std::true_type{}, std::true_type{}, strips_tag);
             });
           } else if constexpr (!S::kStatic) {  // some of T, H, W (tests, benchmarks): compiled for AnyWeight only
