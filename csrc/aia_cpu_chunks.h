@@ -429,7 +429,8 @@ struct StripGroup {
 // (perf annotate of the T/H/W pool, 2026-12-02). Each count is another copy of the loop to
 // compile, so only the compiled weight structures (kConstant) get them, half-width float
 // vectors on AVX-512 (rows of at most 8 floats: with_chunk_bytes) only one strip, and a
-// portable build none (its unrolled element loops made the copies a six-minute build).
+// portable build none (element-loop chunks, not the speed target, whose compile time is
+// the CI's: see for_each_strip).
 template <bool kConstant, typename acc_t, int B, typename F>
 AIA_INLINE void with_strip_count(const StripGroup<acc_t, B>& group, F&& f) {
   static_assert(kGroupStrips == 4, "the constant strip counts below");

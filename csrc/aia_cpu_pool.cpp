@@ -8,8 +8,8 @@ namespace {
 
 using namespace detail;
 
-// The C pass pools this many channels at a time (see its loop); one in a portable build,
-// whose element-loop chunks would make each block size a long compile.
+// The C pass pools this many channels at a time (see its loop); one in a portable build
+// (element-loop chunks, not the speed target: each block size is another copy to compile).
 constexpr int kChannelBlock = kVectorChunks ? 4 : 1;
 
 // ---- reductions ----
@@ -281,11 +281,11 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
                 int32_t first_pos;
                 if (wl.reduce(m, first_pos, sum)) {
                   merge_w(h, g0 == 0, m, first_pos, sum);
-                } else {  // a NaN in the row: its chunks again, in order
-                  for (int s = 0; s < group.strips; ++s) {
+                } else {  // a NaN in the row: its chunks again, in order (rare: not unrolled)
+                  for_each_strip<0>(group, [&](int s, const Row<acc_t, B>& row) {
                     const int64_t w0 = g0 + s * V::kLanes;
-                    w_chunk(h, w0, group.row[s], weighted_chunk_of<S>(wa, vpl, d, h, w0, group.row[s]));
-                  }
+                    w_chunk(h, w0, row, weighted_chunk_of<S>(wa, vpl, d, h, w0, row));
+                  });
                 }
               }
             }
