@@ -396,10 +396,52 @@ PlaneAt<scalar_t> plane_at(scalar_t* data, const Strides5& s, int64_t n, int64_t
   return {data + n * s.n + t * s.t + c * s.c, s.h, s.w};
 }
 
+// A row of W entries rounded up to whole vectors: the row pitch of a pass's own buffers,
+// so that they are read and written with whole-vector loads and stores. A masked store
+// does not forward to a later load of the same entries, which then waits until the store
+// has reached the cache; with rows of one chunk (7x7, 14x14) the next read of a running
+// value comes a few rows later and stalled there (perf annotate, 2026-12-02).
+template <typename V>
+constexpr int64_t whole_vectors(int64_t W) {
+  return (W + V::kLanes - 1) / V::kLanes * V::kLanes;
+}
+
+// Rows `pitch` apart -> H contiguous rows of W at `out`.
+template <typename acc_t>
+void unpitch_rows(const acc_t* src, int64_t H, int64_t W, int64_t pitch, acc_t* out) {
+  for (int64_t h = 0; h < H; ++h) std::copy(src + h * pitch, src + h * pitch + W, out + h * W);
+}
+
+// The T/H/W passes walk v plane by plane in (n, c)-major, t-minor order: consecutive
+// planes are C planes apart in memory, where the hardware prefetcher does not look. With
+// planes of 2 KB and more (28x28 floats and up) they fetch the next one a chunk at a time
+// while pooling this one (at 56x56 the T/H/W pool took 0.77-0.79x the time); smaller
+// planes were not faster that way (v stays in L2 there).
+inline bool prefetch_next_frame(const Dims& d, int64_t element_bytes) {
+  return d.H * d.W * element_bytes >= 2048;
+}
+
+// The plane after (n, t, c) in that order (itself at the clip's end).
+template <typename scalar_t>
+PlaneAt<scalar_t> next_frame(scalar_t* data, const Strides5& s, const Dims& d, int64_t n, int64_t t, int64_t c) {
+  if (t + 1 < d.T) return plane_at(data, s, n, t + 1, c);
+  return plane_at(data, s, n, 0, c + 1 < d.C ? c + 1 : c);
+}
+
 // Calls f(h, w0, row) for every chunk of an (H, W) plane, row by row.
 template <typename acc_t, int B, typename F>
 AIA_INLINE void for_each_chunk(int64_t H, int64_t W, F&& f) {
   constexpr int64_t L = Vec<acc_t, B>::kLanes;
+  // Half-width vectors (AVX-512, rows of at most 8 floats: with_chunk_bytes): a row is one
+  // chunk, its mask made once per plane, not per row (apply at 7x7 took 0.4x the time).
+  // Only there: each copy of the loop is another copy of the pass to compile.
+  if constexpr (B < kVectorBytes) {
+    if (W <= L) {
+      const Row<acc_t, B> row{W};
+      for (int64_t h = 0; h < H; ++h) f(h, 0, row);
+      return;
+    }
+  }
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t w0 = 0; w0 < W; w0 += L) f(h, w0, Row<acc_t, B>{std::min(L, W - w0)});
   }

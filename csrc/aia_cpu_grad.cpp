@@ -86,6 +86,9 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   const Upstream<scalar_t, acc_t> up = make_upstream<scalar_t, acc_t>(term.upstream);
   const UpstreamCall<scalar_t, acc_t> upc = upstream_call(up, d);
   const int64_t H = d.H, W = d.W, HW = H * W;
+  // The pass's own sums have rows whole vectors apart, read and written whole (whole_vectors).
+  const int64_t pitch = whole_vectors<V>(W), pitched = H * pitch;
+  const Row<acc_t, B> whole{V::kLanes};
   // out_ptr[k][j]: gradient of gate j of factor k (C, or T, H, W).
   acc_t* out_ptr[kMaxFactors][kMaxFactorGates] = {};
   bool any_c = false, any_thw = false;
@@ -106,7 +109,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   if constexpr (kMayBeCOnly) {
   if (any_c && !merged) {
     at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sums(static_cast<size_t>(HW) * kMaxFactors);
+      std::vector<acc_t> sums(static_cast<size_t>(pitched) * kMaxFactors);
       for (int64_t nt = begin; nt < end; ++nt) {
         const int64_t n = nt / d.T, t = nt % d.T;
         std::fill(sums.begin(), sums.end(), acc_t(0));
@@ -119,15 +122,14 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
             const typename V::type q = grad_chunk_of<S, U>(wa, ua, vpl, d, h, w0, row, f);
             for (int k = 0; k < factors_of<S>(wt); ++k) {
               if (factor_size_of<S>(wt, k) != 1) continue;
-              acc_t* sum = sums.data() + k * HW + h * W + w0;
-              row.store(sum, row.load(sum) + factor_grad_chunk_of<S, B>(wa, k, 1, q, f));
+              acc_t* sum = sums.data() + k * pitched + h * pitch + w0;
+              whole.store(sum, whole.load(sum) + factor_grad_chunk_of<S, B>(wa, k, 1, q, f));
             }
           });
         }
         for (int k = 0; k < factors_of<S>(wt); ++k) {
           if (factor_size_of<S>(wt, k) != 1) continue;
-          std::copy(sums.begin() + k * HW, sums.begin() + (k + 1) * HW,
-                    out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0));
+          unpitch_rows(sums.data() + k * pitched, H, W, pitch, out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0));
         }
       }
     });
@@ -135,14 +137,15 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
   }
   if (!any_thw) return;
   constexpr int64_t kCBlock = 16;
-  const int64_t blocks = (d.C + kCBlock - 1) / kCBlock, THW = d.T * HW;
-  // C partials: (N, blocks, factor, T, H, W)
+  const bool prefetch = prefetch_next_frame(d, sizeof(scalar_t));
+  const int64_t blocks = (d.C + kCBlock - 1) / kCBlock, THW = d.T * pitched;
+  // C partials: (N, blocks, factor, T, H, pitch)
   // (each task zeroes its blocks' partials: a serial memset of them all was the pass's serial part)
   acc_t* cpart = merged ? workspace<acc_t>(0, static_cast<size_t>(d.N * blocks * kMaxFactors * THW), false) : nullptr;
   // T: summed over t in buffers; H: over h in registers per strip; W: along each row.
   at::parallel_for(0, d.N * blocks, grain_for(kCBlock * THW), [&](int64_t begin, int64_t end) {
     constexpr int64_t kGroupWidth = kGroupStrips * V::kLanes;
-    std::vector<acc_t> tsums(static_cast<size_t>(HW) * kMaxFactors), wsums(static_cast<size_t>(H) * kMaxFactors);
+    std::vector<acc_t> tsums(static_cast<size_t>(pitched) * kMaxFactors), wsums(static_cast<size_t>(H) * kMaxFactors);
     for (int64_t nb = begin; nb < end; ++nb)
     for (int64_t c = nb % blocks * kCBlock; c < std::min(d.C, (nb % blocks + 1) * kCBlock); ++c) {
       const int64_t n = nb / blocks;
@@ -153,6 +156,10 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
         const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
         const UpstreamAt<scalar_t, acc_t> ua = upstream_at(upc, d, n, t, c);
         const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+        // The next planes of v and of a full upstream, fetched a chunk at a time (prefetch_next_frame).
+        const PlaneAt<const scalar_t> v_next = next_frame(vp, vs, d, n, t, c);
+        const PlaneAt<const scalar_t> dout_next =
+            up.dout != nullptr ? next_frame(up.dout, up.dout_strides, d, n, t, c) : v_next;
         for (int64_t g0 = 0; g0 < W; g0 += kGroupWidth) {
           const StripGroup<acc_t, B> group(g0, W);
           typename V::type hsums[kMaxFactors][kGroupStrips] = {};  // along h, per chunk column
@@ -161,17 +168,21 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
               if (s == group.strips) break;
               const int64_t w0 = g0 + s * V::kLanes;
               const Row<acc_t, B>& row = group.row[s];
+              if (prefetch) {
+                __builtin_prefetch(v_next.at(h, w0));
+                __builtin_prefetch(dout_next.at(h, w0));
+              }
               typename V::type f[kMaxFactors];
               const typename V::type q = grad_chunk_of<S, U>(wa, ua, vpl, d, h, w0, row, f);
               for (int k = 0; k < factors_of<S>(wt); ++k) {
                 if (factor_size_of<S>(wt, k) == 1) {  // merged: a C gate, summed over this block's channels
-                  acc_t* sum = cblock + (k * d.T + t) * HW + h * W + w0;
-                  row.store(sum, row.load(sum) + factor_grad_chunk_of<S, B>(wa, k, 1, q, f));
+                  acc_t* sum = cblock + (k * d.T + t) * pitched + h * pitch + w0;
+                  whole.store(sum, whole.load(sum) + factor_grad_chunk_of<S, B>(wa, k, 1, q, f));
                   continue;
                 }
                 const typename V::type r = factor_grad_chunk_of<S, B>(wa, k, 3, q, f);
-                acc_t* tsum = tsums.data() + k * HW + h * W + w0;
-                row.store(tsum, row.load(tsum) + r);
+                acc_t* tsum = tsums.data() + k * pitched + h * pitch + w0;
+                whole.store(tsum, whole.load(tsum) + r);
                 hsums[k][s] = h == 0 ? r : hsums[k][s] + r;
                 // Along w: the chunk's sum, then the row's. (Summed lane-wise across a row's
                 // chunks instead, as the pool does, this pass was slower at 56x56 and 28x28 in
@@ -196,8 +207,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
       }
       for (int k = 0; k < factors_of<S>(wt); ++k) {
         if (factor_size_of<S>(wt, k) != 3) continue;
-        std::copy(tsums.begin() + k * HW, tsums.begin() + (k + 1) * HW,
-                  out_ptr[k][0] + gate_offset(kAxisT, d, n, 0, c, 0, 0));
+        unpitch_rows(tsums.data() + k * pitched, H, W, pitch, out_ptr[k][0] + gate_offset(kAxisT, d, n, 0, c, 0, 0));
       }
     }
   });
@@ -208,10 +218,11 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
       for (int k = 0; k < factors_of<S>(wt); ++k) {
         if (factor_size_of<S>(wt, k) != 1) continue;
         acc_t* out = out_ptr[k][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0);
-        const acc_t* part = cpart + (n * blocks * kMaxFactors + k) * THW + t * HW;
-        std::copy(part, part + HW, out);
+        const acc_t* part = cpart + (n * blocks * kMaxFactors + k) * THW + t * pitched;
+        unpitch_rows(part, H, W, pitch, out);
         for (int64_t b = 1; b < blocks; ++b)
-          for (int64_t i = 0; i < HW; ++i) out[i] += part[b * kMaxFactors * THW + i];
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t w = 0; w < W; ++w) out[h * W + w] += part[b * kMaxFactors * THW + h * pitch + w];
       }
     }
   });
@@ -236,7 +247,7 @@ struct TermSet {
 };
 
 // One term of input_grad over a plane (float, `out` rows of unit stride), added to the
-// plane's running sum `acc` (H * W entries): the first term starts it from zero and the
+// plane's running sum `acc` (H rows of whole_vectors(W) entries): the first term starts it from zero and the
 // last writes `out`, in the order of the all-in-registers kernel below (which other dtypes
 // and strides take). A plane at a time per term, each term compiled for its structure: with
 // the terms' structures tested per chunk, that kernel's loop spilled to the stack.
@@ -244,6 +255,8 @@ template <typename S, typename U, int B>
 void add_term_plane(const WeightAt<float>& wa, const UpstreamAt<float, float>& ua, const Dims& d, bool first, bool last,
                     float* acc, const PlaneAt<float>& out) {
   using vec = typename Vec<float, B>::type;
+  const int64_t pitch = whole_vectors<Vec<float, B>>(d.W);  // acc's rows (see whole_vectors)
+  const Row<float, B> whole{Vec<float, B>::kLanes};
   for_each_chunk<float, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<float, B>& row) AIA_LAMBDA_INLINE {
     const vec u = upstream_chunk_of<U>(ua, d, h, w0, row);
     vec x = u;
@@ -254,10 +267,10 @@ void add_term_plane(const WeightAt<float>& wa, const UpstreamAt<float, float>& u
       vec f[kMaxFactors];
       x = weight_chunk_of<S>(wa, d, h, w0, row, f) * u;
     }
-    float* a = acc + h * d.W + w0;
-    const vec sum = (first ? vec{} : row.load(a)) + x;
+    float* a = acc + h * pitch + w0;
+    const vec sum = (first ? vec{} : whole.load(a)) + x;
     if (last) row.store(out.at(h, w0), sum);
-    else row.store(a, sum);
+    else whole.store(a, sum);
   });
 }
 
@@ -279,7 +292,7 @@ void input_grad_by_term(const std::vector<Term>& terms, const GateSet& gates, co
     });
   }
   at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(static_cast<size_t>(d.H * d.W));
+    std::vector<float> acc(static_cast<size_t>(d.H * whole_vectors<Vec<float, B>>(d.W)));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
       const PlaneAt<float> opl = plane_at(op, os, n, t, c);

@@ -180,9 +180,11 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   if (P[kAxisC] != nullptr) with_argmax([&](auto arg_tag) {
     constexpr bool kArg = decltype(arg_tag)::value;
     const int64_t sample = gate_sample_size(kAxisC, d);
+    const int64_t pitch = whole_vectors<V>(W);  // rows of the running values (see the T/H/W pass)
+    const Row<acc_t, B> whole{V::kLanes};
     at::parallel_for(0, d.N * d.T, grain_for(d.C * HW), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> mx(HW), sum(HW);
-      std::vector<int32_t> arg(HW);
+      std::vector<acc_t> mx(H * pitch), sum(H * pitch);
+      std::vector<int32_t> arg(H * pitch);
       for (int64_t nt = begin; nt < end; ++nt) {
         const int64_t n = nt / d.T, t = nt % d.T;
         // kCount channels from c at a time: their running values read and written once.
@@ -198,15 +200,16 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           for_each_chunk<acc_t, B>(H, W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
             typename V::type y[kCount];
             for (int k = 0; k < kCount; ++k) y[k] = weighted_chunk_of<S>(wa[k], vpl[k], d, h, w0, row);
-            const int64_t off = h * W + w0;
-            running_max_sum<kArg, kCount>(row, y, static_cast<int32_t>(c), c == 0, mx.data() + off, sum.data() + off,
-                                          arg.data() + off);
+            const int64_t off = h * pitch + w0;
+            running_max_sum<kArg, kCount>(whole, y, static_cast<int32_t>(c), c == 0, mx.data() + off,
+                                          sum.data() + off, arg.data() + off);
           });
         };
         for (; c + kChannelBlock <= d.C; c += kChannelBlock) channels(std::integral_constant<int, kChannelBlock>{});
         for (; c < d.C; ++c) channels(std::integral_constant<int, 1>{});
-        write_pooled(mx.data(), sum.data(), arg.data(), HW, acc_t(d.C), P[kAxisC], A[kAxisC],
-                     gate_offset(kAxisC, d, n, t, 0, 0, 0), n, sample);
+        for (int64_t h = 0; h < H; ++h)
+          write_pooled(mx.data() + h * pitch, sum.data() + h * pitch, arg.data() + h * pitch, W, acc_t(d.C),
+                       P[kAxisC], A[kAxisC], gate_offset(kAxisC, d, n, t, 0, h, 0), n, sample);
       }
     });
   });
@@ -214,16 +217,22 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   }
   if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
   const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
+  const bool prefetch = prefetch_next_frame(d, sizeof(scalar_t));
   with_argmax([&](auto arg_tag) {
   constexpr bool kArg = decltype(arg_tag)::value;
   at::parallel_for(0, d.N * d.C, grain_for(d.T * HW), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tmx(HW), tsum(HW), wmx(H), wsum(H);
-    std::vector<int32_t> targ(HW), warg(H);
+    // The T running values' rows, whole vectors apart (whole_vectors; at 7x7 the masked
+    // load of this buffer held a third of the pass's samples).
+    const int64_t pitch = whole_vectors<V>(W);
+    const Row<acc_t, B> whole{V::kLanes};
+    std::vector<acc_t> tmx(H * pitch), tsum(H * pitch), wmx(H), wsum(H);
+    std::vector<int32_t> targ(H * pitch), warg(H);
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / d.C, c = nc % d.C;
       for (int64_t t = 0; t < d.T; ++t) {
         const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
         const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
+        const PlaneAt<const scalar_t> v_next = next_frame(vp, vs, d, n, t, c);
         for (int64_t g0 = 0; g0 < W; g0 += kGroupStrips * V::kLanes) {
           const StripGroup<acc_t, B> group(g0, W);
           // Along w: a piece of row h (from its start if `first`) with max m, first at `pos`,
@@ -258,10 +267,11 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
               [[maybe_unused]] LaneMaxSum<acc_t, B, kArg> wl;
               for_each_strip<kStrips>(group, [&](int s, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
                 const int64_t w0 = g0 + s * V::kLanes;
+                if (prefetch) __builtin_prefetch(v_next.at(h, w0));  // prefetch_next_frame
                 const typename V::type y = weighted_chunk_of<S>(wa, vpl, d, h, w0, row);
                 if (all || P[kAxisT] != nullptr) {
-                  const int64_t off = h * W + w0;
-                  running_max_sum<kArg, 1>(row, &y, static_cast<int32_t>(t), t == 0, tmx.data() + off,
+                  const int64_t off = h * pitch + w0;
+                  running_max_sum<kArg, 1>(whole, &y, static_cast<int32_t>(t), t == 0, tmx.data() + off,
                                            tsum.data() + off, targ.data() + off);
                 }
                 if (all || P[kAxisH] != nullptr) {
@@ -325,8 +335,9 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
         }
       }
       if (P[kAxisT] != nullptr) {
-        write_pooled(tmx.data(), tsum.data(), targ.data(), HW, acc_t(d.T), P[kAxisT], A[kAxisT],
-                     gate_offset(kAxisT, d, n, 0, c, 0, 0), n, sT);
+        for (int64_t h = 0; h < H; ++h)
+          write_pooled(tmx.data() + h * pitch, tsum.data() + h * pitch, targ.data() + h * pitch, W, acc_t(d.T),
+                       P[kAxisT], A[kAxisT], gate_offset(kAxisT, d, n, 0, c, h, 0), n, sT);
       }
     }
   });
@@ -342,8 +353,12 @@ void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& s
   scalar_t* op = out.data_ptr<scalar_t>();
   const Weight<acc_t> wt = make_weight<acc_t>(gates, spec);
   at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
+    // (n, t, c) counted along, not divided out of i: three divisions per plane were a
+    // visible share of a 7x7 plane's time.
+    int64_t c = begin % d.C, t = begin / d.C % d.T, n = begin / (d.C * d.T);
+    for (int64_t i = begin; i < end; ++i, ++c) {
+      if (c == d.C) c = 0, ++t;
+      if (t == d.T) t = 0, ++n;
       const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
       const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
       const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
