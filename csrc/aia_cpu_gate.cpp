@@ -21,6 +21,7 @@ using namespace detail;
 // by the shape alone, so results are deterministic whatever the thread count.
 
 constexpr int kTapBlock = 2 * kVectorBytes;  // outputs per register block in tap_sums (8 vectors of floats)
+constexpr int kTapSlack = kTapBlock + 16;    // entries tap_sums may read past a run's end (tap_rows_avx512: a vector more)
 
 struct Padded {
   int64_t R, slice, volume;  // row pitch, padded (D2, D3) slice, padded volume
@@ -72,10 +73,59 @@ const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int
   return dst;
 }
 
+#if defined(AIA_MASKED_CHUNKS)
+// tap_sums for floats with AVX-512, when the taps come in threes reading one row at offsets
+// 0, 1, 2 (kRising, the forward) or 2, 1, 0 (the input gradient): each row's vectors are
+// loaded once and the three offsets made by lane shifts (valignd), and each tap is one FMA
+// (explicit, so the result does not depend on what the compiler fuses). The plain loop
+// below makes an unaligned load, a multiply and an add per tap and vector.
+template <bool kRising>
+void tap_rows_avx512(const float* const* src, const float* w, int taps, int64_t run, float* out) {
+  constexpr int kVecs = kTapBlock / 16;
+  const int rows = taps / 3;
+  for (int64_t i0 = 0; i0 < run; i0 += kTapBlock) {
+    __m512 acc[kVecs];
+    for (int j = 0; j < kVecs; ++j) acc[j] = _mm512_setzero_ps();
+    for (int r = 0; r < rows; ++r) {
+      const float* s = src[3 * r + (kRising ? 0 : 2)] + i0;  // the row at offset 0
+      const __m512 w0 = _mm512_set1_ps(w[3 * r]), w1 = _mm512_set1_ps(w[3 * r + 1]), w2 = _mm512_set1_ps(w[3 * r + 2]);
+      __m512 lo = _mm512_loadu_ps(s);
+      for (int j = 0; j < kVecs; ++j) {
+        const __m512 hi = _mm512_loadu_ps(s + 16 * (j + 1));
+        const __m512 x1 = _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), 1));
+        const __m512 x2 = _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), 2));
+        acc[j] = _mm512_fmadd_ps(w0, kRising ? lo : x2, acc[j]);
+        acc[j] = _mm512_fmadd_ps(w1, x1, acc[j]);
+        acc[j] = _mm512_fmadd_ps(w2, kRising ? x2 : lo, acc[j]);
+        lo = hi;
+      }
+    }
+    for (int j = 0; j < kVecs; ++j) _mm512_storeu_ps(out + i0 + 16 * j, acc[j]);
+  }
+}
+
+// 1 if every three taps read one row at offsets 0, 1, 2; -1 if at 2, 1, 0; else 0.
+inline int tap_rows(const float* const* src, int taps) {
+  bool rising = taps % 3 == 0, falling = rising;
+  for (int k = 0; k + 2 < taps && (rising || falling); k += 3) {
+    rising = rising && src[k + 1] == src[k] + 1 && src[k + 2] == src[k] + 2;
+    falling = falling && src[k + 1] == src[k] - 1 && src[k + 2] == src[k] - 2;
+  }
+  return rising ? 1 : falling ? -1 : 0;
+}
+#endif
+
 // out[i] = sum over taps k (in order) of w[k] * src[k][i], for i in [0, run) rounded up
-// to whole blocks: `out` and every src[k] must have kTapBlock - 1 entries of slack.
+// to whole blocks: `out` and every src[k] must have kTapSlack entries of slack.
 template <typename acc_t>
 void tap_sums(const acc_t* const* src, const acc_t* w, int taps, int64_t run, acc_t* out) {
+#if defined(AIA_MASKED_CHUNKS)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const int rows = tap_rows(src, taps);
+    if (rows > 0) return tap_rows_avx512<true>(src, w, taps, run, out);
+    if (rows < 0) return tap_rows_avx512<false>(src, w, taps, run, out);
+  }
+#endif
   using V = Vec<acc_t>;
   constexpr int kVecs = kTapBlock / V::kLanes;  // 8 vectors of floats, 16 of doubles
   for (int64_t i0 = 0; i0 < run; i0 += kTapBlock) {
@@ -115,7 +165,7 @@ template <typename acc_t>
 void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z) {
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
-  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0, kTapBlock);
+  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0, kTapSlack);
   at::parallel_for(0, d.N * sb.blocks_per_volume, grain_for(54 * sb.per_block * p.slice),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
@@ -139,7 +189,7 @@ template <typename acc_t>
 void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d, acc_t* dP) {
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
-  const acc_t* dzpad = pad_volumes(dz, d.N, d, 0, kTapBlock);
+  const acc_t* dzpad = pad_volumes(dz, d.N, d, 0, kTapSlack);
   at::parallel_for(0, d.N * 2 * sb.blocks_per_volume, grain_for(27 * sb.per_block * p.slice),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
