@@ -415,8 +415,8 @@ void unpitch_rows(const acc_t* src, int64_t H, int64_t W, int64_t pitch, acc_t* 
 // The T/H/W passes walk v plane by plane in (n, c)-major, t-minor order: consecutive
 // planes are C planes apart in memory, where the hardware prefetcher does not look. With
 // planes of 2 KB and more (28x28 floats and up) they fetch the next one a chunk at a time
-// while pooling this one (at 56x56 the T/H/W pool took 0.77-0.79x the time); smaller
-// planes were not faster that way (v stays in L2 there).
+// while pooling this one (at 56x56 the T/H/W pool took 0.77-0.79x the time in quick
+// in-process A/Bs); smaller planes were not faster that way (v stays in L2 there).
 inline bool prefetch_next_frame(const Dims& d, int64_t element_bytes) {
   return d.H * d.W * element_bytes >= 2048;
 }
@@ -433,7 +433,8 @@ template <typename acc_t, int B, typename F>
 AIA_INLINE void for_each_chunk(int64_t H, int64_t W, F&& f) {
   constexpr int64_t L = Vec<acc_t, B>::kLanes;
   // Half-width vectors (AVX-512, rows of at most 8 floats: with_chunk_bytes): a row is one
-  // chunk, its mask made once per plane, not per row (apply at 7x7 took 0.4x the time).
+  // chunk, its mask made once per plane, not per row (apply's kernel time at 7x7 fell by more
+  // than half in quick perf runs).
   // Only there: each copy of the loop is another copy of the pass to compile.
   if constexpr (B < kVectorBytes) {
     if (W <= L) {
