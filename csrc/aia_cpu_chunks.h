@@ -409,7 +409,7 @@ constexpr int64_t whole_vectors(int64_t W) {
 // Rows `pitch` apart -> H contiguous rows of W at `out`.
 template <typename acc_t>
 void unpitch_rows(const acc_t* src, int64_t H, int64_t W, int64_t pitch, acc_t* out) {
-  for (int64_t h = 0; h < H; ++h) std::copy(src + h * pitch, src + h * pitch + W, out + h * W);
+  for (int64_t h = 0; h < H; ++h) copy_row(src + h * pitch, W, out + h * W);
 }
 
 // The T/H/W passes walk v plane by plane in (n, c)-major, t-minor order: consecutive

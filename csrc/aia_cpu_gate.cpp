@@ -143,7 +143,7 @@ void tap_sums(const acc_t* const* src, const acc_t* w, int taps, int64_t run, ac
 // out[b * R + c] (pitched) -> dst[b * D3 + c]
 template <typename acc_t>
 void unpitch(const acc_t* out, const ConvDims& d, int64_t R, acc_t* dst) {
-  for (int64_t b = 0; b < d.D2; ++b) copy_row(out + b * R, d.D3, dst + b * d.D3);
+  unpitch_rows(out, d.D2, d.D3, R, dst);
 }
 
 // Consecutive slices a of one volume are `slice` apart in the padded input and in the
