@@ -86,6 +86,22 @@ struct Vec {
   }
 };
 
+// a * b + c per lane, rounded once where the ISA has FMA (explicit: the build keeps
+// -ffp-contract=off, so what is fused does not depend on the compiler), else twice.
+template <typename VT>
+AIA_INLINE VT multiply_add(VT a, VT b, VT c) {
+  constexpr bool kFloat = sizeof(a[0]) == 4;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(VT) == 64 && kFloat) return (VT)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+  if constexpr (sizeof(VT) == 64 && !kFloat) return (VT)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(VT) == 32 && kFloat) return (VT)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  if constexpr (sizeof(VT) == 32 && !kFloat) return (VT)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#endif
+  return a * b + c;
+}
+
 #if defined(__AVX2__)
 // Horizontal sum and max of a 256-bit vector, in a fixed tree order.
 AIA_INLINE float reduce_add(__m256 v) {
@@ -208,10 +224,21 @@ struct Row {
     if constexpr (kFloat) return (vec)_mm256_maskload_ps(p, lane_mask());
     else return (vec)_mm256_maskload_pd(p, lane_mask());
   }
+  // A part of a vector is stored in pieces of 4, 2 and 1 lanes (a 7-wide row: 3 stores), not
+  // with vmaskmov: on an AMD EPYC (Zen 3) a masked store took about 3x as long per 7-wide row
+  // as the three plain ones, and was the hot spot of the 7x7 passes (docs/native.md).
   AIA_INLINE void store(acc_t* p, const vec& v) const {
     if (W == V::kLanes) return V::store(p, v);
-    if constexpr (kFloat) _mm256_maskstore_ps(p, lane_mask(), (__m256)v);
-    else _mm256_maskstore_pd(p, lane_mask(), (__m256d)v);
+    if constexpr (kFloat) {
+      __m128 x = _mm256_castps256_ps128((__m256)v);
+      if (W & 4) _mm_storeu_ps(p, x), x = _mm256_extractf128_ps((__m256)v, 1), p += 4;
+      if (W & 2) _mm_storel_pi(reinterpret_cast<__m64*>(p), x), x = _mm_movehl_ps(x, x), p += 2;
+      if (W & 1) _mm_store_ss(p, x);
+    } else {
+      __m128d x = _mm256_castpd256_pd128((__m256d)v);
+      if (W & 2) _mm_storeu_pd(p, x), x = _mm256_extractf128_pd((__m256d)v, 1), p += 2;
+      if (W & 1) _mm_store_sd(p, x);
+    }
   }
   AIA_INLINE ivec load_index(const int32_t* p) const {
     if constexpr (kFloat) {
@@ -223,8 +250,11 @@ struct Row {
   }
   AIA_INLINE void store_index(int32_t* p, const ivec& v) const {
     if constexpr (kFloat) {
-      if (W == V::kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)v);
-      else _mm256_maskstore_epi32(p, lane_mask(), (__m256i)v);
+      if (W == V::kLanes) return _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)v);
+      __m128i x = _mm256_castsi256_si128((__m256i)v);  // in pieces, as store()
+      if (W & 4) _mm_storeu_si128(reinterpret_cast<__m128i*>(p), x), x = _mm256_extracti128_si256((__m256i)v, 1), p += 4;
+      if (W & 2) _mm_storel_epi64(reinterpret_cast<__m128i*>(p), x), x = _mm_unpackhi_epi64(x, x), p += 2;
+      if (W & 1) _mm_storeu_si32(p, x);
     } else {
       store_lanes(p, v);
     }

@@ -17,7 +17,8 @@ using namespace detail;
 //
 // The runs are computed in registers with GCC/Clang vector types (Vec: 16 floats or 8
 // doubles with AVX-512, else half that): each output block is loaded and stored once for
-// all taps, and in the weight gradient each dz vector is loaded once for 9 taps. Summation orders are fixed
+// all taps, each tap is one multiply_add (an FMA with AVX2 or AVX-512), and in the weight
+// gradient each dz vector is loaded once for 9 taps. Summation orders are fixed
 // by the shape alone, so results are deterministic whatever the thread count.
 
 constexpr int kTapBlock = 2 * kVectorBytes;  // outputs per register block in tap_sums (8 vectors of floats)
@@ -76,9 +77,8 @@ const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int
 #if defined(AIA_MASKED_CHUNKS)
 // tap_sums for floats with AVX-512, when the taps come in threes reading one row at offsets
 // 0, 1, 2 (kRising, the forward) or 2, 1, 0 (the input gradient): each row's vectors are
-// loaded once and the three offsets made by lane shifts (valignd), and each tap is one FMA
-// (explicit, so the result does not depend on what the compiler fuses). The plain loop
-// below makes an unaligned load, a multiply and an add per tap and vector.
+// loaded once and the three offsets made by lane shifts (valignd), and each tap is one FMA.
+// The plain loop below makes an unaligned load and a multiply_add per tap and vector.
 template <bool kRising>
 void tap_rows_avx512(const float* const* src, const float* w, int taps, int64_t run, float* out) {
   constexpr int kVecs = kTapBlock / 16;
@@ -132,9 +132,9 @@ void tap_sums(const acc_t* const* src, const acc_t* w, int taps, int64_t run, ac
     typename V::type acc[kVecs];
     for (int j = 0; j < kVecs; ++j) acc[j] = typename V::type{};
     for (int k = 0; k < taps; ++k) {
-      const acc_t wk = w[k];
+      const typename V::type wk = typename V::type{} + w[k];
       const acc_t* s = src[k] + i0;
-      for (int j = 0; j < kVecs; ++j) acc[j] += wk * V::load(s + j * V::kLanes);
+      for (int j = 0; j < kVecs; ++j) acc[j] = multiply_add(wk, V::load(s + j * V::kLanes), acc[j]);
     }
     for (int j = 0; j < kVecs; ++j) V::store(out + i0 + j * V::kLanes, acc[j]);
   }
@@ -248,7 +248,7 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
           int64_t i = 0;
           for (; i + V::kLanes <= len; i += V::kLanes) {
             const typename V::type gv = V::load(g + i);
-            for (int k = 0; k < 9; ++k) acc[k] += gv * V::load(src + offset[k] + i);
+            for (int k = 0; k < 9; ++k) acc[k] = multiply_add(gv, V::load(src + offset[k] + i), acc[k]);
           }
           for (; i < len; ++i)
             for (int k = 0; k < 9; ++k) tail[k] += g[i] * src[offset[k] + i];
