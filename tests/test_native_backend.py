@@ -47,6 +47,16 @@ def test_long_rows(variant, dtype, shape):
     compare_with_reference(variant, "native", dtype=dtype, x=x, atol=atol, rtol=rtol)
 
 
+# A row shorter than a vector is one partial chunk, loaded and stored by lane count (with
+# AVX2 the store is made of 4-, 2- and 1-lane pieces): every width up to a vector and past it.
+@pytest.mark.parametrize("dtype,width", [(torch.float32, w) for w in range(1, 10)]
+                         + [(torch.float64, w) for w in range(1, 6)])
+def test_every_partial_row_width(dtype, width):
+    atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (2e-4, 1e-4)
+    x = torch.randn(6, 3, 3, width, dtype=dtype)
+    compare_with_reference("CinST->STinC", "native", dtype=dtype, x=x, atol=atol, rtol=rtol)
+
+
 def test_deterministic_across_runs_and_thread_counts():
     """Bitwise equal results run to run and with 1 or 2 threads: every parallel task owns
     its outputs (no atomics) and reductions are split in fixed chunks, not per thread."""
