@@ -443,12 +443,19 @@ void unpitch_rows(const acc_t* src, int64_t H, int64_t W, int64_t pitch, acc_t* 
 }
 
 // The T/H/W passes walk v plane by plane in (n, c)-major, t-minor order: consecutive
-// planes are C planes apart in memory, where the hardware prefetcher does not look. With
-// planes of 2 KB and more (28x28 floats and up) they fetch the next one a chunk at a time
-// while pooling this one (at 56x56 the T/H/W pool took 0.77-0.79x the time in quick
-// in-process A/Bs); smaller planes were not faster that way (v stays in L2 there).
+// planes are C planes apart in memory, where the hardware prefetcher does not look. They
+// fetch the next one a chunk at a time while pooling this one: at 56x56 the T/H/W pool took
+// 0.77-0.79x the time (AVX-512 EPYC, quick in-process A/Bs). There, planes under 2 KB
+// (14x14 floats and down) were not faster that way and are not prefetched; on the AVX2
+// EPYC (Zen 3) a 7x7 train step took 0.81x the time with them prefetched too
+// (docs/native.md). Which machine, not which ISA, decides this; the ISA is what a build knows.
 inline bool prefetch_next_frame(const Dims& d, int64_t element_bytes) {
+#if defined(AIA_MASKED_CHUNKS)
   return d.H * d.W * element_bytes >= 2048;
+#else
+  (void)d, (void)element_bytes;
+  return true;
+#endif
 }
 
 // The plane after (n, t, c) in that order (itself at the clip's end).
