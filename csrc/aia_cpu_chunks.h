@@ -570,7 +570,7 @@ struct WeightAt {
 
 // The parser guarantees a factor is one C gate or the T, H, W gates in that order.
 template <typename acc_t>
-WeightAt<acc_t> weight_at(const Weight<acc_t>& wt, const Dims& d, int64_t n, int64_t t, int64_t c) {
+AIA_INLINE WeightAt<acc_t> weight_at(const Weight<acc_t>& wt, const Dims& d, int64_t n, int64_t t, int64_t c) {
   WeightAt<acc_t> a{wt.n_factors, wt.mean, {}};
   for (int k = 0; k < wt.n_factors; ++k) {
     if (wt.size[k] == 1) {
@@ -758,7 +758,7 @@ UpstreamCall<scalar_t, acc_t> upstream_call(const Upstream<scalar_t, acc_t>& up,
 }
 
 template <typename scalar_t, typename acc_t>
-UpstreamAt<scalar_t, acc_t> upstream_at(const UpstreamCall<scalar_t, acc_t>& call, const Dims& d, int64_t n,
+AIA_INLINE UpstreamAt<scalar_t, acc_t> upstream_at(const UpstreamCall<scalar_t, acc_t>& call, const Dims& d, int64_t n,
                                         int64_t t, int64_t c) {
   const Upstream<scalar_t, acc_t>& up = *call.up;
   UpstreamAt<scalar_t, acc_t> u{};

@@ -162,12 +162,14 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
             up.dout != nullptr ? next_frame(up.dout, up.dout_strides, d, n, t, c) : v_next;
         for (int64_t g0 = 0; g0 < W; g0 += kGroupWidth) {
           const StripGroup<acc_t, B> group(g0, W);
+          // The strip count as a constant where the widths allow (with_strip_count): read at
+          // run time, each chunk of a 7x7 plane re-read its row and looped over strips.
+          with_strip_count<S::kStatic>(group, [&](auto strips_tag) AIA_LAMBDA_INLINE {
+          constexpr int kStrips = decltype(strips_tag)::value;
           typename V::type hsums[kMaxFactors][kGroupStrips] = {};  // along h, per chunk column
           for (int64_t h = 0; h < H; ++h) {
-            for (int s = 0; s < kGroupStrips; ++s) {
-              if (s == group.strips) break;
+            for_each_strip<kStrips>(group, [&](int s, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
               const int64_t w0 = g0 + s * V::kLanes;
-              const Row<acc_t, B>& row = group.row[s];
               if (prefetch) {
                 __builtin_prefetch(v_next.at(h, w0));
                 __builtin_prefetch(dout_next.at(h, w0));
@@ -190,7 +192,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
                 acc_t& wsum = wsums[k * H + h];
                 wsum = w0 == 0 ? row.sum(r) : wsum + row.sum(r);
               }
-            }
+            });
           }
           for (int k = 0; k < factors_of<S>(wt); ++k) {
             if (factor_size_of<S>(wt, k) != 3) continue;
@@ -198,6 +200,7 @@ void weight_grad_kernel(const at::Tensor& v, const Term& term, const GateSet& ga
               group.row[s].store(out_ptr[k][1] + gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes,
                                  hsums[k][s]);
           }
+          });
         }
         for (int k = 0; k < factors_of<S>(wt); ++k) {
           if (factor_size_of<S>(wt, k) != 3) continue;
@@ -246,37 +249,47 @@ struct TermSet {
   TermSet(const TermSet&) = delete;  // `calls` point into `ups`
 };
 
-// One term of input_grad over a plane (float, `out` rows of unit stride), added to the
-// plane's running sum `acc` (H rows of whole_vectors(W) entries): the first term starts it from zero and the
-// last writes `out`, in the order of the all-in-registers kernel below (which other dtypes
-// and strides take). A plane at a time per term, each term compiled for its structure: with
-// the terms' structures tested per chunk, that kernel's loop spilled to the stack.
+// One term of input_grad over planes [i0, i1) in (n, t, c) order (float, `out` rows of unit
+// stride), added to the planes' running sums `acc` (per plane, H rows of whole_vectors(W)
+// entries): the first term starts them from zero and the last writes `out`, in the order of
+// the all-in-registers kernel below (which other dtypes and strides take). A block of planes
+// at a time per term, each term compiled for its structure: with the terms' structures
+// tested per chunk, that kernel's loop spilled to the stack; one call per plane and term was
+// a visible share of the pass at 7x7 and smaller.
 template <typename S, typename U, int B>
-void add_term_plane(const WeightAt<float>& wa, const UpstreamAt<float, float>& ua, const Dims& d, bool first, bool last,
-                    float* acc, const PlaneAt<float>& out) {
+void add_term_planes(const Weight<float>& wt, const UpstreamCall<float, float>& upc, const Dims& d,
+                     const Strides5& os, float* op, int64_t i0, int64_t i1, bool first, bool last, float* acc) {
   using vec = typename Vec<float, B>::type;
   const int64_t pitch = whole_vectors<Vec<float, B>>(d.W);  // acc's rows (see whole_vectors)
   const Row<float, B> whole{Vec<float, B>::kLanes};
-  for_each_chunk<float, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<float, B>& row) AIA_LAMBDA_INLINE {
-    const vec u = upstream_chunk_of<U>(ua, d, h, w0, row);
-    vec x = u;
-    if constexpr (!S::kStatic) {
-      vec f[kMaxFactors];
-      if (wa.n_factors != 0) x = weight_chunk(wa, d, h, w0, row, f) * u;
-    } else if constexpr (S::kFactors != 0) {
-      vec f[kMaxFactors];
-      x = weight_chunk_of<S>(wa, d, h, w0, row, f) * u;
-    }
-    float* a = acc + h * pitch + w0;
-    const vec sum = (first ? vec{} : whole.load(a)) + x;
-    if (last) row.store(out.at(h, w0), sum);
-    else whole.store(a, sum);
-  });
+  int64_t c = i0 % d.C, t = i0 / d.C % d.T, n = i0 / (d.C * d.T);
+  for (int64_t i = i0; i < i1; ++i, ++c, acc += d.H * pitch) {
+    if (c == d.C) c = 0, ++t;
+    if (t == d.T) t = 0, ++n;
+    const WeightAt<float> wa = weight_at(wt, d, n, t, c);
+    const UpstreamAt<float, float> ua = upstream_at(upc, d, n, t, c);
+    const PlaneAt<float> out = plane_at(op, os, n, t, c);
+    for_each_chunk<float, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<float, B>& row) AIA_LAMBDA_INLINE {
+      const vec u = upstream_chunk_of<U>(ua, d, h, w0, row);
+      vec x = u;
+      if constexpr (!S::kStatic) {
+        vec f[kMaxFactors];
+        if (wa.n_factors != 0) x = weight_chunk(wa, d, h, w0, row, f) * u;
+      } else if constexpr (S::kFactors != 0) {
+        vec f[kMaxFactors];
+        x = weight_chunk_of<S>(wa, d, h, w0, row, f) * u;
+      }
+      float* a = acc + h * pitch + w0;
+      const vec sum = (first ? vec{} : whole.load(a)) + x;
+      if (last) row.store(out.at(h, w0), sum);
+      else whole.store(a, sum);
+    });
+  }
 }
 
 template <int B>
-using AddTermPlane = void (*)(const WeightAt<float>&, const UpstreamAt<float, float>&, const Dims&, bool, bool, float*,
-                              const PlaneAt<float>&);
+using AddTermPlanes = void (*)(const Weight<float>&, const UpstreamCall<float, float>&, const Dims&, const Strides5&,
+                               float*, int64_t, int64_t, bool, bool, float*);
 
 template <int B>
 void input_grad_by_term(const std::vector<Term>& terms, const GateSet& gates, const at::Tensor& out) {
@@ -285,21 +298,21 @@ void input_grad_by_term(const std::vector<Term>& terms, const GateSet& gates, co
   float* op = out.data_ptr<float>();
   const int n_terms = static_cast<int>(terms.size());
   const TermSet<float, float> set(terms, gates, d);
-  std::vector<AddTermPlane<B>> add;
+  std::vector<AddTermPlanes<B>> add;
   for (const Term& term : terms) {
     with_term_shape<float>(term, true, [&](auto shape, auto upstream) {
-      add.push_back(&add_term_plane<decltype(shape), decltype(upstream), B>);
+      add.push_back(&add_term_planes<decltype(shape), decltype(upstream), B>);
     });
   }
+  // Planes per block: their running sums stay near 8 KB (in L1 between the terms).
+  const int64_t plane = d.H * whole_vectors<Vec<float, B>>(d.W);
+  const int64_t block = std::max<int64_t>(1, 2048 / plane);
   at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(static_cast<size_t>(d.H * whole_vectors<Vec<float, B>>(d.W)));
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t c = i % d.C, t = i / d.C % d.T, n = i / (d.C * d.T);
-      const PlaneAt<float> opl = plane_at(op, os, n, t, c);
-      for (int k = 0; k < n_terms; ++k) {
-        add[k](weight_at(set.weights[k], d, n, t, c), upstream_at(set.calls[k], d, n, t, c), d, k == 0,
-               k == n_terms - 1, acc.data(), opl);
-      }
+    std::vector<float> acc(static_cast<size_t>(std::min(block, end - begin) * plane));
+    for (int64_t i0 = begin; i0 < end; i0 += block) {
+      const int64_t i1 = std::min(end, i0 + block);
+      for (int k = 0; k < n_terms; ++k)
+        add[k](set.weights[k], set.calls[k], d, os, op, i0, i1, k == 0, k == n_terms - 1, acc.data());
     }
   });
 }
