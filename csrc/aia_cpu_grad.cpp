@@ -262,10 +262,7 @@ void add_term_planes(const Weight<float>& wt, const UpstreamCall<float, float>& 
   using vec = typename Vec<float, B>::type;
   const int64_t pitch = whole_vectors<Vec<float, B>>(d.W);  // acc's rows (see whole_vectors)
   const Row<float, B> whole{Vec<float, B>::kLanes};
-  int64_t c = i0 % d.C, t = i0 / d.C % d.T, n = i0 / (d.C * d.T);
-  for (int64_t i = i0; i < i1; ++i, ++c, acc += d.H * pitch) {
-    if (c == d.C) c = 0, ++t;
-    if (t == d.T) t = 0, ++n;
+  for_each_plane(d, i0, i1, [&](int64_t n, int64_t t, int64_t c) AIA_LAMBDA_INLINE {
     const WeightAt<float> wa = weight_at(wt, d, n, t, c);
     const UpstreamAt<float, float> ua = upstream_at(upc, d, n, t, c);
     const PlaneAt<float> out = plane_at(op, os, n, t, c);
@@ -284,7 +281,8 @@ void add_term_planes(const Weight<float>& wt, const UpstreamCall<float, float>& 
       if (last) row.store(out.at(h, w0), sum);
       else whole.store(a, sum);
     });
-  }
+    acc += d.H * pitch;
+  });
 }
 
 template <int B>

@@ -353,19 +353,14 @@ void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& s
   scalar_t* op = out.data_ptr<scalar_t>();
   const Weight<acc_t> wt = make_weight<acc_t>(gates, spec);
   at::parallel_for(0, d.N * d.T * d.C, grain_for(d.H * d.W), [&](int64_t begin, int64_t end) {
-    // (n, t, c) counted along, not divided out of i: three divisions per plane were a
-    // visible share of a 7x7 plane's time.
-    int64_t c = begin % d.C, t = begin / d.C % d.T, n = begin / (d.C * d.T);
-    for (int64_t i = begin; i < end; ++i, ++c) {
-      if (c == d.C) c = 0, ++t;
-      if (t == d.T) t = 0, ++n;
+    for_each_plane(d, begin, end, [&](int64_t n, int64_t t, int64_t c) AIA_LAMBDA_INLINE {
       const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
       const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
       const PlaneAt<scalar_t> opl = plane_at(op, os, n, t, c);
       for_each_chunk<acc_t, B>(d.H, d.W, [&](int64_t h, int64_t w0, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
         store_chunk_of<S>(opl.at(h, w0), opl.sw, row, weighted_chunk_of<S>(wa, vpl, d, h, w0, row));
       });
-    }
+    });
   });
 }
 
