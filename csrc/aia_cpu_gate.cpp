@@ -234,26 +234,44 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
       const int64_t first = chunk * per_chunk, last = std::min(slices, first + per_chunk);
       for (int group = 0; group < 6; ++group) {  // taps (ci, k1, 0..2, 0..2)
         const int ci = group / 3, k1 = group % 3;
-        int64_t offset[9];
-        for (int k = 0; k < 9; ++k) offset[k] = (k / 3) * p.R + k % 3;
-        typename V::type acc[9];
-        acc_t tail[9] = {};
-        for (int k = 0; k < 9; ++k) acc[k] = typename V::type{};
-        // Consecutive slices of one volume are one flat run (dz's pitch rows are zero).
-        for (int64_t na = first; na < last;) {
-          const int64_t n = na / d.D1, a = na % d.D1;
-          const int64_t count = std::min(last - na, d.D1 - a), len = (count - 1) * p.slice + p.run;
-          const acc_t* src = Ppad + (n * 2 + ci) * p.volume + (a + k1) * p.slice;
-          const acc_t* g = dzp + na * p.slice;
-          int64_t i = 0;
-          for (; i + V::kLanes <= len; i += V::kLanes) {
-            const typename V::type gv = V::load(g + i);
-            for (int k = 0; k < 9; ++k) acc[k] = multiply_add(gv, V::load(src + offset[k] + i), acc[k]);
+        // Tap k = 3 * k2 + k3 reads row k2 at column k3. Nine named accumulators, and the
+        // runs' scalar tails summed in a second walk: with an array of accumulators and the
+        // tails' nine scalars live in the same loop, GCC kept three accumulators on the
+        // stack, and their store-load round trips were half of this loop's samples (AVX2).
+        using vec = typename V::type;
+        // Consecutive slices of one volume are one flat run (dz's pitch rows are zero):
+        // f(r0, g, len) per run, r0 the first of its three padded rows.
+        const auto for_each_run = [&](auto f) AIA_LAMBDA_INLINE {
+          for (int64_t na = first; na < last;) {
+            const int64_t n = na / d.D1, a = na % d.D1;
+            const int64_t count = std::min(last - na, d.D1 - a);
+            f(Ppad + (n * 2 + ci) * p.volume + (a + k1) * p.slice, dzp + na * p.slice, (count - 1) * p.slice + p.run);
+            na += count;
           }
-          for (; i < len; ++i)
-            for (int k = 0; k < 9; ++k) tail[k] += g[i] * src[offset[k] + i];
-          na += count;
-        }
+        };
+        vec a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{}, a8{};
+        for_each_run([&](const acc_t* r0, const acc_t* g, int64_t len) AIA_LAMBDA_INLINE {
+          const acc_t* r1 = r0 + p.R;
+          const acc_t* r2 = r1 + p.R;
+          for (int64_t i = 0; i + V::kLanes <= len; i += V::kLanes) {
+            const vec gv = V::load(g + i);
+            a0 = multiply_add(gv, V::load(r0 + i), a0);
+            a1 = multiply_add(gv, V::load(r0 + i + 1), a1);
+            a2 = multiply_add(gv, V::load(r0 + i + 2), a2);
+            a3 = multiply_add(gv, V::load(r1 + i), a3);
+            a4 = multiply_add(gv, V::load(r1 + i + 1), a4);
+            a5 = multiply_add(gv, V::load(r1 + i + 2), a5);
+            a6 = multiply_add(gv, V::load(r2 + i), a6);
+            a7 = multiply_add(gv, V::load(r2 + i + 1), a7);
+            a8 = multiply_add(gv, V::load(r2 + i + 2), a8);
+          }
+        });
+        acc_t tail[9] = {};
+        for_each_run([&](const acc_t* r0, const acc_t* g, int64_t len) {
+          for (int64_t i = len / V::kLanes * V::kLanes; i < len; ++i)
+            for (int k = 0; k < 9; ++k) tail[k] += g[i] * r0[(k / 3) * p.R + k % 3 + i];
+        });
+        const vec acc[9] = {a0, a1, a2, a3, a4, a5, a6, a7, a8};
         for (int k = 0; k < 9; ++k) {
           acc_t s = tail[k];
           for (int l = 0; l < V::kLanes; ++l) s += acc[k][l];
