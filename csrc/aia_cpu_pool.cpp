@@ -147,6 +147,213 @@ struct PoolOut {
   at::Tensor P, argmax;
 };
 
+#if defined(AIA_MASKED_CHUNKS) || defined(AIA_AVX2_CHUNKS)
+// ---- the T/H/W pass of small planes, channels as lanes ----
+// A plane of 7x7 or 14x14 is a few chunks, and the row walk pays per row what it saves per
+// element: masks, horizontal reductions along w, running values in memory. This walk takes
+// 8 channels at a time: their weighted rows go to a small buffer (the row walk's own weight
+// code), 8x8 blocks of it are transposed in registers so that one vector holds the 8
+// channels' values at one (h, w), and every reduction is then lane-wise: along t, h and w in
+// order, as the row walk's running values and its in-order path for rows with a NaN
+// (strict >: the first maximum wins, a NaN only if first). Only the W sums differ from the
+// row walk's bits, which adds a row's chunks as a tree. docs/native.md has the measurements.
+constexpr int kLaneChannels = 8;
+using LaneVec = float __attribute__((vector_size(32)));
+using LaneIdx = int32_t __attribute__((vector_size(32)));
+
+// Planes up to 20x20 take the lanes walk (float accumulation, vector builds). The T/H/W pool
+// alone, in-process A/B on the AVX2 EPYC (native_ab.py --passes): 0.59x-0.78x the row walk's
+// time at 5x5, 7x7 and 10x10, 0.96x-1.05x at 14x14, 0.66x-0.69x at 20x20; at 28x28 it was
+// 1.1x-1.3x slower (a scratch run): the T running values, 64 bytes a position, leave L1.
+template <typename acc_t>
+bool lanes_walk(const Dims& d) {
+  return std::is_same_v<acc_t, float> && d.W <= 20 && d.H * d.W <= 400;
+}
+
+AIA_INLINE void transpose8(LaneVec r[8]) {
+  __m256 x[8];
+  for (int k = 0; k < 8; ++k) x[k] = (__m256)r[k];
+  const __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(x[4], x[5]), t5 = _mm256_unpackhi_ps(x[4], x[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(x[6], x[7]), t7 = _mm256_unpackhi_ps(x[6], x[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = (LaneVec)_mm256_permute2f128_ps(s0, s4, 0x20), r[1] = (LaneVec)_mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = (LaneVec)_mm256_permute2f128_ps(s2, s6, 0x20), r[3] = (LaneVec)_mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = (LaneVec)_mm256_permute2f128_ps(s0, s4, 0x31), r[5] = (LaneVec)_mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = (LaneVec)_mm256_permute2f128_ps(s2, s6, 0x31), r[7] = (LaneVec)_mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// Running max (first wins), its position if kArg, and sum, lane-wise.
+template <bool kArg>
+struct LaneRun {
+  LaneVec mx, sum;
+  LaneIdx arg;
+  AIA_INLINE void add(const LaneVec& y, int32_t pos) {
+    if (pos == 0) {
+      mx = sum = y;
+      if constexpr (kArg) arg = LaneIdx{};
+      return;
+    }
+    const LaneIdx greater = y > mx;
+    mx = greater ? y : mx;
+    if constexpr (kArg) arg = greater ? LaneIdx{} + pos : arg;
+    sum += y;
+  }
+};
+
+// The weights the lanes walk evaluates lane-wise: a T/H/W stage's compiled structures (none,
+// one C gate, one T, H, W mean, two C gates).
+template <typename S>
+constexpr bool lanes_weight() {
+  if constexpr (!S::kStatic) return false;
+  else return S::kFactors < 2 || (!S::kST0 && !S::kST1);
+}
+template <typename S>
+constexpr bool lanes_st_weight() {  // of those, one T, H, W mean
+  if constexpr (!lanes_weight<S>()) return false;
+  else return S::kFactors == 1 && S::kST0;
+}
+
+// `count` contiguous float planes of `len` entries, `stride` apart, into out[p]: their
+// entries p as the lanes of one vector (lanes past `count` repeat the last plane). The last
+// 8 entries are read with a masked load, never past a plane's end.
+AIA_INLINE void transpose_planes(const float* base, int64_t stride, int count, int64_t len, LaneVec* out) {
+  for (int64_t p0 = 0; p0 < len; p0 += 8) {
+    LaneVec r[8];
+    const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(len - p0)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int k = 0; k < 8; ++k) {
+      const float* x = base + std::min(k, count - 1) * stride + p0;
+      r[k] = (LaneVec)(p0 + 8 <= len ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, in));
+    }
+    transpose8(r);
+    for (int j = 0; j < 8 && p0 + j < len; ++j) out[p0 + j] = r[j];
+  }
+}
+
+// The T/H/W pass over planes (n, t, c0..c0+8) in items (n, channel block); P, A as in
+// pool_kernel (null: that axis is not pooled, or its max positions not kept).
+template <typename scalar_t, int B, typename S, bool kArg>
+void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const Weight<float>& wt, float* const* P,
+                    int32_t* const* A) {
+  using V = Vec<float, B>;
+  const int64_t H = d.H, W = d.W, HW = H * W, positions = (HW + 7) / 8 * 8;
+  const int64_t blocks = (d.C + kLaneChannels - 1) / kLaneChannels;
+  const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
+  const int64_t pitch = positions + V::kLanes;  // a channel's weighted plane, with a vector of slack
+  at::parallel_for(0, d.N * blocks, grain_for(kLaneChannels * d.T * HW), [&](int64_t begin, int64_t end) {
+    std::vector<float> planes(kLaneChannels * pitch, 0.f);  // channels past C stay zero
+    std::vector<LaneVec> y(positions);                       // the 8 channels' values at each (h, w)
+    std::vector<LaneRun<kArg>> trun(HW), hrun(W);
+    std::vector<LaneVec> tl(lanes_weight<S>() ? positions : 0), hl(W);  // T and H gates, lane-wise
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, c0 = item % blocks * kLaneChannels;
+      const int count = static_cast<int>(std::min<int64_t>(kLaneChannels, d.C - c0));
+      if (count < kLaneChannels) std::fill(planes.begin() + count * pitch, planes.end(), 0.f);
+      const __m256i channels_in = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      if constexpr (lanes_st_weight<S>()) {  // the T gate: the same for every t
+        if (vs.w == 1 && vs.h == W)
+          transpose_planes(wt.gate[0][0] + gate_offset(kAxisT, d, n, 0, c0, 0, 0), HW, count, HW, tl.data());
+      }
+      // The reductions along t, h and w of frame t, y holding its weighted values; the H and
+      // W results written.
+      const auto reduce_and_write = [&](int64_t t) AIA_LAMBDA_INLINE {
+        const int64_t gw = gate_offset(kAxisW, d, n, t, c0, 0, 0);  // (n, t, h, c): 8 channels contiguous
+        for (int64_t h = 0; h < H; ++h) {
+          LaneRun<kArg> wrun;
+          for (int64_t w = 0; w < W; ++w) {
+            const LaneVec& x = y[h * W + w];
+            trun[h * W + w].add(x, static_cast<int32_t>(t));
+            hrun[w].add(x, static_cast<int32_t>(h));
+            wrun.add(x, static_cast<int32_t>(w));
+          }
+          if (P[kAxisW] != nullptr) {
+            const int64_t g = gw + h * d.C;
+            const LaneVec mean = wrun.sum / float(W);
+            for (int k = 0; k < count; ++k) {
+              P[kAxisW][pooled_max_offset(g + k, n, sW)] = wrun.mx[k];
+              P[kAxisW][pooled_mean_offset(g + k, n, sW)] = mean[k];
+              if constexpr (kArg) A[kAxisW][g + k] = wrun.arg[k];
+            }
+          }
+        }
+        if (P[kAxisH] != nullptr) {
+          const int64_t g = gate_offset(kAxisH, d, n, t, c0, 0, 0);  // (n, t, c, w)
+          for (int64_t w = 0; w < W; ++w) {
+            const LaneVec mean = hrun[w].sum / float(H);
+            for (int k = 0; k < count; ++k) {
+              P[kAxisH][pooled_max_offset(g + k * W + w, n, sH)] = hrun[w].mx[k];
+              P[kAxisH][pooled_mean_offset(g + k * W + w, n, sH)] = mean[k];
+              if constexpr (kArg) A[kAxisH][g + k * W + w] = hrun[w].arg[k];
+            }
+          }
+        }
+      };
+      for (int64_t t = 0; t < d.T; ++t) {
+        // Contiguous float planes with a weight compiled per structure: the 8 channels' planes
+        // are transposed straight from v and the weight evaluated lane-wise, in the row walk's
+        // order of operations (its values bitwise); other cases take the weighted rows below.
+        if constexpr (lanes_weight<S>() && std::is_same_v<scalar_t, float>) {
+          if (vs.w == 1 && vs.h == W) {
+            transpose_planes(vp + offset5(vs, n, t, c0, 0, 0), vs.c, count, HW, y.data());
+            if constexpr (S::kFactors == 1 && S::kST0) {  // (T + H + W) / 3
+              const float* gh = wt.gate[0][1] + gate_offset(kAxisH, d, n, t, c0, 0, 0);  // (n, t, c, w)
+              const float* gw = wt.gate[0][2] + gate_offset(kAxisW, d, n, t, c0, 0, 0);  // (n, t, h, c)
+              for (int64_t w = 0; w < W; ++w) {
+                for (int k = 0; k < 8; ++k) hl[w][k] = gh[std::min(k, count - 1) * W + w];
+              }
+              for (int64_t h = 0; h < H; ++h) {
+                const LaneVec wl = (LaneVec)_mm256_maskload_ps(gw + h * d.C, channels_in);
+                for (int64_t w = 0; w < W; ++w)
+                  y[h * W + w] = y[h * W + w] * (((tl[h * W + w] + hl[w]) + wl) * (1.f / 3.f));
+              }
+            } else if constexpr (S::kFactors > 0) {  // one or two C gates: one value per (h, w)
+              const float* g0 = wt.gate[0][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0);
+              const float* g1 = S::kFactors == 2 ? wt.gate[1][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0) : nullptr;
+              for (int64_t p = 0; p < HW; ++p) y[p] = y[p] * (S::kFactors == 2 ? g0[p] * g1[p] : g0[p]);
+            }
+            reduce_and_write(t);
+            continue;
+          }
+        }
+        for (int k = 0; k < count; ++k) {
+          const WeightAt<float> wa = weight_at(wt, d, n, t, c0 + k);
+          const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c0 + k);
+          float* out = planes.data() + k * pitch;
+          // Whole vectors, rows in order: a partial row's extra lanes land on the next row
+          // (written after it) or in the slack.
+          for_each_chunk<float, B>(H, W, [&](int64_t h, int64_t w0, const Row<float, B>& row) AIA_LAMBDA_INLINE {
+            V::store(out + h * W + w0, weighted_chunk_of<S>(wa, vpl, d, h, w0, row));
+          });
+        }
+        for (int64_t p0 = 0; p0 < HW; p0 += 8) {
+          LaneVec r[8];
+          for (int k = 0; k < 8; ++k) r[k] = (LaneVec)_mm256_loadu_ps(planes.data() + k * pitch + p0);
+          transpose8(r);
+          for (int j = 0; j < 8; ++j) y[p0 + j] = r[j];
+        }
+        reduce_and_write(t);
+      }
+      if (P[kAxisT] != nullptr) {
+        const int64_t g = gate_offset(kAxisT, d, n, 0, c0, 0, 0);  // (n, c, h, w)
+        for (int64_t p = 0; p < HW; ++p) {
+          const LaneVec mean = trun[p].sum / float(d.T);
+          for (int k = 0; k < count; ++k) {
+            P[kAxisT][pooled_max_offset(g + k * HW + p, n, sT)] = trun[p].mx[k];
+            P[kAxisT][pooled_mean_offset(g + k * HW + p, n, sT)] = mean[k];
+            if constexpr (kArg) A[kAxisT][g + k * HW + p] = trun[p].arg[k];
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
 // `outs[i].argmax` undefined: that axis's max positions are not tracked (the forward of a
 // stage the backward pools again keeps none).
 template <typename scalar_t, int B, typename S>
@@ -216,6 +423,16 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   return;
   }
   if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
+#if defined(AIA_MASKED_CHUNKS) || defined(AIA_AVX2_CHUNKS)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (lanes_walk<acc_t>(d)) {
+      with_argmax([&](auto arg_tag) {
+        pool_thw_lanes<scalar_t, B, S, decltype(arg_tag)::value>(d, vp, vs, wt, P, A);
+      });
+      return;
+    }
+  }
+#endif
   const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
   const bool prefetch = prefetch_next_frame(d, sizeof(scalar_t));
   with_argmax([&](auto arg_tag) {
