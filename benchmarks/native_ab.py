@@ -8,6 +8,7 @@ the other, round by round, on the same module and input.
 
     python benchmarks/native_ab.py --base HEAD~1
     python benchmarks/native_ab.py --base 9cb9f1b --modes eval --threads 2 --rounds 20
+    python benchmarks/native_ab.py --base HEAD --passes "pool T/H/W" --steps 5   # single passes
 
 The base must declare the ops the working tree's Python calls, with the same arguments.
 The thread policy is switched off (``AIA_NATIVE_ADAPTIVE_THREADS=0``): it would time the two
@@ -36,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aia_kernels  # noqa: E402
 from aia_kernels import native  # noqa: E402
 from aia_kernels.native.build_config import CXX_FLAGS, LD_FLAGS  # noqa: E402
-from benchmarks.cpu_passes import SHAPES  # noqa: E402
+from benchmarks.cpu_passes import SHAPES, T  # noqa: E402
+from benchmarks.cpu_passes import cases as pass_cases  # noqa: E402
 from benchmarks.network import write_results  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 
@@ -114,11 +116,9 @@ def step_fn(mode: str, module, x: torch.Tensor, grad: torch.Tensor):
     return step
 
 
-def measure(mode: str, shape, variant: str, rounds: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    module = aia_kernels.build(variant, num_segments=8, backend="native").train(mode == "train")
-    x, grad = torch.randn(shape), torch.randn(shape)
-    step = step_fn(mode, module, x, grad)
+def interleave(step, rounds: int, steps: int) -> dict:
+    """Times of ``step`` (ms) with one build then the other, round by round (order
+    alternating); the median over rounds of the ratio of the round's medians."""
     for build in ("head", "base"):  # warm-up: workspaces, first-touch pages
         with ops_of(build):
             for _ in range(2):
@@ -137,11 +137,28 @@ def measure(mode: str, shape, variant: str, rounds: int, steps: int) -> dict:
             times[build] += samples
             medians[build] = statistics.median(samples)
         ratios.append(medians["head"] / medians["base"])
-    row = {"mode": mode, "shape": list(shape), "ratio_head_to_base": statistics.median(ratios)}
+    row = {"ratio_head_to_base": statistics.median(ratios)}
     for build, ms in times.items():
         q = statistics.quantiles(ms, n=4)
         row[f"{build}_median_ms"], row[f"{build}_iqr_ms"] = statistics.median(ms), q[2] - q[0]
     return row
+
+
+def measure(mode: str, shape, variant: str, rounds: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    module = aia_kernels.build(variant, num_segments=8, backend="native").train(mode == "train")
+    x, grad = torch.randn(shape), torch.randn(shape)
+    return {"mode": mode, "shape": list(shape), **interleave(step_fn(mode, module, x, grad), rounds, steps)}
+
+
+def measure_passes(names: list[str], shape, rounds: int, steps: int) -> list[dict]:
+    """One row per pass of benchmarks/cpu_passes.py whose name holds one of ``names``."""
+    torch.manual_seed(0)
+    native.load()
+    prims = native.NativePrimitives()
+    v = torch.randn(shape[0] // T, T, *shape[1:])
+    return [{"mode": name, "shape": list(shape), **interleave(call, rounds, steps)}
+            for name, call in pass_cases(prims, v).items() if any(part in name for part in names)]
 
 
 def main(argv=None) -> int:
@@ -150,6 +167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", default="CinST->STinC")
     parser.add_argument("--shapes", default=";".join(SHAPES), help="N*T,C,H,W;... (N*T a multiple of 8)")
     parser.add_argument("--modes", default="eval,train", help="eval (forward, no_grad) and/or train (forward+backward)")
+    parser.add_argument("--passes", default=None,
+                        help="instead of module steps, single passes of benchmarks/cpu_passes.py whose names "
+                             "hold one of these comma-separated words (e.g. 'pool T/H/W')")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=3, help="steps per build and round (their median is a sample)")
@@ -170,21 +190,30 @@ def main(argv=None) -> int:
         base_flags = CXX_FLAGS if args.base_cxxflags is None else shlex.split(args.base_cxxflags)
         build_base(base, Path(tmp), args.verbose, base_flags)
         load_before = os.getloadavg()
-        rows = [measure(mode, tuple(int(s) for s in text.split(",")), args.variant, args.rounds, args.steps)
-                for mode in args.modes.split(",") for text in args.shapes.split(";")]
-    info = {**meta, "base_commit": base, "threads": args.threads, "variant": args.variant, "dtype": "float32",
+        shapes = [tuple(int(s) for s in text.split(",")) for text in args.shapes.split(";")]
+        if args.passes:
+            rows = [row for shape in shapes
+                    for row in measure_passes(args.passes.split(","), shape, args.rounds, args.steps)]
+        else:
+            rows = [measure(mode, shape, args.variant, args.rounds, args.steps)
+                    for mode in args.modes.split(",") for shape in shapes]
+    info = {**meta, "base_commit": base, "threads": args.threads, "variant": args.variant, "passes": args.passes,
+            "dtype": "float32",
             "head_cxx_flags": CXX_FLAGS, "base_cxx_flags": base_flags,
             "measure": (f"{args.rounds} rounds, each running {args.steps} steps with one build then the other "
                         f"(order alternating); times: median (IQR) of all steps; head/base: median over rounds of "
                         f"the ratio of the round's medians; load average before/after "
                         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"),
             "results": rows}
-    lines = [f"# CPU: native kernels of the working tree (head) vs {base[:10]} (base), {args.variant}, float32, "
+    what = f"single passes ({args.passes})" if args.passes else args.variant
+    lines = [f"# CPU: native kernels of the working tree (head) vs {base[:10]} (base), {what}, float32, "
              f"{meta['device_name']}, {args.threads} thread(s)", "",
              f"{meta['date']}; torch {meta['torch']}; head commit {meta['commit']}, base commit {base[:12]}; "
              f"C++ flags: head `{' '.join(CXX_FLAGS)}`, base `{' '.join(base_flags)}`; "
              f"{info['measure']}. Command: `{meta['command']}`", "",
-             "| mode | input (N*T, C, H, W) | base ms (IQR) | head ms (IQR) | head / base |", "|---|---|---|---|---|"]
+             f"| {'pass' if args.passes else 'mode'} | input (N*T, C, H, W) | base ms (IQR) | head ms (IQR) "
+             "| head / base |",
+             "|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {tuple(r['shape'])} | {r['base_median_ms']:.2f} ({r['base_iqr_ms']:.2f}) | "
               f"{r['head_median_ms']:.2f} ({r['head_iqr_ms']:.2f}) | {r['ratio_head_to_base']:.3f} |" for r in rows]
     write_results(info, "\n".join(lines) + "\n", args.results_dir, "native_ab", args.tag)

@@ -230,6 +230,18 @@ def test_native_ab_renames_the_base_op_library(tmp_path):
     assert sorted(p.name for p in native_ab.base_cpu_sources(csrc)) == sorted(CPU_SOURCES)
 
 
+def test_native_ab_times_single_passes(monkeypatch):
+    """benchmarks/native_ab.py --passes: one row per matching pass of cpu_passes.py, each timed
+    with both builds (here the working tree's twice: building a base takes minutes)."""
+    import contextlib
+
+    from benchmarks import native_ab
+    monkeypatch.setattr(native_ab, "ops_of", lambda build: contextlib.nullcontext())
+    rows = native_ab.measure_passes(["pool T/H/W"], (8, 12, 5, 5), rounds=2, steps=1)
+    assert [r["mode"] for r in rows] == ["pool T/H/W, C weight", "pool T/H/W, ST weight"]
+    assert all(r["head_median_ms"] > 0 and r["base_median_ms"] > 0 and r["ratio_head_to_base"] > 0 for r in rows)
+
+
 def test_network_revisions_smoke(tmp_path):
     """benchmarks/network_revisions.py end to end: HEAD extracted as the base, one process of
     each checkout, their per-round overheads reported and written."""
