@@ -151,10 +151,11 @@ struct PoolOut {
 // ---- the T/H/W pass of small planes, channels as lanes ----
 // A plane of 7x7 or 14x14 is a few chunks, and the row walk pays per row what it saves per
 // element: masks, horizontal reductions along w, running values in memory. This walk takes
-// 8 channels at a time: their weighted rows go to a small buffer (the row walk's own weight
-// code), 8x8 blocks of it are transposed in registers so that one vector holds the 8
-// channels' values at one (h, w), and every reduction is then lane-wise: along t, h and w in
-// order, as the row walk's running values and its in-order path for rows with a NaN
+// 8 channels at a time: 8x8 blocks of their planes are transposed in registers so that one
+// vector holds the 8 channels' values at one (h, w), the weight is evaluated lane-wise (or,
+// for other dtypes, strides and weights, the row walk's weight code writes weighted rows to
+// a buffer that is transposed instead), and every reduction is lane-wise: along t, h and w
+// in order, as the row walk's running values and its in-order path for rows with a NaN
 // (strict >: the first maximum wins, a NaN only if first). Only the W sums differ from the
 // row walk's bits, which adds a row's chunks as a tree. docs/native.md has the measurements.
 constexpr int kLaneChannels = 8;
@@ -249,7 +250,7 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
     std::vector<float> planes(kLaneChannels * pitch, 0.f);  // channels past C stay zero
     std::vector<LaneVec> y(positions);                       // the 8 channels' values at each (h, w)
     std::vector<LaneRun<kArg>> trun(HW), hrun(W);
-    std::vector<LaneVec> tl(lanes_weight<S>() ? positions : 0), hl(W);  // T and H gates, lane-wise
+    std::vector<LaneVec> tl(lanes_st_weight<S>() ? positions : 0), hl(W);  // T and H gates, lane-wise
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, c0 = item % blocks * kLaneChannels;
       const int count = static_cast<int>(std::min<int64_t>(kLaneChannels, d.C - c0));
