@@ -166,9 +166,11 @@ using LaneIdx = int32_t __attribute__((vector_size(32)));
 // alone, in-process A/B on the AVX2 EPYC (native_ab.py --passes): 0.59x-0.78x the row walk's
 // time at 5x5, 7x7 and 10x10, 0.96x-1.05x at 14x14, 0.66x-0.69x at 20x20; at 28x28 it was
 // 1.1x-1.3x slower (a scratch run): the T running values, 64 bytes a position, leave L1.
-template <typename acc_t>
-bool lanes_walk(const Dims& d) {
-  return std::is_same_v<acc_t, float> && d.W <= 20 && d.H * d.W <= 400;
+inline bool lanes_walk(const Dims& d) { return d.W <= 20 && d.H * d.W <= 400; }
+
+// Lanes [0, n) all ones, the rest zero: the mask of a masked load.
+AIA_INLINE __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 AIA_INLINE void transpose8(LaneVec r[8]) {
@@ -206,6 +208,19 @@ struct LaneRun {
   }
 };
 
+// A run's results for channels [0, count), channel k's at gate offset g + k * step: max,
+// mean (sum / len) and, if kArg, the max's position.
+template <bool kArg>
+AIA_INLINE void write_lanes(const LaneRun<kArg>& r, float len, float* P, int32_t* A, int64_t g, int64_t step,
+                            int64_t n, int64_t sample, int count) {
+  const LaneVec mean = r.sum / len;
+  for (int k = 0; k < count; ++k) {
+    P[pooled_max_offset(g + k * step, n, sample)] = r.mx[k];
+    P[pooled_mean_offset(g + k * step, n, sample)] = mean[k];
+    if constexpr (kArg) A[g + k * step] = r.arg[k];
+  }
+}
+
 // The weights the lanes walk evaluates lane-wise: a T/H/W stage's compiled structures (none,
 // one C gate, one T, H, W mean, two C gates).
 template <typename S>
@@ -225,8 +240,7 @@ constexpr bool lanes_st_weight() {  // of those, one T, H, W mean
 AIA_INLINE void transpose_planes(const float* base, int64_t stride, int count, int64_t len, LaneVec* out) {
   for (int64_t p0 = 0; p0 < len; p0 += 8) {
     LaneVec r[8];
-    const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(len - p0)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i in = lanes_below(len - p0);
     for (int k = 0; k < 8; ++k) {
       const float* x = base + std::min(k, count - 1) * stride + p0;
       r[k] = (LaneVec)(p0 + 8 <= len ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, in));
@@ -246,6 +260,7 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
   const int64_t blocks = (d.C + kLaneChannels - 1) / kLaneChannels;
   const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
   const int64_t pitch = positions + V::kLanes;  // a channel's weighted plane, with a vector of slack
+  const bool contiguous_planes = vs.w == 1 && vs.h == W;
   at::parallel_for(0, d.N * blocks, grain_for(kLaneChannels * d.T * HW), [&](int64_t begin, int64_t end) {
     std::vector<float> planes(kLaneChannels * pitch, 0.f);  // channels past C stay zero
     std::vector<LaneVec> y(positions);                       // the 8 channels' values at each (h, w)
@@ -255,9 +270,9 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
       const int64_t n = item / blocks, c0 = item % blocks * kLaneChannels;
       const int count = static_cast<int>(std::min<int64_t>(kLaneChannels, d.C - c0));
       if (count < kLaneChannels) std::fill(planes.begin() + count * pitch, planes.end(), 0.f);
-      const __m256i channels_in = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256i channels_in = lanes_below(count);
       if constexpr (lanes_st_weight<S>()) {  // the T gate: the same for every t
-        if (vs.w == 1 && vs.h == W)
+        if (contiguous_planes)
           transpose_planes(wt.gate[0][0] + gate_offset(kAxisT, d, n, 0, c0, 0, 0), HW, count, HW, tl.data());
       }
       // The reductions along t, h and w of frame t, y holding its weighted values; the H and
@@ -272,26 +287,11 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
             hrun[w].add(x, static_cast<int32_t>(h));
             wrun.add(x, static_cast<int32_t>(w));
           }
-          if (P[kAxisW] != nullptr) {
-            const int64_t g = gw + h * d.C;
-            const LaneVec mean = wrun.sum / float(W);
-            for (int k = 0; k < count; ++k) {
-              P[kAxisW][pooled_max_offset(g + k, n, sW)] = wrun.mx[k];
-              P[kAxisW][pooled_mean_offset(g + k, n, sW)] = mean[k];
-              if constexpr (kArg) A[kAxisW][g + k] = wrun.arg[k];
-            }
-          }
+          if (P[kAxisW] != nullptr) write_lanes(wrun, float(W), P[kAxisW], A[kAxisW], gw + h * d.C, 1, n, sW, count);
         }
         if (P[kAxisH] != nullptr) {
           const int64_t g = gate_offset(kAxisH, d, n, t, c0, 0, 0);  // (n, t, c, w)
-          for (int64_t w = 0; w < W; ++w) {
-            const LaneVec mean = hrun[w].sum / float(H);
-            for (int k = 0; k < count; ++k) {
-              P[kAxisH][pooled_max_offset(g + k * W + w, n, sH)] = hrun[w].mx[k];
-              P[kAxisH][pooled_mean_offset(g + k * W + w, n, sH)] = mean[k];
-              if constexpr (kArg) A[kAxisH][g + k * W + w] = hrun[w].arg[k];
-            }
-          }
+          for (int64_t w = 0; w < W; ++w) write_lanes(hrun[w], float(H), P[kAxisH], A[kAxisH], g + w, W, n, sH, count);
         }
       };
       for (int64_t t = 0; t < d.T; ++t) {
@@ -299,7 +299,7 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
         // are transposed straight from v and the weight evaluated lane-wise, in the row walk's
         // order of operations (its values bitwise); other cases take the weighted rows below.
         if constexpr (lanes_weight<S>() && std::is_same_v<scalar_t, float>) {
-          if (vs.w == 1 && vs.h == W) {
+          if (contiguous_planes) {
             transpose_planes(vp + offset5(vs, n, t, c0, 0, 0), vs.c, count, HW, y.data());
             if constexpr (S::kFactors == 1 && S::kST0) {  // (T + H + W) / 3
               const float* gh = wt.gate[0][1] + gate_offset(kAxisH, d, n, t, c0, 0, 0);  // (n, t, c, w)
@@ -331,24 +331,12 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
             V::store(out + h * W + w0, weighted_chunk_of<S>(wa, vpl, d, h, w0, row));
           });
         }
-        for (int64_t p0 = 0; p0 < HW; p0 += 8) {
-          LaneVec r[8];
-          for (int k = 0; k < 8; ++k) r[k] = (LaneVec)_mm256_loadu_ps(planes.data() + k * pitch + p0);
-          transpose8(r);
-          for (int j = 0; j < 8; ++j) y[p0 + j] = r[j];
-        }
+        transpose_planes(planes.data(), pitch, kLaneChannels, HW, y.data());
         reduce_and_write(t);
       }
       if (P[kAxisT] != nullptr) {
         const int64_t g = gate_offset(kAxisT, d, n, 0, c0, 0, 0);  // (n, c, h, w)
-        for (int64_t p = 0; p < HW; ++p) {
-          const LaneVec mean = trun[p].sum / float(d.T);
-          for (int k = 0; k < count; ++k) {
-            P[kAxisT][pooled_max_offset(g + k * HW + p, n, sT)] = trun[p].mx[k];
-            P[kAxisT][pooled_mean_offset(g + k * HW + p, n, sT)] = mean[k];
-            if constexpr (kArg) A[kAxisT][g + k * HW + p] = trun[p].arg[k];
-          }
-        }
+        for (int64_t p = 0; p < HW; ++p) write_lanes(trun[p], float(d.T), P[kAxisT], A[kAxisT], g + p, HW, n, sT, count);
       }
     }
   });
@@ -426,7 +414,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
 #if defined(AIA_MASKED_CHUNKS) || defined(AIA_AVX2_CHUNKS)
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (lanes_walk<acc_t>(d)) {
+    if (lanes_walk(d)) {
       with_argmax([&](auto arg_tag) {
         pool_thw_lanes<scalar_t, B, S, decltype(arg_tag)::value>(d, vp, vs, wt, P, A);
       });
