@@ -867,7 +867,6 @@ AIA_INLINE typename Vec<acc_t, B>::type upstream_chunk_of(const UpstreamAt<scala
 // Calls f(shape, upstream) with the structure types of a term (weight and upstream), static
 // for both where the plans give that pair (a full tensor: the output's weight; C items: a C
 // stage's; T, H, W items: a T, H, W stage's), else AnyWeight and AnyUpstream.
-// `v_unit_stride`: v's rows have unit stride.
 template <typename S, typename U>
 constexpr bool plan_term() {
   if constexpr (U::kKind == 0) return OutputWeights::keep<S>();
@@ -876,10 +875,10 @@ constexpr bool plan_term() {
   else return THWStageWeights::keep<S>();
 }
 
+// `unit_stride`: every full-size tensor the pass reads or writes has unit stride along w.
 template <typename scalar_t, typename F>
-void with_term_shape(const Term& term, bool v_unit_stride, F&& f) {
+void with_term_structure_if(const Term& term, bool unit_stride, F&& f) {
   const UpstreamSpec& up = term.upstream;
-  const bool unit_stride = v_unit_stride && (!up.dout.defined() || up.dout.stride(4) == 1);
   const bool c_item = !up.dout.defined() && up.axis.size() == 1 && up.axis[0] == kAxisC;
   const bool thw_items = !up.dout.defined() && up.axis.size() == 3 && up.axis[0] == kAxisT &&
                          up.axis[1] == kAxisH && up.axis[2] == kAxisW;
@@ -895,6 +894,19 @@ void with_term_shape(const Term& term, bool v_unit_stride, F&& f) {
     else if (c_item) call(UpstreamKind<1>{});
     else call(UpstreamKind<3>{});
   });
+}
+
+// `v_unit_stride`: v's rows have unit stride.
+template <typename scalar_t, typename F>
+void with_term_shape(const Term& term, bool v_unit_stride, F&& f) {
+  const UpstreamSpec& up = term.upstream;
+  with_term_structure_if<scalar_t>(term, v_unit_stride && (!up.dout.defined() || up.dout.stride(4) == 1), f);
+}
+
+// The term's structure whatever the strides (the lanes walks read planes through a buffer).
+template <typename scalar_t, typename F>
+void with_term_structure(const Term& term, F&& f) {
+  with_term_structure_if<scalar_t>(term, true, f);
 }
 
 // Calls f(integral_constant<int, B>) with the vector bytes of a call's full-size

@@ -1,6 +1,6 @@
 // CPU kernels: the pooling pass (max, mean and argmax of weight * v along C, or along T, H
 // and W in one read of v) and apply (out = weight * v).
-#include "aia_cpu_chunks.h"
+#include "aia_cpu_lanes.h"
 
 namespace aia {
 namespace cpu {
@@ -148,47 +148,10 @@ struct PoolOut {
 };
 
 #if defined(AIA_MASKED_CHUNKS) || defined(AIA_AVX2_CHUNKS)
-// ---- the T/H/W pass of small planes, channels as lanes ----
-// A plane of 7x7 or 14x14 is a few chunks, and the row walk pays per row what it saves per
-// element: masks, horizontal reductions along w, running values in memory. This walk takes
-// 8 channels at a time: 8x8 blocks of their planes are transposed in registers so that one
-// vector holds the 8 channels' values at one (h, w), the weight is evaluated lane-wise (or,
-// for other dtypes, strides and weights, the row walk's weight code writes weighted rows to
-// a buffer that is transposed instead), and every reduction is lane-wise: along t, h and w
-// in order, as the row walk's running values and its in-order path for rows with a NaN
-// (strict >: the first maximum wins, a NaN only if first). Only the W sums differ from the
-// row walk's bits, which adds a row's chunks as a tree. docs/native.md has the measurements.
-constexpr int kLaneChannels = 8;
-using LaneVec = float __attribute__((vector_size(32)));
-using LaneIdx = int32_t __attribute__((vector_size(32)));
-
-// Planes up to 20x20 take the lanes walk (float accumulation, vector builds). The T/H/W pool
-// alone, in-process A/B on the AVX2 EPYC (native_ab.py --passes): 0.59x-0.78x the row walk's
-// time at 5x5, 7x7 and 10x10, 0.96x-1.05x at 14x14, 0.66x-0.69x at 20x20; at 28x28 it was
-// 1.1x-1.3x slower (a scratch run): the T running values, 64 bytes a position, leave L1.
-inline bool lanes_walk(const Dims& d) { return d.W <= 20 && d.H * d.W <= 400; }
-
-// Lanes [0, n) all ones, the rest zero: the mask of a masked load.
-AIA_INLINE __m256i lanes_below(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-AIA_INLINE void transpose8(LaneVec r[8]) {
-  __m256 x[8];
-  for (int k = 0; k < 8; ++k) x[k] = (__m256)r[k];
-  const __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(x[4], x[5]), t5 = _mm256_unpackhi_ps(x[4], x[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(x[6], x[7]), t7 = _mm256_unpackhi_ps(x[6], x[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = (LaneVec)_mm256_permute2f128_ps(s0, s4, 0x20), r[1] = (LaneVec)_mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = (LaneVec)_mm256_permute2f128_ps(s2, s6, 0x20), r[3] = (LaneVec)_mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = (LaneVec)_mm256_permute2f128_ps(s0, s4, 0x31), r[5] = (LaneVec)_mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = (LaneVec)_mm256_permute2f128_ps(s2, s6, 0x31), r[7] = (LaneVec)_mm256_permute2f128_ps(s3, s7, 0x31);
-}
+// ---- the T/H/W pass of small planes, channels as lanes (aia_cpu_lanes.h) ----
+// Reductions in order, as the row walk's running values and its in-order path for rows with
+// a NaN (strict >: the first maximum wins, a NaN only if first). Only the W sums differ from
+// the row walk's bits, which adds a row's chunks as a tree.
 
 // Running max (first wins), its position if kArg, and sum, lane-wise.
 template <bool kArg>
@@ -232,22 +195,6 @@ template <typename S>
 constexpr bool lanes_st_weight() {  // of those, one T, H, W mean
   if constexpr (!lanes_weight<S>()) return false;
   else return S::kFactors == 1 && S::kST0;
-}
-
-// `count` contiguous float planes of `len` entries, `stride` apart, into out[p]: their
-// entries p as the lanes of one vector (lanes past `count` repeat the last plane). The last
-// 8 entries are read with a masked load, never past a plane's end.
-AIA_INLINE void transpose_planes(const float* base, int64_t stride, int count, int64_t len, LaneVec* out) {
-  for (int64_t p0 = 0; p0 < len; p0 += 8) {
-    LaneVec r[8];
-    const __m256i in = lanes_below(len - p0);
-    for (int k = 0; k < 8; ++k) {
-      const float* x = base + std::min(k, count - 1) * stride + p0;
-      r[k] = (LaneVec)(p0 + 8 <= len ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, in));
-    }
-    transpose8(r);
-    for (int j = 0; j < 8 && p0 + j < len; ++j) out[p0 + j] = r[j];
-  }
 }
 
 // The T/H/W pass over planes (n, t, c0..c0+8) in items (n, channel block); P, A as in
@@ -301,14 +248,13 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
         if constexpr (lanes_weight<S>() && std::is_same_v<scalar_t, float>) {
           if (contiguous_planes) {
             transpose_planes(vp + offset5(vs, n, t, c0, 0, 0), vs.c, count, HW, y.data());
+            prefetch_frame(vp, vs, d, n, t + 1, c0, count);
             if constexpr (S::kFactors == 1 && S::kST0) {  // (T + H + W) / 3
               const float* gh = wt.gate[0][1] + gate_offset(kAxisH, d, n, t, c0, 0, 0);  // (n, t, c, w)
               const float* gw = wt.gate[0][2] + gate_offset(kAxisW, d, n, t, c0, 0, 0);  // (n, t, h, c)
-              for (int64_t w = 0; w < W; ++w) {
-                for (int k = 0; k < 8; ++k) hl[w][k] = gh[std::min(k, count - 1) * W + w];
-              }
+              transpose_planes(gh, W, count, W, hl.data());  // the 8 channels' rows: one (8, W) block
               for (int64_t h = 0; h < H; ++h) {
-                const LaneVec wl = (LaneVec)_mm256_maskload_ps(gw + h * d.C, channels_in);
+                const LaneVec wl = load_lanes_below(gw + h * d.C, count, channels_in);
                 for (int64_t w = 0; w < W; ++w)
                   y[h * W + w] = y[h * W + w] * (((tl[h * W + w] + hl[w]) + wl) * (1.f / 3.f));
               }

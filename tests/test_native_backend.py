@@ -81,8 +81,10 @@ def test_structure_compiled_loops_give_the_generic_loops_bits(variant):
     """Float passes over unit-stride rows run loops compiled per weight and upstream structure
     (csrc/aia_cpu_chunks.h); other strides run the loops that read the structure per chunk.
     A channels_last input takes the latter: both must give the same bits (same arithmetic,
-    same order; the build contracts no multiply-adds)."""
-    for shape in [(8, 8, 5, 20), (8, 16, 3, 7)]:  # rows of two 16-lane chunks; of one 8-lane chunk
+    same order; the build contracts no multiply-adds). Planes up to 20x20 take the lanes
+    walks either way (csrc/aia_cpu_lanes.h: a strided plane is copied first), larger ones
+    the row walk: rows of two 16-lane chunks, of one 8-lane chunk, of several chunks."""
+    for shape in [(8, 8, 5, 20), (8, 16, 3, 7), (8, 8, 21, 20), (8, 8, 2, 40)]:
         _, module = make_pair(variant, "native", dtype=torch.float32, num_segments=4)
         other = copy.deepcopy(module)
         x, g = torch.randn(shape), torch.randn(shape)
