@@ -357,9 +357,9 @@ BatchStats batch_stats(const at::Tensor& z) {
   return st;
 }
 
-GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, double scale, double shift, bool has_bn,
-                      bool batch, double mean, double var, double gamma, double eps) {
-  const at::Tensor g = (z * scale).add_(shift).sigmoid_();  // ATen's vectorised sigmoid
+GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, const at::Tensor& value, double scale,
+                      double shift, bool has_bn, bool batch, double mean, double var, double gamma, double eps) {
+  const at::Tensor g = value.defined() ? value.contiguous() : gate_value(z, at::tensor({scale, shift}, at::kDouble));
   const at::Tensor gg = gate_grad.to(z.scalar_type()).contiguous();
   at::Tensor dz = at::empty_like(z);
   GateZGrad out{dz, 0, 0};
@@ -370,8 +370,12 @@ GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, double s
     const acc_t* zp = z.data_ptr<acc_t>();
     acc_t* dzp = dz.data_ptr<acc_t>();
     const int64_t m = z.numel();
-    for (int64_t i = 0; i < m; ++i) dzp[i] = ggp[i] * gp[i] * (acc_t(1) - gp[i]);  // dy
-    if (!has_bn) return;
+    const auto dy = [&](int64_t i) { return ggp[i] * gp[i] * (acc_t(1) - gp[i]); };
+    if (!has_bn) {
+      for (int64_t i = 0; i < m; ++i) dzp[i] = dy(i);
+      return;
+    }
+    for (int64_t i = 0; i < m; ++i) dzp[i] = dy(i);
     const double rstd = 1.0 / std::sqrt(var + eps);
     const double sum_dy = ordered_sum(m, [&](int64_t i) { return static_cast<double>(dzp[i]); });
     const double sum_dy_zhat = ordered_sum(m, [&](int64_t i) { return dzp[i] * ((zp[i] - mean) * rstd); });

@@ -127,6 +127,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
     const at::Tensor& gate_grad, const at::Tensor& pooled, const at::Tensor& z, const at::Tensor& scale_shift,
     const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
     const c10::optional<at::Tensor>& bn_weight, double eps, at::IntArrayRef needs);
+// gate_backward_op given the gate's value, gate_value(z, scale_shift), where the caller has it
+// (the plan's backward); undefined: computed here.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_with_value(
+    const at::Tensor& gate_grad, const at::Tensor& pooled, const at::Tensor& z, const at::Tensor& scale_shift,
+    const at::Tensor& value, const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
+    const c10::optional<at::Tensor>& bn_weight, double eps, at::IntArrayRef needs);
 
 namespace cpu {
 AIA_DECLARE_DEVICE_ENTRY_POINTS
@@ -140,13 +146,14 @@ BatchStats batch_stats(const at::Tensor& z);
 
 // d loss / d z of gate = sigmoid(scale * z + shift), where BN folded into (scale, shift)
 // normalised z with (mean, var) (batch: they depend on z too). Also the BN parameter
-// gradients: sum(dy * zhat) and sum(dy), dy = d loss / d (BN output).
+// gradients: sum(dy * zhat) and sum(dy), dy = d loss / d (BN output). `value`: the gate's
+// value, gate_value(z, (scale, shift)), or undefined (then computed).
 struct GateZGrad {
   at::Tensor dz;
   double dbn_weight, dbn_bias;
 };
-GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, double scale, double shift, bool has_bn,
-                      bool batch, double mean, double var, double gamma, double eps);
+GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, const at::Tensor& value, double scale,
+                      double shift, bool has_bn, bool batch, double mean, double var, double gamma, double eps);
 }
 namespace cuda {
 AIA_DECLARE_DEVICE_ENTRY_POINTS

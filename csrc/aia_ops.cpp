@@ -289,6 +289,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
     const at::Tensor& gate_grad, const at::Tensor& pooled, const at::Tensor& z, const at::Tensor& scale_shift,
     const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
     const c10::optional<at::Tensor>& bn_weight, double eps, at::IntArrayRef needs) {
+  return gate_backward_with_value(gate_grad, pooled, z, scale_shift, at::Tensor(), bn_stats, conv_weight, bn_mode,
+                                  bn_weight, eps, needs);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_with_value(
+    const at::Tensor& gate_grad, const at::Tensor& pooled, const at::Tensor& z, const at::Tensor& scale_shift,
+    const at::Tensor& value, const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
+    const c10::optional<at::Tensor>& bn_weight, double eps, at::IntArrayRef needs) {
   check_pooled(pooled);
   TORCH_CHECK(needs.size() == 4, "aia_native: needs = (pooled, conv, bn weight, bn bias)");
   TORCH_CHECK(z.dim() == 4 && z.size(0) == pooled.size(0) && z.sizes().slice(1) == pooled.sizes().slice(2),
@@ -300,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
     const double* s2 = ss.data_ptr<double>();
     const double* st = stats.data_ptr<double>();
     const double gamma = bn_weight.has_value() && bn_weight->defined() ? bn_weight->item<double>() : 1.0;
-    const cpu::GateZGrad r = cpu::gate_z_grad(gate_grad, z, s2[0], s2[1], bn_mode != kBnNone,
+    const cpu::GateZGrad r = cpu::gate_z_grad(gate_grad, z, value, s2[0], s2[1], bn_mode != kBnNone,
                                               bn_mode == kBnBatch, st[0], st[1], gamma, eps);
     dz = r.dz;
     if (bn_mode != kBnNone && needs[2]) dbn_w = at::full({1}, r.dbn_weight, z.options());

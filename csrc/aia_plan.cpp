@@ -324,8 +324,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
       const at::Tensor gate_grad = gate_grads[g].defined() ? gate_grads[g] : at::zeros_like(z);
       const std::vector<int64_t> flags = {need_pooled, need(0, g), need(1, g), need(2, g)};
       auto [d_pooled, dc, dw, db] =
-          gate_backward_op(gate_grad, kept[kSavedPerGate * g], z, kept[kSavedPerGate * g + 3], bn_stats[g],
-                           conv_weights[g], bn_modes[g], at_or_none(bn_weights, g), eps[g], flags);
+          gate_backward_with_value(gate_grad, kept[kSavedPerGate * g], z, kept[kSavedPerGate * g + 3],
+                                   gates.values[g], bn_stats[g], conv_weights[g], bn_modes[g],
+                                   at_or_none(bn_weights, g), eps[g], flags);
       d_conv[g] = dc;
       d_bn_w[g] = dw;
       d_bn_b[g] = db;
