@@ -9,11 +9,14 @@ namespace {
 using namespace detail;
 
 // ---- Conv3d(2 -> 1, 3x3x3, padding 1) ----
-// Inputs are copied into zero-padded volumes (D1 + 2, D2 + 2, D3 + 2), and a (D2, D3)
-// slice is handled as one flat run with row pitch R = D3 + 2: each tap is then a
-// constant offset into one long contiguous run (no bounds checks, vectorisable even
-// for 7x7 slices); the two pitch columns past D3 hold garbage (forward) or zeros
-// (weight gradient).
+// Inputs are copied into zero-padded volumes, and a (D2, D3) slice is handled as one flat
+// run with row pitch R = D3 + 1: each tap is then a constant offset into one long contiguous
+// run (no bounds checks, vectorisable even for 7x7 slices). One zero column per row serves
+// as the right pad of a row and the left pad of the next, one zero row per slice as the
+// bottom pad of a slice and the top pad of the next: (D1 + 2, D2 + 1, D3 + 1) per volume.
+// (With two of each, (D2 + 2, D3 + 2), a 7x7 slice's run was 81 entries for 49 outputs,
+// now 64.) The pitch column of an output run holds garbage (forward) or zeros (weight
+// gradient).
 //
 // The runs are computed in registers with GCC/Clang vector types (Vec: 16 floats or 8
 // doubles with AVX-512, else half that): each output block is loaded and stored once for
@@ -31,8 +34,8 @@ struct Padded {
 
 Padded padded(const ConvDims& d) {
   Padded p;
-  p.R = d.D3 + 2;
-  p.slice = (d.D2 + 2) * p.R;
+  p.R = d.D3 + 1;
+  p.slice = (d.D2 + 1) * p.R;
   p.volume = (d.D1 + 2) * p.slice;
   p.run = (d.D2 - 1) * p.R + d.D3;
   return p;
@@ -55,11 +58,13 @@ AIA_INLINE void pitch_slice(const acc_t* src, const ConvDims& d, int64_t R, int6
   zero_row(out + (first_row + d.D2) * R, (rows - first_row - d.D2) * R);
 }
 
-// `count` volumes (D1, D2, D3) -> zero-padded volumes in workspace `slot`, plus `slack`
-// zeros at the end (tap_sums reads up to a block past a run's end). Slices in parallel.
+// `count` volumes (D1, D2, D3) -> zero-padded volumes in workspace `slot`, plus `slack` + R + 1
+// zeros at the end (tap_sums reads up to a block past a run's end; a tap of the last slice's
+// last entry reads the bottom pad's next row, R + 1 entries past the volume). Slices in parallel.
 template <typename acc_t>
 const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int slot, int64_t slack = 0) {
   const Padded p = padded(d);
+  slack += p.R + 1;
   acc_t* dst = workspace<acc_t>(slot, static_cast<size_t>(count * p.volume + slack), /*zeroed=*/false);
   const int64_t per_volume = d.D1 + 2;
   at::parallel_for(0, count * per_volume, grain_for(p.slice), [&](int64_t begin, int64_t end) {
@@ -67,7 +72,7 @@ const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int
       const int64_t v = s / per_volume, a = s % per_volume;
       acc_t* out = dst + s * p.slice;
       if (a == 0 || a == per_volume - 1) std::fill(out, out + p.slice, acc_t(0));
-      else pitch_slice(src + (v * d.D1 + a - 1) * d.D2 * d.D3, d, p.R, 1, true, d.D2 + 2, out);
+      else pitch_slice(src + (v * d.D1 + a - 1) * d.D2 * d.D3, d, p.R, 1, true, d.D2 + 1, out);
     }
   });
   std::fill(dst + count * p.volume, dst + count * p.volume + slack, acc_t(0));
@@ -219,7 +224,7 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
   acc_t* dzp = workspace<acc_t>(1, static_cast<size_t>(d.N * d.D1 * p.slice), /*zeroed=*/false);
   at::parallel_for(0, d.N * d.D1, grain_for(p.slice), [&](int64_t begin, int64_t end) {
     for (int64_t na = begin; na < end; ++na)
-      pitch_slice(dz + na * d.D2 * d.D3, d, p.R, 0, false, d.D2 + 2, dzp + na * p.slice);
+      pitch_slice(dz + na * d.D2 * d.D3, d, p.R, 0, false, d.D2 + 1, dzp + na * p.slice);
   });
   // Slices (n, a) in fixed chunks of about 4K elements (set by the shape, not by the
   // thread count). Per chunk, the 9 taps of one (ci, k1) share each dz vector: one
