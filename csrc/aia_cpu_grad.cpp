@@ -353,9 +353,9 @@ void input_grad_kernel(const std::vector<Term>& terms, const GateSet& gates, con
 
 #if defined(AIA_MASKED_CHUNKS) || defined(AIA_AVX2_CHUNKS)
 // ---- small planes: channels as lanes (aia_cpu_lanes.h) ----
-// weight_grad and input_grad for planes up to 20x20 (lanes_walk), float tensors whose planes
-// are contiguous, a term of a compiled structure (static S and U): 8 channels at a time,
-// their values at one (h, w) as the lanes of a vector. The expressions are the row walk's,
+// weight_grad and input_grad for planes up to 20x20 (lanes_walk), float tensors of any layout
+// (strided planes copied first: the same bits), terms of a compiled structure (static S and
+// U): 8 channels at a time, their values at one (h, w) as the lanes of a vector. The expressions are the row walk's,
 // lane-wise; the sums along t and h are in the same order, those along w and c in order
 // (the row walk adds a row's chunks as a tree, and channels in blocks of 16).
 
@@ -495,6 +495,11 @@ constexpr bool lanes_term() {
   else return U::kKind >= 0;
 }
 
+template <typename S, typename U>
+constexpr bool lanes_weight_grad() {  // a weight with factors (else nothing to differentiate)
+  if constexpr (!lanes_term<S, U>()) return false;
+  else return S::kFactors > 0;
+}
 
 // weight_grad over items (n, 8 channels): the T, H, W gates' gradients summed lane-wise (T
 // over t in buffers, H over h per w, W over w per row), a C gate's per (t, h, w) summed over
@@ -678,7 +683,7 @@ std::vector<at::Tensor> weight_grad(const at::Tensor& v, const Term& term, const
     with_term_structure<float>(term, [&](auto shape, auto upstream) {
       using S = decltype(shape);
       using U = decltype(upstream);
-      if constexpr (lanes_term<S, U>()) {
+      if constexpr (lanes_weight_grad<S, U>()) {
         const Upstream<float, float> up = make_upstream<float, float>(term.upstream);
         float* out_ptr[kMaxFactors][kMaxFactorGates] = {};
         size_t o = 0;
