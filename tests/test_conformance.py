@@ -240,6 +240,16 @@ def test_odd_shapes(target, variant, shape, num_segments):
     compare(target, variant, x=x, num_segments=num_segments)
 
 
+@pytest.mark.parametrize("variant,shape,num_segments", [
+    ("CinST->STinC", (3, 1, 4, 5), 3), ("ST->C", (4, 9, 1, 5), 2), ("CinST+STinC", (4, 3, 5, 1), 2),
+    ("STinC->CinST", (2, 17, 5, 6), 1)], ids=["C1", "H1-C9", "W1", "T1-C17"])
+def test_odd_shapes_float32(target, variant, shape, num_segments):
+    """float32 at small planes takes the native CPU lanes walks (8 channels a vector): planes of
+    one row or column, channel counts that leave a partial block of 8."""
+    x = torch.randn(shape, dtype=torch.float32, device=tensor_device(target))
+    compare(target, variant, x=x, dtype=torch.float32, num_segments=num_segments)
+
+
 @pytest.mark.parametrize("variant", ["C->ST", "CinST+STinC"])
 def test_stride0_grad_out(target, variant):
     """``out.sum().backward()`` hands the backward an expanded (stride-0) gradient."""
