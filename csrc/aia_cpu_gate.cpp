@@ -375,12 +375,8 @@ GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, const at
     const acc_t* zp = z.data_ptr<acc_t>();
     acc_t* dzp = dz.data_ptr<acc_t>();
     const int64_t m = z.numel();
-    const auto dy = [&](int64_t i) { return ggp[i] * gp[i] * (acc_t(1) - gp[i]); };
-    if (!has_bn) {
-      for (int64_t i = 0; i < m; ++i) dzp[i] = dy(i);
-      return;
-    }
-    for (int64_t i = 0; i < m; ++i) dzp[i] = dy(i);
+    for (int64_t i = 0; i < m; ++i) dzp[i] = ggp[i] * gp[i] * (acc_t(1) - gp[i]);  // dy
+    if (!has_bn) return;
     const double rstd = 1.0 / std::sqrt(var + eps);
     const double sum_dy = ordered_sum(m, [&](int64_t i) { return static_cast<double>(dzp[i]); });
     const double sum_dy_zhat = ordered_sum(m, [&](int64_t i) { return dzp[i] * ((zp[i] - mean) * rstd); });

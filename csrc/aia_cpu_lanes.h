@@ -5,8 +5,8 @@
 // element: masks, horizontal reductions along w, running values in memory. The lanes walks
 // take 8 channels at a time instead: 8x8 blocks of their planes are transposed in registers
 // so that one vector holds the 8 channels' values at one (h, w), gates are read lane-wise
-// (a T gate's planes transposed once per 8 channels, an H gate's rows gathered per frame, a
-// W gate's 8 channels one load), and every reduction along t, h or w is lane-wise, in order.
+// (a T gate's planes transposed once per 8 channels, an H gate's 8 rows, one (8, W) block,
+// transposed per frame, a W gate's 8 channels one load), and every reduction along t, h or w is lane-wise, in order.
 // docs/native.md has the measurements.
 #pragma once
 

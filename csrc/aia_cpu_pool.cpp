@@ -207,7 +207,7 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
   const int64_t blocks = (d.C + kLaneChannels - 1) / kLaneChannels;
   const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
   const int64_t pitch = positions + V::kLanes;  // a channel's weighted plane, with a vector of slack
-  const bool contiguous_planes = vs.w == 1 && vs.h == W;
+  const bool contiguous = contiguous_planes(vs, d);  // v's planes
   at::parallel_for(0, d.N * blocks, grain_for(kLaneChannels * d.T * HW), [&](int64_t begin, int64_t end) {
     std::vector<float> planes(kLaneChannels * pitch, 0.f);  // channels past C stay zero
     std::vector<LaneVec> y(positions);                       // the 8 channels' values at each (h, w)
@@ -219,7 +219,7 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
       if (count < kLaneChannels) std::fill(planes.begin() + count * pitch, planes.end(), 0.f);
       const __m256i channels_in = lanes_below(count);
       if constexpr (lanes_st_weight<S>()) {  // the T gate: the same for every t
-        if (contiguous_planes)
+        if (contiguous)
           transpose_planes(wt.gate[0][0] + gate_offset(kAxisT, d, n, 0, c0, 0, 0), HW, count, HW, tl.data());
       }
       // The reductions along t, h and w of frame t, y holding its weighted values; the H and
@@ -246,7 +246,7 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
         // are transposed straight from v and the weight evaluated lane-wise, in the row walk's
         // order of operations (its values bitwise); other cases take the weighted rows below.
         if constexpr (lanes_weight<S>() && std::is_same_v<scalar_t, float>) {
-          if (contiguous_planes) {
+          if (contiguous) {
             transpose_planes(vp + offset5(vs, n, t, c0, 0, 0), vs.c, count, HW, y.data());
             prefetch_frame(vp, vs, d, n, t + 1, c0, count);
             if constexpr (S::kFactors == 1 && S::kST0) {  // (T + H + W) / 3
