@@ -35,8 +35,10 @@ def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
 def _check_batch_stats(plan: Plan, v_shape, bn_modes) -> None:
     """BatchNorm in train mode needs more than one value per channel (as nn.BatchNorm3d)."""
     for g, axis in enumerate(plan.gate_axes):
+        if bn_modes[g] != BN_BATCH:
+            continue
         shape = gate_shape(v_shape, axis)
-        if bn_modes[g] == BN_BATCH and math.prod(shape) == 1:
+        if math.prod(shape) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training the {axis} gate's "
                              f"BatchNorm (its input has shape {(shape[0], 1, *shape[1:])})")
 

@@ -22,7 +22,7 @@ from .layouts import clip_segments, clip_shape
 from .plan import build_plan, for_inference
 from .primitives import gate_shape
 from .primitives.torch_impl import TorchPrimitives
-from .running_stats import bn_mode, update_running_stats
+from .running_stats import bn_mode, tracks_running_stats, update_running_stats
 from .sync_bn import gate_sync
 
 
@@ -118,6 +118,18 @@ def _backward(ctx, grad_out, grad_saved, grad_stats):
 fused_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _eager_forward(meta, x, params):
+    """run_forward for :class:`_EagerFused` (and for inference, which needs no autograd node):
+    ``meta`` as that class takes it, ``params`` the conv weights, BN weights, BN biases."""
+    variant, num_segments, backend, running_means, running_vars, bn_modes, eps, sync, recompute, inference = meta
+    n = len(bn_modes)
+    conv_weights, bn_weights, bn_biases = list(params[:n]), list(params[n:2 * n]), list(params[2 * n:])
+    plan = for_inference(variant) if inference else build_plan(variant, recompute)
+    with torch.autocast(x.device.type, enabled=False):
+        return run_forward(_primitives(backend, x.device), plan, x, num_segments, conv_weights, bn_weights,
+                           bn_biases, running_means, running_vars, bn_modes, eps, sync)
+
+
 class _EagerFused(torch.autograd.Function):
     """The fused forward/backward for eager autograd, without torch.library's Python
     autograd wrapper (it flattens every list argument and output with pytree: half of the
@@ -127,14 +139,9 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, *params):
-        variant, num_segments, backend, running_means, running_vars, bn_modes, eps, sync, recompute, inference = meta
-        n = len(bn_modes)
-        conv_weights, bn_weights, bn_biases = list(params[:n]), list(params[n:2 * n]), list(params[2 * n:])
-        plan = for_inference(variant) if inference else build_plan(variant, recompute)
-        with torch.autocast(x.device.type, enabled=False):
-            out, saved, bn_stats = run_forward(_primitives(backend, x.device), plan, x, num_segments,
-                                               conv_weights, bn_weights, bn_biases, running_means, running_vars,
-                                               bn_modes, eps, sync)
+        out, saved, bn_stats = _eager_forward(meta, x, params)
+        n = len(meta[5])  # bn_modes: one per gate
+        conv_weights, bn_weights = params[:n], params[n:2 * n]
         ctx.meta = meta
         ctx.needs = [x.requires_grad] + [p is not None and p.requires_grad for p in params]
         ctx.save_for_backward(x, bn_stats, *conv_weights, *bn_weights, *saved)
@@ -184,6 +191,9 @@ def forward_with_autograd_function(module, x: Tensor, backend: str, args, sync=N
         p is not None and p.requires_grad for p in (*conv_weights, *bn_weights, *bn_biases))))
     meta = (module.variant, clip_segments(x, module.num_segments), backend, running_means, running_vars, bn_modes,
             eps, sync, module.recompute, inference)
+    if inference:  # no autograd node to build (Function.apply costs tens of us a call)
+        out, _, bn_stats = _eager_forward(meta, x, (*conv_weights, *bn_weights, *bn_biases))
+        return out, bn_stats
     return _EagerFused.apply(meta, x, *conv_weights, *bn_weights, *bn_biases)
 
 
@@ -207,9 +217,10 @@ def fused_forward(module, x: Tensor, backend: str) -> Tensor:
     else:
         forward = forward_with_library_op if torch.compiler.is_compiling() else EAGER_FORWARD
         out, bn_stats = forward(module, x, backend, args)
-    v_shape = clip_shape(x.shape, clip_segments(x, module.num_segments))
-    counts = [math.prod(gate_shape(v_shape, axis)) for axis, _, _ in gates]
-    if sync is not None:
-        counts = [sync.counts.get(g, count) for g, count in enumerate(counts)]  # the global batch's
-    update_running_stats(bns, bn_stats, counts)
+    if any(map(tracks_running_stats, bns)):
+        v_shape = clip_shape(x.shape, clip_segments(x, module.num_segments))
+        counts = [math.prod(gate_shape(v_shape, axis)) for axis, _, _ in gates]
+        if sync is not None:
+            counts = [sync.counts.get(g, count) for g, count in enumerate(counts)]  # the global batch's
+        update_running_stats(bns, bn_stats, counts)
     return out

@@ -21,6 +21,9 @@ from .validation import check_input, check_num_segments
 from .variants import REGISTRATION_ORDER, UNIT_GATES, parse_variant
 from .warnings_once import warn_once
 
+# Per unit kind: each gate's (axis, conv name, BN name).
+_GATE_NAMES = {kind: tuple((g, f"{g}_conv", f"{g}_bn") for g in gates) for kind, gates in UNIT_GATES.items()}
+
 
 @torch.compiler.assume_constant_result
 def _resolve_backend(requested: str, device: torch.device) -> str:
@@ -104,12 +107,16 @@ class AIAModule(AtomicLoadStateDict, nn.Module):
 
     def gates(self) -> list[tuple[str, nn.Conv3d, nn.BatchNorm3d | None]]:
         """Every gate's (axis, conv, bn) in state_dict order: the fused kernels' gate numbering."""
-        return [(g, getattr(unit, f"{g}_conv"), getattr(unit, f"{g}_bn", None))
-                for kind, unit in self.units() for g in UNIT_GATES[kind]]
+        # Read from the units' registered submodules: nn.Module.__getattr__ (and an
+        # AttributeError per missing BN) cost a tenth of a small module's forward.
+        return [(g, unit._modules[conv], unit._modules.get(bn))
+                for kind, unit in self.units() for g, conv, bn in _GATE_NAMES[kind]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         five_d = isinstance(x, torch.Tensor) and x.dim() == 5
-        check_input(x, self._num_segments if five_d else self.num_segments, self.parameters(), self.layout)
+        # The first gate's conv weight stands for the module's device (cheaper than parameters()).
+        check_input(x, self._num_segments if five_d else self.num_segments, (self.gates()[0][1].weight,),
+                    self.layout)
         if is_exporting():  # plain aten ops for an exported graph (exporting.py)
             check_exportable(self.variant, [bn for _, _, bn in self.gates()])
             name = "reference"
@@ -137,7 +144,8 @@ class AIAModule(AtomicLoadStateDict, nn.Module):
         return fused_forward(self, x, name)
 
     def _record_backend(self, name: str) -> None:
-        self.last_backend = name
+        if self.__dict__.get("last_backend") != name:  # nn.Module.__setattr__ costs a few us a call
+            self.last_backend = name
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
         # The checkpoint's version of this module, None where it has no entry for it: load
@@ -252,10 +260,12 @@ class AIACombined(AIAModule):
         self.eft1.backend = self.eft2.backend = name
 
     def _record_backend(self, name: str) -> None:
-        self.last_backend = self.eft1.last_backend = self.eft2.last_backend = name
+        for module in (self, self._modules["eft1"], self._modules["eft2"]):
+            AIAModule._record_backend(module, name)
 
     def units(self):
-        return [(self.eft1.kind, self.eft1), (self.eft2.kind, self.eft2)]
+        first, second = self._modules["eft1"], self._modules["eft2"]
+        return [(first.kind, first), (second.kind, second)]
 
 
 

@@ -20,6 +20,11 @@ def bn_mode(bn: nn.BatchNorm3d | None) -> int:
     return BN_RUNNING
 
 
+def tracks_running_stats(bn: nn.BatchNorm3d | None) -> bool:
+    """``bn`` updates its running statistics in this step."""
+    return bn is not None and bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
 def _update_one(bn: nn.BatchNorm3d, stats: Tensor, count: int) -> None:
     """What ``nn.BatchNorm3d`` does to its buffers in a training step."""
     with torch.no_grad():
@@ -31,17 +36,32 @@ def _update_one(bn: nn.BatchNorm3d, stats: Tensor, count: int) -> None:
         bn.running_var.mul_(1 - factor).add_(factor * var.to(bn.running_var.dtype))
 
 
+def _native_op(stats: Tensor):
+    """The native op doing the foreach path below in one call (same results bit for bit), where
+    it applies: eager mode, CPU statistics in float32 or float64, the extension loaded."""
+    if stats.device.type != "cpu" or stats.dtype not in (torch.float32, torch.float64) \
+            or torch.compiler.is_compiling():
+        return None
+    from . import native
+    return native.running_stats_op()
+
+
 def update_running_stats(bns: list, stats: Tensor, counts: list[int]) -> None:
     """:func:`_update_one` for every gate BN that tracks statistics in this step;
-    those with a fixed momentum and float32 buffers (the usual case) in a few foreach ops,
-    since a step's many tiny per-BN ops cost more than they compute."""
-    todo = [i for i, bn in enumerate(bns)
-            if bn is not None and bn.training and bn.track_running_stats and bn.running_mean is not None]
+    those with a fixed momentum and float32 buffers (the usual case) in a few foreach ops, or
+    on the CPU in one native op, since a step's many tiny per-BN ops cost more than they compute."""
+    todo = [i for i, bn in enumerate(bns) if tracks_running_stats(bn)]
     batched = [i for i in todo if bns[i].momentum is not None and bns[i].running_mean.dtype == torch.float32]
     for i in todo:
         if i not in batched:
             _update_one(bns[i], stats[i], counts[i])
     if not batched:
+        return
+    op = _native_op(stats)
+    if op is not None:
+        op(stats, [bns[i].running_mean for i in batched], [bns[i].running_var for i in batched],
+           [bns[i].num_batches_tracked for i in batched], [float(bns[i].momentum) for i in batched], batched,
+           [counts[i] for i in batched])
         return
     with torch.no_grad():
         torch._foreach_add_([bns[i].num_batches_tracked for i in batched], 1)

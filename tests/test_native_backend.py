@@ -209,6 +209,49 @@ def test_opcheck_plan_ops():
                                                           eps, saved, stats, needs))
 
 
+def _gate_bns(momenta):
+    bns = [torch.nn.BatchNorm3d(1, momentum=m) for m in momenta]
+    for i, bn in enumerate(bns):
+        bn.running_mean.fill_(0.1 * i - 0.3)
+        bn.running_var.fill_(1.0 + 0.37 * i)
+        bn.num_batches_tracked.fill_(i)
+    return bns
+
+
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
+def test_running_stats_op_equals_foreach_path(stats_dtype, monkeypatch):
+    """aia_native::update_running_stats leaves the bits the foreach ops leave (buffers and
+    num_batches_tracked), gates picked out of order and momentum None left to the slow path."""
+    from aia_kernels import running_stats
+    momenta = [0.1, 0.01, None, 0.3, 0.999]
+    stats = torch.randn(len(momenta), 2, dtype=stats_dtype).abs()
+    counts = [2, 49, 3, 1568, 7]
+    results = []
+    for native_op in (True, False):
+        bns = _gate_bns(momenta)
+        bns[1].eval()  # not tracking in this step: left alone
+        if not native_op:
+            monkeypatch.setattr(running_stats, "_native_op", lambda stats: None)
+        assert (running_stats._native_op(stats) is not None) == native_op
+        for _ in range(3):
+            running_stats.update_running_stats(bns, stats, counts)
+        results.append([t.clone() for bn in bns for t in bn.buffers()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert not torch.equal(results[0][0], _gate_bns(momenta)[0].running_mean)  # it did update
+
+
+def test_opcheck_running_stats_op():
+    bns = _gate_bns([0.1, 0.2])
+    args = (torch.rand(3, 2), [bn.running_mean for bn in bns], [bn.running_var for bn in bns],
+            [bn.num_batches_tracked for bn in bns], [0.1, 0.2], [2, 0], [10, 20])
+    torch.library.opcheck(torch.ops.aia_native.update_running_stats.default, args)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.aia_native.update_running_stats(args[0], [m.double() for m in args[1]], *args[2:])
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.aia_native.update_running_stats(*args[:5], [2, 3], args[6])
+
+
 @pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST", "STinC->CinST", "ST"])
 def test_plan_ops_equal_primitive_walk(variant, monkeypatch):
     """plan_forward/backward run the same kernels in the generic executor's order: bitwise equal."""

@@ -209,6 +209,12 @@ def load(verbose: bool = False) -> None:
         _state.update(cuda=cuda, emulated=emulated, build_directory=directory, loaded=True)
 
 
+def running_stats_op():
+    """``aia_native::update_running_stats`` (CPU buffers) once the extension is loaded, else None:
+    used only where the native backend ran, never a reason to build it."""
+    return torch.ops.aia_native.update_running_stats if _state.get("loaded") else None
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
@@ -306,7 +312,7 @@ class NativePrimitives:
         n = len(conv_weights)
 
         def grads(ts, params, flags):  # empty -> not computed; accumulation dtype -> the parameter's
-            return [None if g is None else g.to(p.dtype)
+            return [g if g is None or g.dtype == p.dtype else g.to(p.dtype)
                     for g, p in zip((_none_if_empty(t, flag) for t, flag in zip(ts, flags)), params)]
 
         return (gx if needs[0] else None, grads(d_conv, conv_weights, needs[1:1 + n]),
@@ -373,6 +379,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "input_grad")
     def _(douts, up_grads, up_argmax, up_axes, up_counts, gate_z, gate_ss, gate_axes, weight_desc, out):
+        return None
+
+    @torch.library.register_fake(lib + "update_running_stats")
+    def _(stats, running_means, running_vars, num_batches_tracked, momentum, gates, counts):
         return None
 
     @torch.library.register_fake(lib + "gate_forward")
