@@ -144,6 +144,9 @@ struct BatchStats {
 };
 BatchStats batch_stats(const at::Tensor& z);
 
+// Gate values sigmoid(scale * z + shift), contiguous; floats through a vectorised sigmoid.
+at::Tensor gate_value(const at::Tensor& z, double scale, double shift);
+
 // d loss / d z of gate = sigmoid(scale * z + shift), where BN folded into (scale, shift)
 // normalised z with (mean, var) (batch: they depend on z too). Also the BN parameter
 // gradients: sum(dy * zhat) and sum(dy), dy = d loss / d (BN output). `value`: the gate's

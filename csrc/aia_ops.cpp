@@ -52,17 +52,8 @@ void check_small(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& v
 
 at::Tensor gate_value(const at::Tensor& z, const at::Tensor& scale_shift) {
   if (runs_on_cuda(z)) return at::sigmoid(z * scale_shift[0] + scale_shift[1]).contiguous();
-  // CPU: host scalars, a * z + b in one loop, then ATen's vectorised sigmoid
-  const at::Tensor ss = scale_shift.to(at::kDouble), zc = z.contiguous();
-  at::Tensor value = at::empty_like(zc, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(zc.scalar_type(), "aia_native_gate_value_cpu", [&] {
-    const scalar_t a = static_cast<scalar_t>(ss.data_ptr<double>()[0]);
-    const scalar_t b = static_cast<scalar_t>(ss.data_ptr<double>()[1]);
-    const scalar_t* zp = zc.data_ptr<scalar_t>();
-    scalar_t* out = value.data_ptr<scalar_t>();
-    for (int64_t k = 0, m = zc.numel(); k < m; ++k) out[k] = zp[k] * a + b;
-  });
-  return value.sigmoid_();
+  const at::Tensor ss = scale_shift.to(at::kDouble);  // host scalars
+  return cpu::gate_value(z, ss.data_ptr<double>()[0], ss.data_ptr<double>()[1]);
 }
 
 namespace {

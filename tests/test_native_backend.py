@@ -209,6 +209,26 @@ def test_opcheck_plan_ops():
                                                           eps, saved, stats, needs))
 
 
+@pytest.mark.parametrize("scale_shift", [(1.0, 0.0), (0.7, -0.3)])
+def test_float_gate_values_match_torch_sigmoid(scale_shift):
+    """The CPU gate values of float32 gates (csrc/aia_cpu_gate.cpp, own vectorised sigmoid)
+    against torch.sigmoid: within 2 ulp, NaN kept, the float range's ends and a partial
+    vector at the end. Read through `apply` on a tensor of ones (out = the C gate)."""
+    torch.manual_seed(0)
+    t, h, w = 4, 50, 53
+    ends = [0.0, -0.0, 88.0, -88.0, 89.0, -89.0, 100.0, -100.0, float("inf"), float("-inf"), float("nan"), 1e-30]
+    z = torch.cat([torch.randn(t * h * w - len(ends)) * 6, torch.tensor(ends)]).reshape(1, t, h, w)
+    v = torch.ones(1, t, 1, h, w)
+    out = torch.empty_like(v)
+    ss = torch.tensor(scale_shift)
+    torch.ops.aia_native.apply(v, [z], [ss], "C", [0, 1, 1], out)
+    got, want = out[:, :, 0], torch.sigmoid(z * ss[0] + ss[1])
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    ulp = (got.view(torch.int32).long() - want.view(torch.int32).long()).abs()[~nan]
+    assert ulp.max() <= 2, ulp.max()
+
+
 def _gate_bns(momenta):
     bns = [torch.nn.BatchNorm3d(1, momentum=m) for m in momenta]
     for i, bn in enumerate(bns):
