@@ -48,12 +48,32 @@ void check_small(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& v
   TORCH_CHECK(t.is_contiguous(), "aia_native: ", name, " must be contiguous");
 }
 
+// Entry i of a small CPU tensor (BN parameters and statistics, scale/shift), read in place,
+// and small CPU tensors written in place: item(), to() and at::tensor() are dispatched ATen
+// calls of a microsecond or more each, and a module step made dozens over its gates.
+double host_value(const at::Tensor& t, int64_t i = 0) {
+  TORCH_CHECK(t.device().is_cpu() && i < t.numel(), "aia_native: expected a CPU tensor of more than ", i, " values");
+  double out = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "aia_native_host_value", [&] {
+    out = static_cast<double>(t.data_ptr<scalar_t>()[t.dim() == 0 ? 0 : i * t.stride(0)]);
+  });
+  return out;
+}
+
+at::Tensor host_tensor(std::initializer_list<double> values, const at::TensorOptions& options) {
+  at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, options);
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "aia_native_host_tensor", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (double v : values) *p++ = static_cast<scalar_t>(v);
+  });
+  return t;
+}
+
 }  // namespace
 
 at::Tensor gate_value(const at::Tensor& z, const at::Tensor& scale_shift) {
   if (runs_on_cuda(z)) return at::sigmoid(z * scale_shift[0] + scale_shift[1]).contiguous();
-  const at::Tensor ss = scale_shift.to(at::kDouble);  // host scalars
-  return cpu::gate_value(z, ss.data_ptr<double>()[0], ss.data_ptr<double>()[1]);
+  return cpu::gate_value(z, host_value(scale_shift, 0), host_value(scale_shift, 1));
 }
 
 namespace {
@@ -240,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
   const at::Tensor w = conv_weight_as(conv_weight, pooled);
   at::Tensor z = on_device::conv_forward(pooled, w);
   if (bn_mode == kBnNone) {
+    if (!runs_on_cuda(z)) return {z, host_tensor({1.0, 0.0}, z.options()), host_tensor({0.0, 0.0}, z.options())};
     return {z, at::tensor({1.0, 0.0}, z.options()), at::zeros({2}, z.options())};
   }
   TORCH_CHECK(bn_mode == kBnBatch || bn_mode == kBnRunning, "aia_native: unknown bn_mode ", bn_mode);
@@ -248,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
   TORCH_CHECK(bn_mode != kBnBatch || z.numel() > 1, "aia_native: batch statistics need more than one value");
   if (!runs_on_cuda(z)) {  // CPU: the few scalars on the host, no small ATen ops
     const auto value = [](const c10::optional<at::Tensor>& t, double fallback) {
-      return t.has_value() && t->defined() ? t->item<double>() : fallback;
+      return t.has_value() && t->defined() ? host_value(*t) : fallback;
     };
     double mean, var;
     if (bn_mode == kBnBatch) {
@@ -261,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
     }
     const double scale = value(bn_weight, 1.0) / std::sqrt(var + eps);
     const double shift = value(bn_bias, 0.0) - mean * scale;
-    return {z, at::tensor({scale, shift}, z.options()), at::tensor({mean, var}, z.options())};
+    return {z, host_tensor({scale, shift}, z.options()), host_tensor({mean, var}, z.options())};
   }
   at::Tensor mean, var;
   if (bn_mode == kBnBatch) {
@@ -295,15 +316,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_with_va
   TORCH_CHECK(gate_grad.sizes() == z.sizes(), "aia_native: gate_grad must have z's shape");
   at::Tensor dz, dbn_w, dbn_b;
   if (!runs_on_cuda(z)) {
-    const at::Tensor ss = scale_shift.to(at::kDouble), stats = bn_stats.to(at::kDouble);
-    const double* s2 = ss.data_ptr<double>();
-    const double* st = stats.data_ptr<double>();
-    const double gamma = bn_weight.has_value() && bn_weight->defined() ? bn_weight->item<double>() : 1.0;
-    const cpu::GateZGrad r = cpu::gate_z_grad(gate_grad, z, value, s2[0], s2[1], bn_mode != kBnNone,
-                                              bn_mode == kBnBatch, st[0], st[1], gamma, eps);
+    const double gamma = bn_weight.has_value() && bn_weight->defined() ? host_value(*bn_weight) : 1.0;
+    const cpu::GateZGrad r =
+        cpu::gate_z_grad(gate_grad, z, value, host_value(scale_shift, 0), host_value(scale_shift, 1),
+                         bn_mode != kBnNone, bn_mode == kBnBatch, host_value(bn_stats, 0), host_value(bn_stats, 1),
+                         gamma, eps);
     dz = r.dz;
-    if (bn_mode != kBnNone && needs[2]) dbn_w = at::full({1}, r.dbn_weight, z.options());
-    if (bn_mode != kBnNone && needs[3]) dbn_b = at::full({1}, r.dbn_bias, z.options());
+    if (bn_mode != kBnNone && needs[2]) dbn_w = host_tensor({r.dbn_weight}, z.options());
+    if (bn_mode != kBnNone && needs[3]) dbn_b = host_tensor({r.dbn_bias}, z.options());
   } else {  // the same formulas as ATen ops (device-generic)
     const at::Tensor g = at::sigmoid(z * scale_shift[0] + scale_shift[1]);
     const at::Tensor dy = gate_grad.to(z.scalar_type()) * g * (1 - g);  // d loss / d (BN output)
