@@ -60,6 +60,11 @@ double host_value(const at::Tensor& t, int64_t i = 0) {
   return out;
 }
 
+// host_value of an optional one-value tensor, `fallback` where it is absent.
+double host_value_or(const c10::optional<at::Tensor>& t, double fallback) {
+  return t.has_value() && t->defined() ? host_value(*t) : fallback;
+}
+
 at::Tensor host_tensor(std::initializer_list<double> values, const at::TensorOptions& options) {
   at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, options);
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "aia_native_host_tensor", [&] {
@@ -268,20 +273,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
               "aia_native: eval BN needs running stats");
   TORCH_CHECK(bn_mode != kBnBatch || z.numel() > 1, "aia_native: batch statistics need more than one value");
   if (!runs_on_cuda(z)) {  // CPU: the few scalars on the host, no small ATen ops
-    const auto value = [](const c10::optional<at::Tensor>& t, double fallback) {
-      return t.has_value() && t->defined() ? host_value(*t) : fallback;
-    };
     double mean, var;
     if (bn_mode == kBnBatch) {
       const cpu::BatchStats st = cpu::batch_stats(z);
       mean = st.mean;
       var = st.var;
     } else {
-      mean = value(running_mean, 0.0);
-      var = value(running_var, 1.0);
+      mean = host_value_or(running_mean, 0.0);
+      var = host_value_or(running_var, 1.0);
     }
-    const double scale = value(bn_weight, 1.0) / std::sqrt(var + eps);
-    const double shift = value(bn_bias, 0.0) - mean * scale;
+    const double scale = host_value_or(bn_weight, 1.0) / std::sqrt(var + eps);
+    const double shift = host_value_or(bn_bias, 0.0) - mean * scale;
     return {z, host_tensor({scale, shift}, z.options()), host_tensor({mean, var}, z.options())};
   }
   at::Tensor mean, var;
@@ -316,11 +318,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_with_va
   TORCH_CHECK(gate_grad.sizes() == z.sizes(), "aia_native: gate_grad must have z's shape");
   at::Tensor dz, dbn_w, dbn_b;
   if (!runs_on_cuda(z)) {
-    const double gamma = bn_weight.has_value() && bn_weight->defined() ? host_value(*bn_weight) : 1.0;
     const cpu::GateZGrad r =
         cpu::gate_z_grad(gate_grad, z, value, host_value(scale_shift, 0), host_value(scale_shift, 1),
                          bn_mode != kBnNone, bn_mode == kBnBatch, host_value(bn_stats, 0), host_value(bn_stats, 1),
-                         gamma, eps);
+                         host_value_or(bn_weight, 1.0), eps);
     dz = r.dz;
     if (bn_mode != kBnNone && needs[2]) dbn_w = host_tensor({r.dbn_weight}, z.options());
     if (bn_mode != kBnNone && needs[3]) dbn_b = host_tensor({r.dbn_bias}, z.options());

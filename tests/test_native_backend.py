@@ -241,7 +241,8 @@ def _gate_bns(momenta):
 @pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
 def test_running_stats_op_equals_foreach_path(stats_dtype, monkeypatch):
     """aia_native::update_running_stats leaves the bits the foreach ops leave (buffers and
-    num_batches_tracked), gates picked out of order and momentum None left to the slow path."""
+    num_batches_tracked), for a subset of the gates (one BN in eval mode is left alone,
+    momentum None takes the slow path)."""
     from aia_kernels import running_stats
     momenta = [0.1, 0.01, None, 0.3, 0.999]
     stats = torch.randn(len(momenta), 2, dtype=stats_dtype).abs()
