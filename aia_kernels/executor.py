@@ -11,14 +11,12 @@ The torch.library ops and autograd around it are in ``fused.py``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .layouts import clip_view
 from .plan import Plan, Weight
-from .primitives import BN_BATCH, BN_NONE, GateValue, PooledGrad, WeightValue, gate_shape
+from .primitives import BN_BATCH, BN_NONE, GateValue, PooledGrad, WeightValue, gate_shape, gate_sizes
 
 SAVED_PER_GATE = 4  # pooled P, argmax, z, scale_shift (the first three empty where the stage is recomputed)
 
@@ -34,11 +32,12 @@ def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
 
 def _check_batch_stats(plan: Plan, v_shape, bn_modes) -> None:
     """BatchNorm in train mode needs more than one value per channel (as nn.BatchNorm3d)."""
+    sizes = gate_sizes(v_shape, plan.gate_axes)
+    if 1 not in sizes:
+        return
     for g, axis in enumerate(plan.gate_axes):
-        if bn_modes[g] != BN_BATCH:
-            continue
-        shape = gate_shape(v_shape, axis)
-        if math.prod(shape) == 1:
+        if bn_modes[g] == BN_BATCH and sizes[g] == 1:
+            shape = gate_shape(v_shape, axis)
             raise ValueError(f"Expected more than 1 value per channel when training the {axis} gate's "
                              f"BatchNorm (its input has shape {(shape[0], 1, *shape[1:])})")
 

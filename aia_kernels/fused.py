@@ -10,7 +10,7 @@ the BN running statistics (``running_stats.py``).
 """
 from __future__ import annotations
 
-import math
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -19,8 +19,9 @@ from torch import Tensor
 from . import backends
 from .executor import run_backward, run_forward
 from .layouts import clip_segments, clip_shape
+from .module_tensors import registered
 from .plan import build_plan, for_inference
-from .primitives import gate_shape
+from .primitives import gate_sizes
 from .primitives.torch_impl import TorchPrimitives
 from .running_stats import bn_mode, tracks_running_stats, update_running_stats
 from .sync_bn import gate_sync
@@ -35,13 +36,19 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
+def autocast_off(device_type: str):
+    """Autocast off inside the ops (the kernels pick their own precision); no context where it
+    is off already (entering one costs several us, twice a step)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
 @torch.library.custom_op("aia_kernels::fused_forward", mutates_args=())
 def fused_forward_op(x: Tensor, variant: str, num_segments: int, backend: str, conv_weights: list[Tensor],
                      bn_weights: list[Optional[Tensor]], bn_biases: list[Optional[Tensor]],
                      running_means: list[Optional[Tensor]], running_vars: list[Optional[Tensor]],
                      bn_modes: list[int], eps: list[float],
                      recompute: bool) -> tuple[Tensor, list[Tensor], Tensor]:
-    with torch.autocast(x.device.type, enabled=False):  # the kernels pick their own precision
+    with autocast_off(x.device.type):
         return run_forward(_primitives(backend, x.device), build_plan(variant, recompute), x, num_segments,
                            conv_weights, bn_weights, bn_biases, running_means, running_vars, bn_modes, eps)
 
@@ -58,7 +65,7 @@ def fused_backward_op(grad_out: Tensor, x: Tensor, variant: str, num_segments: i
                       conv_weights: list[Tensor], bn_weights: list[Optional[Tensor]], bn_modes: list[int],
                       eps: list[float], saved: list[Tensor], bn_stats: Tensor, needs: list[bool],
                       recompute: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return _backward_impl(_primitives(backend, x.device), grad_out, x, variant, num_segments, conv_weights,
                               bn_weights, bn_modes, eps, saved, bn_stats, needs, recompute)
 
@@ -125,7 +132,7 @@ def _eager_forward(meta, x, params):
     n = len(bn_modes)
     conv_weights, bn_weights, bn_biases = list(params[:n]), list(params[n:2 * n]), list(params[2 * n:])
     plan = for_inference(variant) if inference else build_plan(variant, recompute)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return run_forward(_primitives(backend, x.device), plan, x, num_segments, conv_weights, bn_weights,
                            bn_biases, running_means, running_vars, bn_modes, eps, sync)
 
@@ -153,7 +160,7 @@ class _EagerFused(torch.autograd.Function):
         variant, num_segments, backend, _, _, bn_modes, eps, sync, recompute, _ = ctx.meta
         n = len(bn_modes)
         x, bn_stats, *rest = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             gx, d_conv, d_bn_w, d_bn_b = run_backward(
                 _primitives(backend, x.device), build_plan(variant, recompute), grad_out, x, num_segments,
                 list(rest[:n]), list(rest[n:2 * n]), bn_modes, eps, list(rest[2 * n:]), bn_stats, ctx.needs, sync)
@@ -165,12 +172,12 @@ def op_arguments(gates) -> tuple[list, ...]:
     """The fused ops' per-gate arguments for an AIA module's ``gates()``: (conv weights, BN
     weights, BN biases, running means, running variances, BN modes, eps)."""
     bns = [bn for _, _, bn in gates]
-    return ([conv.weight for _, conv, _ in gates],
-            [bn.weight if bn is not None else None for bn in bns],
-            [bn.bias if bn is not None else None for bn in bns],
-            [bn.running_mean if bn is not None else None for bn in bns],
-            [bn.running_var if bn is not None else None for bn in bns],
-            [bn_mode(bn) for bn in bns],
+
+    def of_bns(name):
+        return [None if bn is None else registered(bn, name) for bn in bns]
+
+    return ([registered(conv, "weight") for _, conv, _ in gates], of_bns("weight"), of_bns("bias"),
+            of_bns("running_mean"), of_bns("running_var"), [bn_mode(bn) for bn in bns],
             [bn.eps if bn is not None else 0.0 for bn in bns])
 
 
@@ -219,7 +226,7 @@ def fused_forward(module, x: Tensor, backend: str) -> Tensor:
         out, bn_stats = forward(module, x, backend, args)
     if any(map(tracks_running_stats, bns)):
         v_shape = clip_shape(x.shape, clip_segments(x, module.num_segments))
-        counts = [math.prod(gate_shape(v_shape, axis)) for axis, _, _ in gates]
+        counts = list(gate_sizes(v_shape, [axis for axis, _, _ in gates]))
         if sync is not None:
             counts = [sync.counts.get(g, count) for g, count in enumerate(counts)]  # the global batch's
         update_running_stats(bns, bn_stats, counts)

@@ -15,6 +15,7 @@ from torch import nn
 from . import backends, reference
 from .exporting import check_exportable, is_exporting
 from .layouts import DEFAULT_5D_LAYOUT, DEFAULT_NUM_SEGMENTS, check_layout, from_clip_view, to_clip_view
+from .module_tensors import registered
 from .state_loading import AtomicLoadStateDict
 from .sync_bn import gate_sync
 from .validation import check_input, check_num_segments
@@ -115,7 +116,7 @@ class AIAModule(AtomicLoadStateDict, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         five_d = isinstance(x, torch.Tensor) and x.dim() == 5
         # The first gate's conv weight stands for the module's device (cheaper than parameters()).
-        check_input(x, self._num_segments if five_d else self.num_segments, (self.gates()[0][1].weight,),
+        check_input(x, self._num_segments if five_d else self.num_segments, (registered(self.gates()[0][1], "weight"),),
                     self.layout)
         if is_exporting():  # plain aten ops for an exported graph (exporting.py)
             check_exportable(self.variant, [bn for _, _, bn in self.gates()])

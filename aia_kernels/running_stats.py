@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .module_tensors import registered
 from .primitives import BN_BATCH, BN_NONE, BN_RUNNING
 
 
@@ -15,14 +16,14 @@ def bn_mode(bn: nn.BatchNorm3d | None) -> int:
     """How a BN layer normalises now, as ``nn.BatchNorm3d.forward`` decides it."""
     if bn is None:
         return BN_NONE
-    if bn.training or bn.running_mean is None:
+    if bn.training or registered(bn, "running_mean") is None:
         return BN_BATCH
     return BN_RUNNING
 
 
 def tracks_running_stats(bn: nn.BatchNorm3d | None) -> bool:
     """``bn`` updates its running statistics in this step."""
-    return bn is not None and bn.training and bn.track_running_stats and bn.running_mean is not None
+    return bn is not None and bn.training and bn.track_running_stats and registered(bn, "running_mean") is not None
 
 
 def _update_one(bn: nn.BatchNorm3d, stats: Tensor, count: int) -> None:
@@ -51,7 +52,8 @@ def update_running_stats(bns: list, stats: Tensor, counts: list[int]) -> None:
     those with a fixed momentum and float32 buffers (the usual case) in a few foreach ops, or
     on the CPU in one native op, since a step's many tiny per-BN ops cost more than they compute."""
     todo = [i for i, bn in enumerate(bns) if tracks_running_stats(bn)]
-    batched = [i for i in todo if bns[i].momentum is not None and bns[i].running_mean.dtype == torch.float32]
+    means = {i: registered(bns[i], "running_mean") for i in todo}
+    batched = [i for i in todo if bns[i].momentum is not None and means[i].dtype == torch.float32]
     for i in todo:
         if i not in batched:
             _update_one(bns[i], stats[i], counts[i])
@@ -59,9 +61,9 @@ def update_running_stats(bns: list, stats: Tensor, counts: list[int]) -> None:
         return
     op = _native_op(stats)
     if op is not None:
-        op(stats, [bns[i].running_mean for i in batched], [bns[i].running_var for i in batched],
-           [bns[i].num_batches_tracked for i in batched], [float(bns[i].momentum) for i in batched], batched,
-           [counts[i] for i in batched])
+        op(stats, [means[i] for i in batched], [registered(bns[i], "running_var") for i in batched],
+           [registered(bns[i], "num_batches_tracked") for i in batched], [float(bns[i].momentum) for i in batched],
+           batched, [counts[i] for i in batched])
         return
     with torch.no_grad():
         torch._foreach_add_([bns[i].num_batches_tracked for i in batched], 1)

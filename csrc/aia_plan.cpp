@@ -264,6 +264,33 @@ std::vector<at::Tensor> recompute_stages(const at::Tensor& v, const Plan& plan, 
   return full;
 }
 
+// The forward's saved tensors as this plan reads them: every gate's scale_shift, and P,
+// argmax and z of every stage the backward does not pool again (a list from another plan,
+// input or module would otherwise be read out of bounds).
+void check_saved(const Plan& plan, const at::Tensor& v, at::TensorList saved) {
+  const Dims d = dims_of(v);
+  const at::ScalarType acc = acc_type(v.scalar_type());
+  for (const PlanStage& stage : plan.stages) {
+    for (int g : stage.gates) {
+      const std::vector<int64_t> shape = gate_shape(plan.gate_axis[g], d);
+      std::vector<int64_t> pooled_shape = shape;
+      pooled_shape.insert(pooled_shape.begin() + 1, 2);
+      const auto check = [&](int k, at::IntArrayRef expected, at::ScalarType dtype, const char* name) {
+        const at::Tensor& t = saved[kSavedPerGate * g + k];
+        TORCH_CHECK(t.defined() && t.sizes() == expected && t.scalar_type() == dtype && t.device() == v.device() &&
+                        t.is_contiguous(),
+                    "aia_native: the saved ", name, " of gate ", g, " is not a contiguous ", dtype, " tensor of shape ",
+                    expected, " on ", v.device(), " (saved by a forward of another plan or input?)");
+      };
+      check(3, {2}, acc, "scale_shift");
+      if (stage.recompute) continue;
+      check(0, pooled_shape, acc, "pooled tensor");
+      check(1, shape, at::kInt, "argmax");
+      check(2, shape, acc, "z");
+    }
+  }
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> plan_backward_op(
     const at::Tensor& grad_out, const at::Tensor& x, int64_t num_segments, at::IntArrayRef plan_desc,
     at::TensorList conv_weights, const c10::List<c10::optional<at::Tensor>>& bn_weights, at::IntArrayRef bn_modes,
@@ -278,6 +305,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
               "aia_native: grad_out must match x");
   const at::Tensor dout = view5(grad_out, num_segments);
+  check_saved(plan, v, saved);
 #ifdef AIA_WITH_CUDA
   if (runs_on_cuda(x) && cuda::persistent_backward_applies(v, plan)) {  // small shapes: one launch
     const c10::List<c10::optional<at::Tensor>> none;  // the backward reads no bias or running stats

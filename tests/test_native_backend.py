@@ -372,6 +372,28 @@ def test_bad_plan_arguments(case):
             ops.plan_forward(x, segments, bad[case], *rest)
 
 
+@pytest.mark.parametrize("case", ["inference_plan", "other_input", "missing"])
+def test_backward_rejects_saved_tensors_of_another_forward(case):
+    """plan_backward checks the saved tensors it reads against its plan and input (it read an
+    inference forward's empty ones out of bounds before)."""
+    from aia_kernels.plan import for_inference
+    ops = torch.ops.aia_native
+    _, args = plan_op_args("CinST->STinC")
+    x, segments, plan, *rest = args
+    forward_plan, forward_x = plan, x
+    if case == "inference_plan":  # every stage recomputed: no P, argmax or z kept
+        forward_plan = list(native.encode_plan(for_inference("CinST->STinC")))
+    elif case == "other_input":
+        forward_x = torch.randn(x.shape[0], x.shape[1], x.shape[2] + 1, x.shape[3], dtype=x.dtype)
+    _, saved, stats = ops.plan_forward(forward_x, segments, forward_plan, *rest)
+    if case == "missing":
+        saved = list(saved)
+        saved[0] = torch.empty(0, dtype=x.dtype)  # the C stage's pooled tensor
+    with pytest.raises(RuntimeError, match="saved .* of gate"):
+        ops.plan_backward(torch.randn_like(x), x, segments, plan, rest[0], rest[1], rest[5], rest[6], saved, stats,
+                          [1] * (1 + 3 * len(rest[0])))
+
+
 def test_primitives_match_torch_primitives():
     """pool's argmax and every small output equal the plain-torch primitives exactly in float64."""
     from aia_kernels.primitives import GateValue, WeightValue

@@ -216,6 +216,8 @@ def running_stats_op():
 
 
 def unavailable_reason(device: torch.device) -> str | None:
+    if _state.get("loaded") and getattr(device, "type", None) == "cpu":  # asked at every call
+        return None
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return f"no native kernels for device type {device.type!r}"
