@@ -60,9 +60,12 @@ double host_value(const at::Tensor& t, int64_t i = 0) {
   return out;
 }
 
-// host_value of an optional one-value tensor, `fallback` where it is absent.
+// host_value of an optional one-value tensor (a gate BN's parameter or running statistic),
+// `fallback` where it is absent.
 double host_value_or(const c10::optional<at::Tensor>& t, double fallback) {
-  return t.has_value() && t->defined() ? host_value(*t) : fallback;
+  if (!t.has_value() || !t->defined()) return fallback;
+  TORCH_CHECK(t->numel() == 1, "aia_native: BN parameters and statistics hold one value, got shape ", t->sizes());
+  return host_value(*t);
 }
 
 at::Tensor host_tensor(std::initializer_list<double> values, const at::TensorOptions& options) {

@@ -306,6 +306,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
               "aia_native: grad_out must match x");
   const at::Tensor dout = view5(grad_out, num_segments);
   check_saved(plan, v, saved);
+  TORCH_CHECK(bn_stats.dim() == 2 && bn_stats.size(0) == static_cast<int64_t>(n_gates) && bn_stats.size(1) == 2,
+              "aia_native: bn_stats must be (gates, 2) = (", n_gates, ", 2), got ", bn_stats.sizes());
 #ifdef AIA_WITH_CUDA
   if (runs_on_cuda(x) && cuda::persistent_backward_applies(v, plan)) {  // small shapes: one launch
     const c10::List<c10::optional<at::Tensor>> none;  // the backward reads no bias or running stats

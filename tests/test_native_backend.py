@@ -394,6 +394,28 @@ def test_backward_rejects_saved_tensors_of_another_forward(case):
                           [1] * (1 + 3 * len(rest[0])))
 
 
+@pytest.mark.parametrize("case", ["bn_stats", "bn_weight", "running_mean"])
+def test_plan_ops_reject_bad_bn_arguments(case):
+    """BN scalars and the statistics list have fixed sizes; other sizes raise (a three-entry BN
+    weight was read as its first entry, a short bn_stats failed in ATen's select)."""
+    ops = torch.ops.aia_native
+    _, args = plan_op_args("CinST->STinC")
+    x, segments, plan, conv_w, bn_w, bn_b, means, vars_, modes, eps = args
+    n = len(conv_w)
+    with pytest.raises(RuntimeError, match="aia_native: (bn_stats|BN parameters)"):
+        if case == "running_mean":
+            ops.plan_forward(x, segments, plan, conv_w, bn_w, bn_b, [torch.zeros(3, dtype=x.dtype)] * n, vars_,
+                             [2] * n, eps)
+        else:
+            _, saved, stats = ops.plan_forward(*args)
+            if case == "bn_stats":
+                stats = stats[:3]
+            else:
+                bn_w = [torch.ones(3, dtype=x.dtype)] * n
+            ops.plan_backward(torch.randn_like(x), x, segments, plan, conv_w, bn_w, modes, eps, saved, stats,
+                              [1] * (1 + 3 * n))
+
+
 def test_primitives_match_torch_primitives():
     """pool's argmax and every small output equal the plain-torch primitives exactly in float64."""
     from aia_kernels.primitives import GateValue, WeightValue
