@@ -507,3 +507,23 @@ def test_bad_module_inputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module(torch.randn(SHAPE))
+
+
+def test_parametrized_gate_weight_is_read_through_its_parametrization():
+    """The fused path reads registered parameters directly (module_tensors.registered); a
+    parametrized conv weight has none registered and must still be read through getattr."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    fused = aia_kernels.build("CinST->STinC", num_segments=8, backend="native").eval()
+    ref = aia_kernels.build("CinST->STinC", num_segments=8, backend="reference").eval()
+    ref.load_state_dict(fused.state_dict())
+    parametrize.register_parametrization(fused.gates()[1][1], "weight", Double())
+    with torch.no_grad():
+        ref.gates()[1][1].weight.mul_(2)
+        x = torch.randn(8, 16, 7, 7)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
