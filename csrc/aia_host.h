@@ -114,6 +114,11 @@ Upstream<scalar_t, acc_t> make_upstream(const UpstreamSpec& spec) {
   at::Tensor conv_input_grad(const at::Tensor& dz, const at::Tensor& weight);                               \
   at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz);
 
+// A small tensor argument (gate tensors, pooled tensors and their gradients, argmaxes) as the
+// kernels read it: this shape and dtype, on v's device, contiguous; else an error naming it.
+void check_small(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& v, at::ScalarType dtype,
+                 c10::string_view name);
+
 // Device-generic gate steps (aia_ops.cpp), used by the primitive ops and by the plan
 // executor (aia_plan.cpp): the gate values sigmoid(a * z + b); the conv + BN of a pooled
 // tensor -> (z, folded (a, b), BN statistics used); and its backward -> (d pooled,

@@ -40,13 +40,6 @@ void check_full(const at::Tensor& t, const at::Tensor& v, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "aia_native: ", name, " must be floating point");
 }
 
-void check_small(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& v, at::ScalarType dtype,
-                 const char* name) {
-  TORCH_CHECK(t.sizes() == shape, "aia_native: ", name, " has shape ", t.sizes(), ", expected ", shape);
-  TORCH_CHECK(t.scalar_type() == dtype, "aia_native: ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(t.device() == v.device(), "aia_native: ", name, " is on ", t.device(), ", expected ", v.device());
-  TORCH_CHECK(t.is_contiguous(), "aia_native: ", name, " must be contiguous");
-}
 
 // Entry i of a small CPU tensor (BN parameters and statistics, scale/shift), read in place,
 // and small CPU tensors written in place: item(), to() and at::tensor() are dispatched ATen
@@ -60,11 +53,15 @@ double host_value(const at::Tensor& t, int64_t i = 0) {
   return out;
 }
 
-// host_value of an optional one-value tensor (a gate BN's parameter or running statistic),
-// `fallback` where it is absent.
+// A gate BN's parameter or running statistic (BatchNorm3d(1)): one value.
+void check_bn_scalar(const at::Tensor& t) {
+  TORCH_CHECK(t.numel() == 1, "aia_native: BN parameters and statistics hold one value, got shape ", t.sizes());
+}
+
+// host_value of an optional BN scalar, `fallback` where it is absent.
 double host_value_or(const c10::optional<at::Tensor>& t, double fallback) {
   if (!t.has_value() || !t->defined()) return fallback;
-  TORCH_CHECK(t->numel() == 1, "aia_native: BN parameters and statistics hold one value, got shape ", t->sizes());
+  check_bn_scalar(*t);
   return host_value(*t);
 }
 
@@ -78,6 +75,14 @@ at::Tensor host_tensor(std::initializer_list<double> values, const at::TensorOpt
 }
 
 }  // namespace
+
+void check_small(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& v, at::ScalarType dtype,
+                 c10::string_view name) {
+  TORCH_CHECK(t.sizes() == shape, "aia_native: ", name, " has shape ", t.sizes(), ", expected ", shape);
+  TORCH_CHECK(t.scalar_type() == dtype, "aia_native: ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.device() == v.device(), "aia_native: ", name, " is on ", t.device(), ", expected ", v.device());
+  TORCH_CHECK(t.is_contiguous(), "aia_native: ", name, " must be contiguous");
+}
 
 at::Tensor gate_value(const at::Tensor& z, const at::Tensor& scale_shift) {
   if (runs_on_cuda(z)) return at::sigmoid(z * scale_shift[0] + scale_shift[1]).contiguous();
@@ -254,7 +259,7 @@ at::Tensor conv_weight_as(const at::Tensor& conv_weight, const at::Tensor& poole
 
 at::Tensor scalar_of(const c10::optional<at::Tensor>& t, const at::Tensor& like, double fallback) {
   if (!t.has_value() || !t->defined()) return at::full({}, fallback, like.options());
-  TORCH_CHECK(t->numel() == 1, "aia_native: BN parameters and statistics hold one value");
+  check_bn_scalar(*t);
   return t->to(like.scalar_type()).reshape({});
 }
 

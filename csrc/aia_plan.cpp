@@ -276,11 +276,8 @@ void check_saved(const Plan& plan, const at::Tensor& v, at::TensorList saved) {
       std::vector<int64_t> pooled_shape = shape;
       pooled_shape.insert(pooled_shape.begin() + 1, 2);
       const auto check = [&](int k, at::IntArrayRef expected, at::ScalarType dtype, const char* name) {
-        const at::Tensor& t = saved[kSavedPerGate * g + k];
-        TORCH_CHECK(t.defined() && t.sizes() == expected && t.scalar_type() == dtype && t.device() == v.device() &&
-                        t.is_contiguous(),
-                    "aia_native: the saved ", name, " of gate ", g, " is not a contiguous ", dtype, " tensor of shape ",
-                    expected, " on ", v.device(), " (saved by a forward of another plan or input?)");
+        check_small(saved[kSavedPerGate * g + k], expected, v, dtype,
+                    std::string("saved ") + name + " of gate " + std::to_string(g));
       };
       check(3, {2}, acc, "scale_shift");
       if (stage.recompute) continue;

@@ -27,6 +27,7 @@ Conventions (``v`` is the input viewed as ``(N, T, C, H, W)``, any strides):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Protocol, Sequence, Union
 
@@ -129,20 +130,15 @@ def gate_shape(v_shape: Sequence[int], axis: str) -> tuple[int, ...]:
     return (n, *(v_shape[AXIS_DIM[a]] for a in GATE_CONV_AXES[axis]))
 
 
-_GATE_SIZES: dict = {}
+@functools.lru_cache(maxsize=1024)
+def _gate_sizes(v_shape: tuple[int, ...], axes: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(math.prod(gate_shape(v_shape, axis)) for axis in axes)
 
 
 def gate_sizes(v_shape: Sequence[int], axes: Sequence[str]) -> tuple[int, ...]:
     """Entries of each gate pooling ``axes[g]`` (its BN's batch count), computed once per
-    shape: every training step asks (symbolic sizes under torch.compile are not kept)."""
-    key = (tuple(v_shape), tuple(axes))
+    shape: every training step asks (symbolic sizes under torch.compile are not cached)."""
     try:
-        return _GATE_SIZES[key]
-    except KeyError:
-        pass
+        return _gate_sizes(tuple(v_shape), tuple(axes))
     except TypeError:  # unhashable (symbolic) sizes
-        return tuple(math.prod(gate_shape(v_shape, axis)) for axis in axes)
-    if len(_GATE_SIZES) > 1024:
-        _GATE_SIZES.clear()
-    sizes = _GATE_SIZES[key] = tuple(math.prod(gate_shape(v_shape, axis)) for axis in axes)
-    return sizes
+        return _gate_sizes.__wrapped__(v_shape, axes)
