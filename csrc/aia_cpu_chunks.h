@@ -499,24 +499,32 @@ AIA_INLINE void for_each_chunk(int64_t H, int64_t W, F&& f) {
 }
 
 // Reductions along h walk a plane in column groups of up to kGroupStrips chunks (64
-// floats: every ResNet plane width is one group), rows inside a group, so a group's
-// running values along h stay in registers and each group is still read row by row.
+// floats with AVX-512), rows inside a group, so a group's running values along h stay in
+// registers and each group is still read row by row.
 constexpr int kGroupStrips = 4;
 
-template <typename acc_t, int B>
+// The pool's groups: 256 bytes of a row whatever the vector width, so that every ResNet
+// plane width up to 64 is one group. Its W reduction pays a horizontal reduction and a
+// merge per group and row: with 32-byte vectors in groups of 4, a 56-wide row was two
+// groups and the T/H/W pool at 56x56 took 1.4x the time of one group of 7 (AVX2, 2026-12-03).
+template <int B>
+constexpr int kPoolGroupStrips = kVectorChunks ? 256 / B : kGroupStrips;
+
+template <typename acc_t, int B, int kMaxStrips = kGroupStrips>
 struct StripGroup {
+  static constexpr int kMax = kMaxStrips;
   int64_t w0;  // first column
-  int strips;  // chunks per row (1 to kGroupStrips)
-  Row<acc_t, B> row[kGroupStrips];
+  int strips;  // chunks per row (1 to kMax)
+  Row<acc_t, B> row[kMax];
 
   StripGroup(int64_t first, int64_t W) : w0(first), strips(0), row{} {
     constexpr int64_t L = Vec<acc_t, B>::kLanes;
-    for (int s = 0; s < kGroupStrips && first + s * L < W; ++s, ++strips) row[s] = Row<acc_t, B>{std::min(L, W - first - s * L)};
+    for (int s = 0; s < kMax && first + s * L < W; ++s, ++strips) row[s] = Row<acc_t, B>{std::min(L, W - first - s * L)};
   }
 };
 
 // Calls f(integral_constant<int, S>) with a group's strip count S as a constant where the
-// ResNet widths give it (1, 2 or 4 strips), else with S = 0 (the count read at run time).
+// ResNet widths give it (the counts below), else with S = 0 (the count read at run time).
 // With a constant count the loops over strips unroll and each strip's running values stay
 // in registers; read at run time, the loop stayed rolled and they lived on the stack
 // (perf annotate of the T/H/W pool, 2026-12-02). Each count is another copy of the loop to
@@ -524,9 +532,8 @@ struct StripGroup {
 // vectors on AVX-512 (rows of at most 8 floats: with_chunk_bytes) only one strip, and a
 // portable build none (element-loop chunks, not the speed target, whose compile time is
 // the CI's: see for_each_strip).
-template <bool kConstant, typename acc_t, int B, typename F>
-AIA_INLINE void with_strip_count(const StripGroup<acc_t, B>& group, F&& f) {
-  static_assert(kGroupStrips == 4, "the constant strip counts below");
+template <bool kConstant, typename acc_t, int B, int kMax, typename F>
+AIA_INLINE void with_strip_count(const StripGroup<acc_t, B, kMax>& group, F&& f) {
   if constexpr (!kConstant || !kVectorChunks) {
     f(std::integral_constant<int, 0>{});
   } else if constexpr (B < kVectorBytes && sizeof(acc_t) == 4) {
@@ -537,15 +544,20 @@ AIA_INLINE void with_strip_count(const StripGroup<acc_t, B>& group, F&& f) {
       case 1: return f(std::integral_constant<int, 1>{});
       case 2: return f(std::integral_constant<int, 2>{});
       case 4: return f(std::integral_constant<int, 4>{});
-      default: return f(std::integral_constant<int, 0>{});
+      case 5: if constexpr (kMax == 8) return f(std::integral_constant<int, 5>{});  // 40 floats of 8
+              break;
+      case 7: if constexpr (kMax == 8) return f(std::integral_constant<int, 7>{});  // 56 floats of 8
+              break;
+      default: break;
     }
+    return f(std::integral_constant<int, 0>{});
   }
 }
 
 // Strip s of a group whose count is kStrips (0: read at run time): every strip but the
 // last is a whole vector, known as one when kStrips is a constant.
-template <int kStrips, typename acc_t, int B>
-AIA_INLINE Row<acc_t, B> strip_row(const StripGroup<acc_t, B>& group, int s) {
+template <int kStrips, typename acc_t, int B, int kMax>
+AIA_INLINE Row<acc_t, B> strip_row(const StripGroup<acc_t, B, kMax>& group, int s) {
   if (kStrips > 0 && s < kStrips - 1) return Row<acc_t, B>{Vec<acc_t, B>::kLanes};
   return group.row[s];
 }
@@ -553,10 +565,10 @@ AIA_INLINE Row<acc_t, B> strip_row(const StripGroup<acc_t, B>& group, int s) {
 // Calls f(s, row) for the strips of a group whose count is kStrips (0: read at run time),
 // unrolled when the count is a constant (and only then: unrolled four times, a run-time
 // count's loop was a four-minute compile in a portable build).
-template <int kStrips, typename acc_t, int B, typename F>
-AIA_INLINE void for_each_strip(const StripGroup<acc_t, B>& group, F&& f) {
+template <int kStrips, typename acc_t, int B, int kMax, typename F>
+AIA_INLINE void for_each_strip(const StripGroup<acc_t, B, kMax>& group, F&& f) {
   if constexpr (kStrips > 0) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int s = 0; s < kStrips; ++s) f(s, strip_row<kStrips>(group, s));
   } else {
     for (int s = 0; s < group.strips; ++s) f(s, group.row[s]);

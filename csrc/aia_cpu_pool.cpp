@@ -385,8 +385,8 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
         const WeightAt<acc_t> wa = weight_at(wt, d, n, t, c);
         const PlaneAt<const scalar_t> vpl = plane_at(vp, vs, n, t, c);
         const PlaneAt<const scalar_t> v_next = next_frame(vp, vs, d, n, t, c);
-        for (int64_t g0 = 0; g0 < W; g0 += kGroupStrips * V::kLanes) {
-          const StripGroup<acc_t, B> group(g0, W);
+        for (int64_t g0 = 0; g0 < W; g0 += kPoolGroupStrips<B> * V::kLanes) {
+          const StripGroup<acc_t, B, kPoolGroupStrips<B>> group(g0, W);
           // Along w: a piece of row h (from its start if `first`) with max m, first at `pos`,
           // sum `sum`, merged into the row's running values.
           const auto merge_w = [&](int64_t h, bool first, acc_t m, int32_t pos, acc_t sum) AIA_LAMBDA_INLINE {
@@ -413,8 +413,8 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           const auto rows = [&](auto lanes_tag, auto all_tag, auto strips_tag) AIA_LAMBDA_INLINE {
             constexpr bool w_lanes = decltype(lanes_tag)::value, all = decltype(all_tag)::value;
             constexpr int kStrips = decltype(strips_tag)::value;
-            typename V::type hmx[kGroupStrips] = {}, hsum[kGroupStrips] = {};  // along h, per chunk column
-            typename V::itype harg[kGroupStrips] = {};
+            typename V::type hmx[kPoolGroupStrips<B>] = {}, hsum[kPoolGroupStrips<B>] = {};  // along h, per chunk column
+            typename V::itype harg[kPoolGroupStrips<B>] = {};
             for (int64_t h = 0; h < H; ++h) {
               [[maybe_unused]] LaneMaxSum<acc_t, B, kArg> wl;
               for_each_strip<kStrips>(group, [&](int s, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
