@@ -563,8 +563,8 @@ AIA_INLINE Row<acc_t, B> strip_row(const StripGroup<acc_t, B, kMax>& group, int 
 }
 
 // Calls f(s, row) for the strips of a group whose count is kStrips (0: read at run time),
-// unrolled when the count is a constant (and only then: unrolled four times, a run-time
-// count's loop was a four-minute compile in a portable build).
+// unrolled when the count is a constant (and only then: unrolled up to a group's 8 strips, a
+// run-time count's loop was a four-minute compile in a portable build).
 template <int kStrips, typename acc_t, int B, int kMax, typename F>
 AIA_INLINE void for_each_strip(const StripGroup<acc_t, B, kMax>& group, F&& f) {
   if constexpr (kStrips > 0) {

@@ -78,6 +78,7 @@ at::Tensor host_tensor(std::initializer_list<double> values, const at::TensorOpt
 
 void check_small(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& v, at::ScalarType dtype,
                  c10::string_view name) {
+  TORCH_CHECK(t.defined(), "aia_native: ", name, " is missing (an undefined tensor)");
   TORCH_CHECK(t.sizes() == shape, "aia_native: ", name, " has shape ", t.sizes(), ", expected ", shape);
   TORCH_CHECK(t.scalar_type() == dtype, "aia_native: ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
   TORCH_CHECK(t.device() == v.device(), "aia_native: ", name, " is on ", t.device(), ", expected ", v.device());
