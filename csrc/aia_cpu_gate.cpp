@@ -328,21 +328,38 @@ at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz) {
 
 namespace {
 
-// Sum of f(i) over [0, m) in double, as 8 interleaved partial sums added in a fixed order
-// at the end: deterministic (the order depends on m alone), and the adds vectorise
-// instead of forming one chain of dependent adds (a T, H or W gate at 7x7 has 25-28K
-// entries: the BN sums as one chain made gate_forward a third slower there).
-template <typename F>
-double ordered_sum(int64_t m, F&& f) {
-  constexpr int kParts = 8;
-  double part[kParts] = {};
+// Sums in double of terms over [0, m), as 8 interleaved partial sums added in a fixed order
+// at the end: deterministic (the order depends on m alone), and the adds vectorise instead
+// of forming one chain of dependent adds (a T, H or W gate at 7x7 has 25-28K entries: the
+// BN sums as one chain made gate_forward a third slower there). eight(i) returns the terms
+// of entries i..i+7, a vector of 8 doubles per sum (lane l: partial sum l), one(i) those of
+// entry i (the tail); both return a tuple, one entry per sum.
+typedef double Doubles8 __attribute__((vector_size(64)));  // values in registers (no unaligned loads)
+
+template <typename acc_t>
+using Lanes8 = Vec<acc_t, 8 * sizeof(acc_t)>;  // 8 entries of a float or double tensor
+
+template <typename acc_t>
+AIA_INLINE Doubles8 doubles8(const typename Lanes8<acc_t>::type& x) {
+  return __builtin_convertvector(x, Doubles8);
+}
+
+template <int kSums, typename Eight, typename One>
+std::array<double, kSums> ordered_sums(int64_t m, Eight&& eight, One&& one) {
+  std::array<Doubles8, kSums> part{};
   int64_t i = 0;
-  for (; i + kParts <= m; i += kParts)
-    for (int l = 0; l < kParts; ++l) part[l] += f(i + l);
-  for (; i < m; ++i) part[i % kParts] += f(i);
-  double s = 0;
-  for (int l = 0; l < kParts; ++l) s += part[l];
-  return s;
+  for (; i + 8 <= m; i += 8) {
+    const auto terms = eight(i);
+    for (int k = 0; k < kSums; ++k) part[k] += terms[k];
+  }
+  for (; i < m; ++i) {
+    const auto terms = one(i);
+    for (int k = 0; k < kSums; ++k) part[k][i % 8] += terms[k];
+  }
+  std::array<double, kSums> total{};
+  for (int k = 0; k < kSums; ++k)
+    for (int l = 0; l < 8; ++l) total[k] += part[k][l];
+  return total;
 }
 
 }  // namespace
@@ -411,14 +428,23 @@ at::Tensor gate_value(const at::Tensor& z, double scale, double shift) {
 BatchStats batch_stats(const at::Tensor& z) {
   BatchStats st{0, 0};
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_batch_stats_cpu", [&] {
+    using L8 = Lanes8<scalar_t>;
     const scalar_t* p = z.data_ptr<scalar_t>();
     const int64_t m = z.numel();
-    st.mean = ordered_sum(m, [&](int64_t i) { return static_cast<double>(p[i]); }) / m;
+    st.mean = ordered_sums<1>(
+                  m, [&](int64_t i) { return std::array<Doubles8, 1>{doubles8<scalar_t>(L8::load(p + i))}; },
+                  [&](int64_t i) { return std::array<double, 1>{static_cast<double>(p[i])}; })[0] / m;
     const double mean = st.mean;
-    st.var = ordered_sum(m, [&](int64_t i) {
-      const double e = p[i] - mean;
-      return e * e;
-    }) / m;
+    st.var = ordered_sums<1>(
+                 m,
+                 [&](int64_t i) {
+                   const Doubles8 e = doubles8<scalar_t>(L8::load(p + i)) - mean;
+                   return std::array<Doubles8, 1>{e * e};
+                 },
+                 [&](int64_t i) {
+                   const double e = p[i] - mean;
+                   return std::array<double, 1>{e * e};
+                 })[0] / m;
   });
   return st;
 }
@@ -436,11 +462,28 @@ GateZGrad gate_z_grad(const at::Tensor& gate_grad, const at::Tensor& z, const at
     const acc_t* zp = z.data_ptr<acc_t>();
     acc_t* dzp = dz.data_ptr<acc_t>();
     const int64_t m = z.numel();
-    for (int64_t i = 0; i < m; ++i) dzp[i] = ggp[i] * gp[i] * (acc_t(1) - gp[i]);  // dy
-    if (!has_bn) return;
+    const auto dy_at = [&](int64_t i) AIA_LAMBDA_INLINE { return ggp[i] * gp[i] * (acc_t(1) - gp[i]); };
+    if (!has_bn) {
+      for (int64_t i = 0; i < m; ++i) dzp[i] = dy_at(i);
+      return;
+    }
     const double rstd = 1.0 / std::sqrt(var + eps);
-    const double sum_dy = ordered_sum(m, [&](int64_t i) { return static_cast<double>(dzp[i]); });
-    const double sum_dy_zhat = ordered_sum(m, [&](int64_t i) { return dzp[i] * ((zp[i] - mean) * rstd); });
+    // dy, stored, and its two BN sums in one walk.
+    using L8 = Lanes8<acc_t>;
+    const auto [sum_dy, sum_dy_zhat] = ordered_sums<2>(
+        m,
+        [&](int64_t i) AIA_LAMBDA_INLINE {
+          const typename L8::type g8 = L8::load(gp + i);
+          const typename L8::type dy = L8::load(ggp + i) * g8 * (acc_t(1) - g8);
+          L8::store(dzp + i, dy);
+          const Doubles8 dyd = doubles8<acc_t>(dy);
+          return std::array<Doubles8, 2>{dyd, dyd * ((doubles8<acc_t>(L8::load(zp + i)) - mean) * rstd)};
+        },
+        [&](int64_t i) AIA_LAMBDA_INLINE {
+          const acc_t dy = dy_at(i);
+          dzp[i] = dy;
+          return std::array<double, 2>{dy, dy * ((zp[i] - mean) * rstd)};
+        });
     out.dbn_weight = sum_dy_zhat;
     out.dbn_bias = sum_dy;
     const acc_t k = static_cast<acc_t>(gamma * rstd);
