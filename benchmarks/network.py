@@ -23,7 +23,9 @@ reset through ``/proc/self/clear_refs``) and, for the train step, the bytes save
 (benchmarks/saved_bytes.py, each storage once). Where the overhead goes: the time inside
 the AIA modules (a few further steps with hooks: forward; in eval each module's forward
 again at once on the same input, the same work without the other layers in between;
-backward where a module's backward is one fused autograd node), the bytes model's floor
+backward where a module's backward is one fused autograd node), the same split by the
+modules' input shape beside one module of each shape run alone in a warm loop (what a
+microbenchmark sees; the ratio is what the layers between two modules cost them), the bytes model's floor
 for those modules at the copy bandwidth measured on their inputs, and the minor page
 faults per step (CPU: the allocator's fresh pages, which AIA also changes in the layers
 around it). All configurations share the same weights. Writes
@@ -203,10 +205,14 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
     a network's overhead into the modules' own time and their effect on the rest."""
     modules = [module for _, module in aia_modules(model)]
     if not modules:
-        return {"forward": None, "again": None, "backward": None, "inputs": []}
+        return {"forward": None, "again": None, "backward": None, "inputs": [], "by_shape": {}, "first_of_shape": {}}
     spent = {"forward": 0.0, "again": 0.0, "backward": 0.0, "timed_nodes": 0, "again_runs": 0}
     starts: dict = {}
     inputs_seen: list = []
+    # per input shape, this step's seconds: forward and backward over that shape's modules
+    by_shape: dict = {}
+    shape_of: dict = {}
+    first_of_shape: dict = {}  # shape -> (a module of that input shape, the input's dtype)
 
     def now() -> float:
         _sync(device)
@@ -214,10 +220,15 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
 
     def before_forward(module, inputs):
         inputs_seen.append((tuple(inputs[0].shape), inputs[0].dtype))
+        shape_of[module] = tuple(inputs[0].shape)
+        first_of_shape.setdefault(shape_of[module], (module, inputs[0].dtype))
         starts[module] = now()
 
     def after_forward(module, inputs, output):
-        spent["forward"] += now() - starts.pop(module)
+        took = now() - starts.pop(module)
+        spent["forward"] += took
+        shape = shape_of[module]
+        by_shape.setdefault(shape, {"forward": 0.0, "backward": 0.0})["forward"] += took
         if not torch.is_grad_enabled():
             start = now()
             module.forward(*inputs)  # not through __call__: no hooks
@@ -231,8 +242,10 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
             starts[node] = now()
 
         def after_backward(grad_inputs, grad_outputs):
-            spent["backward"] += now() - starts.pop(node)
+            took = now() - starts.pop(node)
+            spent["backward"] += took
             spent["timed_nodes"] += 1
+            by_shape[shape]["backward"] += took
 
         node.register_prehook(before_backward)
         node.register_hook(after_backward)
@@ -240,20 +253,61 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
     handles = [h for m in modules for h in (m.register_forward_pre_hook(before_forward),
                                             m.register_forward_hook(after_forward))]
     times: dict = {"forward": [], "again": [], "backward": []}
+    shape_times: dict = {}
     try:
         for _ in range(calls):
             spent.update(forward=0.0, again=0.0, backward=0.0, timed_nodes=0, again_runs=0)
             inputs_seen.clear()
+            by_shape.clear()
             step()
             for key in times:
                 times[key].append(spent[key] * 1e3)
+            for shape, t in by_shape.items():
+                shape_times.setdefault(shape, []).append(t)
     finally:
         for h in handles:
             h.remove()
+    counts = {shape: sum(1 for s, _ in inputs_seen if s == shape) for shape in shape_times}
+    per_module = {shape: {key: statistics.median(t[key] for t in ts) * 1e3 / counts[shape]
+                          for key in ("forward", "backward")} for shape, ts in shape_times.items()}
     return {"forward": statistics.median(times["forward"]),
             "again": statistics.median(times["again"]) if spent["again_runs"] else None,
             "backward": statistics.median(times["backward"]) if spent["timed_nodes"] else None,
-            "inputs": list(inputs_seen)}
+            "inputs": list(inputs_seen),
+            "by_shape": {shape: {"modules": counts[shape], **ms} for shape, ms in per_module.items()},
+            "first_of_shape": first_of_shape}
+
+
+def time_alone(module: nn.Module, shape: tuple, dtype, mode: str, calls: int, device) -> dict:
+    """One AIA module run alone on a random input of ``shape``, ``calls`` times in a row after
+    two warm-up calls: median forward ms and (train) backward ms with its data and code warm,
+    as a microbenchmark sees it. Against ``time_inside_aia``'s per-shape times it shows what
+    the network's other layers between two modules cost the modules (caches, clock)."""
+    x = torch.randn(shape, device=device).to(dtype)
+    forward, backward = [], []
+
+    def now() -> float:
+        _sync(device)
+        return time.perf_counter()
+
+    for call in range(calls + 2):
+        if mode == "eval":
+            start = now()
+            with torch.no_grad():
+                module(x)
+            took_fwd, took_bwd = now() - start, None
+        else:
+            xg = x.detach().requires_grad_()
+            start = now()
+            y = module(xg)
+            mid = now()
+            y.backward(torch.ones_like(y))
+            took_fwd, took_bwd = mid - start, now() - mid
+        if call >= 2:
+            forward.append(took_fwd * 1e3)
+            if took_bwd is not None:
+                backward.append(took_bwd * 1e3)
+    return {"forward": statistics.median(forward), "backward": statistics.median(backward) if backward else None}
 
 
 def bytes_floor_ms(variant: str, inputs: list, mode: str, device, reps: int = 20) -> float | None:
@@ -304,6 +358,15 @@ def run_case(arch, mode, threads, args, device) -> list[dict]:
         row["aia_forward_ms"], row["aia_forward_again_ms"] = inside["forward"], inside["again"]
         row["aia_backward_ms"] = inside["backward"]
         row["bytes_floor_ms"] = bytes_floor_ms(args.variant, inside["inputs"], mode, device)
+        row["aia_by_shape"] = []
+        for shape, times in inside["by_shape"].items():
+            module, dtype = inside["first_of_shape"][shape]
+            alone = time_alone(module, shape, dtype, mode, args.probe_steps * 3, device)
+            row["aia_by_shape"].append({"shape": list(shape), "modules": times["modules"],
+                                        "forward_ms": times["forward"],
+                                        "backward_ms": times["backward"] if row["aia_backward_ms"] else None,
+                                        "alone_forward_ms": alone["forward"],
+                                        "alone_backward_ms": alone["backward"] if row["aia_backward_ms"] else None})
         if mode == "train":
             row["saved_bytes"] = train_saved_bytes(c, x, y)
         rows.append(row)
@@ -336,6 +399,9 @@ def markdown(info: dict) -> str:
     def ms(v):
         return "-" if v is None else f"{v:.1f}"
 
+    def ms2(v):
+        return "-" if v is None else f"{v:.2f}"
+
     lines = [f"# Whole network: plain vs AIA ({info['variant']}), {info['clips']} clip(s) x {info['frames']} "
              f"frames, {info['device_name']}", "",
              f"{info['date']}; torch {info['torch']}; commit {info.get('commit')}; {info['measure']}. "
@@ -353,6 +419,19 @@ def markdown(info: dict) -> str:
                      f"| {ms(r.get('bytes_floor_ms'))} "
                      f"| {'-' if faults is None else f'{faults:.0f}'} | {mib(r['peak_bytes'])} "
                      f"| {mib(r.get('saved_bytes'))} | {pct(r.get('saved_over_plain'))} |")
+    by_shape = [(r, s) for r in info["results"] for s in r.get("aia_by_shape", [])]
+    if by_shape:
+        lines += ["", "AIA modules by input shape: ms per module, inside the network (the hooks' steps) and "
+                  "the same module alone (a warm loop on a random input); the ratio is the cost of the "
+                  "network's other layers between two modules (caches, clock).", "",
+                  "| arch | mode | config | input | modules | forward ms in network / alone | backward ms in "
+                  "network / alone | in network / alone (forward + backward) |", "|---|---|---|---|---|---|---|---|"]
+        for r, s in by_shape:
+            inside = s["forward_ms"] + (s["backward_ms"] or 0.0)
+            alone = s["alone_forward_ms"] + (s["alone_backward_ms"] or 0.0)
+            lines.append(f"| {r['arch']} | {r['mode']} | {r['config']} | {tuple(s['shape'])} | {s['modules']} "
+                         f"| {s['forward_ms']:.2f} / {s['alone_forward_ms']:.2f} "
+                         f"| {ms2(s['backward_ms'])} / {ms2(s['alone_backward_ms'])} | {inside / alone:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -339,6 +339,17 @@ def test_network_benchmark_smoke(tmp_path, monkeypatch):
     assert rows["eval", "native"]["aia_forward_again_ms"] > 0
     assert rows["train", "native"]["aia_forward_again_ms"] is None  # not without autograd
     assert rows["train", "native"]["aia_backward_ms"] > 0 and rows["train", "native-keep"]["aia_backward_ms"] > 0
+    # by input shape: every AIA module counted once, in the network and alone; backward where timed
+    for (mode, config), row in rows.items():
+        shapes = row["aia_by_shape"]
+        if config.startswith("plain"):
+            assert shapes == []
+            continue
+        assert sum(s["modules"] for s in shapes) == 16 and len({tuple(s["shape"]) for s in shapes}) == len(shapes)
+        for s in shapes:
+            assert s["forward_ms"] > 0 and s["alone_forward_ms"] > 0
+            timed_backward = mode == "train" and config != "reference"
+            assert (s["backward_ms"] is not None) == timed_backward == (s["alone_backward_ms"] is not None)
     train = {c: rows["train", c]["saved_bytes"] for c in ("plain", "plain-again", "reference", "native", "native-keep")}
     assert train["plain"] == train["plain-again"] < train["native"] < train["native-keep"] < train["reference"]
     assert info["command"] and info["torch"] == torch.__version__
