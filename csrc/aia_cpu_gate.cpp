@@ -8,6 +8,43 @@ namespace {
 
 using namespace detail;
 
+// sigmoid(y) = 1 / (1 + exp(-y)) per lane. exp(x): x = n ln2 + r with |r| <= ln2 / 2 (n
+// rounded by the 1.5 * 2^23 trick, ln2 in two parts), e^r by Cephes' degree-6 expf
+// polynomial (about 1 ulp), 2^n written into the exponent bits. x is clamped to
+// [-88, 88.7]: past it exp is 0 (value 1) or inf (value 0, true value below 3e-39).
+// NaN stays NaN (the clamps' compares are false for it). Measured against ATen's
+// sigmoid (Sleef, 1 ulp): tests/test_native_backend.py.
+template <typename VT>
+AIA_INLINE VT sigmoid_lanes(VT y) {
+  using IT = typename Vec<float>::itype;
+  const VT zero = VT{} + 0.0f;
+  VT x = zero - y;
+  x = x > 88.7f ? zero + 88.7f : x;
+  x = x < -88.0f ? zero - 88.0f : x;
+  const VT magic = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const VT t = multiply_add(x, zero + 1.44269504088896341f, magic);
+  const VT n = t - magic;
+  const IT two_n_bits = ((IT)t - (IT)magic + 127) << 23;  // n = the low bits of t
+  VT r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  VT p = zero + 1.9875691500e-4f;
+  p = multiply_add(p, r, zero + 1.3981999507e-3f);
+  p = multiply_add(p, r, zero + 8.3334519073e-3f);
+  p = multiply_add(p, r, zero + 4.1665795894e-2f);
+  p = multiply_add(p, r, zero + 1.6666665459e-1f);
+  p = multiply_add(p, r, zero + 5.0000001201e-1f);
+  const VT e = (multiply_add(p, r * r, r) + 1.0f) * (VT)two_n_bits;
+  return 1.0f / (1.0f + e);
+}
+
+
+// Gate values in place, p[i] = sigmoid(a * p[i] + b) for i in [0, n) rounded up to whole
+// vectors (p must have room for that): the same arithmetic lane by lane as gate_value.
+AIA_INLINE void gate_values_in_place(float* p, int64_t n, float a, float b) {
+  using V = Vec<float>;
+  for (int64_t k = 0; k < n; k += V::kLanes) V::store(p + k, sigmoid_lanes(V::load(p + k) * a + b));
+}
+
 // ---- Conv3d(2 -> 1, 3x3x3, padding 1) ----
 // Inputs are copied into zero-padded volumes, and a (D2, D3) slice is handled as one flat
 // run with row pitch R = D3 + 1: each tap is then a constant offset into one long contiguous
@@ -165,9 +202,10 @@ SliceBlocks slice_blocks(const ConvDims& d, const Padded& p) {
   return {per_block, (d.D1 + per_block - 1) / per_block};
 }
 
-// z[n, a] = sum_{ci, k} w[ci, k] * Ppad[n, ci, a + k1, k2 + b, k3 + c]
-template <typename acc_t>
-void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z) {
+// z[n, a] = sum_{ci, k} w[ci, k] * Ppad[n, ci, a + k1, k2 + b, k3 + c]; `epilogue(block, run)`
+// may rewrite each block of pitched outputs in place before it is stored (the gate values).
+template <typename acc_t, typename Epilogue>
+void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z, Epilogue&& epilogue) {
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
   const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0, kTapSlack);
@@ -183,6 +221,7 @@ void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc
         src[tap] = Ppad + (n * 2 + ci) * p.volume + (a0 + k1) * p.slice + k2 * p.R + k3;
       }
       tap_sums(src, wt, 54, sb.run(p, count), out.data());
+      epilogue(out.data(), sb.run(p, count));
       for (int64_t a = 0; a < count; ++a)
         unpitch(out.data() + a * p.slice, d, p.R, z + (n * d.D1 + a0 + a) * d.D2 * d.D3);
     }
@@ -303,9 +342,22 @@ at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight) {
   const ConvDims d = conv_dims(pooled);
   at::Tensor z = at::empty({d.N, d.D1, d.D2, d.D3}, pooled.options());
   AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "aia_native_conv_cpu", [&] {
-    conv_forward_kernel(pooled.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, z.data_ptr<scalar_t>());
+    conv_forward_kernel(pooled.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, z.data_ptr<scalar_t>(),
+                        [](scalar_t*, int64_t) {});
   });
   return z;
+}
+
+at::Tensor conv_forward_value(const at::Tensor& pooled, const at::Tensor& weight, double scale, double shift) {
+  TORCH_CHECK(pooled.scalar_type() == at::kFloat, "aia_native: conv_forward_value takes float gates");
+  const ConvDims d = conv_dims(pooled);
+  at::Tensor value = at::empty({d.N, d.D1, d.D2, d.D3}, pooled.options());
+  const float a = static_cast<float>(scale), b = static_cast<float>(shift);
+  // The block buffer has a block of slack past its run (conv_forward_kernel): room for the
+  // last partial vector.
+  conv_forward_kernel(pooled.data_ptr<float>(), weight.data_ptr<float>(), d, value.data_ptr<float>(),
+                      [&](float* block, int64_t run) { gate_values_in_place(block, run, a, b); });
+  return value;
 }
 
 at::Tensor conv_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
@@ -360,39 +412,6 @@ std::array<double, kSums> ordered_sums(int64_t m, Eight&& eight, One&& one) {
   for (int k = 0; k < kSums; ++k)
     for (int l = 0; l < 8; ++l) total[k] += part[k][l];
   return total;
-}
-
-}  // namespace
-
-namespace {
-
-// sigmoid(y) = 1 / (1 + exp(-y)) per lane. exp(x): x = n ln2 + r with |r| <= ln2 / 2 (n
-// rounded by the 1.5 * 2^23 trick, ln2 in two parts), e^r by Cephes' degree-6 expf
-// polynomial (about 1 ulp), 2^n written into the exponent bits. x is clamped to
-// [-88, 88.7]: past it exp is 0 (value 1) or inf (value 0, true value below 3e-39).
-// NaN stays NaN (the clamps' compares are false for it). Measured against ATen's
-// sigmoid (Sleef, 1 ulp): tests/test_native_backend.py.
-template <typename VT>
-AIA_INLINE VT sigmoid_lanes(VT y) {
-  using IT = typename Vec<float>::itype;
-  const VT zero = VT{} + 0.0f;
-  VT x = zero - y;
-  x = x > 88.7f ? zero + 88.7f : x;
-  x = x < -88.0f ? zero - 88.0f : x;
-  const VT magic = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const VT t = multiply_add(x, zero + 1.44269504088896341f, magic);
-  const VT n = t - magic;
-  const IT two_n_bits = ((IT)t - (IT)magic + 127) << 23;  // n = the low bits of t
-  VT r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  VT p = zero + 1.9875691500e-4f;
-  p = multiply_add(p, r, zero + 1.3981999507e-3f);
-  p = multiply_add(p, r, zero + 8.3334519073e-3f);
-  p = multiply_add(p, r, zero + 4.1665795894e-2f);
-  p = multiply_add(p, r, zero + 1.6666665459e-1f);
-  p = multiply_add(p, r, zero + 5.0000001201e-1f);
-  const VT e = (multiply_add(p, r * r, r) + 1.0f) * (VT)two_n_bits;
-  return 1.0f / (1.0f + e);
 }
 
 }  // namespace

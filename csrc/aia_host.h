@@ -128,6 +128,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
     const at::Tensor& pooled, const at::Tensor& conv_weight, int64_t bn_mode,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps);
+// gate_forward_op's (scale_shift, BN statistics) with the gate's value in place of z, for a
+// caller that keeps no z: where BN needs no statistics of z (running statistics or none)
+// and the gates are floats on the CPU, computed without z (cpu::conv_forward_value).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_value_op(
+    const at::Tensor& pooled, const at::Tensor& conv_weight, int64_t bn_mode,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
     const at::Tensor& gate_grad, const at::Tensor& pooled, const at::Tensor& z, const at::Tensor& scale_shift,
     const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
@@ -151,6 +158,10 @@ BatchStats batch_stats(const at::Tensor& z);
 
 // Gate values sigmoid(scale * z + shift), contiguous; floats through a vectorised sigmoid.
 at::Tensor gate_value(const at::Tensor& z, double scale, double shift);
+
+// gate_value(conv_forward(pooled, weight), scale, shift) without z, for floats: each block
+// of conv outputs turned into gate values where it is computed (a pass over z and z saved).
+at::Tensor conv_forward_value(const at::Tensor& pooled, const at::Tensor& weight, double scale, double shift);
 
 // d loss / d z of gate = sigmoid(scale * z + shift), where BN folded into (scale, shift)
 // normalised z with (mean, var) (batch: they depend on z too). Also the BN parameter

@@ -266,6 +266,20 @@ at::Tensor scalar_of(const c10::optional<at::Tensor>& t, const at::Tensor& like,
 
 }  // namespace
 
+namespace {
+
+// BN with (mean, var) folded into the gate's (scale, shift), and (mean, var) as used: two
+// host tensors.
+std::pair<at::Tensor, at::Tensor> host_bn_fold(double mean, double var, const c10::optional<at::Tensor>& bn_weight,
+                                               const c10::optional<at::Tensor>& bn_bias, double eps,
+                                               const at::TensorOptions& options) {
+  const double scale = host_value_or(bn_weight, 1.0) / std::sqrt(var + eps);
+  const double shift = host_value_or(bn_bias, 0.0) - mean * scale;
+  return {host_tensor({scale, shift}, options), host_tensor({mean, var}, options)};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
     const at::Tensor& pooled, const at::Tensor& conv_weight, int64_t bn_mode,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
@@ -291,9 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
       mean = host_value_or(running_mean, 0.0);
       var = host_value_or(running_var, 1.0);
     }
-    const double scale = host_value_or(bn_weight, 1.0) / std::sqrt(var + eps);
-    const double shift = host_value_or(bn_bias, 0.0) - mean * scale;
-    return {z, host_tensor({scale, shift}, z.options()), host_tensor({mean, var}, z.options())};
+    const auto [ss, stats] = host_bn_fold(mean, var, bn_weight, bn_bias, eps, z.options());
+    return {z, ss, stats};
   }
   at::Tensor mean, var;
   if (bn_mode == kBnBatch) {
@@ -306,6 +319,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
   const at::Tensor scale = scalar_of(bn_weight, z, 1.0) * at::rsqrt(var + eps);
   const at::Tensor shift = scalar_of(bn_bias, z, 0.0) - mean * scale;
   return {z, at::stack({scale, shift}), at::stack({mean, var})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_value_op(
+    const at::Tensor& pooled, const at::Tensor& conv_weight, int64_t bn_mode,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps) {
+  if (runs_on_cuda(pooled) || pooled.scalar_type() != at::kFloat || bn_mode == kBnBatch) {
+    auto [z, scale_shift, bn_stats] =
+        gate_forward_op(pooled, conv_weight, bn_mode, bn_weight, bn_bias, running_mean, running_var, eps);
+    return {gate_value(z, scale_shift), scale_shift, bn_stats};
+  }
+  check_pooled(pooled);
+  TORCH_CHECK(bn_mode == kBnNone || bn_mode == kBnRunning, "aia_native: unknown bn_mode ", bn_mode);
+  TORCH_CHECK(bn_mode == kBnNone || (running_mean.has_value() && running_var.has_value()),
+              "aia_native: eval BN needs running stats");
+  const auto [ss, stats] = bn_mode == kBnNone
+                               ? std::make_pair(host_tensor({1.0, 0.0}, pooled.options()),
+                                                host_tensor({0.0, 0.0}, pooled.options()))
+                               : host_bn_fold(host_value_or(running_mean, 0.0), host_value_or(running_var, 1.0),
+                                              bn_weight, bn_bias, eps, pooled.options());
+  const at::Tensor value =
+      cpu::conv_forward_value(pooled, conv_weight_as(conv_weight, pooled), host_value(ss, 0), host_value(ss, 1));
+  return {value, ss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(

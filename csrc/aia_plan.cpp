@@ -215,14 +215,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
     for (size_t i = 0; i < stage.gates.size(); ++i) {
       const int g = stage.gates[i];
       const at::Tensor &P = pooled[2 * i], &argmax = pooled[2 * i + 1];
-      auto [z, scale_shift, bn_stats] =
-          gate_forward_op(P, conv_weights[g], bn_modes[g], at_or_none(bn_weights, g), at_or_none(bn_biases, g),
-                          at_or_none(running_means, g), at_or_none(running_vars, g), eps[g]);
-      gates.values[g] = gate_value(z, scale_shift);
-      // A recomputed stage's P, argmax and z are pooled again by the backward (recompute_stages).
+      // A recomputed stage's P, argmax and z are pooled again by the backward (recompute_stages):
+      // its z is not kept, so its gate values may come without it.
+      const auto gate_step = stage.recompute ? gate_forward_value_op : gate_forward_op;
+      auto [z_or_value, scale_shift, bn_stats] =
+          gate_step(P, conv_weights[g], bn_modes[g], at_or_none(bn_weights, g), at_or_none(bn_biases, g),
+                    at_or_none(running_means, g), at_or_none(running_vars, g), eps[g]);
+      gates.values[g] = stage.recompute ? z_or_value : gate_value(z_or_value, scale_shift);
       saved[kSavedPerGate * g] = stage.recompute ? at::empty({0}, P.options()) : P;
       saved[kSavedPerGate * g + 1] = stage.recompute ? at::empty({0}, argmax.options()) : argmax;
-      saved[kSavedPerGate * g + 2] = stage.recompute ? at::empty({0}, z.options()) : z;
+      saved[kSavedPerGate * g + 2] = stage.recompute ? at::empty({0}, z_or_value.options()) : z_or_value;
       saved[kSavedPerGate * g + 3] = scale_shift;
       stats[g] = bn_stats;
     }

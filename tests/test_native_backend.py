@@ -297,6 +297,35 @@ def test_plan_ops_equal_primitive_walk(variant, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("use_bn", [True, False])
+@pytest.mark.parametrize("variant", ["CinST->STinC", "C+ST"])
+def test_plan_forward_eval_gate_values_without_z(variant, use_bn, monkeypatch):
+    """In eval, float32, plan_forward makes each gate's values in its conv's blocks (no z,
+    cpu::conv_forward_value); the primitive walk makes z, then the values: bitwise equal,
+    on planes of whole and partial vectors."""
+    from aia_kernels import fused
+    torch.manual_seed(0)
+    module = aia_kernels.build(variant, num_segments=2, use_BN=use_bn, backend="native")
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if "running_mean" in name:
+                buffer.uniform_(-0.3, 0.3)
+            if "running_var" in name:
+                buffer.uniform_(0.5, 2.0)
+    module.eval()
+    for shape in [(4, 24, 9, 13), (2, 16, 20, 33)]:
+        x = torch.randn(shape)
+        outputs = []
+        for prims in (None, PrimitivesOnly(native.NativePrimitives())):
+            if prims is not None:
+                monkeypatch.setattr(fused, "_primitives", lambda backend, device, p=prims: p)
+            with torch.no_grad():
+                outputs.append(module(x))
+            monkeypatch.undo()
+        assert torch.equal(outputs[0], outputs[1])
+    assert module.last_backend == "native"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 # 32-byte chunks (floats), one 64-byte chunk, 3 and 4 per row (ResNet's 56), two column groups
 @pytest.mark.parametrize("width", [7, 12, 37, 56, 70])
