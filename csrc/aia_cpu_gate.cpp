@@ -380,12 +380,27 @@ at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz) {
 
 namespace {
 
-// Sums in double of terms over [0, m), as 8 interleaved partial sums added in a fixed order
-// at the end: deterministic (the order depends on m alone), and the adds vectorise instead
-// of forming one chain of dependent adds (a T, H or W gate at 7x7 has 25-28K entries: the
-// BN sums as one chain made gate_forward a third slower there). eight(i) returns the terms
-// of entries i..i+7, a vector of 8 doubles per sum (lane l: partial sum l), one(i) those of
-// entry i (the tail); both return a tuple, one entry per sum.
+// Sum of f(i) over [0, m) in double, as 8 interleaved partial sums added in a fixed order
+// at the end: deterministic (the order depends on m alone), and the adds vectorise
+// instead of forming one chain of dependent adds (a T, H or W gate at 7x7 has 25-28K
+// entries: the BN sums as one chain made gate_forward a third slower there).
+template <typename F>
+double ordered_sum(int64_t m, F&& f) {
+  constexpr int kParts = 8;
+  double part[kParts] = {};
+  int64_t i = 0;
+  for (; i + kParts <= m; i += kParts)
+    for (int l = 0; l < kParts; ++l) part[l] += f(i + l);
+  for (; i < m; ++i) part[i % kParts] += f(i);
+  double s = 0;
+  for (int l = 0; l < kParts; ++l) s += part[l];
+  return s;
+}
+
+// Several such sums over one walk, 8 entries at a time: eight(i) returns the terms of
+// entries i..i+7, a vector of 8 doubles per sum (lane l: partial sum l), one(i) those of
+// entry i (the tail); each sum's bits are ordered_sum's. (GCC left a walk of two such sums
+// partly scalar; for batch_stats' one sum its own loop was faster than this with AVX2.)
 typedef double Doubles8 __attribute__((vector_size(64)));  // values in registers (no unaligned loads)
 
 template <typename acc_t>
@@ -447,23 +462,14 @@ at::Tensor gate_value(const at::Tensor& z, double scale, double shift) {
 BatchStats batch_stats(const at::Tensor& z) {
   BatchStats st{0, 0};
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "aia_native_batch_stats_cpu", [&] {
-    using L8 = Lanes8<scalar_t>;
     const scalar_t* p = z.data_ptr<scalar_t>();
     const int64_t m = z.numel();
-    st.mean = ordered_sums<1>(
-                  m, [&](int64_t i) { return std::array<Doubles8, 1>{doubles8<scalar_t>(L8::load(p + i))}; },
-                  [&](int64_t i) { return std::array<double, 1>{static_cast<double>(p[i])}; })[0] / m;
+    st.mean = ordered_sum(m, [&](int64_t i) { return static_cast<double>(p[i]); }) / m;
     const double mean = st.mean;
-    st.var = ordered_sums<1>(
-                 m,
-                 [&](int64_t i) {
-                   const Doubles8 e = doubles8<scalar_t>(L8::load(p + i)) - mean;
-                   return std::array<Doubles8, 1>{e * e};
-                 },
-                 [&](int64_t i) {
-                   const double e = p[i] - mean;
-                   return std::array<double, 1>{e * e};
-                 })[0] / m;
+    st.var = ordered_sum(m, [&](int64_t i) {
+      const double e = p[i] - mean;
+      return e * e;
+    }) / m;
   });
   return st;
 }
