@@ -1,6 +1,8 @@
 // CPU kernels of the gate steps: the 2 -> 1 channel 3x3x3 Conv3d (forward, input and weight
-// gradients), the BN batch statistics and the gate's z gradient.
+// gradients), the gate values, the BN batch statistics and the gate's z gradient.
 #include "aia_cpu_chunks.h"
+
+#include <array>
 
 namespace aia {
 namespace cpu {
@@ -36,7 +38,6 @@ AIA_INLINE VT sigmoid_lanes(VT y) {
   const VT e = (multiply_add(p, r * r, r) + 1.0f) * (VT)two_n_bits;
   return 1.0f / (1.0f + e);
 }
-
 
 // Gate values in place, p[i] = sigmoid(a * p[i] + b) for i in [0, n) rounded up to whole
 // vectors (p must have room for that): the same arithmetic lane by lane as gate_value.
