@@ -119,6 +119,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _now(device) -> float:
+    """perf_counter after the device's queued work is done."""
+    _sync(device)
+    return time.perf_counter()
+
+
 def _rss_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -214,35 +220,31 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
     shape_of: dict = {}
     first_of_shape: dict = {}  # shape -> (a module of that input shape, the input's dtype)
 
-    def now() -> float:
-        _sync(device)
-        return time.perf_counter()
-
     def before_forward(module, inputs):
         inputs_seen.append((tuple(inputs[0].shape), inputs[0].dtype))
         shape_of[module] = tuple(inputs[0].shape)
         first_of_shape.setdefault(shape_of[module], (module, inputs[0].dtype))
-        starts[module] = now()
+        starts[module] = _now(device)
 
     def after_forward(module, inputs, output):
-        took = now() - starts.pop(module)
+        took = _now(device) - starts.pop(module)
         spent["forward"] += took
         shape = shape_of[module]
         by_shape.setdefault(shape, {"forward": 0.0, "backward": 0.0})["forward"] += took
         if not torch.is_grad_enabled():
-            start = now()
+            start = _now(device)
             module.forward(*inputs)  # not through __call__: no hooks
-            spent["again"] += now() - start
+            spent["again"] += _now(device) - start
             spent["again_runs"] += 1
         node = getattr(output, "grad_fn", None)
         if not isinstance(node, torch.autograd.function.BackwardCFunction):  # not one fused op's node
             return
 
         def before_backward(grad_outputs):
-            starts[node] = now()
+            starts[node] = _now(device)
 
         def after_backward(grad_inputs, grad_outputs):
-            took = now() - starts.pop(node)
+            took = _now(device) - starts.pop(node)
             spent["backward"] += took
             spent["timed_nodes"] += 1
             by_shape[shape]["backward"] += took
@@ -286,23 +288,19 @@ def time_alone(module: nn.Module, shape: tuple, dtype, mode: str, calls: int, de
     x = torch.randn(shape, device=device).to(dtype)
     forward, backward = [], []
 
-    def now() -> float:
-        _sync(device)
-        return time.perf_counter()
-
     for call in range(calls + 2):
         if mode == "eval":
-            start = now()
+            start = _now(device)
             with torch.no_grad():
                 module(x)
-            took_fwd, took_bwd = now() - start, None
+            took_fwd, took_bwd = _now(device) - start, None
         else:
             xg = x.detach().requires_grad_()
-            start = now()
+            start = _now(device)
             y = module(xg)
-            mid = now()
+            mid = _now(device)
             y.backward(torch.ones_like(y))
-            took_fwd, took_bwd = mid - start, now() - mid
+            took_fwd, took_bwd = mid - start, _now(device) - mid
         if call >= 2:
             forward.append(took_fwd * 1e3)
             if took_bwd is not None:

@@ -39,11 +39,11 @@ AIA_INLINE VT sigmoid_lanes(VT y) {
   return 1.0f / (1.0f + e);
 }
 
-// Gate values in place, p[i] = sigmoid(a * p[i] + b) for i in [0, n) rounded up to whole
-// vectors (p must have room for that): the same arithmetic lane by lane as gate_value.
-AIA_INLINE void gate_values_in_place(float* p, int64_t n, float a, float b) {
+// Gate values out[i] = sigmoid(a * z[i] + b) for i in [0, n) rounded up to whole vectors (both
+// must have room for that; out may be z): every entry the same arithmetic, wherever it sits.
+AIA_INLINE void gate_values_lanes(const float* z, float* out, int64_t n, float a, float b) {
   using V = Vec<float>;
-  for (int64_t k = 0; k < n; k += V::kLanes) V::store(p + k, sigmoid_lanes(V::load(p + k) * a + b));
+  for (int64_t k = 0; k < n; k += V::kLanes) V::store(out + k, sigmoid_lanes(V::load(z + k) * a + b));
 }
 
 // ---- Conv3d(2 -> 1, 3x3x3, padding 1) ----
@@ -357,7 +357,7 @@ at::Tensor conv_forward_value(const at::Tensor& pooled, const at::Tensor& weight
   // The block buffer has a block of slack past its run (conv_forward_kernel): room for the
   // last partial vector.
   conv_forward_kernel(pooled.data_ptr<float>(), weight.data_ptr<float>(), d, value.data_ptr<float>(),
-                      [&](float* block, int64_t run) { gate_values_in_place(block, run, a, b); });
+                      [&](float* block, int64_t run) { gate_values_lanes(block, block, run, a, b); });
   return value;
 }
 
@@ -448,13 +448,12 @@ at::Tensor gate_value(const at::Tensor& z, double scale, double shift) {
   const float a = static_cast<float>(scale), b = static_cast<float>(shift);
   const float* zp = zc.data_ptr<float>();
   float* out = value.data_ptr<float>();
-  const int64_t m = zc.numel();
-  int64_t k = 0;
-  for (; k + V::kLanes <= m; k += V::kLanes) V::store(out + k, sigmoid_lanes(V::load(zp + k) * a + b));
-  if (k < m) {  // the tail through a whole vector: every entry gets the same arithmetic
+  const int64_t m = zc.numel(), k = m / V::kLanes * V::kLanes;
+  gate_values_lanes(zp, out, k, a, b);
+  if (k < m) {  // the tail through a whole vector
     float buf[V::kLanes] = {};
     std::copy(zp + k, zp + m, buf);
-    V::store(buf, sigmoid_lanes(V::load(buf) * a + b));
+    gate_values_lanes(buf, buf, V::kLanes, a, b);
     std::copy(buf, buf + (m - k), out + k);
   }
   return value;

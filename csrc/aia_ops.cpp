@@ -268,6 +268,14 @@ at::Tensor scalar_of(const c10::optional<at::Tensor>& t, const at::Tensor& like,
 
 namespace {
 
+void check_bn_mode(int64_t bn_mode, const c10::optional<at::Tensor>& running_mean,
+                   const c10::optional<at::Tensor>& running_var) {
+  TORCH_CHECK(bn_mode == kBnNone || bn_mode == kBnBatch || bn_mode == kBnRunning, "aia_native: unknown bn_mode ",
+              bn_mode);
+  TORCH_CHECK(bn_mode != kBnRunning || (running_mean.has_value() && running_var.has_value()),
+              "aia_native: eval BN needs running stats");
+}
+
 // BN with (mean, var) folded into the gate's (scale, shift), and (mean, var) as used: two
 // host tensors.
 std::pair<at::Tensor, at::Tensor> host_bn_fold(double mean, double var, const c10::optional<at::Tensor>& bn_weight,
@@ -276,6 +284,17 @@ std::pair<at::Tensor, at::Tensor> host_bn_fold(double mean, double var, const c1
   const double scale = host_value_or(bn_weight, 1.0) / std::sqrt(var + eps);
   const double shift = host_value_or(bn_bias, 0.0) - mean * scale;
   return {host_tensor({scale, shift}, options), host_tensor({mean, var}, options)};
+}
+
+// The same for a BN that needs no statistics of z: none (the identity) or running statistics.
+std::pair<at::Tensor, at::Tensor> host_bn_fold_without_z(int64_t bn_mode, const c10::optional<at::Tensor>& bn_weight,
+                                                         const c10::optional<at::Tensor>& bn_bias,
+                                                         const c10::optional<at::Tensor>& running_mean,
+                                                         const c10::optional<at::Tensor>& running_var, double eps,
+                                                         const at::TensorOptions& options) {
+  if (bn_mode == kBnNone) return {host_tensor({1.0, 0.0}, options), host_tensor({0.0, 0.0}, options)};
+  return host_bn_fold(host_value_or(running_mean, 0.0), host_value_or(running_var, 1.0), bn_weight, bn_bias, eps,
+                      options);
 }
 
 }  // namespace
@@ -287,27 +306,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
   check_pooled(pooled);
   const at::Tensor w = conv_weight_as(conv_weight, pooled);
   at::Tensor z = on_device::conv_forward(pooled, w);
-  if (bn_mode == kBnNone) {
-    if (!runs_on_cuda(z)) return {z, host_tensor({1.0, 0.0}, z.options()), host_tensor({0.0, 0.0}, z.options())};
-    return {z, at::tensor({1.0, 0.0}, z.options()), at::zeros({2}, z.options())};
-  }
-  TORCH_CHECK(bn_mode == kBnBatch || bn_mode == kBnRunning, "aia_native: unknown bn_mode ", bn_mode);
-  TORCH_CHECK(bn_mode == kBnBatch || (running_mean.has_value() && running_var.has_value()),
-              "aia_native: eval BN needs running stats");
+  check_bn_mode(bn_mode, running_mean, running_var);
   TORCH_CHECK(bn_mode != kBnBatch || z.numel() > 1, "aia_native: batch statistics need more than one value");
   if (!runs_on_cuda(z)) {  // CPU: the few scalars on the host, no small ATen ops
-    double mean, var;
-    if (bn_mode == kBnBatch) {
-      const cpu::BatchStats st = cpu::batch_stats(z);
-      mean = st.mean;
-      var = st.var;
-    } else {
-      mean = host_value_or(running_mean, 0.0);
-      var = host_value_or(running_var, 1.0);
+    if (bn_mode != kBnBatch) {
+      const auto [ss, stats] =
+          host_bn_fold_without_z(bn_mode, bn_weight, bn_bias, running_mean, running_var, eps, z.options());
+      return {z, ss, stats};
     }
-    const auto [ss, stats] = host_bn_fold(mean, var, bn_weight, bn_bias, eps, z.options());
+    const cpu::BatchStats st = cpu::batch_stats(z);
+    const auto [ss, stats] = host_bn_fold(st.mean, st.var, bn_weight, bn_bias, eps, z.options());
     return {z, ss, stats};
   }
+  if (bn_mode == kBnNone) return {z, at::tensor({1.0, 0.0}, z.options()), at::zeros({2}, z.options())};
   at::Tensor mean, var;
   if (bn_mode == kBnBatch) {
     mean = z.mean();
@@ -331,14 +342,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_value_op(
     return {gate_value(z, scale_shift), scale_shift, bn_stats};
   }
   check_pooled(pooled);
-  TORCH_CHECK(bn_mode == kBnNone || bn_mode == kBnRunning, "aia_native: unknown bn_mode ", bn_mode);
-  TORCH_CHECK(bn_mode == kBnNone || (running_mean.has_value() && running_var.has_value()),
-              "aia_native: eval BN needs running stats");
-  const auto [ss, stats] = bn_mode == kBnNone
-                               ? std::make_pair(host_tensor({1.0, 0.0}, pooled.options()),
-                                                host_tensor({0.0, 0.0}, pooled.options()))
-                               : host_bn_fold(host_value_or(running_mean, 0.0), host_value_or(running_var, 1.0),
-                                              bn_weight, bn_bias, eps, pooled.options());
+  check_bn_mode(bn_mode, running_mean, running_var);
+  const auto [ss, stats] =
+      host_bn_fold_without_z(bn_mode, bn_weight, bn_bias, running_mean, running_var, eps, pooled.options());
   const at::Tensor value =
       cpu::conv_forward_value(pooled, conv_weight_as(conv_weight, pooled), host_value(ss, 0), host_value(ss, 1));
   return {value, ss, stats};
