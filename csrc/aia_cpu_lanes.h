@@ -68,16 +68,23 @@ AIA_INLINE void transpose_planes(const T* base, int64_t stride, int count, int64
   }
 }
 
-// The inverse: lanes [0, count) of in[0..len) written as `count` planes of `len` floats,
-// `stride` apart. `in` holds whole groups of 8 (entries past len are read, not written).
-AIA_INLINE void untranspose_planes(const LaneVec* in, int64_t len, int count, float* base, int64_t stride) {
+// The inverse: lanes [0, count) of at(0), ..., at(len - 1) written as `count` planes of
+// `len` floats, `stride` apart (8x8 transposes, vector stores). `at` takes whole groups of
+// 8 (entries past len are read, not written).
+template <typename At>
+AIA_INLINE void untranspose_lanes(At&& at, int64_t len, int count, float* base, int64_t stride) {
   for (int64_t p0 = 0; p0 < len; p0 += 8) {
     LaneVec r[8];
-    for (int j = 0; j < 8; ++j) r[j] = in[p0 + j];
+    for (int j = 0; j < 8; ++j) r[j] = at(p0 + j);
     transpose8(r);
     const Row<float, 32> row{std::min<int64_t>(8, len - p0)};
     for (int k = 0; k < count; ++k) row.store(base + k * stride + p0, (Vec<float, 32>::type)r[k]);
   }
+}
+
+// The same from in[0..len) (whole groups of 8).
+AIA_INLINE void untranspose_planes(const LaneVec* in, int64_t len, int count, float* base, int64_t stride) {
+  untranspose_lanes([in](int64_t j) AIA_LAMBDA_INLINE { return in[j]; }, len, count, base, stride);
 }
 
 // Entries x[0..count) as lanes, the rest zero: a W gate's 8 channels at one (t, h).
