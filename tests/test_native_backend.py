@@ -209,6 +209,29 @@ def test_opcheck_plan_ops():
                                                           eps, saved, stats, needs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d1,d2,d3", [(3, 4, 1), (2, 5, 5), (3, 2, 10), (2, 3, 15), (2, 2, 16), (2, 3, 17), (1, 1, 3)])
+def test_gate_conv_matches_torch(d1, d2, d3, dtype):
+    """The gate's Conv3d(2, 1, 3, padding=1) without BN (z) and its input and weight
+    gradients (through the sigmoid) against torch's, at rows shorter than, as long as and
+    longer than a float vector (csrc/aia_cpu_gate.cpp pads short rows 16 entries at a time),
+    padded slices that are and are not whole vectors."""
+    torch.manual_seed(d1 * 100 + d2 * 10 + d3)
+    pooled = torch.randn(2, 2, d1, d2, d3, dtype=dtype, requires_grad=True)
+    w = torch.randn(1, 2, 3, 3, 3, dtype=dtype, requires_grad=True)
+    ops = torch.ops.aia_native
+    z, scale_shift, stats = ops.gate_forward(pooled.detach(), w.detach(), 0, None, None, None, None, 1e-5)
+    want_z = torch.nn.functional.conv3d(pooled, w, padding=1)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    torch.testing.assert_close(z.reshape(want_z.shape), want_z.detach(), **tol)
+    grad = torch.randn_like(want_z)
+    torch.sigmoid(want_z).backward(grad)
+    dpooled, dw, _, _ = ops.gate_backward(grad.reshape(z.shape), pooled.detach(), z, scale_shift, stats, w.detach(), 0,
+                                          None, 1e-5, [1, 1, 0, 0])
+    torch.testing.assert_close(dpooled, pooled.grad, **tol)
+    torch.testing.assert_close(dw.reshape(w.shape), w.grad, **tol)
+
+
 @pytest.mark.parametrize("scale_shift", [(1.0, 0.0), (0.7, -0.3)])
 def test_float_gate_values_match_torch_sigmoid(scale_shift):
     """The CPU gate values of float32 gates (csrc/aia_cpu_gate.cpp, own vectorised sigmoid)
