@@ -236,14 +236,16 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
         if (contiguous)
           transpose_planes(wt.gate[0][0] + gate_offset(kAxisT, d, n, 0, c0, 0, 0), HW, count, HW, tl.data());
       }
-      // The reductions along t, h and w of frame t, y holding its weighted values; the H and
-      // W results written.
-      const auto reduce_and_write = [&](int64_t t) AIA_LAMBDA_INLINE {
+      // The reductions along t, h and w of frame t, the H and W results written. row(h)
+      // returns row h's weighted values as a function of w (evaluated as they are reduced:
+      // not stored back into y first).
+      const auto reduce_and_write = [&](int64_t t, auto&& row) AIA_LAMBDA_INLINE {
         const int64_t gw = gate_offset(kAxisW, d, n, t, c0, 0, 0);  // (n, t, h, c): 8 channels contiguous
         for (int64_t h = 0; h < H; ++h) {
           LaneRun<kArg> wrun;
+          const auto x_at = row(h);
           for (int64_t w = 0; w < W; ++w) {
-            const LaneVec& x = y[h * W + w];
+            const LaneVec x = x_at(w);
             trun[h * W + w].add(x, static_cast<int32_t>(t));
             hrun[w].add(x, static_cast<int32_t>(h));
             wrun.add(x, static_cast<int32_t>(w));
@@ -254,6 +256,9 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
           const int64_t g = gate_offset(kAxisH, d, n, t, c0, 0, 0);  // (n, t, c, w)
           write_runs(hrun.data(), W, float(H), P[kAxisH], A[kAxisH], g, W, n, sH, count);
         }
+      };
+      const auto unweighted = [&](int64_t h) AIA_LAMBDA_INLINE {
+        return [&y, h, W](int64_t w) AIA_LAMBDA_INLINE { return y[h * W + w]; };
       };
       for (int64_t t = 0; t < d.T; ++t) {
         // Contiguous float planes with a weight compiled per structure: the 8 channels' planes
@@ -267,17 +272,24 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
               const float* gh = wt.gate[0][1] + gate_offset(kAxisH, d, n, t, c0, 0, 0);  // (n, t, c, w)
               const float* gw = wt.gate[0][2] + gate_offset(kAxisW, d, n, t, c0, 0, 0);  // (n, t, h, c)
               transpose_planes(gh, W, count, W, hl.data());  // the 8 channels' rows: one (8, W) block
-              for (int64_t h = 0; h < H; ++h) {
+              reduce_and_write(t, [&](int64_t h) AIA_LAMBDA_INLINE {
                 const LaneVec wl = load_lanes_below(gw + h * d.C, count, channels_in);
-                for (int64_t w = 0; w < W; ++w)
-                  y[h * W + w] = y[h * W + w] * (((tl[h * W + w] + hl[w]) + wl) * (1.f / 3.f));
-              }
+                return [&, h, wl](int64_t w) AIA_LAMBDA_INLINE {
+                  return y[h * W + w] * (((tl[h * W + w] + hl[w]) + wl) * (1.f / 3.f));
+                };
+              });
             } else if constexpr (S::kFactors > 0) {  // one or two C gates: one value per (h, w)
               const float* g0 = wt.gate[0][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0);
               const float* g1 = S::kFactors == 2 ? wt.gate[1][0] + gate_offset(kAxisC, d, n, t, 0, 0, 0) : nullptr;
-              for (int64_t p = 0; p < HW; ++p) y[p] = y[p] * (S::kFactors == 2 ? g0[p] * g1[p] : g0[p]);
+              reduce_and_write(t, [&](int64_t h) AIA_LAMBDA_INLINE {
+                return [&, h](int64_t w) AIA_LAMBDA_INLINE {
+                  const int64_t p = h * W + w;
+                  return y[p] * (S::kFactors == 2 ? g0[p] * g1[p] : g0[p]);
+                };
+              });
+            } else {
+              reduce_and_write(t, unweighted);
             }
-            reduce_and_write(t);
             continue;
           }
         }
@@ -292,7 +304,7 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
           });
         }
         transpose_planes(planes.data(), pitch, kLaneChannels, HW, y.data());
-        reduce_and_write(t);
+        reduce_and_write(t, unweighted);
       }
       if (P[kAxisT] != nullptr) {
         const int64_t g = gate_offset(kAxisT, d, n, 0, c0, 0, 0);  // (n, c, h, w)
