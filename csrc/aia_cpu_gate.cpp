@@ -109,8 +109,10 @@ const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int
   // Rows shorter than a vector (T and H gates of small planes): a padded slice is filled 16
   // entries at a time, each an expanding load of the next source entries into the lanes that
   // hold data (row >= 1, column >= 1), zeros elsewhere. (Row by row, the pads were ~12% of a
-  // 10x10 T gate's forward and backward; a standalone loop of the two at (2, 256, 10, 10):
-  // 7.2 against 8.2 us, at (2, 512, 5, 5) 3.9 against 8.4.)
+  // 10x10 T gate's forward and backward, this way ~5% (perf); a standalone loop of the two at
+  // (2, 256, 10, 10): 7.2 against 8.2 us, at (2, 512, 5, 5) 3.9 against 8.4. The same for the
+  // weight gradient's pitched dz, and compressing the conv's outputs out of their pitched
+  // rows, were no faster.)
   std::vector<__mmask16> data_lanes;
   if constexpr (std::is_same_v<acc_t, float>) {
     if (d.D3 < 16) {
