@@ -295,7 +295,7 @@ template <typename acc_t>
 void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d, acc_t* dw) {
   using V = Vec<acc_t>;
   const Padded p = padded(d);
-  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0);
+  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0, kTapSlack);  // rows read a vector past a run (AVX-512)
   // dz with row pitch R and zero pitch columns, one (D2, D3) slice per (n, a).
   acc_t* dzp = workspace<acc_t>(1, static_cast<size_t>(d.N * d.D1 * p.slice), /*zeroed=*/false);
   at::parallel_for(0, d.N * d.D1, grain_for(p.slice), [&](int64_t begin, int64_t end) {
@@ -334,6 +334,29 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
         for_each_run([&](const acc_t* r0, const acc_t* g, int64_t len) AIA_LAMBDA_INLINE {
           const acc_t* r1 = r0 + p.R;
           const acc_t* r2 = r1 + p.R;
+#if defined(AIA_MASKED_CHUNKS)
+          // Each row's vectors loaded once and the offsets 1, 2 made by lane shifts (valignd),
+          // as in tap_rows_avx512: the offset loads split cache lines. The same products and sums.
+          if constexpr (std::is_same_v<acc_t, float>) {
+            __m512 lo0 = _mm512_loadu_ps(r0), lo1 = _mm512_loadu_ps(r1), lo2 = _mm512_loadu_ps(r2);
+            const auto row = [](__m512 lo, __m512 hi, __m512 gv, vec& x0, vec& x1, vec& x2) AIA_LAMBDA_INLINE {
+              const __m512i l = _mm512_castps_si512(lo), h = _mm512_castps_si512(hi);
+              x0 = (vec)_mm512_fmadd_ps(gv, lo, (__m512)x0);
+              x1 = (vec)_mm512_fmadd_ps(gv, _mm512_castsi512_ps(_mm512_alignr_epi32(h, l, 1)), (__m512)x1);
+              x2 = (vec)_mm512_fmadd_ps(gv, _mm512_castsi512_ps(_mm512_alignr_epi32(h, l, 2)), (__m512)x2);
+            };
+            for (int64_t i = 0; i + V::kLanes <= len; i += V::kLanes) {
+              const __m512 gv = _mm512_loadu_ps(g + i);
+              const __m512 hi0 = _mm512_loadu_ps(r0 + i + 16), hi1 = _mm512_loadu_ps(r1 + i + 16),
+                           hi2 = _mm512_loadu_ps(r2 + i + 16);
+              row(lo0, hi0, gv, a0, a1, a2);
+              row(lo1, hi1, gv, a3, a4, a5);
+              row(lo2, hi2, gv, a6, a7, a8);
+              lo0 = hi0, lo1 = hi1, lo2 = hi2;
+            }
+            return;
+          }
+#endif
           for (int64_t i = 0; i + V::kLanes <= len; i += V::kLanes) {
             const vec gv = V::load(g + i);
             a0 = multiply_add(gv, V::load(r0 + i), a0);
