@@ -154,6 +154,12 @@ const acc_t* pad_volumes(const acc_t* src, int64_t count, const ConvDims& d, int
 }
 
 #if defined(AIA_MASKED_CHUNKS)
+// Lanes k..15 of lo then 0..k-1 of hi: the 16 floats starting k entries into lo (valignd).
+template <int k>
+AIA_INLINE __m512 shifted(__m512 lo, __m512 hi) {
+  return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), k));
+}
+
 // tap_sums for floats with AVX-512, when the taps come in threes reading one row at offsets
 // 0, 1, 2 (kRising, the forward) or 2, 1, 0 (the input gradient), with no shuffles in the
 // row loop: per block, three sums over the rows of (the row's weight for shift k) * row at
@@ -183,11 +189,9 @@ void tap_rows_avx512(const float* const* src, const float* w, int taps, int64_t 
       }
     }
     for (int j = 0; j < kVecs; ++j) {
-      const __m512 s1 = _mm512_castsi512_ps(
-          _mm512_alignr_epi32(_mm512_castps_si512(a1[j + 1]), _mm512_castps_si512(a1[j]), 1));
-      const __m512 s2 = _mm512_castsi512_ps(
-          _mm512_alignr_epi32(_mm512_castps_si512(a2[j + 1]), _mm512_castps_si512(a2[j]), 2));
-      _mm512_storeu_ps(out + i0 + 16 * j, _mm512_add_ps(_mm512_add_ps(a0[j], s1), s2));
+      const __m512 sum =
+          _mm512_add_ps(_mm512_add_ps(a0[j], shifted<1>(a1[j], a1[j + 1])), shifted<2>(a2[j], a2[j + 1]));
+      _mm512_storeu_ps(out + i0 + 16 * j, sum);
     }
   }
 }
@@ -349,10 +353,9 @@ void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d,
           if constexpr (std::is_same_v<acc_t, float>) {
             __m512 lo0 = _mm512_loadu_ps(r0), lo1 = _mm512_loadu_ps(r1), lo2 = _mm512_loadu_ps(r2);
             const auto row = [](__m512 lo, __m512 hi, __m512 gv, vec& x0, vec& x1, vec& x2) AIA_LAMBDA_INLINE {
-              const __m512i l = _mm512_castps_si512(lo), h = _mm512_castps_si512(hi);
               x0 = (vec)_mm512_fmadd_ps(gv, lo, (__m512)x0);
-              x1 = (vec)_mm512_fmadd_ps(gv, _mm512_castsi512_ps(_mm512_alignr_epi32(h, l, 1)), (__m512)x1);
-              x2 = (vec)_mm512_fmadd_ps(gv, _mm512_castsi512_ps(_mm512_alignr_epi32(h, l, 2)), (__m512)x2);
+              x1 = (vec)_mm512_fmadd_ps(gv, shifted<1>(lo, hi), (__m512)x1);
+              x2 = (vec)_mm512_fmadd_ps(gv, shifted<2>(lo, hi), (__m512)x2);
             };
             for (int64_t i = 0; i + V::kLanes <= len; i += V::kLanes) {
               const __m512 gv = _mm512_loadu_ps(g + i);
