@@ -25,7 +25,9 @@ the AIA modules (a few further steps with hooks: forward; in eval each module's 
 again at once on the same input, the same work without the other layers in between;
 backward where a module's backward is one fused autograd node), the same split by the
 modules' input shape beside one module of each shape run alone in a warm loop (what a
-microbenchmark sees; the ratio is what the layers between two modules cost them), the bytes model's floor
+microbenchmark sees; the ratio is what the layers between two modules cost them) and alone
+with its caches cold (a buffer written before each forward and each backward, 64 MiB on CPU,
+256 MiB on CUDA: what of that cost is the caches refilled), the bytes model's floor
 for those modules at the copy bandwidth measured on their inputs, and the minor page
 faults per step (CPU: the allocator's fresh pages, which AIA also changes in the layers
 around it). All configurations share the same weights. Writes
@@ -280,15 +282,42 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
             "first_of_shape": first_of_shape}
 
 
-def time_alone(module: nn.Module, shape: tuple, dtype, mode: str, calls: int, device) -> dict:
-    """One AIA module run alone on a random input of ``shape``, ``calls`` times in a row after
-    two warm-up calls: median forward ms and (train) backward ms with its data and code warm,
-    as a microbenchmark sees it. Against ``time_inside_aia``'s per-shape times it shows what
-    the network's other layers between two modules cost the modules (caches, clock)."""
+# Written before each call of a module run alone with cold caches. CPU: 64 MiB, about what the
+# layers between two modules of the network's first stage write (conv3's output alone is 25.7
+# MB at 56x56), more than the L2 and the L3 share one core of the 2-core CPU VM reached (reads
+# of 32 MiB ran at L3 speed, of 64 MiB at DRAM's: docs/benchmarks.md); 256 MiB evicted the
+# Python and torch code and data too, which the network's layers keep warm. CUDA: 256 MiB,
+# more than an H200's L2 (as benchmarks/timing.py).
+COLD_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+
+
+def cache_flusher(device):
+    """A function that writes COLD_BYTES on ``device`` (and waits for it): afterwards a module's
+    data, workspaces and (CPU) code come from beyond the caches, as after a network's other layers."""
+    buffer = torch.empty(COLD_BYTES.get(device.type, COLD_BYTES["cuda"]), dtype=torch.uint8, device=device)
+    calls = [0]
+
+    def flush():
+        calls[0] += 1
+        buffer.fill_(calls[0] % 256)  # every line written each time
+        _sync(device)
+
+    return flush
+
+
+def time_alone(module: nn.Module, shape: tuple, dtype, mode: str, calls: int, device, flush=None) -> dict:
+    """One AIA module run alone on a random input of ``shape``, ``calls`` times after two
+    warm-up calls: median forward ms and (train) backward ms. Without ``flush`` the calls come
+    one after another, data and code warm, as a microbenchmark sees them; with it (e.g.
+    :func:`cache_flusher`), ``flush()`` runs untimed before each forward and each backward.
+    Against ``time_inside_aia``'s per-shape times they show what the network's other layers
+    between two modules cost the modules (caches, clock)."""
     x = torch.randn(shape, device=device).to(dtype)
     forward, backward = [], []
+    before = flush or (lambda: None)
 
     for call in range(calls + 2):
+        before()
         if mode == "eval":
             start = _now(device)
             with torch.no_grad():
@@ -298,9 +327,12 @@ def time_alone(module: nn.Module, shape: tuple, dtype, mode: str, calls: int, de
             xg = x.detach().requires_grad_()
             start = _now(device)
             y = module(xg)
-            mid = _now(device)
-            y.backward(torch.ones_like(y))
-            took_fwd, took_bwd = mid - start, _now(device) - mid
+            took_fwd = _now(device) - start
+            grad = torch.ones_like(y)
+            before()
+            start = _now(device)
+            y.backward(grad)
+            took_bwd = _now(device) - start
         if call >= 2:
             forward.append(took_fwd * 1e3)
             if took_bwd is not None:
@@ -344,6 +376,7 @@ def run_case(arch, mode, threads, args, device) -> list[dict]:
     y = torch.randint(0, CLASSES, (args.clips,), device=device)
     steps = {c.name: step_function(c, mode, x, y) for c in configs}
     timed = time_interleaved(steps, args.rounds, args.steps, args.warmup, device)
+    flush = cache_flusher(device)
     rows = []
     for c in configs:
         c.check_backend()
@@ -357,14 +390,18 @@ def run_case(arch, mode, threads, args, device) -> list[dict]:
         row["aia_backward_ms"] = inside["backward"]
         row["bytes_floor_ms"] = bytes_floor_ms(args.variant, inside["inputs"], mode, device)
         row["aia_by_shape"] = []
+        has_backward = bool(row["aia_backward_ms"])
         for shape, times in inside["by_shape"].items():
             module, dtype = inside["first_of_shape"][shape]
             alone = time_alone(module, shape, dtype, mode, args.probe_steps * 3, device)
+            cold = time_alone(module, shape, dtype, mode, args.probe_steps * 3, device, flush)
             row["aia_by_shape"].append({"shape": list(shape), "modules": times["modules"],
                                         "forward_ms": times["forward"],
-                                        "backward_ms": times["backward"] if row["aia_backward_ms"] else None,
+                                        "backward_ms": times["backward"] if has_backward else None,
                                         "alone_forward_ms": alone["forward"],
-                                        "alone_backward_ms": alone["backward"] if row["aia_backward_ms"] else None})
+                                        "alone_backward_ms": alone["backward"] if has_backward else None,
+                                        "cold_forward_ms": cold["forward"],
+                                        "cold_backward_ms": cold["backward"] if has_backward else None})
         if mode == "train":
             row["saved_bytes"] = train_saved_bytes(c, x, y)
         rows.append(row)
@@ -419,17 +456,24 @@ def markdown(info: dict) -> str:
                      f"| {mib(r.get('saved_bytes'))} | {pct(r.get('saved_over_plain'))} |")
     by_shape = [(r, s) for r in info["results"] for s in r.get("aia_by_shape", [])]
     if by_shape:
-        lines += ["", "AIA modules by input shape: ms per module, inside the network (the hooks' steps) and "
-                  "the same module alone (a warm loop on a random input); the ratio is the cost of the "
-                  "network's other layers between two modules (caches, clock).", "",
-                  "| arch | mode | config | input | modules | forward ms in network / alone | backward ms in "
-                  "network / alone | in network / alone (forward + backward) |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "AIA modules by input shape: ms per module, inside the network (the hooks' steps), the "
+                  "same module alone in a warm loop on a random input, and alone with its caches cold (a buffer "
+                  f"of {info.get('cold_mib', '?')} MiB written before each forward and each backward, untimed). "
+                  "In network / alone is the cost of the network's other layers between two modules; in network "
+                  "/ cold is what of it is left when the caches are refilled either way (the clock, what the "
+                  "layers leave behind).", "",
+                  "| arch | mode | config | input | modules | forward ms in network / alone / cold | backward ms "
+                  "in network / alone / cold | in network / alone (forward + backward) | in network / cold |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r, s in by_shape:
             inside = s["forward_ms"] + (s["backward_ms"] or 0.0)
             alone = s["alone_forward_ms"] + (s["alone_backward_ms"] or 0.0)
+            cold = s.get("cold_forward_ms")
+            cold_total = None if cold is None else cold + (s.get("cold_backward_ms") or 0.0)
+            backward = f"{ms2(s['backward_ms'])} / {ms2(s['alone_backward_ms'])} / {ms2(s.get('cold_backward_ms'))}"
             lines.append(f"| {r['arch']} | {r['mode']} | {r['config']} | {tuple(s['shape'])} | {s['modules']} "
-                         f"| {s['forward_ms']:.2f} / {s['alone_forward_ms']:.2f} "
-                         f"| {ms2(s['backward_ms'])} / {ms2(s['alone_backward_ms'])} | {inside / alone:.2f} |")
+                         f"| {s['forward_ms']:.2f} / {s['alone_forward_ms']:.2f} / {ms2(cold)} | {backward} "
+                         f"| {inside / alone:.2f} | {'-' if cold_total is None else f'{inside / cold_total:.2f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -490,6 +534,7 @@ def main(argv=None) -> int:
                         f"every AIA module at the copy bandwidth measured on its input; page faults: "
                         f"median of the timed steps' minor faults; peak: one step; load average before/after "
                         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"),
+            "cold_mib": COLD_BYTES.get(device.type, COLD_BYTES["cuda"]) // 2**20,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": rows}
     write_results(info, markdown(info), args.results_dir, f"network_{device.type}", args.tag)
     return 0

@@ -347,13 +347,16 @@ def test_network_benchmark_smoke(tmp_path, monkeypatch):
             continue
         assert sum(s["modules"] for s in shapes) == 16 and len({tuple(s["shape"]) for s in shapes}) == len(shapes)
         for s in shapes:
-            assert s["forward_ms"] > 0 and s["alone_forward_ms"] > 0
+            assert s["forward_ms"] > 0 and s["alone_forward_ms"] > 0 and s["cold_forward_ms"] > 0
             timed_backward = mode == "train" and config != "reference"
-            assert (s["backward_ms"] is not None) == timed_backward == (s["alone_backward_ms"] is not None)
+            assert (s["backward_ms"] is not None) == timed_backward == (s["alone_backward_ms"] is not None) \
+                == (s["cold_backward_ms"] is not None)
     train = {c: rows["train", c]["saved_bytes"] for c in ("plain", "plain-again", "reference", "native", "native-keep")}
     assert train["plain"] == train["plain-again"] < train["native"] < train["native-keep"] < train["reference"]
     assert info["command"] and info["torch"] == torch.__version__
-    assert "| tsm | train | 32 | 1 | native |" in (tmp_path / "network_cpu_smoke.md").read_text()
+    text = (tmp_path / "network_cpu_smoke.md").read_text()
+    assert "| tsm | train | 32 | 1 | native |" in text and "| in network / cold |" in text
+    assert info["cold_mib"] == 64 and "a buffer of 64 MiB written before each forward" in text
 
 
 def test_memory_report_smoke(tmp_path, monkeypatch):
