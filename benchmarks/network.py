@@ -291,10 +291,14 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
 COLD_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
 
 
+def cold_bytes(device) -> int:
+    return COLD_BYTES.get(torch.device(device).type, COLD_BYTES["cuda"])
+
+
 def cache_flusher(device):
     """A function that writes COLD_BYTES on ``device`` (and waits for it): afterwards a module's
     data, workspaces and (CPU) code come from beyond the caches, as after a network's other layers."""
-    buffer = torch.empty(COLD_BYTES.get(device.type, COLD_BYTES["cuda"]), dtype=torch.uint8, device=device)
+    buffer = torch.empty(cold_bytes(device), dtype=torch.uint8, device=device)
     calls = [0]
 
     def flush():
@@ -534,7 +538,7 @@ def main(argv=None) -> int:
                         f"every AIA module at the copy bandwidth measured on its input; page faults: "
                         f"median of the timed steps' minor faults; peak: one step; load average before/after "
                         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"),
-            "cold_mib": COLD_BYTES.get(device.type, COLD_BYTES["cuda"]) // 2**20,
+            "cold_mib": cold_bytes(device) // 2**20,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": rows}
     write_results(info, markdown(info), args.results_dir, f"network_{device.type}", args.tag)
     return 0
