@@ -56,7 +56,7 @@ from aia_kernels.models import tsm_resnet50, tsn_resnet50  # noqa: E402
 from benchmarks import bytes_model  # noqa: E402
 from benchmarks.run import machine_meta  # noqa: E402
 from benchmarks.saved_bytes import saved_bytes  # noqa: E402
-from benchmarks.timing import Timer  # noqa: E402
+from benchmarks.timing import FLUSH_BYTES, Timer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = {"tsn": tsn_resnet50, "tsm": tsm_resnet50}
@@ -287,8 +287,8 @@ def time_inside_aia(model: nn.Module, step, calls: int, device) -> dict:
 # MB at 56x56), more than the L2 and the L3 share one core of the 2-core CPU VM reached (reads
 # of 32 MiB ran at L3 speed, of 64 MiB at DRAM's: docs/benchmarks.md); 256 MiB evicted the
 # Python and torch code and data too, which the network's layers keep warm. CUDA: 256 MiB,
-# more than an H200's L2 (as benchmarks/timing.py).
-COLD_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+# more than an H200's L2: benchmarks/timing.py's flush.
+COLD_BYTES = {"cpu": 64 * 2**20, "cuda": FLUSH_BYTES}
 
 
 def cold_bytes(device) -> int:
@@ -299,11 +299,9 @@ def cache_flusher(device):
     """A function that writes COLD_BYTES on ``device`` (and waits for it): afterwards a module's
     data, workspaces and (CPU) code come from beyond the caches, as after a network's other layers."""
     buffer = torch.empty(cold_bytes(device), dtype=torch.uint8, device=device)
-    calls = [0]
 
     def flush():
-        calls[0] += 1
-        buffer.fill_(calls[0] % 256)  # every line written each time
+        buffer.zero_()  # a store to every line, whatever the line held
         _sync(device)
 
     return flush
