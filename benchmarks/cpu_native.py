@@ -3,6 +3,7 @@ mode) vs the eager reference and vs ``torch.compile`` of the reference.
 
     python benchmarks/cpu_native.py                       # spec shapes, N*T = 8, T = 8
     python benchmarks/cpu_native.py --threads 1 --rounds 12
+    python benchmarks/cpu_native.py --threads 1 --round-warmup 2   # steady state, no cold first steps
 
 Writes benchmarks/results/cpu_native_<tag>.json and .md (machine, torch, date, command).
 Not a test: timings depend on the machine and on what else runs on it (the load
@@ -43,11 +44,15 @@ def fwd_bwd_step(module, x: torch.Tensor, grad: torch.Tensor) -> float:
 
 
 def time_interleaved(modules: dict, x: torch.Tensor, grad: torch.Tensor, rounds: int, steps: int,
-                     warmup: int) -> dict:
+                     warmup: int, round_warmup: int = 0) -> dict:
     """Per module: step times (s), measured in `rounds` rounds of `steps` steps that
     alternate between the modules, so that a slow phase of this shared machine (timings
     of the same code vary by 10-30% over seconds) hits every module alike; and per
-    module, the ratios of its median step time to the native one, round by round."""
+    module, the ratios of its median step time to the native one, round by round.
+    `round_warmup` untimed steps open each module's turn in a round: without them the
+    first steps after another module pay for its evictions (on the AVX-512 Xeon a native
+    step right after an eager one took 1.4x-1.5x its time alone, the next ones 1.1x and
+    1.05x; docs/benchmarks.md, stop 44)."""
     x = x.detach().requires_grad_()
     for name, module in modules.items():
         for _ in range(warmup):
@@ -56,6 +61,8 @@ def time_interleaved(modules: dict, x: torch.Tensor, grad: torch.Tensor, rounds:
     per_round = {name: [] for name in modules}
     for _ in range(rounds):
         for name, module in modules.items():
+            for _ in range(round_warmup):
+                fwd_bwd_step(module, x, grad)
             round_times = [fwd_bwd_step(module, x, grad) for _ in range(steps)]
             times[name] += round_times
             per_round[name].append(statistics.median(round_times))
@@ -70,6 +77,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="rounds alternating between the implementations")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation and round")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--round-warmup", type=int, default=0,
+                        help="untimed steps at the start of each implementation's turn in a round "
+                             "(steady state; default 0: the first timed step follows the other implementation)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager reference")
@@ -114,7 +124,7 @@ def main() -> None:
         if args.keep:
             modules["native-keep"] = copy.deepcopy(fused)
             modules["native-keep"].recompute = False
-        timed = time_interleaved(modules, x, grad, args.rounds, args.steps, args.warmup)
+        timed = time_interleaved(modules, x, grad, args.rounds, args.steps, args.warmup, args.round_warmup)
         assert fused.last_backend == "native"
         for name in modules:
             row[f"{name}_ms"] = 1e3 * statistics.median(timed["times"][name])
@@ -132,8 +142,11 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "variant": args.variant, "num_segments": args.segments, "dtype": "float32", "mode": "train",
         "measure": (f"forward+backward steps in {args.rounds} rounds alternating {', '.join(names)} "
-                    f"({args.steps} steps each per round, after {args.warmup} warm-up steps); times: median "
-                    f"(IQR) of all steps; speedups: median over rounds of the per-round ratio"),
+                    f"({args.steps} steps each per round, after {args.warmup} warm-up steps"
+                    + (f"; each turn opened by {args.round_warmup} untimed steps" if args.round_warmup else "")
+                    + "); times: median "
+                    "(IQR) of all steps; speedups: median over rounds of the per-round ratio"),
+        "round_warmup": args.round_warmup,
         "threads": threads, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "commit": source_commit(),
         "native_cxxflags": native.CXX_FLAGS, "native_build_s": round(build_s, 1),

@@ -185,6 +185,31 @@ def test_cpu_native_benchmark_smoke(tmp_path, monkeypatch):
     assert "| (8, 5, 7, 7) |" in (tmp_path / "cpu_native_smoke.md").read_text()
 
 
+def test_cpu_native_round_warmup_steps_are_untimed():
+    """--round-warmup: each module's turn in a round opens with that many untimed steps;
+    only `steps` per round are timed."""
+    from benchmarks import cpu_native
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * self.w
+
+    modules = {"eager": Counting(), "native": Counting()}
+    x, grad = torch.ones(3), torch.ones(3)
+    timed = cpu_native.time_interleaved(modules, x, grad, rounds=2, steps=3, warmup=1, round_warmup=2)
+    for name, module in modules.items():
+        assert module.calls == 1 + 2 * (2 + 3)
+        assert len(timed["times"][name]) == 2 * 3 and len(timed["ratios"][name]) == 2
+    plain = cpu_native.time_interleaved(modules, x, grad, rounds=2, steps=3, warmup=1)
+    assert modules["native"].calls == 11 + 1 + 2 * 3 and len(plain["times"]["native"]) == 6
+
+
 def test_cpu_contention_benchmark_smoke(tmp_path, monkeypatch):
     """benchmarks/cpu_contention.py end to end on a tiny shape, with one spinning process
     that it stops again; the caller's thread count is restored."""
