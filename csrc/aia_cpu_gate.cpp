@@ -1,6 +1,6 @@
 // CPU kernels of the gate steps: the 2 -> 1 channel 3x3x3 Conv3d (forward, input and weight
 // gradients), the gate values, the BN batch statistics and the gate's z gradient.
-#include "aia_cpu_chunks.h"
+#include "aia_cpu_padded.h"
 
 #include <array>
 
@@ -47,7 +47,8 @@ AIA_INLINE void gate_values_lanes(const float* z, float* out, int64_t n, float a
 }
 
 // ---- Conv3d(2 -> 1, 3x3x3, padding 1) ----
-// Inputs are copied into zero-padded volumes, and a (D2, D3) slice is handled as one flat
+// Inputs are copied into zero-padded volumes (a recomputed stage's pool writes its pooled
+// tensors there itself: cpu::pool_for_conv), and a (D2, D3) slice is handled as one flat
 // run with row pitch R = D3 + 1: each tap is then a constant offset into one long contiguous
 // run (no bounds checks, vectorisable even for 7x7 slices). One zero column per row serves
 // as the right pad of a row and the left pad of the next, one zero row per slice as the
@@ -62,22 +63,7 @@ AIA_INLINE void gate_values_lanes(const float* z, float* out, int64_t n, float a
 // gradient each dz vector is loaded once for 9 taps. Summation orders are fixed
 // by the shape alone, so results are deterministic whatever the thread count.
 
-constexpr int kTapBlock = 2 * kVectorBytes;  // outputs per register block in tap_sums (8 vectors of floats)
-constexpr int kTapSlack = kTapBlock + 16;    // entries tap_sums may read past a run's end (tap_rows_avx512: a vector more)
-
-struct Padded {
-  int64_t R, slice, volume;  // row pitch, padded (D2, D3) slice, padded volume
-  int64_t run;               // flat length covering every valid (b, c): (D2 - 1) * R + D3
-};
-
-Padded padded(const ConvDims& d) {
-  Padded p;
-  p.R = d.D3 + 1;
-  p.slice = (d.D2 + 1) * p.R;
-  p.volume = (d.D1 + 2) * p.slice;
-  p.run = (d.D2 - 1) * p.R + d.D3;
-  return p;
-}
+// Padded, padded(), kTapBlock and kTapSlack: aia_cpu_padded.h (the pool writes into that layout too).
 
 // One (D2, D3) slice into a pitched one at `out` (rows R apart, from row `first_row`,
 // column 1 if `left`, else 0): every entry of `rows` rows of R is written, the slice or
@@ -252,13 +238,20 @@ SliceBlocks slice_blocks(const ConvDims& d, const Padded& p) {
   return {per_block, (d.D1 + per_block - 1) / per_block};
 }
 
+// The pooled tensor's padded volumes: its own (a view into them, empty_padded_pooled), else a
+// padded copy in workspace slot 0.
+template <typename acc_t>
+const acc_t* padded_pooled(const at::Tensor& pooled, const ConvDims& d) {
+  const acc_t* base = padded_base<acc_t>(pooled);
+  return base != nullptr ? base : pad_volumes(pooled.data_ptr<acc_t>(), d.N * 2, d, 0, kTapSlack);
+}
+
 // z[n, a] = sum_{ci, k} w[ci, k] * Ppad[n, ci, a + k1, k2 + b, k3 + c]; `epilogue(block, run)`
 // may rewrite each block of pitched outputs in place before it is stored (the gate values).
 template <typename acc_t, typename Epilogue>
-void conv_forward_kernel(const acc_t* P, const acc_t* wt, const ConvDims& d, acc_t* z, Epilogue&& epilogue) {
+void conv_forward_kernel(const acc_t* Ppad, const acc_t* wt, const ConvDims& d, acc_t* z, Epilogue&& epilogue) {
   const Padded p = padded(d);
   const SliceBlocks sb = slice_blocks(d, p);
-  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0, kTapSlack);
   at::parallel_for(0, d.N * sb.blocks_per_volume, grain_for(54 * sb.per_block * p.slice),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> out(static_cast<size_t>(sb.per_block * p.slice + kTapBlock));
@@ -304,11 +297,11 @@ void conv_input_grad_kernel(const acc_t* dz, const acc_t* wt, const ConvDims& d,
 }
 
 // dw[ci, k] = sum_{n, a} sum_run Ppad[n, ci, a + k1, k2 + ., k3 + .] * dz_pitched[n, a, .]
+// (Ppad's rows are read a vector past a run with AVX-512: its slack.)
 template <typename acc_t>
-void conv_weight_grad_kernel(const acc_t* P, const acc_t* dz, const ConvDims& d, acc_t* dw) {
+void conv_weight_grad_kernel(const acc_t* Ppad, const acc_t* dz, const ConvDims& d, acc_t* dw) {
   using V = Vec<acc_t>;
   const Padded p = padded(d);
-  const acc_t* Ppad = pad_volumes(P, d.N * 2, d, 0, kTapSlack);  // rows read a vector past a run (AVX-512)
   // dz with row pitch R and zero pitch columns, one (D2, D3) slice per (n, a).
   acc_t* dzp = workspace<acc_t>(1, static_cast<size_t>(d.N * d.D1 * p.slice), /*zeroed=*/false);
   at::parallel_for(0, d.N * d.D1, grain_for(p.slice), [&](int64_t begin, int64_t end) {
@@ -410,11 +403,13 @@ ConvDims conv_dims(const at::Tensor& t) {  // t: (N, ., D1, D2, D3) or (N, D1, D
 
 }  // namespace
 
+bool in_conv_layout(const at::Tensor& pooled) { return padded_base<float>(pooled) != nullptr; }
+
 at::Tensor conv_forward(const at::Tensor& pooled, const at::Tensor& weight) {
   const ConvDims d = conv_dims(pooled);
   at::Tensor z = at::empty({d.N, d.D1, d.D2, d.D3}, pooled.options());
   AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "aia_native_conv_cpu", [&] {
-    conv_forward_kernel(pooled.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d, z.data_ptr<scalar_t>(),
+    conv_forward_kernel(padded_pooled<scalar_t>(pooled, d), weight.data_ptr<scalar_t>(), d, z.data_ptr<scalar_t>(),
                         [](scalar_t*, int64_t) {});
   });
   return z;
@@ -427,7 +422,7 @@ at::Tensor conv_forward_value(const at::Tensor& pooled, const at::Tensor& weight
   const float a = static_cast<float>(scale), b = static_cast<float>(shift);
   // The block buffer has a block of slack past its run (conv_forward_kernel): room for the
   // last partial vector.
-  conv_forward_kernel(pooled.data_ptr<float>(), weight.data_ptr<float>(), d, value.data_ptr<float>(),
+  conv_forward_kernel(padded_pooled<float>(pooled, d), weight.data_ptr<float>(), d, value.data_ptr<float>(),
                       [&](float* block, int64_t run) { gate_values_lanes(block, block, run, a, b); });
   return value;
 }
@@ -445,7 +440,7 @@ at::Tensor conv_weight_grad(const at::Tensor& pooled, const at::Tensor& dz) {
   const ConvDims d = conv_dims(dz);
   at::Tensor dw = at::empty({1, 2, 3, 3, 3}, dz.options());
   AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "aia_native_conv_weight_grad_cpu", [&] {
-    conv_weight_grad_kernel(pooled.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), d, dw.data_ptr<scalar_t>());
+    conv_weight_grad_kernel(padded_pooled<scalar_t>(pooled, d), dz.data_ptr<scalar_t>(), d, dw.data_ptr<scalar_t>());
   });
   return dw;
 }

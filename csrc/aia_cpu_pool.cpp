@@ -1,6 +1,7 @@
 // CPU kernels: the pooling pass (max, mean and argmax of weight * v along C, or along T, H
 // and W in one read of v) and apply (out = weight * v).
 #include "aia_cpu_lanes.h"
+#include "aia_cpu_padded.h"
 
 namespace aia {
 namespace cpu {
@@ -129,18 +130,38 @@ struct LaneMaxSum {
   }
 };
 
-// Writes max and mean at gate offset g (a contiguous run of `len` entries), and the
-// max's positions unless `argmax` is null.
+// Where a T, H or W gate's pooled entry (a, b, c) of sample n goes (max: ci 0, mean: 1): a
+// contiguous (N, 2, D1, D2, D3) tensor, or the interior of the gate conv's padded volumes
+// (pool_for_conv; aia_cpu_padded.h).
 template <typename acc_t>
-void write_pooled(const acc_t* mx, const acc_t* sum, const int32_t* arg, int64_t len, acc_t axis_len, acc_t* P,
-                  int32_t* argmax, int64_t g, int64_t n, int64_t sample) {
-  acc_t* pm = P + pooled_max_offset(g, n, sample);
-  acc_t* pa = P + pooled_mean_offset(g, n, sample);
+struct PooledAt {
+  acc_t* base = nullptr;  // null: the axis is not pooled
+  int64_t R = 0, slice = 0, volume = 0, first = 0;
+  AIA_INLINE acc_t* at(int64_t n, int ci, int64_t a, int64_t b, int64_t c) const {
+    return base + (2 * n + ci) * volume + first + a * slice + b * R + c;
+  }
+};
+
+template <typename acc_t>
+PooledAt<acc_t> pooled_at(const at::Tensor& P, int axis, const Dims& d) {
+  const std::vector<int64_t> shape = gate_shape(axis, d);  // (N, D1, D2, D3)
+  const ConvDims cd{shape[0], shape[1], shape[2], shape[3]};
+  if (const acc_t* base = padded_base<acc_t>(P)) {
+    const Padded p = padded(cd);
+    return {const_cast<acc_t*>(base), p.R, p.slice, p.volume, p.first};
+  }
+  return {P.data_ptr<acc_t>(), cd.D3, cd.D2 * cd.D3, cd.D1 * cd.D2 * cd.D3, 0};
+}
+
+// Writes max and mean at pm and pa (`len` entries), and the max's positions at `argmax` unless null.
+template <typename acc_t>
+void write_pooled(const acc_t* mx, const acc_t* sum, const int32_t* arg, int64_t len, acc_t axis_len, acc_t* pm,
+                  acc_t* pa, int32_t* argmax) {
   for (int64_t i = 0; i < len; ++i) {
     pm[i] = mx[i];
     pa[i] = sum[i] / axis_len;
   }
-  if (argmax != nullptr) std::copy(arg, arg + len, argmax + g);
+  if (argmax != nullptr) std::copy(arg, arg + len, argmax);
 }
 
 struct PoolOut {
@@ -171,31 +192,29 @@ struct LaneRun {
   }
 };
 
-// A run's results for channels [0, count), channel k's at gate offset g + k (a W gate's 8
-// channels are contiguous): max, mean (sum / len) and, if kArg, the max's position.
+// A run's results for channels [0, count), contiguous at pm, pa and a (a W gate's 8 channels):
+// max, mean (sum / len) and, if kArg, the max's position.
 template <bool kArg>
-AIA_INLINE void write_lanes(const LaneRun<kArg>& r, float len, float* P, int32_t* A, int64_t g, int64_t n,
-                            int64_t sample, int count) {
+AIA_INLINE void write_lanes(const LaneRun<kArg>& r, float len, float* pm, float* pa, int32_t* a, int count) {
   const Row<float, 32> row{count};
-  row.store(P + pooled_max_offset(g, n, sample), (Vec<float, 32>::type)r.mx);
-  row.store(P + pooled_mean_offset(g, n, sample), (Vec<float, 32>::type)(r.sum / len));
-  if constexpr (kArg) row.store_index(A + g, (Vec<float, 32>::itype)r.arg);
+  row.store(pm, (Vec<float, 32>::type)r.mx);
+  row.store(pa, (Vec<float, 32>::type)(r.sum / len));
+  if constexpr (kArg) row.store_index(a, (Vec<float, 32>::itype)r.arg);
 }
 
-// The results of runs[0..positions) the same way, channel k's at position p at gate offset
-// g + k * stride + p (a T gate's planes, an H gate's rows): transposed back, not one lane
-// at a time (those scalar stores were a fifth of the pass's instructions at 10x10). `runs`
-// holds whole groups of 8.
+// The results of runs[0..positions) the same way, channel k's at pm + k * stride + p (and pa,
+// and a + k * a_stride + p): a T gate's planes or rows, an H gate's rows. Transposed back,
+// not one lane at a time (those scalar stores were a fifth of the pass's instructions at
+// 10x10). `runs` holds whole groups of 8.
 template <bool kArg>
-AIA_INLINE void write_runs(const LaneRun<kArg>* runs, int64_t positions, float len, float* P, int32_t* A, int64_t g,
-                           int64_t stride, int64_t n, int64_t sample, int count) {
-  untranspose_lanes([runs](int64_t j) AIA_LAMBDA_INLINE { return runs[j].mx; }, positions, count,
-                    P + pooled_max_offset(g, n, sample), stride);
-  untranspose_lanes([runs, len](int64_t j) AIA_LAMBDA_INLINE { return runs[j].sum / len; }, positions, count,
-                    P + pooled_mean_offset(g, n, sample), stride);
+AIA_INLINE void write_runs(const LaneRun<kArg>* runs, int64_t positions, float len, float* pm, float* pa,
+                           int64_t stride, int32_t* a, int64_t a_stride, int count) {
+  untranspose_lanes([runs](int64_t j) AIA_LAMBDA_INLINE { return runs[j].mx; }, positions, count, pm, stride);
+  untranspose_lanes([runs, len](int64_t j) AIA_LAMBDA_INLINE { return runs[j].sum / len; }, positions, count, pa,
+                    stride);
   if constexpr (kArg)
     untranspose_lanes([runs](int64_t j) AIA_LAMBDA_INLINE { return (LaneVec)runs[j].arg; }, positions, count,
-                      reinterpret_cast<float*>(A + g), stride);
+                      reinterpret_cast<float*>(a), a_stride);
 }
 
 // The weights the lanes walk evaluates lane-wise: a T/H/W stage's compiled structures (none,
@@ -214,18 +233,18 @@ constexpr bool lanes_st_weight() {  // of those, one T, H, W mean
 // The T/H/W pass over planes (n, t, c0..c0+8) in items (n, channel block); P, A as in
 // pool_kernel (null: that axis is not pooled, or its max positions not kept).
 template <typename scalar_t, int B, typename S, bool kArg>
-void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const Weight<float>& wt, float* const* P,
-                    int32_t* const* A) {
+void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const Weight<float>& wt,
+                    const PooledAt<float> (&P)[4], int32_t* const* A) {
   using V = Vec<float, B>;
   const int64_t H = d.H, W = d.W, HW = H * W, positions = (HW + 7) / 8 * 8;
   const int64_t blocks = (d.C + kLaneChannels - 1) / kLaneChannels;
-  const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
   const int64_t pitch = positions + V::kLanes;  // a channel's weighted plane, with a vector of slack
   const bool contiguous = contiguous_planes(vs, d);  // v's planes
   at::parallel_for(0, d.N * blocks, grain_for(kLaneChannels * d.T * HW), [&](int64_t begin, int64_t end) {
     std::vector<float> planes(kLaneChannels * pitch, 0.f);  // channels past C stay zero
     std::vector<LaneVec> y(positions);                       // the 8 channels' values at each (h, w)
-    std::vector<LaneRun<kArg>> trun(positions), hrun((W + 7) / 8 * 8);  // whole groups of 8 (write_runs)
+    // Whole groups of 8 (write_runs), the T runs 8 more: written row by row into padded volumes.
+    std::vector<LaneRun<kArg>> trun(positions + 8), hrun((W + 7) / 8 * 8);
     std::vector<LaneVec> tl(lanes_st_weight<S>() ? positions : 0), hl(W);  // T and H gates, lane-wise
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, c0 = item % blocks * kLaneChannels;
@@ -250,11 +269,14 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
             hrun[w].add(x, static_cast<int32_t>(h));
             wrun.add(x, static_cast<int32_t>(w));
           }
-          if (P[kAxisW] != nullptr) write_lanes(wrun, float(W), P[kAxisW], A[kAxisW], gw + h * d.C, n, sW, count);
+          if (P[kAxisW].base != nullptr)  // (a, b, c) = (t, h, c)
+            write_lanes(wrun, float(W), P[kAxisW].at(n, 0, t, h, c0), P[kAxisW].at(n, 1, t, h, c0),
+                        kArg ? A[kAxisW] + gw + h * d.C : nullptr, count);
         }
-        if (P[kAxisH] != nullptr) {
+        if (P[kAxisH].base != nullptr) {  // (a, b, c) = (t, c, w)
           const int64_t g = gate_offset(kAxisH, d, n, t, c0, 0, 0);  // (n, t, c, w)
-          write_runs(hrun.data(), W, float(H), P[kAxisH], A[kAxisH], g, W, n, sH, count);
+          write_runs(hrun.data(), W, float(H), P[kAxisH].at(n, 0, t, c0, 0), P[kAxisH].at(n, 1, t, c0, 0), P[kAxisH].R,
+                     kArg ? A[kAxisH] + g : nullptr, W, count);
         }
       };
       const auto unweighted = [&](int64_t h) AIA_LAMBDA_INLINE {
@@ -306,9 +328,16 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
         transpose_planes(planes.data(), pitch, kLaneChannels, HW, y.data());
         reduce_and_write(t, unweighted);
       }
-      if (P[kAxisT] != nullptr) {
-        const int64_t g = gate_offset(kAxisT, d, n, 0, c0, 0, 0);  // (n, c, h, w)
-        write_runs(trun.data(), HW, float(d.T), P[kAxisT], A[kAxisT], g, HW, n, sT, count);
+      if (P[kAxisT].base != nullptr) {  // (a, b, c) = (c, h, w)
+        const PooledAt<float>& pt = P[kAxisT];
+        int32_t* a = kArg ? A[kAxisT] + gate_offset(kAxisT, d, n, 0, c0, 0, 0) : nullptr;  // (n, c, h, w)
+        if (pt.R == W) {  // contiguous planes
+          write_runs(trun.data(), HW, float(d.T), pt.at(n, 0, c0, 0, 0), pt.at(n, 1, c0, 0, 0), pt.slice, a, HW, count);
+        } else {  // padded rows
+          for (int64_t h = 0; h < H; ++h)
+            write_runs(trun.data() + h * W, W, float(d.T), pt.at(n, 0, c0, h, 0), pt.at(n, 1, c0, h, 0), pt.slice,
+                       kArg ? a + h * W : nullptr, HW, count);
+        }
       }
     }
   });
@@ -331,7 +360,7 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
   int32_t* A[4] = {nullptr, nullptr, nullptr, nullptr};
   bool argmax = true;
   for (size_t i = 0; i < axes.size(); ++i) {
-    P[axes[i]] = outs[i].P.data_ptr<acc_t>();
+    P[axes[i]] = outs[i].P.data_ptr<acc_t>();  // (T, H, W: written through `dest` below, padded views too)
     A[axes[i]] = outs[i].argmax.defined() ? outs[i].argmax.data_ptr<int32_t>() : nullptr;
     argmax = argmax && A[axes[i]] != nullptr;
   }
@@ -375,26 +404,31 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
         };
         for (; c + kChannelBlock <= d.C; c += kChannelBlock) channels(std::integral_constant<int, kChannelBlock>{});
         for (; c < d.C; ++c) channels(std::integral_constant<int, 1>{});
-        for (int64_t h = 0; h < H; ++h)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t g = gate_offset(kAxisC, d, n, t, 0, h, 0);
           write_pooled(mx.data() + h * pitch, sum.data() + h * pitch, arg.data() + h * pitch, W, acc_t(d.C),
-                       P[kAxisC], A[kAxisC], gate_offset(kAxisC, d, n, t, 0, h, 0), n, sample);
+                       P[kAxisC] + pooled_max_offset(g, n, sample), P[kAxisC] + pooled_mean_offset(g, n, sample),
+                       A[kAxisC] != nullptr ? A[kAxisC] + g : nullptr);
+        }
       }
     });
   });
   return;
   }
   if (P[kAxisT] == nullptr && P[kAxisH] == nullptr && P[kAxisW] == nullptr) return;
+  PooledAt<acc_t> dest[4];  // where the T, H, W results go
+  for (size_t i = 0; i < axes.size(); ++i)
+    if (axes[i] != kAxisC) dest[axes[i]] = pooled_at<acc_t>(outs[i].P, axes[i], d);
 #if defined(AIA_MASKED_CHUNKS) || defined(AIA_AVX2_CHUNKS)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (lanes_walk(d)) {
       with_argmax([&](auto arg_tag) {
-        pool_thw_lanes<scalar_t, B, S, decltype(arg_tag)::value>(d, vp, vs, wt, P, A);
+        pool_thw_lanes<scalar_t, B, S, decltype(arg_tag)::value>(d, vp, vs, wt, dest, A);
       });
       return;
     }
   }
 #endif
-  const int64_t sT = gate_sample_size(kAxisT, d), sH = gate_sample_size(kAxisH, d), sW = gate_sample_size(kAxisW, d);
   const bool prefetch = prefetch_next_frame(d, sizeof(scalar_t));
   with_argmax([&](auto arg_tag) {
   constexpr bool kArg = decltype(arg_tag)::value;
@@ -479,9 +513,9 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
             }
             if (all || P[kAxisH] != nullptr) {
               for_each_strip<kStrips>(group, [&](int s, const Row<acc_t, B>& row) AIA_LAMBDA_INLINE {
-                const int64_t g = gate_offset(kAxisH, d, n, t, c, 0, 0) + g0 + s * V::kLanes;
-                row.store(P[kAxisH] + pooled_max_offset(g, n, sH), hmx[s]);
-                row.store(P[kAxisH] + pooled_mean_offset(g, n, sH), hsum[s] / acc_t(H));
+                const int64_t w0 = g0 + s * V::kLanes, g = gate_offset(kAxisH, d, n, t, c, 0, 0) + w0;
+                row.store(dest[kAxisH].at(n, 0, t, c, w0), hmx[s]);  // (a, b, c) = (t, c, w)
+                row.store(dest[kAxisH].at(n, 1, t, c, w0), hsum[s] / acc_t(H));
                 if constexpr (kArg) row.store_index(A[kAxisH] + g, harg[s]);
               });
             }
@@ -502,20 +536,19 @@ void pool_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& sp
           }
         }
         if (P[kAxisW] != nullptr) {
-          acc_t* pm = P[kAxisW];
           const int64_t g0 = gate_offset(kAxisW, d, n, t, c, 0, 0);
-          for (int64_t h = 0; h < H; ++h) {  // entries of consecutive h are C apart
-            const int64_t g = g0 + h * d.C;
-            pm[pooled_max_offset(g, n, sW)] = wmx[h];
-            pm[pooled_mean_offset(g, n, sW)] = wsum[h] / acc_t(W);
-            if constexpr (kArg) A[kAxisW][g] = warg[h];
+          for (int64_t h = 0; h < H; ++h) {  // (a, b, c) = (t, h, c)
+            *dest[kAxisW].at(n, 0, t, h, c) = wmx[h];
+            *dest[kAxisW].at(n, 1, t, h, c) = wsum[h] / acc_t(W);
+            if constexpr (kArg) A[kAxisW][g0 + h * d.C] = warg[h];  // entries of consecutive h are C apart
           }
         }
       }
       if (P[kAxisT] != nullptr) {
-        for (int64_t h = 0; h < H; ++h)
+        for (int64_t h = 0; h < H; ++h)  // (a, b, c) = (c, h, w)
           write_pooled(tmx.data() + h * pitch, tsum.data() + h * pitch, targ.data() + h * pitch, W, acc_t(d.T),
-                       P[kAxisT], A[kAxisT], gate_offset(kAxisT, d, n, 0, c, h, 0), n, sT);
+                       dest[kAxisT].at(n, 0, c, h, 0), dest[kAxisT].at(n, 1, c, h, 0),
+                       A[kAxisT] != nullptr ? A[kAxisT] + gate_offset(kAxisT, d, n, 0, c, h, 0) : nullptr);
       }
     }
   });
@@ -544,8 +577,11 @@ void apply_kernel(const at::Tensor& v, const GateSet& gates, const WeightSpec& s
 
 }  // namespace
 
-std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
-                             const std::vector<int>& axes, bool with_argmax) {
+namespace {
+
+// pool(), its pooled tensors padded views (pool_for_conv) if `in_conv_layout`.
+std::vector<at::Tensor> pool_to(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
+                                const std::vector<int>& axes, bool with_argmax, bool in_conv_layout) {
   const Dims d = dims_of(v);
   const auto acc = v.options().dtype(acc_type(v.scalar_type()));
   std::vector<PoolOut> outs;
@@ -553,7 +589,7 @@ std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const We
     std::vector<int64_t> shape = gate_shape(axis, d);
     at::Tensor argmax = with_argmax ? at::empty(shape, v.options().dtype(at::kInt)) : at::Tensor();
     shape.insert(shape.begin() + 1, 2);
-    outs.push_back({at::empty(shape, acc), argmax});
+    outs.push_back({in_conv_layout ? empty_padded_pooled(shape, acc) : at::empty(shape, acc), argmax});
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "aia_native_pool_cpu", [&] {
     with_chunk_bytes<scalar_t>(d.W, [&](auto b) {
@@ -579,6 +615,19 @@ std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const We
     result.push_back(o.argmax.defined() ? o.argmax : at::empty({0}, v.options().dtype(at::kInt)));
   }
   return result;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> pool(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
+                             const std::vector<int>& axes, bool with_argmax) {
+  return pool_to(v, gates, weight, axes, with_argmax, false);
+}
+
+std::vector<at::Tensor> pool_for_conv(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
+                                      const std::vector<int>& axes, bool with_argmax) {
+  const bool padded = acc_type(v.scalar_type()) == at::kFloat && std::count(axes.begin(), axes.end(), kAxisC) == 0;
+  return pool_to(v, gates, weight, axes, with_argmax, padded);
 }
 
 void apply(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight, const at::Tensor& out) {

@@ -128,6 +128,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
     const at::Tensor& pooled, const at::Tensor& conv_weight, int64_t bn_mode,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps);
+// gate_forward_op for the plan ops: `pooled` may also be cpu::pool_for_conv's padded view.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_step(
+    const at::Tensor& pooled, const at::Tensor& conv_weight, int64_t bn_mode,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps);
 // gate_forward_op's (scale_shift, BN statistics) with the gate's value in place of z, for a
 // caller that keeps no z: where BN needs no statistics of z (running statistics or none)
 // and the gates are floats on the CPU, computed without z (cpu::conv_forward_value).
@@ -140,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
     const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
     const c10::optional<at::Tensor>& bn_weight, double eps, at::IntArrayRef needs);
 // gate_backward_op given the gate's value, gate_value(z, scale_shift), where the caller has it
-// (the plan's backward); undefined: computed here.
+// (the plan's backward); undefined: computed here. `pooled` may be cpu::pool_for_conv's view
+// (as for gate_forward_value_op and gate_forward_step).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_with_value(
     const at::Tensor& gate_grad, const at::Tensor& pooled, const at::Tensor& z, const at::Tensor& scale_shift,
     const at::Tensor& value, const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
@@ -148,6 +154,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_with_va
 
 namespace cpu {
 AIA_DECLARE_DEVICE_ENTRY_POINTS
+
+// pool() with each T, H, W pooled tensor written straight into the gate conv's zero-padded
+// volumes where its walk allows (floats, planes up to 20x20, only T, H, W axes): a strided
+// view of them (aia_cpu_padded.h), which the convs here read without a padded copy. Else the
+// same contiguous tensors as pool(). For the plan ops only: the primitive ops take
+// contiguous pooled tensors.
+std::vector<at::Tensor> pool_for_conv(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
+                                      const std::vector<int>& axes, bool with_argmax);
+// Whether a pooled tensor is such a view.
+bool in_conv_layout(const at::Tensor& pooled);
 
 // CPU fast paths of the gate's BN on the small conv output (the CUDA path composes
 // ATen ops in aia_ops.cpp): sequential double sums, so fixed order and few passes.

@@ -244,12 +244,14 @@ void input_grad_op(at::TensorList douts, at::TensorList up_grads, at::TensorList
   on_device::input_grad(terms, gates, out);
 }
 
-void check_pooled(const at::Tensor& pooled) {
+// `in_conv_layout_ok`: the plan ops' callers also pass the padded view of cpu::pool_for_conv.
+void check_pooled(const at::Tensor& pooled, bool in_conv_layout_ok = false) {
   TORCH_CHECK(pooled.dim() == 5 && pooled.size(1) == 2, "aia_native: pooled must be (N, 2, D1, D2, D3), got ",
               pooled.sizes());
   TORCH_CHECK(pooled.scalar_type() == at::kFloat || pooled.scalar_type() == at::kDouble,
               "aia_native: pooled must be float32 or float64");
-  TORCH_CHECK(pooled.is_contiguous(), "aia_native: pooled must be contiguous");
+  TORCH_CHECK(pooled.is_contiguous() || (in_conv_layout_ok && !runs_on_cuda(pooled) && cpu::in_conv_layout(pooled)),
+              "aia_native: pooled must be contiguous");
 }
 
 at::Tensor conv_weight_as(const at::Tensor& conv_weight, const at::Tensor& pooled) {
@@ -304,6 +306,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_op(
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps) {
   check_pooled(pooled);
+  return gate_forward_step(pooled, conv_weight, bn_mode, bn_weight, bn_bias, running_mean, running_var, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_step(
+    const at::Tensor& pooled, const at::Tensor& conv_weight, int64_t bn_mode,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps) {
+  check_pooled(pooled, /*in_conv_layout_ok=*/true);
   const at::Tensor w = conv_weight_as(conv_weight, pooled);
   at::Tensor z = on_device::conv_forward(pooled, w);
   check_bn_mode(bn_mode, running_mean, running_var);
@@ -338,10 +348,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_forward_value_op(
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps) {
   if (runs_on_cuda(pooled) || pooled.scalar_type() != at::kFloat || bn_mode == kBnBatch) {
     auto [z, scale_shift, bn_stats] =
-        gate_forward_op(pooled, conv_weight, bn_mode, bn_weight, bn_bias, running_mean, running_var, eps);
+        gate_forward_step(pooled, conv_weight, bn_mode, bn_weight, bn_bias, running_mean, running_var, eps);
     return {gate_value(z, scale_shift), scale_shift, bn_stats};
   }
-  check_pooled(pooled);
+  check_pooled(pooled, /*in_conv_layout_ok=*/true);
   check_bn_mode(bn_mode, running_mean, running_var);
   const auto [ss, stats] =
       host_bn_fold_without_z(bn_mode, bn_weight, bn_bias, running_mean, running_var, eps, pooled.options());
@@ -354,6 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_op(
     const at::Tensor& gate_grad, const at::Tensor& pooled, const at::Tensor& z, const at::Tensor& scale_shift,
     const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
     const c10::optional<at::Tensor>& bn_weight, double eps, at::IntArrayRef needs) {
+  check_pooled(pooled);
   return gate_backward_with_value(gate_grad, pooled, z, scale_shift, at::Tensor(), bn_stats, conv_weight, bn_mode,
                                   bn_weight, eps, needs);
 }
@@ -362,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_with_va
     const at::Tensor& gate_grad, const at::Tensor& pooled, const at::Tensor& z, const at::Tensor& scale_shift,
     const at::Tensor& value, const at::Tensor& bn_stats, const at::Tensor& conv_weight, int64_t bn_mode,
     const c10::optional<at::Tensor>& bn_weight, double eps, at::IntArrayRef needs) {
-  check_pooled(pooled);
+  check_pooled(pooled, /*in_conv_layout_ok=*/true);
   TORCH_CHECK(needs.size() == 4, "aia_native: needs = (pooled, conv, bn weight, bn bias)");
   TORCH_CHECK(z.dim() == 4 && z.size(0) == pooled.size(0) && z.sizes().slice(1) == pooled.sizes().slice(2),
               "aia_native: z must be (N, D1, D2, D3) of pooled");

@@ -186,6 +186,17 @@ std::vector<GateParams> gate_params(size_t n_gates, at::TensorList conv_weights,
 }
 #endif
 
+// A stage's pooled tensors. Those of a stage the backward pools again are read only by its
+// convs in this call (neither kept nor returned): on the CPU they are written straight into
+// the convs' padded volumes (cpu::pool_for_conv), no padded copy made of them.
+std::vector<at::Tensor> pool_stage(const at::Tensor& v, const GateSet& gates, const PlanStage& stage,
+                                   bool with_argmax) {
+#ifndef AIA_CUDA_EMULATION
+  if (stage.recompute && !runs_on_cuda(v)) return cpu::pool_for_conv(v, gates, stage.weight, stage.axes, with_argmax);
+#endif
+  return on_device::pool(v, gates, stage.weight, stage.axes, with_argmax);
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
     const at::Tensor& x, int64_t num_segments, at::IntArrayRef plan_desc, at::TensorList conv_weights,
     const c10::List<c10::optional<at::Tensor>>& bn_weights, const c10::List<c10::optional<at::Tensor>>& bn_biases,
@@ -211,7 +222,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> plan_forward_op(
   std::vector<at::Tensor> saved(kSavedPerGate * n_gates), stats(n_gates);
   for (const PlanStage& stage : plan.stages) {
     // The max positions of a stage the backward pools again are not kept, so not tracked.
-    const std::vector<at::Tensor> pooled = on_device::pool(v, gates, stage.weight, stage.axes, !stage.recompute);
+    const std::vector<at::Tensor> pooled = pool_stage(v, gates, stage, !stage.recompute);
     for (size_t i = 0; i < stage.gates.size(); ++i) {
       const int g = stage.gates[i];
       const at::Tensor &P = pooled[2 * i], &argmax = pooled[2 * i + 1];
@@ -251,12 +262,12 @@ std::vector<at::Tensor> recompute_stages(const at::Tensor& v, const Plan& plan, 
   }
   for (const PlanStage& stage : plan.stages) {
     if (!stage.recompute) continue;
-    const std::vector<at::Tensor> pooled = on_device::pool(v, gates, stage.weight, stage.axes);
+    const std::vector<at::Tensor> pooled = pool_stage(v, gates, stage, /*with_argmax=*/true);
     for (size_t i = 0; i < stage.gates.size(); ++i) {
       const int g = stage.gates[i];
       const at::Tensor& ss = full[kSavedPerGate * g + 3];
-      const at::Tensor z = std::get<0>(gate_forward_op(pooled[2 * i], conv_weights[g], /*bn_mode none*/ 0,
-                                                       c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, 0.0));
+      const at::Tensor z = std::get<0>(gate_forward_step(pooled[2 * i], conv_weights[g], /*bn_mode none*/ 0,
+                                                         c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, 0.0));
       full[kSavedPerGate * g] = pooled[2 * i];
       full[kSavedPerGate * g + 1] = pooled[2 * i + 1];
       full[kSavedPerGate * g + 2] = z;

@@ -65,6 +65,18 @@ def test_native_recompute_is_bitwise(monkeypatch, variant, dtype):
 
 
 @pytest.mark.parametrize("variant", ["ST", "CinST->STinC", "STinC->CinST", "CinST+STinC"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(6, 5, 4, 7), (6, 3, 5, 22)], ids=["lanes-walk", "row-walk"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_native_recompute_into_the_conv_layout_is_bitwise(monkeypatch, variant, dtype, shape, train):
+    """A recomputed T, H, W stage's pool writes straight into the gate convs' padded volumes
+    (float accumulation, both pool walks: planes up to 20 wide and wider), where a kept stage's
+    pooled tensors are contiguous and padded by a copy: the same bits either way."""
+    pytest.importorskip("aia_kernels.native").load()
+    assert_recompute_matches_keeping(monkeypatch, variant, "native", dtype=dtype, shape=shape, train=train)
+
+
+@pytest.mark.parametrize("variant", ["ST", "CinST->STinC", "STinC->CinST", "CinST+STinC"])
 def test_native_primitives_walk_recompute_is_bitwise(monkeypatch, variant):
     """The native primitives through the executor's walk (executor.recompute), not plan_backward."""
     native = pytest.importorskip("aia_kernels.native")
