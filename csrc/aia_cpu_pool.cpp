@@ -230,8 +230,9 @@ constexpr bool lanes_st_weight() {  // of those, one T, H, W mean
   else return S::kFactors == 1 && S::kST0;
 }
 
-// The T/H/W pass over planes (n, t, c0..c0+8) in items (n, channel block); P, A as in
-// pool_kernel (null: that axis is not pooled, or its max positions not kept).
+// The T/H/W pass over planes (n, t, c0..c0+8) in items (n, channel block); P: where each
+// axis's results go (base null: not pooled), A as in pool_kernel (null: not pooled, or its
+// max positions not kept).
 template <typename scalar_t, int B, typename S, bool kArg>
 void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const Weight<float>& wt,
                     const PooledAt<float> (&P)[4], int32_t* const* A) {
@@ -331,7 +332,7 @@ void pool_thw_lanes(const Dims& d, const scalar_t* vp, const Strides5& vs, const
       if (P[kAxisT].base != nullptr) {  // (a, b, c) = (c, h, w)
         const PooledAt<float>& pt = P[kAxisT];
         int32_t* a = kArg ? A[kAxisT] + gate_offset(kAxisT, d, n, 0, c0, 0, 0) : nullptr;  // (n, c, h, w)
-        if (pt.R == W) {  // contiguous planes
+        if (pt.first == 0) {  // contiguous planes
           write_runs(trun.data(), HW, float(d.T), pt.at(n, 0, c0, 0, 0), pt.at(n, 1, c0, 0, 0), pt.slice, a, HW, count);
         } else {  // padded rows
           for (int64_t h = 0; h < H; ++h)

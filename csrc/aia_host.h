@@ -155,11 +155,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_backward_with_va
 namespace cpu {
 AIA_DECLARE_DEVICE_ENTRY_POINTS
 
-// pool() with each T, H, W pooled tensor written straight into the gate conv's zero-padded
-// volumes where its walk allows (floats, planes up to 20x20, only T, H, W axes): a strided
-// view of them (aia_cpu_padded.h), which the convs here read without a padded copy. Else the
-// same contiguous tensors as pool(). For the plan ops only: the primitive ops take
-// contiguous pooled tensors.
+// pool() with each pooled tensor written straight into the gate conv's zero-padded volumes
+// when they are float and the axes are T, H, W only (both pool walks): a strided view of
+// them (aia_cpu_padded.h), which the convs here read without a padded copy. Else the same
+// contiguous tensors as pool(). For the plan ops only: the primitive ops take contiguous
+// pooled tensors.
 std::vector<at::Tensor> pool_for_conv(const at::Tensor& v, const GateSet& gates, const WeightSpec& weight,
                                       const std::vector<int>& axes, bool with_argmax);
 // Whether a pooled tensor is such a view.
