@@ -6,6 +6,8 @@
 
 #include "aia_cpu_chunks.h"
 
+#include <vector>
+
 namespace aia {
 namespace cpu {
 namespace detail {
@@ -41,11 +43,31 @@ inline int64_t padded_slack(const Padded& p) { return kTapSlack + p.R + 1; }
 // A pooled tensor (N, 2, D1, D2, D3) of floats as the interior of count = 2N padded volumes:
 // a strided view (volume, slice, R, 1) of a buffer whose pads and slack are zero. Its
 // entries are for the pool to write.
+//
+// The buffers are kept per thread between calls and reused once no tensor refers to them: a
+// step's pooled tensors then land in memory that the caches and the TLB hold, with the pads
+// still zero (nothing but the pool's interior writes touches them). Fresh buffers cost the
+// first touch of every line and page. At most kKeptPaddedBytes are kept.
+constexpr int64_t kKeptPaddedBytes = int64_t(32) << 20;
+
 inline at::Tensor empty_padded_pooled(at::IntArrayRef shape, const at::TensorOptions& options) {
   const ConvDims d{shape[0], shape[2], shape[3], shape[4]};
   const Padded p = padded(d);
-  const int64_t count = 2 * d.N;
-  at::Tensor buffer = at::empty({count * p.volume + padded_slack(p)}, options);
+  const int64_t count = 2 * d.N, numel = count * p.volume + padded_slack(p);
+  const auto view = [&](const at::Tensor& buffer) {
+    return buffer.as_strided({d.N, 2, d.D1, d.D2, d.D3}, {2 * p.volume, p.volume, p.slice, p.R, 1}, p.first);
+  };
+  // Each buffer with its volumes' dims: another shape of as many entries has its pads elsewhere
+  // (at 7x7 an H gate's (T, C, W) volumes and a W gate's (T, H, C) ones).
+  struct Kept {
+    at::Tensor buffer;
+    int64_t N, D1, D2, D3;
+  };
+  thread_local std::vector<Kept> kept;
+  const auto unused = [](const Kept& k) { return k.buffer.storage().use_count() == 1; };  // only `kept`
+  for (const Kept& k : kept)
+    if (k.N == d.N && k.D1 == d.D1 && k.D2 == d.D2 && k.D3 == d.D3 && unused(k)) return view(k.buffer);
+  at::Tensor buffer = at::empty({numel}, options);
   float* b = buffer.data_ptr<float>();
   for (int64_t v = 0; v < count; ++v) {  // the pads only: the interior is the pool's
     float* vol = b + v * p.volume;
@@ -58,7 +80,18 @@ inline at::Tensor empty_padded_pooled(at::IntArrayRef shape, const at::TensorOpt
     }
   }
   std::fill(b + count * p.volume, b + buffer.numel(), 0.f);
-  return buffer.as_strided({d.N, 2, d.D1, d.D2, d.D3}, {2 * p.volume, p.volume, p.slice, p.R, 1}, p.first);
+  int64_t bytes = buffer.nbytes();
+  for (const Kept& k : kept) bytes += k.buffer.nbytes();
+  for (auto it = kept.begin(); it != kept.end() && bytes > kKeptPaddedBytes;) {  // the oldest unused go first
+    if (unused(*it)) {
+      bytes -= it->buffer.nbytes();
+      it = kept.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (bytes <= kKeptPaddedBytes) kept.push_back({buffer, d.N, d.D1, d.D2, d.D3});
+  return view(buffer);
 }
 
 // The padded volumes' base if `P` is such a view (empty_padded_pooled's layout), else null

@@ -76,6 +76,32 @@ def test_native_recompute_into_the_conv_layout_is_bitwise(monkeypatch, variant, 
     assert_recompute_matches_keeping(monkeypatch, variant, "native", dtype=dtype, shape=shape, train=train)
 
 
+def test_native_padded_buffers_are_reused_by_shape_not_by_size():
+    """The padded volumes the pool writes into are kept between calls and reused. Gates of
+    these shapes have volumes of as many entries with their pads in other places (an H gate's
+    (T, C, W) against a W gate's (T, H, C), and across inputs); train steps and no-grad
+    forwards interleaved over them in one process must still give the reference's results."""
+    pytest.importorskip("aia_kernels.native").load()
+    torch.manual_seed(0)
+    shapes = [(6, 5, 4, 4), (6, 4, 5, 5), (6, 4, 4, 5), (6, 5, 5, 4), (6, 3, 4, 5), (6, 4, 3, 5)]
+    cases = []
+    for variant in ("CinST->STinC", "ST"):
+        for shape in shapes:
+            ref, module = make_pair(variant, "native", dtype=torch.float32, num_segments=3)
+            cases.append((ref, module, torch.randn(shape)))
+    for _ in range(2):
+        for ref, module, x in cases:
+            for train in (True, False):
+                ref.train(train), module.train(train)
+                grad_out = torch.randn_like(x)
+                expected, got = run(ref, x, grad_out), run(module, x, grad_out)
+                torch.testing.assert_close(got.out, expected.out, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(got.grad_x, expected.grad_x, atol=1e-5, rtol=1e-5)
+                with torch.no_grad():
+                    torch.testing.assert_close(module(x), ref(x), atol=1e-5, rtol=1e-5)
+            assert module.last_backend == "native"
+
+
 @pytest.mark.parametrize("variant", ["ST", "CinST->STinC", "STinC->CinST", "CinST+STinC"])
 def test_native_primitives_walk_recompute_is_bitwise(monkeypatch, variant):
     """The native primitives through the executor's walk (executor.recompute), not plan_backward."""
