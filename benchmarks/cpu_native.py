@@ -40,8 +40,8 @@ def iqr(values: list[float]) -> float:
 def fwd_bwd_step(module, x: torch.Tensor, grad: torch.Tensor) -> float:
     """One timed forward + backward. The gradients are set to None first, untimed, as
     `optimizer.zero_grad()` does in training: otherwise each step would also add its input
-    gradient into `x.grad`, a full-size pass that no module in a network makes (until
-    2026-12-03 every record here included it)."""
+    gradient into `x.grad`, a full-size pass that no module in a network makes (records
+    before stop 44 include it: docs/benchmarks.md)."""
     x.grad = None
     module.zero_grad(set_to_none=True)
     start = time.perf_counter()
